@@ -1,0 +1,351 @@
+"""Run configuration: frozen dataclasses are the schema, YAML is the input format.
+
+`load_config(path, overrides)` reads a YAML file, applies dotted command-line
+overrides (`--train.lr=2e-4`, `--fed.method=udec`), checks every key and type
+against the dataclasses below, checks value ranges, and returns a frozen `Config`.
+Any problem raises `ConfigError` naming the key and the file, before anything heavy
+(data, model, MPI collectives) starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem with a config file or override."""
+
+
+@dataclass(frozen=True)
+class RunCfg:
+    name: str = "run"
+    out_dir: str = "runs"          # run folders are created under this
+    seed: int = 2023
+    device: str = "auto"           # auto | cpu | cuda
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    dataset: str = "fashion_mnist"  # fashion_mnist | mnist | cifar10
+    root: Optional[str] = None      # None: auto-detect (Debian package, ./data, torchvision layout)
+    download: bool = True           # allow torchvision's downloader when files are missing
+    shards: Optional[str] = None    # HDF5 file written by `python -m fedmpi.data split`
+    train_subset: Optional[int] = None  # use the first N training images (quick runs)
+    test_subset: Optional[int] = None   # use the first N test images
+
+
+@dataclass(frozen=True)
+class SplitCfg:
+    kind: str = "iid"               # iid | label_skew | quantity_skew | shards
+    beta: float = 0.5               # Dirichlet concentration (label_skew, quantity_skew)
+    min_size: int = 10              # label_skew / quantity_skew: redraw until every client has this many
+    classes_per_client: int = 2     # shards
+    num_clients: Optional[int] = None  # None: taken from the MPI world size (W - 1)
+    seed: Optional[int] = None      # None: run.seed
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    dim: int = 28
+    init_dim: Optional[int] = None  # None: dim // 3 * 2 (the paper's model)
+    dim_mults: tuple = (1, 2, 4)
+    channels: Optional[int] = None  # None: from the dataset
+    image_size: Optional[int] = None  # None: from the dataset
+    convnext_mult: int = 2
+    attn_heads: int = 4
+    attn_dim_head: int = 32
+
+
+@dataclass(frozen=True)
+class DiffusionCfg:
+    timesteps: int = 1000
+    schedule: str = "linear"        # linear | cosine
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    loss: str = "huber"             # huber (reference code) | mse (DDPM default)
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    lr: float = 1e-4
+    batch_size: int = 128
+    epochs: int = 15                # centralized baseline epochs
+    max_steps: Optional[int] = None  # centralized: stop after this many optimizer steps
+    log_every: int = 50             # steps between metrics rows
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class FedCfg:
+    method: str = "full"            # full | usplit | udec | ulatdec
+    rounds: int = 15
+    local_epochs: int = 5
+    local_steps: Optional[int] = None  # if set, overrides local_epochs
+    backend: str = "mpi"            # mpi | torch
+    reset_optimizer: bool = True    # re-create Adam every round (paper)
+    freeze_unshared: bool = False   # only train regions this client reports
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    every: int = 0                  # rounds (federated) or epochs (centralized); 0: only at the end
+    num_samples: int = 1000
+    sampler: str = "ddim"           # ddim | ddpm
+    ddim_steps: int = 100
+    eta: float = 0.0
+    batch_size: int = 250
+    extractor: str = "classifier"   # classifier | inception | none
+    inception_weights: Optional[str] = None  # path to pt_inception-2015-12-05-6726825d.pth
+    cache_dir: Optional[str] = None  # None: ~/.cache/fedmpi
+    grid: int = 64                  # images in each PNG sample grid (0: none)
+
+
+@dataclass(frozen=True)
+class CheckpointCfg:
+    every: int = 1                  # rounds (federated) or epochs (centralized); 0: only at the end
+    keep: int = 2                   # most recent checkpoints kept
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunCfg = field(default_factory=RunCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    split: SplitCfg = field(default_factory=SplitCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    diffusion: DiffusionCfg = field(default_factory=DiffusionCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    fed: FedCfg = field(default_factory=FedCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    def replace(self, dotted: dict[str, Any]) -> "Config":
+        """A copy with dotted keys replaced (values already typed), re-validated."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            _set_dotted(data, key, value, "<replace>")
+        return from_dict(data, "<replace>")
+
+
+CHOICES = {
+    "run.device": ("auto", "cpu", "cuda"),
+    "data.dataset": ("fashion_mnist", "mnist", "cifar10"),
+    "split.kind": ("iid", "label_skew", "quantity_skew", "shards"),
+    "diffusion.schedule": ("linear", "cosine"),
+    "diffusion.loss": ("huber", "mse"),
+    "fed.method": ("full", "usplit", "udec", "ulatdec"),
+    "fed.backend": ("mpi", "torch"),
+    "eval.sampler": ("ddim", "ddpm"),
+    "eval.extractor": ("classifier", "inception", "none"),
+}
+
+POSITIVE = ("split.beta", "model.dim", "model.convnext_mult", "model.attn_heads",
+            "model.attn_dim_head", "diffusion.timesteps", "train.lr", "train.batch_size",
+            "train.log_every", "fed.rounds", "eval.num_samples", "eval.ddim_steps",
+            "eval.batch_size", "diffusion.beta_start", "diffusion.beta_end")
+NON_NEGATIVE = ("train.epochs", "fed.local_epochs", "eval.every", "eval.grid", "eval.eta",
+                "checkpoint.every", "split.min_size", "train.num_workers")
+POSITIVE_OR_NONE = ("data.train_subset", "data.test_subset", "split.num_clients",
+                    "fed.local_steps", "train.max_steps", "model.init_dim", "model.channels",
+                    "model.image_size")
+
+
+def _to_plain(obj):
+    if is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _set_dotted(data: dict, key: str, value, source: str) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            raise ConfigError(f"{source}: unknown config key '{key}'")
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def _check_type(value, tp, key: str, source: str):
+    """Return value coerced to tp (int->float, list->tuple) or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(value, args[0], key, source)
+    if tp is tuple:
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{source}: '{key}' must be a list of integers, got {value!r}")
+        return tuple(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported schema type {tp} for {key}")
+
+
+def from_dict(data: dict, source: str = "<dict>") -> Config:
+    """Build and validate a Config from a nested dict (missing keys take defaults)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    hints_cfg = typing.get_type_hints(Config)
+    sections = {}
+    for name, section in data.items():
+        if name not in hints_cfg:
+            raise ConfigError(f"{source}: unknown section '{name}' "
+                              f"(known: {', '.join(hints_cfg)})")
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping")
+        cls = hints_cfg[name]
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in section.items():
+            if key not in hints:
+                raise ConfigError(f"{source}: unknown config key '{name}.{key}' "
+                                  f"(known in '{name}': {', '.join(hints)})")
+            kwargs[key] = _check_type(value, hints[key], f"{name}.{key}", source)
+        sections[name] = cls(**kwargs)
+    cfg = Config(**sections)
+    _validate(cfg, source)
+    return cfg
+
+
+def get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _validate(cfg: Config, source: str) -> None:
+    for key, options in CHOICES.items():
+        if get(cfg, key) not in options:
+            raise ConfigError(f"{source}: '{key}' is {get(cfg, key)!r}; "
+                              f"choose one of {', '.join(options)}")
+    for key in POSITIVE:
+        if not get(cfg, key) > 0:
+            raise ConfigError(f"{source}: '{key}' must be > 0, got {get(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise ConfigError(f"{source}: '{key}' must be >= 0, got {get(cfg, key)!r}")
+    for key in POSITIVE_OR_NONE:
+        v = get(cfg, key)
+        if v is not None and v <= 0:
+            raise ConfigError(f"{source}: '{key}' must be > 0 (or null), got {v!r}")
+    d = cfg.diffusion
+    if not d.beta_start < d.beta_end < 1:
+        raise ConfigError(f"{source}: need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
+                          f"got {d.beta_start} and {d.beta_end}")
+    if not cfg.model.dim_mults:
+        raise ConfigError(f"{source}: 'model.dim_mults' must not be empty")
+    if any(m <= 0 for m in cfg.model.dim_mults):
+        raise ConfigError(f"{source}: 'model.dim_mults' must be positive, got {cfg.model.dim_mults}")
+    if cfg.eval.ddim_steps > d.timesteps:
+        raise ConfigError(f"{source}: 'eval.ddim_steps' ({cfg.eval.ddim_steps}) cannot exceed "
+                          f"'diffusion.timesteps' ({d.timesteps})")
+    if cfg.split.kind == "shards" and cfg.split.classes_per_client < 1:
+        raise ConfigError(f"{source}: 'split.classes_per_client' must be >= 1")
+    if cfg.fed.local_steps is None and cfg.fed.local_epochs == 0:
+        raise ConfigError(f"{source}: set 'fed.local_epochs' > 0 or 'fed.local_steps'")
+    if cfg.eval.extractor == "inception" and cfg.eval.inception_weights is not None \
+            and not Path(cfg.eval.inception_weights).expanduser().is_file():
+        raise ConfigError(
+            f"{source}: 'eval.inception_weights' points to {cfg.eval.inception_weights}, which "
+            f"does not exist. Download pt_inception-2015-12-05-6726825d.pth from "
+            f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+            f"pt_inception-2015-12-05-6726825d.pth on a machine with internet and copy it there.")
+
+
+def _parse_value(text: str):
+    """Command-line values are YAML scalars: 2e-4, true, null, [1, 2, 4], udec."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads '2e-4' as a string; accept it as a number.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            return value
+    return value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """['--train.lr=2e-4', '--fed.method', 'udec'] -> {'train.lr': 2e-4, 'fed.method': 'udec'}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise ConfigError(f"command line: cannot read '{arg}'; overrides look like "
+                              f"--section.key=value (e.g. --train.lr=2e-4)")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"command line: '{arg}' needs a value")
+            key, text = arg[2:], args[i + 1]
+            i += 1
+        out[key] = _parse_value(text)
+        i += 1
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str] | dict] = None
+                ) -> Config:
+    """Load a YAML config (or the defaults when path is None) and apply overrides."""
+    source = str(path) if path else "<defaults>"
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    if overrides:
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        for key, value in overrides.items():
+            section = key.split(".")[0]
+            if section not in typing.get_type_hints(Config):
+                raise ConfigError(f"command line: unknown section in '--{key}'")
+            data.setdefault(section, {})
+            if data[section] is None:
+                data[section] = {}
+            _set_dotted(data, key, value, "command line")
+        source = f"{source} (with command-line overrides)"
+    return from_dict(data, source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

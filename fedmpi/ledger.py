@@ -1,0 +1,174 @@
+"""The byte ledger: what every rank sent and received, and the analytical table.
+
+Counting rule (the payload, independent of how the MPI library routes it):
+- round 0: the federator sends the full initial model to every client;
+- round r = 1..R: each client uploads the regions its plan reports, as one float32
+  buffer per region with its weight n_k appended (4 * (P + 1) bytes), and receives the
+  regions its plan gives back (4 * P bytes).
+
+The paper counts the initial model plus R uploads and R - 1 downloads: its last
+download would start a round R + 1 that never runs. fedmpi does perform that final
+download (personal-model clients need the last averaged regions to be evaluated), so
+tables show both "moved" (what a run moves) and "paper" (the paper's rule).
+`python -m fedmpi.comm --config C --clients K --rounds R` prints the table without
+training; a real run writes the same rows from its ledger to comm.csv.
+"""
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .methods import make_plan
+from .regions import REGIONS
+
+FLOAT_BYTES = 4
+FIELDS = ("round", "rank", "client", "region", "direction", "params", "bytes")
+
+
+def upload_bytes(params: int) -> int:
+    return FLOAT_BYTES * (params + 1)
+
+
+def download_bytes(params: int) -> int:
+    return FLOAT_BYTES * params
+
+
+@dataclass
+class Ledger:
+    """Rows recorded by one rank: (round, rank, client, region, direction, params, bytes).
+
+    `direction` is seen from the client side: "up" is client -> federator, "down" is
+    federator -> client. Client ranks record their own transfers; the federator records
+    the aggregate it received and sent with client = -1.
+    """
+    rank: int
+    rows: list = field(default_factory=list)
+
+    def record(self, round_index: int, client: int, region: str, direction: str,
+               params: int) -> None:
+        nbytes = upload_bytes(params) if direction == "up" else download_bytes(params)
+        self.rows.append((round_index, self.rank, client, region, direction, params, nbytes))
+
+    def round_bytes(self, round_index: int) -> int:
+        return sum(r[6] for r in self.rows if r[0] == round_index)
+
+    def dicts(self) -> list[dict]:
+        return [dict(zip(FIELDS, r)) for r in self.rows]
+
+
+def analytical_rows(method: str, num_clients: int, rounds: int, sizes: dict[str, int],
+                    seed: int) -> list[dict]:
+    """The ledger rows (client side) a run with these settings must produce."""
+    rows = []
+    for k in range(num_clients):
+        for region in REGIONS:
+            rows.append(dict(round=0, rank=k + 1, client=k, region=region, direction="down",
+                             params=sizes[region], bytes=download_bytes(sizes[region])))
+    for r in range(1, rounds + 1):
+        plan = make_plan(method, r, num_clients, seed)
+        for k in range(num_clients):
+            for region in REGIONS:
+                if region in plan.uploads[k]:
+                    rows.append(dict(round=r, rank=k + 1, client=k, region=region, direction="up",
+                                     params=sizes[region], bytes=upload_bytes(sizes[region])))
+            for region in REGIONS:
+                if region in plan.downloads[k]:
+                    rows.append(dict(round=r, rank=k + 1, client=k, region=region,
+                                     direction="down", params=sizes[region],
+                                     bytes=download_bytes(sizes[region])))
+    return rows
+
+
+def client_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if int(r["client"]) >= 0]
+
+
+def summarize(rows: list[dict], rounds: int) -> dict:
+    """Totals (params and bytes) moved and by the paper's rule, per client and per round."""
+    rows = client_rows(rows)
+    moved = {"params": 0, "bytes": 0}
+    paper = {"params": 0, "bytes": 0}
+    per_client: dict = defaultdict(lambda: {"up_params": 0, "down_params": 0, "bytes": 0})
+    per_round: dict = defaultdict(lambda: {"up_params": 0, "down_params": 0, "bytes": 0})
+    for r in rows:
+        rnd, params, nbytes = int(r["round"]), int(r["params"]), int(r["bytes"])
+        moved["params"] += params
+        moved["bytes"] += nbytes
+        if not (rnd == rounds and r["direction"] == "down"):
+            paper["params"] += params
+            paper["bytes"] += nbytes
+        key = "up_params" if r["direction"] == "up" else "down_params"
+        for table, k in ((per_client, int(r["client"])), (per_round, rnd)):
+            table[k][key] += params
+            table[k]["bytes"] += nbytes
+    return {"moved": moved, "paper": paper, "per_client": dict(sorted(per_client.items())),
+            "per_round": dict(sorted(per_round.items()))}
+
+
+def comparison(method: str, num_clients: int, rounds: int, sizes: dict, seed: int) -> dict:
+    """This method's totals against FULL's for the same clients and rounds."""
+    ours = summarize(analytical_rows(method, num_clients, rounds, sizes, seed), rounds)
+    full = summarize(analytical_rows("full", num_clients, rounds, sizes, seed), rounds)
+    out = {"method": method, "clients": num_clients, "rounds": rounds}
+    for rule in ("moved", "paper"):
+        out[rule] = dict(ours[rule])
+        out[rule]["full_params"] = full[rule]["params"]
+        out[rule]["reduction_vs_full"] = 1 - ours[rule]["params"] / full[rule]["params"]
+    return out
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with Path(path).open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(FIELDS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r[k] for k in FIELDS})
+
+
+def read_csv(path: Path) -> list[dict]:
+    with Path(path).open() as f:
+        return [{k: (v if k in ("region", "direction") else int(v)) for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def format_table(results: list[dict], rule: str = "paper") -> str:
+    lines = [f"{'method':<8} {'clients':>7} {'rounds':>6} {'parameters':>14} {'MB (fp32)':>11} "
+             f"{'vs FULL':>8}"]
+    for res in results:
+        t = res[rule]
+        lines.append(f"{res['method'].upper():<8} {res['clients']:>7} {res['rounds']:>6} "
+                     f"{t['params']:>14,} {t['bytes'] / 1e6:>11.1f} "
+                     f"{-100 * t['reduction_vs_full']:>+7.1f}%")
+    return "\n".join(lines)
+
+
+def append_rows(rows: list[dict], path: Path) -> None:
+    path = Path(path)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(FIELDS))
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: r[k] for k in FIELDS})
+
+
+def _key(row: dict) -> tuple:
+    return tuple(int(row[k]) if k not in ("region", "direction") else row[k] for k in FIELDS)
+
+
+def write_summary(run_dir: Path, method: str, num_clients: int, rounds: int, sizes: dict,
+                  seed: int) -> dict:
+    """Summarize RUN_DIR/comm.csv, check it against the analytical table, write JSON."""
+    import json
+    rows = read_csv(Path(run_dir) / "comm.csv")
+    expected = analytical_rows(method, num_clients, rounds, sizes, seed)
+    measured = summarize(rows, rounds)
+    out = comparison(method, num_clients, rounds, sizes, seed)
+    out["measured"] = {"moved": measured["moved"], "paper": measured["paper"],
+                       "per_client": measured["per_client"], "per_round": measured["per_round"]}
+    out["matches_analytical"] = sorted(map(_key, client_rows(rows))) == sorted(map(_key, expected))
+    (Path(run_dir) / "comm_summary.json").write_text(json.dumps(out, indent=1))
+    return out

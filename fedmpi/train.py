@@ -1,0 +1,207 @@
+"""Entry point: `python -m fedmpi.train --config CONFIG [--resume RUN_DIR] [--section.key=value ...]`.
+
+Without an MPI launcher (or with a world of one rank) this trains the centralized
+"datacenter" baseline on the whole training set; under `mpirun -n K+1` it runs the
+federated job (rank 0 federator, ranks 1..K clients). Both use the same
+`LocalTrainer`. main() always tears down: user errors exit 2 on every rank, an
+unexpected exception on any rank aborts the whole MPI job (no rank left hanging), and
+a preemption signal exits 75 after a checkpoint so that a requeue resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import (atomic_save, checkpoint_dir, latest_complete, mark_complete,
+                         new_run_dir)
+from .config import Config, ConfigError, load_config, save_config
+from .data import DataError, load_arrays
+from .diffusion import Diffusion
+from .metrics import JsonlWriter, save_grid
+from .summary import model_shape
+from .trainer import LocalTrainer, derive_seed, pick_device
+from .unet import build_unet
+
+EXIT_USER_ERROR = 2
+
+
+def _progress(total: int, desc: str):
+    """A tqdm bar on an interactive terminal, otherwise a no-op."""
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False)
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
+                    evaluator_factory=None) -> dict:
+    """The datacenter baseline: one model, the whole training set, cfg.train.epochs epochs."""
+    device = pick_device(cfg.run.device)
+    images, _ = load_arrays(cfg.data, "train")
+    channels, size = model_shape(cfg)
+    torch.manual_seed(derive_seed(cfg.run.seed, 0xC0FFEE))
+    model = build_unet(cfg.model, channels, size)
+    diffusion = Diffusion.from_config(cfg.diffusion)
+    trainer = LocalTrainer(model, diffusion, images, cfg.train.batch_size, cfg.train.lr, device)
+    trainer.new_optimizer()
+    metrics = JsonlWriter(run_dir / "metrics.jsonl")
+    evaluator = evaluator_factory(cfg, None, run_dir, device) if evaluator_factory else None
+
+    start, step = 1, 0
+    if resume and (done := latest_complete(run_dir)) is not None:
+        ckpt = torch.load(checkpoint_dir(run_dir, done) / "model.pt", map_location=device,
+                          weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        trainer.optimizer.load_state_dict(ckpt["optimizer"])
+        start, step = done + 1, ckpt["step"]
+        log(f"resume: continuing after epoch {done}")
+    epochs = cfg.train.epochs
+    steps_per_epoch = trainer.steps_per_epoch()
+    if cfg.train.max_steps:
+        epochs = min(epochs, -(-cfg.train.max_steps // steps_per_epoch))
+    log(f"fedmpi centralized: {len(images)} images | {epochs} epochs x {steps_per_epoch} steps "
+        f"| device {device} | run {run_dir}")
+    for epoch in range(start, epochs + 1):
+        t0 = time.perf_counter()
+        steps = steps_per_epoch
+        if cfg.train.max_steps:
+            steps = min(steps, cfg.train.max_steps - step)
+        bar = _progress(steps, f"epoch {epoch}/{epochs}")
+        window = []
+
+        def on_step(i, loss):
+            window.append(loss)
+            if bar is not None:
+                bar.update(1)
+            if (step + i + 1) % cfg.train.log_every == 0:
+                metrics.write(kind="step", epoch=epoch, step=step + i + 1,
+                              loss=float(torch.stack(window).mean()))
+                window.clear()
+
+        stats = trainer.run(seed=derive_seed(cfg.run.seed, epoch), steps=steps, on_step=on_step)
+        if bar is not None:
+            bar.close()
+        step += stats["steps"]
+        t_eval = time.perf_counter()
+        scores = {}
+        last = epoch == epochs
+        if evaluator is not None and ((cfg.eval.every and epoch % cfg.eval.every == 0) or last):
+            scores = evaluator.run(epoch, model, personal=False) or {}
+        t_eval = time.perf_counter() - t_eval
+        if (cfg.checkpoint.every and epoch % cfg.checkpoint.every == 0) or last:
+            atomic_save({"epoch": epoch, "step": step, "model": model.state_dict(),
+                         "optimizer": trainer.optimizer.state_dict(), "config": cfg.to_dict(),
+                         "rng": torch.get_rng_state()},
+                        checkpoint_dir(run_dir, epoch) / "model.pt")
+            mark_complete(run_dir, epoch, cfg.checkpoint.keep)
+        metrics.write(kind="epoch", epoch=epoch, step=step, loss=stats["loss"],
+                      images_per_s=stats["images_per_s"], train_s=stats["train_s"],
+                      eval_s=t_eval, epoch_s=time.perf_counter() - t0, **scores)
+        score_txt = "".join(f" | {k} {v:.2f}" for k, v in scores.items() if isinstance(v, float))
+        log(f"[epoch {epoch}/{epochs}] step {step} loss {stats['loss']:.4f} | "
+            f"{stats['images_per_s']:.0f} img/s | {time.perf_counter() - t0:.1f}s{score_txt}")
+    return {"loss": stats["loss"] if epochs >= start else None, "run_dir": str(run_dir)}
+
+
+def _evaluator_factory(cfg: Config):
+    if cfg.eval.extractor == "none" and not cfg.eval.grid:
+        return None
+    from .evaluate import Evaluator
+    return Evaluator
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m fedmpi.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--run-dir", metavar="RUN_DIR",
+                   help="use this run folder (created if missing; resumed if it has checkpoints)")
+    return p.parse_known_args(argv)
+
+
+def _prepare(args, overrides, is_root: bool) -> tuple[Config, Path, bool]:
+    """Load the config and pick the run folder; raises ConfigError on bad input."""
+    resume_dir = args.resume or args.run_dir
+    if args.resume and not Path(args.resume).is_dir():
+        raise ConfigError(f"--resume {args.resume}: no such run folder")
+    if resume_dir and (Path(resume_dir) / "config.yaml").is_file():
+        cfg = load_config(args.config or Path(resume_dir) / "config.yaml", overrides)
+        return cfg, Path(resume_dir), True
+    if args.config is None:
+        raise ConfigError("give --config CONFIG (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
+    cfg = load_config(args.config, overrides)
+    if resume_dir:
+        run_dir = Path(resume_dir)
+        if is_root:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+        return cfg, run_dir, False
+    return cfg, None, False
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from .comm import launched_by_mpi
+
+    args, overrides = parse_args(argv)
+    world = None
+    if launched_by_mpi():
+        from .comm import World
+        world = World()
+    rank = world.rank if world else 0
+    distributed = world is not None and world.size > 1
+
+    def log(msg):
+        if rank == 0:
+            print(msg, flush=True)
+
+    try:
+        try:
+            cfg, run_dir, resume = _prepare(args, overrides, rank == 0)
+        except (ConfigError, DataError) as e:
+            log(f"error: {e}")
+            return EXIT_USER_ERROR
+        if distributed:
+            from .comm import World
+            world.backend_name = cfg.fed.backend
+            if run_dir is None:
+                run_dir = Path(world.bcast_obj(str(new_run_dir(cfg)) if rank == 0 else None))
+            from .federated import run_federated
+            run_federated(cfg, world, run_dir, resume=resume, log=log,
+                          evaluator_factory=_evaluator_factory(cfg))
+        else:
+            run_dir = run_dir or new_run_dir(cfg)
+            run_centralized(cfg, run_dir, resume=resume, log=log,
+                            evaluator_factory=_evaluator_factory(cfg))
+        return 0
+    except (ConfigError, DataError) as e:
+        log(f"error: {e}")
+        return EXIT_USER_ERROR
+    except Exception as e:
+        from .federated import EXIT_PREEMPTED, Preempted, SetupError
+        if isinstance(e, SetupError):
+            return EXIT_USER_ERROR
+        if isinstance(e, Preempted):
+            return EXIT_PREEMPTED
+        print(f"[rank {rank}] unhandled error, aborting the job:", file=sys.stderr)
+        traceback.print_exc()
+        if distributed:
+            world.abort(1)  # never returns: takes every rank down with it
+        return 1
+    except KeyboardInterrupt:
+        if distributed:
+            world.abort(130)
+        return 130
+    finally:
+        if world is not None:
+            world.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
