@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import sys
 from typing import Optional, Sequence
 
@@ -142,6 +143,8 @@ class World:
         self.size = self.comm.Get_size()
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        # client ranks sharing this node (the federator mostly waits): for CPU threads
+        self.local_clients = node.allreduce(int(self.rank != 0))
         node.Free()
         self.backend_name = backend
         self.backend = None
@@ -185,7 +188,15 @@ class World:
         self.comm.Barrier()
 
     def any(self, flag: bool) -> bool:
-        return bool(self.comm.allreduce(int(bool(flag)), op=self.MPI.MAX))
+        """Logical OR over all ranks. Waits by polling with sleeps: ranks that finish
+        local training early (and the federator) must not spin on a core that the
+        training ranks need when several ranks share a node."""
+        send = np.array([int(bool(flag))], dtype=np.int32)
+        recv = np.zeros(1, dtype=np.int32)
+        req = self.comm.Iallreduce(send, recv, op=self.MPI.MAX)
+        while not req.Test():
+            time.sleep(0.002)
+        return bool(recv[0])
 
     def gather(self, obj):
         return self.comm.gather(obj, root=0)

@@ -35,7 +35,7 @@ from .methods import make_plan, personal_regions
 from .metrics import JsonlWriter
 from .regions import REGIONS, flatten, region_sizes, set_trainable, unflatten
 from .summary import model_shape
-from .trainer import LocalTrainer, derive_seed, pick_device
+from .trainer import LocalTrainer, derive_seed, pick_device, share_cpu_threads
 from .unet import build_unet
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, resubmit to continue
@@ -163,6 +163,9 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
     """Run (or resume) a federated job; returns the federator's summary (others: {})."""
     preempt = PreemptFlag()
     device = pick_device(cfg.run.device, world.local_rank)
+    if device.type == "cpu":
+        # the federator mostly waits: give the cores to the clients on this node
+        share_cpu_threads(max(1, world.local_clients))
     error = None
     try:
         state = _setup(cfg, world, device)
@@ -228,7 +231,7 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
                                     on_step=stop_early)
             except _StopTraining:
                 stats = {}
-        t_train = time.perf_counter() - t_round
+        t_wait = time.perf_counter() - t_round  # local training incl. waiting for the slowest
 
         if world.any(preempt.requested):
             # Abandon round r on every rank: roll back to the state after round r - 1.
@@ -263,8 +266,9 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
             rows = [s for s in client_stats if s["client"] >= 0]
             losses = [s.get("loss", float("nan")) for s in rows]
             round_bytes = ledger.round_bytes(r)
+            t_train = max((s.get("train_s", 0.0) for s in rows), default=0.0)
             row = dict(kind="round", round=r, method=method, loss=float(np.nanmean(losses)),
-                       client_loss=losses, train_s=t_train, agg_s=t_agg, eval_s=t_eval,
+                       client_loss=losses, train_s=t_train, wait_s=t_wait, agg_s=t_agg, eval_s=t_eval,
                        ckpt_s=t_ckpt, round_s=time.perf_counter() - t_round,
                        bytes=round_bytes, images_per_s=[s.get("images_per_s") for s in rows])
             if scores:

@@ -32,6 +32,15 @@ def pick_device(setting: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def share_cpu_threads(ranks_on_node: int) -> None:
+    """Split the node's cores between the ranks on it, unless OMP_NUM_THREADS decides:
+    oversubscribed torch thread pools slow every rank down."""
+    import os
+    if "OMP_NUM_THREADS" not in os.environ and ranks_on_node > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, (cores or 1) // ranks_on_node))
+
+
 class LocalTrainer:
     """Mini-batch epsilon-prediction training of `model` on uint8 images (N, C, H, W)."""
 

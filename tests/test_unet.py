@@ -1,0 +1,217 @@
+"""The region-named UNet: region membership, the paper's parameter counts, shapes, and
+the flat region buffers that aggregation moves (fedmpi.unet, fedmpi.regions)."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedmpi import regions
+from fedmpi.regions import REGIONS
+from fedmpi.unet import UNet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# From the paper (FedDiffuse, Fashion-MNIST 28x28x1 model), not from this code.
+PAPER_COUNTS = {"encoder": 1_280_642, "bottleneck": 999_376, "decoder": 716_297}
+PAPER_TOTAL = 2_996_315
+
+TINY = dict(dim=8, dim_mults=(1, 2), attn_dim_head=8, attn_heads=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions: with 2 intra-op threads on a loaded 2-core box every op waits
+    ~10 ms on the other thread; one thread is ~100x faster here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+CONFIGS = [
+    dict(TINY, channels=1),
+    dict(dim=8, dim_mults=(1, 2, 4), attn_dim_head=8, channels=3),
+    dict(dim=12, init_dim=6, dim_mults=(1, 2, 2, 3), attn_heads=1, attn_dim_head=4,
+         convnext_mult=1, channels=2),
+]
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return UNet(**{**TINY, "channels": 1, **kw})
+
+
+@pytest.mark.parametrize("kw", CONFIGS)
+def test_every_parameter_in_exactly_one_region(kw):
+    model = UNet(**kw)
+    named = list(model.named_parameters())
+    assert named
+    for name, _ in named:
+        assert name.split(".")[0] in REGIONS, name
+        assert regions.region_of(name) == name.split(".")[0]
+    # region_params partitions the parameters: disjoint, and together all of them
+    seen = {}
+    for r in REGIONS:
+        ps = regions.region_params(model, r)
+        assert ps, f"region {r} is empty"
+        for p in ps:
+            assert id(p) not in seen, f"parameter in both {seen[id(p)]} and {r}"
+            seen[id(p)] = r
+    assert set(seen) == {id(p) for _, p in named}
+    sizes = regions.region_sizes(model)
+    assert list(sizes) == list(REGIONS)
+    assert sum(sizes.values()) == sum(p.numel() for p in model.parameters())
+    for r in REGIONS:
+        assert sizes[r] == sum(p.numel() for n, p in named if n.startswith(r + "."))
+    # nothing but parameters in the state: no buffer escapes communication
+    assert set(model.state_dict()) == {n for n, _ in named}
+
+
+def test_region_of_rejects_foreign_names():
+    with pytest.raises(KeyError):
+        regions.region_of("head.weight")
+    with pytest.raises(KeyError):
+        regions.region_params(tiny(), "middle")
+
+
+def test_paper_model_counts():
+    model = UNet()  # defaults: dim 28, mults (1, 2, 4), 1 channel
+    sizes = regions.region_sizes(model)
+    assert sizes == PAPER_COUNTS
+    assert sum(p.numel() for p in model.parameters()) == PAPER_TOTAL
+    assert sum(PAPER_COUNTS.values()) == PAPER_TOTAL
+
+
+@pytest.mark.parametrize("channels,size,kw", [
+    (1, 28, dict(dim=8, dim_mults=(1, 2), attn_dim_head=8)),
+    (3, 32, dict(dim=8, dim_mults=(1, 2), attn_dim_head=8)),
+    (3, 32, dict(dim=8, dim_mults=(1, 2, 4), attn_dim_head=8)),
+])
+def test_forward_shape(channels, size, kw):
+    torch.manual_seed(0)
+    model = UNet(channels=channels, **kw)
+    x = torch.randn(2, channels, size, size)
+    t = torch.tensor([0, 999])
+    with torch.no_grad():
+        y = model(x, t)
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+    # the output depends on t (time conditioning is wired in)
+    with torch.no_grad():
+        y2 = model(x, torch.tensor([500, 3]))
+    assert not torch.allclose(y, y2)
+
+
+def test_bad_dim_mults_rejected():
+    with pytest.raises(ValueError):
+        UNet(dim=8, dim_mults=(1,), attn_dim_head=8)
+    with pytest.raises(ValueError):
+        UNet(dim=8, dim_mults=(2, 4), attn_dim_head=8)
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _region_equal(model, snap, region):
+    return all(torch.equal(p, snap[n]) for n, p in model.named_parameters()
+               if n.split(".")[0] == region)
+
+
+def _region_all_differ(model, snap, region):
+    return all(not torch.equal(p, snap[n]) for n, p in model.named_parameters()
+               if n.split(".")[0] == region)
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_flatten_layout_and_round_trip(region):
+    model = tiny()
+    buf = regions.flatten(model, region)
+    assert buf.dtype == np.float32 and buf.ndim == 1
+    expected = np.concatenate([p.detach().numpy().ravel() for n, p in model.named_parameters()
+                               if n.split(".")[0] == region])
+    np.testing.assert_array_equal(buf, expected)
+    # flatten into a caller's buffer
+    out = np.zeros_like(buf)
+    assert regions.flatten(model, region, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    before = _snapshot(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) + 1.0)
+    perturbed = _snapshot(model)
+    regions.unflatten(model, region, buf)
+    assert _region_equal(model, before, region)
+    for other in REGIONS:
+        if other != region:
+            assert _region_equal(model, perturbed, other)
+            assert _region_all_differ(model, before, other)
+    # the buffer is a copy: changing it later does not touch the model
+    buf += 5.0
+    assert _region_equal(model, before, region)
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_unflatten_into_second_model(region):
+    a, b = tiny(seed=1), tiny(seed=2)
+    with torch.no_grad():  # norm layers start at 1 / 0 in both: make every tensor differ
+        for p in b.parameters():
+            p.add_(torch.rand_like(p) + 0.5)
+    a_before, b_before = _snapshot(a), _snapshot(b)
+    assert _region_all_differ(b, a_before, region)
+    regions.unflatten(b, region, regions.flatten(a, region))
+    for n, p in b.named_parameters():
+        if n.split(".")[0] == region:
+            assert torch.equal(p, a_before[n]), n
+        else:
+            assert torch.equal(p, b_before[n]), n
+    assert _region_equal(a, a_before, region)  # the source is untouched
+
+
+def test_flatten_unflatten_reject_wrong_buffers():
+    model = tiny()
+    n = regions.region_sizes(model)["decoder"]
+    with pytest.raises(ValueError):
+        regions.unflatten(model, "decoder", np.zeros(n + 1, dtype=np.float32))
+    with pytest.raises(ValueError):
+        regions.flatten(model, "decoder", out=np.zeros(n, dtype=np.float64))
+    with pytest.raises(ValueError):
+        regions.flatten(model, "decoder", out=np.zeros(n - 1, dtype=np.float32))
+
+
+def test_set_trainable():
+    model = tiny()
+    regions.set_trainable(model, ["decoder"])
+    for n, p in model.named_parameters():
+        assert p.requires_grad == (n.split(".")[0] == "decoder"), n
+    x = torch.randn(2, 1, 28, 28)
+    model(x, torch.tensor([1, 2])).pow(2).mean().backward()
+    for n, p in model.named_parameters():
+        if n.split(".")[0] == "decoder":
+            assert p.grad is not None, n
+        else:
+            assert p.grad is None, n
+    regions.set_trainable(model, ("encoder", "bottleneck"))
+    for n, p in model.named_parameters():
+        assert p.requires_grad == (n.split(".")[0] != "decoder"), n
+    regions.set_trainable(model, REGIONS)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_summary_cli_prints_paper_counts():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "fedmpi.summary", "--config",
+                          str(ROOT / "configs/paper/fmnist_full.yaml")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = {}
+    for line in res.stdout.splitlines():
+        m = re.match(r"\s*(encoder|bottleneck|decoder|total)\s+([\d,]+)", line)
+        if m:
+            rows[m.group(1)] = int(m.group(2).replace(",", ""))
+    assert rows == {**PAPER_COUNTS, "total": PAPER_TOTAL}, res.stdout
