@@ -152,19 +152,20 @@ class InceptionExtractor:
 
 # Everything that changes the trained classifier; its hash names the cache file.
 CLASSIFIER_SETTINGS = {"arch": "cnn16-32-fc128", "version": 1, "epochs": 3,
-                       "batch_size": 128, "lr": 2e-3, "schedule": "onecycle", "seed": 0}
+                       "batch_size": 256, "lr": 3e-3, "schedule": "onecycle", "seed": 0}
 
 
 class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10,
-                 feat_dim: int = 128):
+                 feat_dim: int = 128, widths: tuple = (16, 32)):
         super().__init__()
+        w1, w2 = widths
 
         def block(i, o):
             return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o),
                                  nn.ReLU(), nn.MaxPool2d(2))
-        self.body = nn.Sequential(block(in_channels, 16), block(16, 32), nn.Flatten())
-        self.penultimate = nn.Linear(32 * (image_size // 4) ** 2, feat_dim)
+        self.body = nn.Sequential(block(in_channels, w1), block(w1, w2), nn.Flatten())
+        self.penultimate = nn.Linear(w2 * (image_size // 4) ** 2, feat_dim)
         self.head = nn.Sequential(nn.BatchNorm1d(feat_dim), nn.ReLU(), nn.Dropout(0.2),
                                   nn.Linear(feat_dim, num_classes))
 

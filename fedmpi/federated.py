@@ -170,12 +170,16 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
     try:
         state = _setup(cfg, world, device)
     except Exception as e:  # reported together below so no rank waits on a dead one
-        error = f"rank {world.rank}: {e}" if not isinstance(e, ConfigError) else str(e)
+        error = f"{e}" if isinstance(e, (ConfigError, ValueError)) else f"{type(e).__name__}: {e}"
     errors = world.comm.allgather(error)
     if any(errors):
         if world.is_federator:
-            for msg in dict.fromkeys(e for e in errors if e):
-                log(f"error: {msg}")
+            by_message: dict = {}
+            for rank, msg in enumerate(errors):
+                if msg:
+                    by_message.setdefault(msg, []).append(str(rank))
+            for msg, ranks in by_message.items():
+                log(f"error (rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}): {msg}")
         raise SetupError("set-up failed")
     world.start_backend(device)
 

@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import (atomic_save, checkpoint_dir, latest_complete, mark_complete,
                          new_run_dir)
-from .config import Config, ConfigError, load_config, save_config
+from .config import Config, ConfigError, from_dict, load_config, save_config
 from .data import DataError, load_arrays
 from .diffusion import Diffusion
 from .metrics import JsonlWriter, save_grid
@@ -162,16 +162,28 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(msg, flush=True)
 
     try:
-        try:
-            cfg, run_dir, resume = _prepare(args, overrides, rank == 0)
-        except (ConfigError, DataError) as e:
-            log(f"error: {e}")
+        # Rank 0 alone decides (config, run folder, resume) and tells the others, so
+        # that no rank can see a folder another rank is creating at the same moment.
+        decision, error = None, None
+        if rank == 0:
+            try:
+                cfg, run_dir, resume = _prepare(args, overrides, True)
+                if distributed and run_dir is None:
+                    run_dir = new_run_dir(cfg)
+                decision = (cfg.to_dict(), str(run_dir) if run_dir else None, resume)
+            except (ConfigError, DataError) as e:
+                error = str(e)
+        if distributed:
+            decision, error = world.bcast_obj((decision, error))
+        if error:
+            log(f"error: {error}")
             return EXIT_USER_ERROR
+        cfg = from_dict(decision[0], "<resolved>")
+        run_dir = Path(decision[1]) if decision[1] else None
+        resume = decision[2]
         if distributed:
             from .comm import World
             world.backend_name = cfg.fed.backend
-            if run_dir is None:
-                run_dir = Path(world.bcast_obj(str(new_run_dir(cfg)) if rank == 0 else None))
             from .federated import run_federated
             run_federated(cfg, world, run_dir, resume=resume, log=log,
                           evaluator_factory=_evaluator_factory(cfg))
@@ -180,20 +192,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             run_centralized(cfg, run_dir, resume=resume, log=log,
                             evaluator_factory=_evaluator_factory(cfg))
         return 0
-    except (ConfigError, DataError) as e:
-        log(f"error: {e}")
-        return EXIT_USER_ERROR
     except Exception as e:
         from .federated import EXIT_PREEMPTED, Preempted, SetupError
         if isinstance(e, SetupError):
-            return EXIT_USER_ERROR
+            return EXIT_USER_ERROR  # every rank got here together; message already shown
         if isinstance(e, Preempted):
             return EXIT_PREEMPTED
-        print(f"[rank {rank}] unhandled error, aborting the job:", file=sys.stderr)
-        traceback.print_exc()
+        if isinstance(e, (ConfigError, DataError)):
+            print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+            code = EXIT_USER_ERROR
+        else:
+            print(f"[rank {rank}] unhandled error, stopping the job:", file=sys.stderr)
+            traceback.print_exc()
+            code = 1
         if distributed:
-            world.abort(1)  # never returns: takes every rank down with it
-        return 1
+            world.abort(code)  # the other ranks may be inside a collective: take them down
+        return code
     except KeyboardInterrupt:
         if distributed:
             world.abort(130)

@@ -58,7 +58,12 @@ What it does
   whose environment carries that id (slurmstepd's and job processes that a
   batch script left behind -- proctrack/linuxproc loses track of processes
   re-parented to init when the batch shell exits), stops munged and removes the
-  temp dir (kept if ``keep=True`` or ``LOCALSLURM_KEEP=1``).  Startup takes
+  temp dir (kept if ``keep=True`` or ``LOCALSLURM_KEEP=1``).  If the owning
+  Python process is SIGKILLed, the daemons die (PDEATHSIG) but slurmstepd and
+  processes of jobs still running linger (slurmstepd even ignores SIGTERM while
+  it retries to report to the dead slurmd); they carry ``LOCALSLURM_OWNER=
+  <pid>:<starttime>`` and the next ``start()`` (or ``reap_stale()``) SIGKILLs
+  every process whose owner is gone and removes its ``localslurm-*`` dir.  Startup takes
   ~3 s; failures raise ``SlurmError`` with the tails of all daemon logs.
 
 Job history: what works without slurmdbd
@@ -173,7 +178,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["LocalSlurm", "SlurmUnavailable", "SlurmError", "FINAL_STATES"]
+__all__ = ["LocalSlurm", "SlurmUnavailable", "SlurmError", "FINAL_STATES", "reap_stale"]
 
 FINAL_STATES = frozenset({
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
@@ -223,6 +228,53 @@ def _pdeathsig_preexec():  # runs in the child between fork and exec
         libc.prctl(1, int(_signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
     except Exception:
         pass
+
+
+def _proc_starttime(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]  # field 22: starttime
+    except (OSError, IndexError):
+        return None
+
+
+def _proc_env(pid: int | str) -> dict[str, str] | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    out = {}
+    for item in raw.split(b"\0"):
+        k, sep, v = item.partition(b"=")
+        if sep and k.startswith(b"LOCALSLURM_"):
+            out[k.decode()] = v.decode(errors="replace")
+    return out
+
+
+def reap_stale() -> list[int]:
+    """SIGKILL processes of earlier LocalSlurm instances whose owning Python process is gone
+    (e.g. pytest was SIGKILLed: the daemons die with it via PDEATHSIG, but slurmstepd and job
+    processes of running jobs linger); remove their temp dirs.  Returns the killed pids."""
+    killed, roots = [], set()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        env = _proc_env(d)
+        if not env or "LOCALSLURM_OWNER" not in env:
+            continue
+        opid, _, ostart = env["LOCALSLURM_OWNER"].partition(":")
+        if opid.isdigit() and _proc_starttime(int(opid)) == ostart:
+            continue  # owner alive: not stale
+        with contextlib.suppress(OSError):
+            os.kill(int(d), _signal.SIGKILL)
+            killed.append(int(d))
+        root = env.get("LOCALSLURM_ROOT", "")
+        if Path(root).name.startswith("localslurm-"):
+            roots.add(root)
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
+    return killed
 
 
 def _require_slurm_forced() -> bool:
@@ -318,16 +370,19 @@ class LocalSlurm:
     def _daemon_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_DROP_PREFIXES)}
         env["PATH"] = env.get("PATH", "") + ":" + _SBIN_PATH
-        env["SLURM_CONF"] = str(self.conf_path)
-        env["LOCALSLURM_ID"] = self.id
+        env.update(self._tags())
         return env
+
+    def _tags(self) -> dict[str, str]:
+        me = os.getpid()
+        return {"SLURM_CONF": str(self.conf_path), "LOCALSLURM_ID": self.id,
+                "LOCALSLURM_OWNER": f"{me}:{_proc_starttime(me)}", "LOCALSLURM_ROOT": str(self.root)}
 
     def env(self, extra: dict | None = None) -> dict[str, str]:
         """Environment for Slurm client commands (and, via sbatch's export, for jobs)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_DROP_PREFIXES)}
         env["PATH"] = env.get("PATH", "") + ":" + _SBIN_PATH
-        env["SLURM_CONF"] = str(self.conf_path)
-        env["LOCALSLURM_ID"] = self.id
+        env.update(self._tags())
         if extra:
             env.update({k: str(v) for k, v in extra.items()})
         return env
@@ -336,6 +391,7 @@ class LocalSlurm:
         if self._started:
             return self
         self.check_prerequisites(install=self.install, pmix=self.pmix)
+        reap_stale()
         self.root = Path(tempfile.mkdtemp(prefix="localslurm-", dir=self.base_dir))
         self._started = True
         atexit.register(self.stop)

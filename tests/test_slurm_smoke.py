@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-try:  # tests/ on sys.path (pytest's default rootdir/prepend import mode)
-    from slurm_cluster import LocalSlurm, SlurmUnavailable, _require_slurm_forced
-except ImportError:  # tests/ is a package
-    from tests.slurm_cluster import LocalSlurm, SlurmUnavailable, _require_slurm_forced
+if str(Path(__file__).parent) not in sys.path:  # also works with --import-mode=importlib
+    sys.path.insert(0, str(Path(__file__).parent))
+from slurm_cluster import LocalSlurm, SlurmUnavailable, _require_slurm_forced  # noqa: E402
 
 pytestmark = pytest.mark.slurm
 
