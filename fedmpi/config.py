@@ -201,6 +201,8 @@ def _check_type(value, tp, key: str, source: str):
             raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
         return value
     if tp is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # e.g. --run.name=2023
         if not isinstance(value, str):
             raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
         return value

@@ -116,7 +116,8 @@ class Diffusion:
         """`steps` evenly spaced timesteps from T-1 down to 0 (inclusive)."""
         if not 1 <= steps <= self.T:
             raise ValueError(f"DDIM steps must be in 1..{self.T}, got {steps}")
-        return np.unique(np.linspace(0, self.T - 1, steps).round().astype(np.int64))[::-1].copy()
+        ts = np.linspace(self.T - 1, 0, steps).round().astype(np.int64)
+        return np.unique(ts)[::-1].copy()
 
     @torch.no_grad()
     def sample_ddim(self, model, shape, device, steps: int = 100, eta: float = 0.0,

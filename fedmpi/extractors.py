@@ -63,25 +63,17 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_
 
 # ---------------------------------------------------------------- Inception (FID)
 
-def inception_search_paths(eval_cfg) -> list[tuple[str, Path]]:
-    """Where the weights are looked for: eval.inception_weights if set, else torch hub."""
-    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    configured = getattr(eval_cfg, "inception_weights", None)
-    if configured:
-        return [("eval.inception_weights", Path(configured).expanduser())]
-    return [("torch hub cache", hub)]
-
-
 def check_inception_weights(eval_cfg) -> Path:
-    """The local Inception weights file, or MissingWeightsError saying how to get it."""
-    for _, path in inception_search_paths(eval_cfg):
-        if path.is_file():
-            return path
+    """The local Inception weights file: eval.inception_weights if set, else the torch
+    hub cache. Raises MissingWeightsError, saying how to get the file, before any work."""
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     configured = getattr(eval_cfg, "inception_weights", None)
-    searched = [f"eval.inception_weights: {Path(configured).expanduser() if configured else '(not set)'}",
+    path = Path(configured).expanduser() if configured else hub_dir / INCEPTION_FILE
+    if path.is_file():
+        return path
+    searched = [f"eval.inception_weights: {path if configured else '(not set)'}",
                 f"torch hub cache: {hub_dir / INCEPTION_FILE}"
-                + (" (not used because eval.inception_weights is set)" if configured else "")]
+                + (" (not used: eval.inception_weights is set)" if configured else "")]
     raise MissingWeightsError(
         f"FID needs the Inception weights file {INCEPTION_FILE}, which is not on this "
         f"machine (fedmpi never downloads it).\nSearched:\n  - " + "\n  - ".join(searched)
@@ -151,15 +143,17 @@ class InceptionExtractor:
 # ---------------------------------------------------------------- classifier
 
 # Everything that changes the trained classifier; its hash names the cache file.
-CLASSIFIER_SETTINGS = {"arch": "cnn16-32-fc128", "version": 1, "epochs": 3,
+CLASSIFIER_SETTINGS = {"arch": "cnn8-32-fc128", "version": 1, "epochs": 3,
                        "batch_size": 256, "lr": 3e-3, "schedule": "onecycle", "seed": 0}
 
 
 class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10,
-                 feat_dim: int = 128, widths: tuple = (16, 32)):
+                 feat_dim: int = 128, widths: tuple = (8, 32)):
         super().__init__()
         w1, w2 = widths
+        self.args = {"in_channels": in_channels, "image_size": image_size,
+                     "num_classes": num_classes, "feat_dim": feat_dim, "widths": list(widths)}
 
         def block(i, o):
             return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o),
@@ -272,10 +266,8 @@ def load_or_train_classifier(dataset: str, train_images, train_labels, test_imag
     net, acc = train_classifier(train_images, train_labels, test_images, test_labels,
                                 device, log)
     seconds = time.time() - t0
-    c, h = train_images.shape[1], train_images.shape[2]
     ckpt = {"state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
-            "net_args": {"in_channels": c, "image_size": h,
-                         "num_classes": net.head[-1].out_features},
+            "net_args": net.args,
             "dataset": dataset, "settings_hash": _settings_hash(),
             "settings": json.dumps(CLASSIFIER_SETTINGS), "accuracy": acc,
             "train_seconds": seconds, "num_train": len(train_images)}

@@ -1,0 +1,138 @@
+"""Multi-rank tests: real mpirun launched from pytest (tiny model, 1-2 rounds)."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmpi.checkpoint import checkpoint_dir, latest_complete
+from fedmpi.ledger import analytical_rows, read_csv, summarize
+from fedmpi.regions import REGIONS
+
+from mpihelp import ROOT, mpi_env, mpirun, mpirun_path, train
+
+pytestmark = pytest.mark.mpi
+
+
+def load_states(run_dir: Path, round_index: int, clients: int):
+    d = checkpoint_dir(run_dir, round_index)
+    fed = torch.load(d / "federator.pt", weights_only=False)["model"]
+    cl = [torch.load(d / f"client_{k + 1:03d}.pt", weights_only=False)["model"]
+          for k in range(clients)]
+    return fed, cl
+
+
+def region_equal(a: dict, b: dict, region: str) -> bool:
+    keys = [k for k in a if k.startswith(region + ".")]
+    assert keys
+    return all(torch.equal(a[k], b[k]) for k in keys)
+
+
+@pytest.mark.parametrize("backend", ["mpi", "torch"])
+@pytest.mark.parametrize("world", [3, 4])
+def test_aggregation_equals_numpy_fedavg(backend, world):
+    res = mpirun(world, ["tests/mpi_scripts/aggregate_check.py", backend], timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for method in ("full", "usplit", "udec", "ulatdec"):
+        assert f"AGGREGATE OK {method}" in res.stdout
+
+
+@pytest.mark.parametrize("world", [3, 4])
+@pytest.mark.parametrize("method", ["full", "usplit", "udec", "ulatdec"])
+def test_method_run(method, world, tmp_path):
+    run = tmp_path / "run"
+    res = train(world, run, f"--fed.method={method}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    K, R = world - 1, 2
+    fed, clients = load_states(run, R, K)
+    shared = {"full": REGIONS, "usplit": REGIONS, "udec": ("decoder",),
+              "ulatdec": ("bottleneck", "decoder")}[method]
+    for region in REGIONS:
+        for c in clients:
+            if region in shared:  # every client holds the federator's average
+                assert region_equal(c, fed, region), (method, region)
+        if region not in shared:  # personal regions trained on different data differ
+            assert not region_equal(clients[0], clients[1], region), (method, region)
+    # the ledger is exactly the analytical table, and the summary says so
+    summary = json.loads((run / "comm_summary.json").read_text())
+    assert summary["matches_analytical"] is True
+    cfg_seed = 7
+    sizes = {r: sum(v.numel() for k, v in fed.items() if k.startswith(r + ".")) for r in REGIONS}
+    expected = summarize(analytical_rows(method, K, R, sizes, cfg_seed), R)
+    measured = summarize(read_csv(run / "comm.csv"), R)
+    assert measured["moved"] == expected["moved"]
+    rounds = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    per_round = [r for r in rounds if r["kind"] == "round"]
+    assert [r["round"] for r in per_round] == [1, 2]
+    assert all(len(r["client_loss"]) == K for r in per_round)
+    assert all(r["agg_s"] >= 0 and r["train_s"] > 0 for r in per_round)
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    """Stop after round 1, resume to round 2: same weights as one uninterrupted run
+    (UDEC keeps personal regions on clients; Adam state kept across rounds)."""
+    opts = ["--fed.method=udec", "--fed.reset_optimizer=false"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train(3, full, *opts).returncode == 0
+    first = train(3, part, *opts, "--fed.rounds=1")
+    assert first.returncode == 0, first.stderr
+    assert latest_complete(part) == 1
+    second = train(3, part, *opts, "--fed.rounds=2")
+    assert second.returncode == 0, second.stderr
+    assert "continuing after round 1" in second.stdout
+    fa, ca = load_states(full, 2, 2)
+    fb, cb = load_states(part, 2, 2)
+    for a, b in zip([fa, *ca], [fb, *cb]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = read_csv(part / "comm.csv")
+    assert rows == read_csv(full / "comm.csv")  # no round counted twice
+
+
+def test_preemption_signal_checkpoints_and_resumes(tmp_path):
+    """SIGUSR1 to mpirun mid-run: every rank stops consistently with exit 75 and a
+    resumed run ends with the same weights as an uninterrupted one."""
+    opts = ["--fed.rounds=3", "--fed.local_steps=40", "--fed.method=full"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert train(3, ref, *opts).returncode == 0
+    cmd = [mpirun_path(), "-n", "3", "--oversubscribe", "--bind-to", "none", sys.executable,
+           "-m", "fedmpi.train", "--config", "tests/configs/tiny.yaml", "--run-dir", str(run), *opts]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while latest_complete(run) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 75, out + err
+    done = latest_complete(run)
+    assert done in (1, 2)
+    assert "preempted" in out
+    resumed = train(3, run, *opts)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"continuing after round {done}" in resumed.stdout
+    fa, ca = load_states(ref, 3, 2)
+    fb, cb = load_states(run, 3, 2)
+    for a, b in zip([fa, *ca], [fb, *cb]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_csv(run / "comm.csv") == read_csv(ref / "comm.csv")
+
+
+def test_failing_rank_ends_job(tmp_path):
+    start = time.time()
+    res = mpirun(4, ["tests/mpi_scripts/fail_rank.py", "2", "--", "--config",
+                     "tests/configs/tiny.yaml", "--run-dir", str(tmp_path / "run")], timeout=120)
+    assert res.returncode != 0
+    assert "injected failure on rank 2" in res.stderr
+    assert time.time() - start < 120
+
+
+def test_world_size_mismatch_is_a_clear_error(tmp_path):
+    res = train(3, tmp_path / "run", "--split.num_clients=5")
+    assert res.returncode == 2
+    assert "split.num_clients is 5" in res.stdout and "mpirun -n 6" in res.stdout
