@@ -85,9 +85,14 @@ class TorchBackend:
         import torch.distributed as dist
         self.torch, self.dist = torch, dist
         self.world = world
-        self.device = device if device.type == "cuda" else torch.device("cpu")
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if self.device.type == "cuda":
+        # NCCL needs one GPU per rank; where ranks share a GPU (or some have none) every
+        # rank uses gloo on host buffers instead. All ranks must agree on the choice.
+        own_gpu = (device.type == "cuda"
+                   and world.local_size <= torch.cuda.device_count())
+        use_nccl = bool(world.comm.allreduce(int(own_gpu), op=world.MPI.MIN))
+        self.device = device if use_nccl else torch.device("cpu")
+        backend = "nccl" if use_nccl else "gloo"
+        if use_nccl:
             torch.cuda.set_device(self.device)
         # Rendezvous address from rank 0, spread over MPI: no launcher env needed.
         addr = port = None
@@ -101,6 +106,8 @@ class TorchBackend:
                                 rank=world.rank, world_size=world.size)
         self.groups: dict[tuple, object] = {}
         self.name = f"torch/{backend}"
+        if device.type == "cuda" and not use_nccl:
+            self.name += " (ranks share a GPU; NCCL needs one GPU per rank)"
 
     def group(self, members: tuple[int, ...]) -> Group:
         if len(members) == self.world.size:

@@ -16,6 +16,7 @@ re-scores a finished run's checkpoints.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional
@@ -55,12 +56,10 @@ class Evaluator:
         from .extractors import build_extractor, reference_stats
 
         def load_data():
-            tr_x, tr_y = load_arrays(cfg.data.__class__(**{**cfg.data.__dict__,
-                                                            "train_subset": None,
-                                                            "test_subset": None}), "train")
-            te_x, te_y = load_arrays(cfg.data.__class__(**{**cfg.data.__dict__,
-                                                            "train_subset": None,
-                                                            "test_subset": None}), "test")
+            # the classifier always learns from the full real training set
+            full = dataclasses.replace(cfg.data, train_subset=None, test_subset=None)
+            tr_x, tr_y = load_arrays(full, "train")
+            te_x, te_y = load_arrays(full, "test")
             return (to_float(tr_x), torch.from_numpy(tr_y), to_float(te_x), torch.from_numpy(te_y))
 
         # The federator builds (and, for the classifier, trains or loads) the extractor
@@ -75,7 +74,7 @@ class Evaluator:
             state = world.bcast_obj(self.extractor.payload() if self.rank == 0 else None)
             if self.rank != 0:
                 from .extractors import extractor_from_payload
-                self.extractor = extractor_from_payload(state, cfg.eval, device)
+                self.extractor = extractor_from_payload(state, device)
             dim = self.extractor.dim
             if self.rank != 0:
                 self.ref_mu, self.ref_sigma = np.empty(dim), np.empty((dim, dim))

@@ -115,11 +115,16 @@ class InceptionExtractor:
     name = "fid"
     dim = 2048
 
-    def __init__(self, weights_path: str | Path, device="cpu", batch_size: int = 50):
+    def __init__(self, weights_path: str | Path | None, device="cpu", batch_size: int = 50,
+                 state_dict: dict | None = None, key: str | None = None):
+        """Load from a local weights file, or from a state dict another rank read."""
         from pytorch_fid import inception as pfi
-        weights_path = Path(weights_path)
         net = build_fid_inception_net()
-        net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        if state_dict is None:
+            weights_path = Path(weights_path)
+            state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state_dict)
+        self._state = state_dict
         # pytorch-fid's InceptionV3 wrapper (block layout, 299 resize, [0,1] -> [-1,1])
         # builds its network through fid_inception_v3(), which downloads; hand it ours.
         with mock.patch.object(pfi, "fid_inception_v3", lambda: net):
@@ -128,7 +133,11 @@ class InceptionExtractor:
         self.model.eval().to(device)
         self.device, self.batch_size = device, batch_size
         # The weights' content, not their name: a wrong file must not reuse cached stats.
-        self.key = f"inception-{_file_digest(weights_path)}"
+        self.key = key or f"inception-{_file_digest(weights_path)}"
+
+    def payload(self) -> dict:
+        """What another rank needs to rebuild this extractor (sent over MPI)."""
+        return {"kind": "inception", "state_dict": self._state, "key": self.key}
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _to_unit_quantized(x)           # InceptionV3 expects [0, 1]
@@ -181,6 +190,12 @@ class ClassifierExtractor:
         self.key = f"classifier-{dataset}-{settings_hash}"
         self.dim = net.penultimate.out_features
         self.device, self.batch_size = device, batch_size
+
+    def payload(self) -> dict:
+        """What another rank needs to rebuild this extractor (sent over MPI)."""
+        return {"kind": "classifier", "net_args": self.net.args, "dataset": self.dataset,
+                "state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
+                "settings_hash": self.key.rsplit("-", 1)[1], "accuracy": self.accuracy}
 
     def _prep(self, x):
         return _to_unit_quantized(x) * 2 - 1  # the classifier saw uint8 data in [-1, 1]
@@ -304,6 +319,17 @@ def build_extractor(eval_cfg, dataset_name: str, data_loader_fn: Callable[[], tu
                 pass  # load_or_train_classifier reports it and retrains
         return load_or_train_classifier(dataset_name, *data_loader_fn(), cache_dir, device, log)
     raise ValueError(f"unknown eval.extractor {kind!r}")
+
+
+def extractor_from_payload(payload: dict, device="cpu"):
+    """Rebuild an extractor from `payload()` of the rank that loaded or trained it."""
+    if payload["kind"] == "inception":
+        return InceptionExtractor(None, device, state_dict=payload["state_dict"],
+                                  key=payload["key"])
+    net = SmallCNN(**payload["net_args"])
+    net.load_state_dict(payload["state_dict"])
+    return ClassifierExtractor(net, payload["dataset"], payload["settings_hash"],
+                               payload["accuracy"], device)
 
 
 def compute_stats(extractor, images: torch.Tensor, batch_size: int = 1000) -> FeatureStats:

@@ -280,8 +280,7 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
             metrics.write(**row)
             for s in rows:
                 metrics.write(kind="client", round=r, **s)
-            score_txt = "".join(f" | {k} {v:.2f}" for k, v in (scores or {}).items()
-                                if isinstance(v, float))
+            score_txt = _score_text(scores)
             log(f"[round {r}/{R}] loss {row['loss']:.4f} (clients {min(losses):.4f}.."
                 f"{max(losses):.4f}) | train {t_train:.1f}s agg {t_agg:.2f}s eval {t_eval:.1f}s "
                 f"ckpt {t_ckpt:.1f}s | {round_bytes / 1e6:.2f} MB{score_txt}")
@@ -298,6 +297,19 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
     if evaluator is not None:
         evaluator.close()
     return summary
+
+
+def _score_text(scores: Optional[dict]) -> str:
+    """The headline scores for the one-line progress report."""
+    if not scores:
+        return ""
+    parts = []
+    for name in ("fid", "fd_classifier", "classes_present"):
+        if name in scores:
+            parts.append(f"{name} {scores[name]:.2f}")
+        elif f"{name}_mean" in scores:
+            parts.append(f"{name} {scores[name + '_mean']:.2f}+-{scores[name + '_std']:.2f}")
+    return "".join(f" | {p}" for p in parts)
 
 
 class _StopTraining(Exception):

@@ -126,6 +126,16 @@ def parse_args(argv):
     return p.parse_known_args(argv)
 
 
+def _check_eval(cfg: Config) -> None:
+    """Missing Inception weights are a user error, reported before any work."""
+    if cfg.eval.extractor == "inception":
+        from .extractors import MissingWeightsError, check_inception_weights
+        try:
+            check_inception_weights(cfg.eval)
+        except MissingWeightsError as e:
+            raise ConfigError(str(e)) from None
+
+
 def _prepare(args, overrides, is_root: bool) -> tuple[Config, Path, bool]:
     """Load the config and pick the run folder; raises ConfigError on bad input."""
     resume_dir = args.resume or args.run_dir
@@ -133,10 +143,12 @@ def _prepare(args, overrides, is_root: bool) -> tuple[Config, Path, bool]:
         raise ConfigError(f"--resume {args.resume}: no such run folder")
     if resume_dir and (Path(resume_dir) / "config.yaml").is_file():
         cfg = load_config(args.config or Path(resume_dir) / "config.yaml", overrides)
+        _check_eval(cfg)
         return cfg, Path(resume_dir), True
     if args.config is None:
         raise ConfigError("give --config CONFIG (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
     cfg = load_config(args.config, overrides)
+    _check_eval(cfg)
     if resume_dir:
         run_dir = Path(resume_dir)
         if is_root:
