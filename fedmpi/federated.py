@@ -50,17 +50,34 @@ class Preempted(RuntimeError):
 
 
 class PreemptFlag:
-    """Set by SIGUSR1 (Slurm's --signal=B:USR1@T forwarded by the job script)."""
+    """Asks the job to checkpoint and stop: SIGUSR1 on this rank, or the file
+    RUN_DIR/PREEMPT. The file works whatever the launcher does with signals (Open MPI
+    5's mpirun forwards SIGUSR1 to the ranks, 4.x's does not); slurm/run.sh writes it
+    when Slurm sends the time-limit signal."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, stop_file: Optional[Path] = None):
+        self.signalled = False
+        self.stop_file = stop_file
+        self._next_check = 0.0
         try:
             signal.signal(signal.SIGUSR1, self._handler)
         except (ValueError, AttributeError):  # not the main thread / no SIGUSR1
             pass
 
     def _handler(self, signum, frame):
-        self.requested = True
+        self.signalled = True
+
+    @property
+    def requested(self) -> bool:
+        if not self.signalled and self.stop_file is not None:
+            now = time.monotonic()
+            if now >= self._next_check:  # a stat per second at most (shared filesystems)
+                self._next_check = now + 1.0
+                self.signalled = self.stop_file.exists()
+        return self.signalled
+
+
+STOP_FILE = "PREEMPT"
 
 
 def _exchange(world, plan, model, n_k: float, ledger: Ledger, sizes: dict, round_index: int,
@@ -161,7 +178,7 @@ def _restore(world, run_dir: Path, round_index: int, model, trainer, device) -> 
 def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=print,
                   evaluator_factory=None) -> dict:
     """Run (or resume) a federated job; returns the federator's summary (others: {})."""
-    preempt = PreemptFlag()
+    preempt = PreemptFlag(Path(run_dir) / STOP_FILE)
     device = pick_device(cfg.run.device, world.local_rank)
     if device.type == "cpu":
         # the federator mostly waits: give the cores to the clients on this node

@@ -182,6 +182,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 cfg, run_dir, resume = _prepare(args, overrides, True)
                 if distributed and run_dir is None:
                     run_dir = new_run_dir(cfg)
+                if run_dir is not None:  # a stop request served by an earlier start
+                    (Path(run_dir) / "PREEMPT").unlink(missing_ok=True)
                 decision = (cfg.to_dict(), str(run_dir) if run_dir else None, resume)
             except (ConfigError, DataError) as e:
                 error = str(e)

@@ -94,10 +94,12 @@ def test_resume_matches_uninterrupted(tmp_path):
     assert rows == read_csv(full / "comm.csv")  # no round counted twice
 
 
-def test_preemption_signal_checkpoints_and_resumes(tmp_path):
-    """SIGUSR1 to mpirun mid-run: every rank stops consistently with exit 75 and a
-    resumed run ends with the same weights as an uninterrupted one."""
-    opts = ["--fed.rounds=3", "--fed.local_steps=40", "--fed.method=full"]
+@pytest.mark.parametrize("how", ["signal", "file"])
+def test_preemption_checkpoints_and_resumes(how, tmp_path):
+    """SIGUSR1 to mpirun (or the RUN_DIR/PREEMPT file) mid-run: every rank stops
+    consistently with exit 75 and a resumed run ends with the same weights as an
+    uninterrupted one."""
+    opts = ["--fed.rounds=3", "--fed.local_steps=15", "--fed.method=full"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert train(3, ref, *opts).returncode == 0
     cmd = [mpirun_path(), "-n", "3", "--oversubscribe", "--bind-to", "none", sys.executable,
@@ -107,7 +109,10 @@ def test_preemption_signal_checkpoints_and_resumes(tmp_path):
     deadline = time.time() + 180
     while latest_complete(run) is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGUSR1)
+    if how == "signal":
+        proc.send_signal(signal.SIGUSR1)
+    else:
+        (run / "PREEMPT").touch()
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 75, out + err
     done = latest_complete(run)
@@ -115,6 +120,7 @@ def test_preemption_signal_checkpoints_and_resumes(tmp_path):
     assert "preempted" in out
     resumed = train(3, run, *opts)
     assert resumed.returncode == 0, resumed.stderr
+    assert not (run / "PREEMPT").exists()
     assert f"continuing after round {done}" in resumed.stdout
     fa, ca = load_states(ref, 3, 2)
     fb, cb = load_states(run, 3, 2)
