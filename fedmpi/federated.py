@@ -305,11 +305,11 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
 
     summary = {}
     if world.is_federator:
-        from .ledger import comparison, read_csv, write_summary
+        from .ledger import write_summary
         summary = write_summary(run_dir, method, K, R, sizes, cfg.run.seed)
-        log(f"done: moved {summary['moved']['params']:,} parameters "
-            f"({summary['moved']['bytes'] / 1e6:.1f} MB), "
-            f"{100 * summary['moved']['reduction_vs_full']:.1f}% less than FULL; "
+        moved = summary["measured"]["moved"]
+        log(f"done: moved {moved['params']:,} parameters ({moved['bytes'] / 1e6:.1f} MB), "
+            f"{100 * summary['moved']['reduction_vs_full']:.1f}% less than FULL would; "
             f"ledger matches the analytical table: {summary['matches_analytical']}")
     if evaluator is not None:
         evaluator.close()
@@ -354,9 +354,17 @@ def _truncate_logs(run_dir: Path, last_round: int) -> None:
         write_csv([r for r in read_csv(comm) if r["round"] <= last_round], comm)
         if last_round == 0:
             comm.unlink()
-    for name in ("metrics.jsonl",):
-        p = run_dir / name
-        if p.exists():
-            keep = [line for line in p.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("round", 0) <= last_round]
-            p.write_text("".join(line + "\n" for line in keep))
+    p = run_dir / "metrics.jsonl"
+    if p.exists():
+        keep = [line for line in p.read_text().splitlines()
+                if line.strip() and json.loads(line).get("round", 0) <= last_round]
+        p.write_text("".join(line + "\n" for line in keep))
+    p = run_dir / "eval.csv"
+    if p.exists():
+        import csv
+        with p.open() as f:
+            rows = list(csv.DictReader(f))
+        p.unlink()
+        if rows:
+            from .metrics import append_csv
+            append_csv(p, [r for r in rows if int(r["round"]) <= last_round])

