@@ -187,5 +187,228 @@ class Evaluator:
             out["per_client"] = {str(c + 1): s for c, s, _ in rows}
         return out
 
+    def score_model(self, model, index: int, rank: int = 0) -> dict:
+        """Scores of eval.num_samples samples of `model`, in this process alone, written
+        nowhere (for `python -m fedmpi.evaluate`). Seeded as rank `rank` is after round
+        `index` in training, so a personal model (rank = client number) or a centralized
+        model re-scored with the run's own eval settings reproduces its eval.csv row."""
+        was_training = model.training
+        stats, hist, _ = self._score_local(model, self.cfg.eval.num_samples,
+                                           derive_seed(self.cfg.run.seed, index, rank, 77), 0)
+        model.train(was_training)
+        return self._scores(stats, hist)
+
     def close(self) -> None:
         pass
+
+
+# ---------------------------------------------------------------- re-scoring CLI
+
+EXIT_USER_ERROR = 2
+_CLI_OPTIONS = {"extractor": "eval.extractor", "num_samples": "eval.num_samples",
+                "sampler": "eval.sampler", "ddim_steps": "eval.ddim_steps"}
+
+
+def _rescore_config(run_dir: Path, args, overrides: list[str]) -> Config:
+    """The run's config with the CLI's eval options and dotted overrides applied."""
+    from .config import parse_overrides
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a fedmpi run folder (no config.yaml)")
+    dotted = parse_overrides(overrides)
+    for opt, key in _CLI_OPTIONS.items():
+        if getattr(args, opt) is not None:
+            dotted[key] = getattr(args, opt)
+    cfg = load_config(run_dir / "config.yaml", dotted)
+    if cfg.eval.extractor == "none":
+        raise ConfigError("eval.extractor is 'none': nothing to score; "
+                          "give --extractor classifier or --extractor inception")
+    if cfg.eval.extractor == "inception":  # before any model, data or sampling
+        from .extractors import MissingWeightsError, check_inception_weights
+        try:
+            check_inception_weights(cfg.eval)
+        except MissingWeightsError as e:
+            raise ConfigError(str(e)) from None
+    # Relative data / cache folders name places seen from where the run was launched;
+    # when they are not here, use the usual places (overridable on the command line).
+    fix = {}
+    if cfg.data.root and "data.root" not in dotted and not Path(cfg.data.root).expanduser().is_dir():
+        print(f"note: data.root {cfg.data.root} not found here; looking in the usual places "
+              f"(or give --data.root=...)", file=sys.stderr)
+        fix["data.root"] = None
+    if cfg.eval.cache_dir and "eval.cache_dir" not in dotted \
+            and not Path(cfg.eval.cache_dir).expanduser().is_dir():
+        print(f"note: eval.cache_dir {cfg.eval.cache_dir} not found here; using "
+              f"~/.cache/fedmpi (or give --eval.cache_dir=...)", file=sys.stderr)
+        fix["eval.cache_dir"] = None
+    return cfg.replace(fix) if fix else cfg
+
+
+def _checkpoint_files(run_dir: Path, index: int) -> tuple[str, list[tuple[str, Path]]]:
+    """(kind, [(client label, path)]) of one checkpoint folder: kind 'centralized'
+    ([('global', model.pt)]) or 'federated' (federator.pt as 'global' when present, then
+    client_NNN.pt as 'N')."""
+    from .checkpoint import checkpoint_dir
+    d = checkpoint_dir(run_dir, index)
+    if (d / "model.pt").is_file():
+        return "centralized", [("global", d / "model.pt")]
+    clients = sorted(d.glob("client_[0-9]*.pt"))
+    files = [(str(int(p.stem.split("_")[1])), p) for p in clients]
+    if (d / "federator.pt").is_file():
+        files.insert(0, ("global", d / "federator.pt"))
+    if not files:
+        raise ConfigError(f"{d} holds no model.pt, federator.pt or client_NNN.pt")
+    return "federated", files
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e-3 and v != 0 else f"{v:.3f}"
+    return str(v)
+
+
+def _format_table(rows: list[dict], keys: list[str]) -> str:
+    head = ["client"] + keys + ["seconds"]
+    body = [[str(r["client"])] + [_fmt(r.get(k, "")) for k in keys]
+            + [_fmt(r["seconds"]) if "seconds" in r else ""] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+
+    def line(cells):
+        return "  ".join(x.rjust(w) for x, w in zip(cells, widths))
+    lines = [line(head), "-" * len(line(head))]
+    for r, b in zip(rows, body):
+        if r["client"] == "mean":
+            lines.append("-" * len(line(head)))
+        lines.append(line(b))
+    return "\n".join(lines)
+
+
+def rescore(run_dir: Path, index: Optional[int], cfg: Config, device=None, log=print) -> dict:
+    """Score the checkpoint of round (epoch) `index` (None: the latest complete one).
+
+    Global models (FULL, USPLIT, centralized): the federator's (or model.pt's) model.
+    Personal models (UDEC, ULATDEC): every client_NNN.pt, then mean and sample std.
+    Returns {"round", "method", "rows" (per model), "summary" (personal: mean / std),
+    "csv" (path written)}; raises ConfigError for user errors."""
+    import csv
+    import time
+    from .checkpoint import complete_checkpoints
+    from .methods import personal_regions
+    from .summary import model_shape
+    from .trainer import pick_device
+    from .unet import build_unet
+
+    done = complete_checkpoints(run_dir)
+    if not done:
+        raise ConfigError(f"{run_dir} has no complete checkpoint (checkpoints/round_*/COMPLETE); "
+                          f"nothing to re-score")
+    if index is None:
+        index = done[-1]
+    elif index not in done:
+        raise ConfigError(f"{run_dir} has no complete checkpoint for round {index}; "
+                          f"complete: {', '.join(map(str, done))}")
+    kind, files = _checkpoint_files(run_dir, index)
+    method = "centralized" if kind == "centralized" else cfg.fed.method
+    personal = kind == "federated" and bool(personal_regions(method))
+    if personal:
+        files = [f for f in files if f[0] != "global"]
+        if not files:
+            raise ConfigError(f"{method} keeps personal models but round {index}'s checkpoint "
+                              f"has no client_NNN.pt")
+    elif files[0][0] != "global":
+        raise ConfigError(f"round {index}'s checkpoint has no federator.pt")
+    else:
+        files = files[:1]
+
+    device = device or pick_device(cfg.run.device)
+    channels, size = model_shape(cfg)
+    model = build_unet(cfg.model, channels, size).to(device)
+    e = cfg.eval
+    log(f"re-scoring {run_dir}: {method.upper() if method != 'centralized' else method}, "
+        f"checkpoint of {'epoch' if kind == 'centralized' else 'round'} {index}, "
+        f"{len(files)} model{'s' if len(files) > 1 else ''} x {e.num_samples} samples "
+        f"({e.sampler}{f' {e.ddim_steps} steps' if e.sampler == 'ddim' else ''}), "
+        f"extractor {e.extractor}, device {device}")
+    evaluator = None
+    rows = []
+    for client, path in files:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except (RuntimeError, KeyError) as err:
+            detail = " ".join(str(err).split())
+            raise ConfigError(f"{path} does not fit the model of the run's config "
+                              f"(model.* overridden?): {detail[:400]}") from None
+        if evaluator is None:  # after the first checkpoint loaded: no extractor work for nothing
+            evaluator = Evaluator(cfg, None, run_dir, device)
+        t0 = time.perf_counter()
+        rank = int(client) if personal else 0  # the seeds training used (see score_model)
+        scores = evaluator.score_model(model, index, rank)
+        rows.append(dict(round=index, client=client if personal else "global",
+                         checkpoint=path.name, num_samples=e.num_samples, sampler=e.sampler,
+                         ddim_steps=e.ddim_steps, **scores,
+                         seconds=round(time.perf_counter() - t0, 2)))
+    keys = [k for k in rows[0] if k not in ("round", "client", "checkpoint", "num_samples",
+                                             "sampler", "ddim_steps", "seconds")]
+    summary = {}
+    out_rows = list(rows)
+    if personal:
+        mean = dict(round=index, client="mean", checkpoint="", num_samples=e.num_samples,
+                    sampler=e.sampler, ddim_steps=e.ddim_steps)
+        std = dict(mean, client="std")
+        for k in keys:
+            vals = np.array([r[k] for r in rows if k in r], dtype=np.float64)
+            mean[k] = float(vals.mean())
+            std[k] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+            summary[f"{k}_mean"], summary[f"{k}_std"] = mean[k], std[k]
+        out_rows += [mean, std]
+    log(_format_table(out_rows, keys))
+    if personal and keys:
+        k = keys[0]
+        log(f"{k}: {summary[k + '_mean']:.3f} +- {summary[k + '_std']:.3f} "
+            f"(mean +- sample std over {len(rows)} clients)")
+    csv_path = run_dir / f"rescore_{e.extractor}_round_{index}.csv"
+    fields = list(dict.fromkeys(k for r in out_rows for k in r))
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(out_rows)
+    tmp.replace(csv_path)
+    log(f"wrote {csv_path}")
+    return {"round": index, "method": method, "rows": rows, "summary": summary,
+            "csv": str(csv_path)}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m fedmpi.evaluate",
+        description="Re-score a finished run's checkpoints in one process (no mpirun): the "
+                    "global model (FULL, USPLIT, centralized) or every client's personal "
+                    "model (UDEC, ULATDEC, with mean +- sample std). Writes "
+                    "RUN_DIR/rescore_<extractor>_round_<N>.csv; eval.csv is left alone.",
+        epilog="Extra --section.key=value arguments override the run's config "
+               "(e.g. --eval.batch_size=100 --run.device=cpu --eval.inception_weights=PATH).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder with checkpoints/")
+    p.add_argument("--round", type=int, help="checkpoint to score (default: the latest complete one)")
+    p.add_argument("--extractor", choices=("classifier", "inception"),
+                   help="feature extractor (default: the run's eval.extractor)")
+    p.add_argument("--num-samples", dest="num_samples", type=int,
+                   help="samples per model (default: the run's eval.num_samples)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), help="default: the run's eval.sampler")
+    p.add_argument("--ddim-steps", dest="ddim_steps", type=int,
+                   help="default: the run's eval.ddim_steps")
+    args, overrides = p.parse_known_args(argv)
+    run_dir = Path(args.run_dir)
+    try:
+        if not run_dir.is_dir():
+            raise ConfigError(f"{run_dir}: no such folder")
+        cfg = _rescore_config(run_dir, args, overrides)
+        rescore(run_dir, args.round, cfg)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,543 @@
+"""Plots of finished (or running) runs: scores, the score / bytes trade-off, losses, splits.
+
+    python -m fedmpi.plot RUN_DIR [RUN_DIR ...] [--out DIR] [--metric fd_classifier|fid]
+
+Writes PNG files (matplotlib, Agg backend, no display needed) and prints their paths:
+
+- score_vs_round.png   the score (FID or fd_classifier; lower is better) after each
+                       round, one line per run; personal-model runs (UDEC, ULATDEC) show
+                       the mean over clients with a +-1 sample-std band. Centralized
+                       runs are plotted against their epochs.
+- score_vs_bytes.png   the same scores against the cumulative bytes every client sent
+                       and received (comm.csv, round 0's initial model included): the
+                       communication / quality trade-off. Centralized runs move nothing
+                       and are left out.
+- loss.png             the training loss per round (epoch), with the min..max band of
+                       the clients' losses for federated runs.
+- per_client_<run>.png personal-model runs: each client's score per round (eval.csv).
+- split_<run>.png      federated runs: the class counts of every client, recomputed
+                       from the run's config (needs the dataset's labels only).
+
+The default output folder is RUN_DIR/plots for one run and ./plots for several.
+Exit status 2 for a folder that is not a run folder or a bad option.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .config import Config, ConfigError, load_config
+from .metrics import read_jsonl
+
+METRICS = ("fid", "fd_classifier")
+CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                      "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                "ship", "truck"),
+}
+METRIC_LABEL = {"fid": "FID (Inception)", "fd_classifier": "fd_classifier (classifier FD)"}
+PERSONAL = ("udec", "ulatdec")
+EXIT_USER_ERROR = 2
+
+
+class RunError(ValueError):
+    """A folder that cannot be read as a run folder."""
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    cfg: Optional[Config]
+    method: str                    # full | usplit | udec | ulatdec | centralized
+    rows: list[dict]               # metrics rows of kind round (or epoch), one per index, sorted
+    eval_rows: list[dict] = field(default_factory=list)  # eval.csv, last row per (round, client)
+    comm_rows: list[dict] = field(default_factory=list)  # comm.csv client rows
+    num_clients: Optional[int] = None
+
+    @property
+    def centralized(self) -> bool:
+        return self.method == "centralized"
+
+    @property
+    def personal(self) -> bool:
+        return self.method in PERSONAL
+
+    @property
+    def label(self) -> str:
+        return f"{self.method.upper() if not self.centralized else 'centralized'} ({self.name})"
+
+    @property
+    def index_name(self) -> str:
+        return "epoch" if self.centralized else "round"
+
+
+# ---------------------------------------------------------------- reading a run
+
+def _num(v) -> float:
+    """A metrics value as float (None / missing / text -> nan)."""
+    try:
+        return float(v) if v is not None and v != "" else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run folder; raises RunError when it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"{path}: no such folder")
+    if not (path / "config.yaml").is_file():
+        raise RunError(f"{path} is not a fedmpi run folder (no config.yaml; a run folder "
+                       f"holds config.yaml, metrics.jsonl, eval.csv, ...)")
+    if not (path / "metrics.jsonl").is_file():
+        raise RunError(f"{path} is not a fedmpi run folder with results (no metrics.jsonl; "
+                       f"did the run reach its first round?)")
+    try:
+        cfg = load_config(path / "config.yaml")
+    except ConfigError as e:
+        raise RunError(f"{path}: cannot read its config: {e}") from None
+    try:
+        metrics = read_jsonl(path / "metrics.jsonl")
+    except ValueError as e:
+        raise RunError(f"{path}/metrics.jsonl: not JSON lines ({e})") from None
+    fed = {int(r["round"]): r for r in metrics if r.get("kind") == "round" and "round" in r}
+    cen = {int(r["epoch"]): r for r in metrics if r.get("kind") == "epoch" and "epoch" in r}
+    ckpt = path / "checkpoints"
+    centralized = bool(cen) and not fed or (not fed and any(ckpt.glob("round_*/model.pt")))
+    rows = [dict(r, index=i) for i, r in sorted((cen if centralized else fed).items())]
+    method = "centralized" if centralized else cfg.fed.method
+    if rows and not centralized:
+        method = rows[-1].get("method", method)
+    run = Run(path=path, name=path.resolve().name, cfg=cfg, method=method, rows=rows)
+
+    # eval.csv is appended to (a resumed run re-writes the rounds it replays): last wins
+    last: dict = {}
+    for r in _read_csv(path / "eval.csv"):
+        last[(r.get("round"), r.get("client"))] = r
+    run.eval_rows = list(last.values())
+
+    try:
+        comm = _read_csv(path / "comm.csv")
+        run.comm_rows = [dict(r, round=int(r["round"]), client=int(r["client"]),
+                              bytes=int(r["bytes"])) for r in comm if int(r["client"]) >= 0]
+    except (KeyError, ValueError) as e:
+        raise RunError(f"{path}/comm.csv: unexpected content ({e})") from None
+
+    if not centralized:
+        k = cfg.split.num_clients
+        if k is None and run.comm_rows:
+            k = max(r["client"] for r in run.comm_rows) + 1
+        if k is None and rows and isinstance(rows[0].get("client_loss"), list):
+            k = len(rows[0]["client_loss"])
+        run.num_clients = k
+    return run
+
+
+def _series(run: Run, metric: str):
+    """(index, mean, std or None) of `metric` per round (epoch); empty arrays if absent."""
+    xs, ys, sd = [], [], []
+    for r in run.rows:
+        if metric in r:
+            xs.append(r["index"]), ys.append(_num(r[metric])), sd.append(math.nan)
+        elif f"{metric}_mean" in r:
+            xs.append(r["index"]), ys.append(_num(r[f"{metric}_mean"]))
+            sd.append(_num(r.get(f"{metric}_std")))
+    if not xs:  # e.g. metrics.jsonl without scores: fall back to eval.csv
+        by_round: dict = {}
+        for r in run.eval_rows:
+            if metric in r and r[metric] not in ("", None):
+                by_round.setdefault(int(r["round"]), []).append(_num(r[metric]))
+        for i, vals in sorted(by_round.items()):
+            xs.append(i), ys.append(float(np.mean(vals)))
+            sd.append(float(np.std(vals, ddof=1)) if run.personal and len(vals) > 1 else math.nan)
+    xs, ys, sd = np.array(xs, dtype=float), np.array(ys, dtype=float), np.array(sd, dtype=float)
+    ok = np.isfinite(ys)
+    xs, ys, sd = xs[ok], ys[ok], sd[ok]
+    return xs, ys, (sd if run.personal and np.isfinite(sd).any() else None)
+
+
+def has_metric(run: Run, metric: str) -> bool:
+    return len(_series(run, metric)[0]) > 0
+
+
+def cumulative_bytes(run: Run) -> dict[int, int]:
+    """round -> bytes all clients sent and received in rounds 0..round (comm.csv)."""
+    per_round: dict[int, int] = {}
+    for r in run.comm_rows:
+        per_round[r["round"]] = per_round.get(r["round"], 0) + r["bytes"]
+    out, total = {}, 0
+    for rnd in sorted(per_round):
+        total += per_round[rnd]
+        out[rnd] = total
+    return out
+
+
+def pick_metric(runs: list[Run], wanted: Optional[str]) -> Optional[str]:
+    if wanted:
+        return wanted
+    counts = Counter(m for run in runs for m in METRICS if has_metric(run, m))
+    if not counts:
+        return None
+    return max(METRICS, key=lambda m: (counts[m], m == "fid"))
+
+
+# ---------------------------------------------------------------- plotting
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")  # headless nodes have no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _integer_x(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend(ax, n: int) -> None:
+    if n > 6:
+        ax.legend(fontsize="small", bbox_to_anchor=(1.01, 1), loc="upper left")
+    else:
+        ax.legend(fontsize="small")
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def _x_label(runs: list[Run]) -> str:
+    kinds = {run.index_name for run in runs}
+    return "round" if kinds == {"round"} else "epoch" if kinds == {"epoch"} else \
+        "round (federated) / epoch (centralized)"
+
+
+def _colors(runs: list[Run]) -> dict[str, tuple]:
+    cmap = _plt().get_cmap("tab10")
+    return {run.name: cmap(i % 10) for i, run in enumerate(runs)}
+
+
+def plot_score_vs_round(runs: list[Run], metric: str, path: Path) -> Optional[Path]:
+    plt = _plt()
+    colors = _colors(runs)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = 0
+    for run in runs:
+        xs, ys, sd = _series(run, metric)
+        if not len(xs):
+            continue
+        c = colors[run.name]
+        label = run.label + (" mean $\\pm$ std over clients" if sd is not None else "")
+        ax.plot(xs, ys, marker="o", ms=4, color=c, label=label)
+        if sd is not None:
+            s = np.nan_to_num(sd)
+            ax.fill_between(xs, ys - s, ys + s, color=c, alpha=0.2, lw=0)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel(_x_label(runs))
+    ax.set_ylabel(f"{METRIC_LABEL[metric]}  (lower is better)")
+    ax.set_title(f"{metric} vs {_x_label(runs)}")
+    _integer_x(ax)
+    ax.grid(alpha=0.3)
+    _legend(ax, drawn)
+    return _save(fig, path)
+
+
+def _byte_unit(max_bytes: float) -> tuple[float, str]:
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if max_bytes >= scale:
+            return scale, unit
+    return 1.0, "bytes"
+
+
+def plot_score_vs_bytes(runs: list[Run], metric: str, path: Path) -> Optional[Path]:
+    plt = _plt()
+    colors = _colors(runs)
+    data = []
+    for run in runs:
+        cum = cumulative_bytes(run)
+        xs, ys, sd = _series(run, metric)
+        if run.centralized or not cum or not len(xs):
+            continue
+        keep = [i for i, x in enumerate(xs) if int(x) in cum]
+        if not keep:
+            continue
+        b = np.array([cum[int(xs[i])] for i in keep], dtype=float)
+        data.append((run, b, ys[keep], None if sd is None else sd[keep], xs[keep]))
+    if not data:
+        return None
+    scale, unit = _byte_unit(max(d[1].max() for d in data))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for run, b, ys, sd, rounds in data:
+        c = colors[run.name]
+        label = run.label + (" mean $\\pm$ std" if sd is not None else "")
+        ax.plot(b / scale, ys, marker="o", ms=4, color=c, label=label)
+        if sd is not None:
+            s = np.nan_to_num(sd)
+            ax.fill_between(b / scale, ys - s, ys + s, color=c, alpha=0.2, lw=0)
+        # name the last point's round: the same round count costs different bytes
+        ax.annotate(f"r{int(rounds[-1])}", (b[-1] / scale, ys[-1]), textcoords="offset points",
+                    xytext=(4, 4), fontsize="x-small", color=c)
+    ax.set_xlabel(f"cumulative bytes exchanged by all clients, up + down, incl. initial model "
+                  f"[{unit}]", fontsize="small")
+    ax.set_ylabel(f"{METRIC_LABEL[metric]}  (lower is better)")
+    ax.set_title(f"{metric} vs communication")
+    lo = min(d[1].min() for d in data)
+    if lo > 0 and max(d[1].max() for d in data) / lo > 100:
+        ax.set_xscale("log")  # runs of very different sizes: keep the small ones visible
+        ax.set_xlabel(ax.get_xlabel() + ", log scale", fontsize="small")
+    else:
+        ax.set_xlim(left=0)
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, len(data))
+    return _save(fig, path)
+
+
+def plot_loss(runs: list[Run], path: Path) -> Optional[Path]:
+    plt = _plt()
+    colors = _colors(runs)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = 0
+    for run in runs:
+        pts = [(r["index"], _num(r.get("loss")), r.get("client_loss")) for r in run.rows]
+        pts = [p for p in pts if math.isfinite(p[1])]
+        if not pts:
+            continue
+        c = colors[run.name]
+        xs = np.array([p[0] for p in pts], dtype=float)
+        ax.plot(xs, [p[1] for p in pts], marker="o", ms=4, color=c, label=run.label)
+        band = [(x, [_num(v) for v in cl]) for x, _, cl in pts if isinstance(cl, list) and cl]
+        band = [(x, [v for v in vals if math.isfinite(v)]) for x, vals in band]
+        band = [(x, vals) for x, vals in band if vals]
+        if band and any(len(v) > 1 for _, v in band):
+            ax.fill_between([x for x, _ in band], [min(v) for _, v in band],
+                            [max(v) for _, v in band], color=c, alpha=0.2, lw=0)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel(_x_label(runs))
+    ax.set_ylabel("training loss (band: min..max over clients)"
+                  if any(not r.centralized for r in runs) else "training loss")
+    ax.set_title(f"training loss vs {_x_label(runs)}")
+    _integer_x(ax)
+    ax.grid(alpha=0.3)
+    _legend(ax, drawn)
+    return _save(fig, path)
+
+
+def plot_per_client(run: Run, metric: str, path: Path) -> Optional[Path]:
+    per: dict[str, list] = {}
+    for r in run.eval_rows:
+        client = str(r.get("client", ""))
+        if client in ("", "global") or r.get(metric) in (None, ""):
+            continue
+        per.setdefault(client, []).append((int(r["round"]), _num(r[metric])))
+    if not per:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    cmap = plt.get_cmap("tab10" if len(per) <= 10 else "tab20")
+    for i, client in enumerate(sorted(per, key=lambda c: int(c) if c.isdigit() else 10 ** 9)):
+        pts = sorted(per[client])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                color=cmap(i % cmap.N), label=f"client {client}")
+    xs, ys, _ = _series(run, metric)
+    if len(xs):
+        ax.plot(xs, ys, color="black", ls="--", lw=1.5, label="mean")
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"{METRIC_LABEL[metric]}  (lower is better)")
+    ax.set_title(f"per-client {metric}: {run.label}", fontsize="medium")
+    _integer_x(ax)
+    ax.grid(alpha=0.3)
+    _legend(ax, len(per) + 1)
+    return _save(fig, path)
+
+
+def split_rows(run: Run) -> tuple[list[dict], str]:
+    """The run's client table (client_table rows) and a one-line description.
+
+    Raises RunError / DataError when the labels are not available here."""
+    from .data import DataError, compute_split, dataset_info, load_arrays, read_shard, shards_info
+    from .partition import client_table
+    cfg, k = run.cfg, run.num_clients
+    if k is None:
+        raise RunError("the number of clients is unknown (no split.num_clients, comm.csv "
+                       "or client losses)")
+    num_classes = dataset_info(cfg.data.dataset)[2]
+    s = cfg.split
+    if cfg.data.shards and Path(cfg.data.shards).is_file():
+        info = shards_info(cfg.data.shards)
+        parts, labels, start = [], [], 0
+        for c in range(info["num_clients"]):
+            lab = read_shard(cfg.data.shards, c)[1]
+            labels.append(lab)
+            parts.append(np.arange(start, start + len(lab)))
+            start += len(lab)
+        labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        source = f"shards file {cfg.data.shards}"
+    else:
+        try:
+            _, labels = load_arrays(cfg.data, "train")
+        except DataError:
+            if cfg.data.root is None:
+                raise
+            # data.root is often relative to where the run was launched: look in the
+            # usual places (the labels of a dataset are the same everywhere)
+            _, labels = load_arrays(dataclasses.replace(cfg.data, root=None, download=False),
+                                    "train")
+        parts = compute_split(cfg, labels, k)
+        source = f"{s.kind}" + (f", beta={s.beta}" if s.kind in ("label_skew", "quantity_skew")
+                                else f", {s.classes_per_client} classes/client"
+                                if s.kind == "shards" else "")
+    rows = client_table(labels, parts, num_classes)
+    desc = f"{cfg.data.dataset}, {len(labels)} images, {len(rows)} clients, split {source}"
+    return rows, desc
+
+
+def plot_split(run: Run, path: Path) -> Optional[Path]:
+    rows, desc = split_rows(run)
+    plt = _plt()
+    hist = np.array([r["histogram"] for r in rows])
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(5.0, 0.5 * len(rows) + 3)), 4.0))
+    cmap = plt.get_cmap("tab10" if hist.shape[1] <= 10 else "tab20")
+    bottom = np.zeros(len(rows))
+    names = CLASS_NAMES.get(run.cfg.data.dataset, ())
+    for j in range(hist.shape[1]):
+        label = f"{j} {names[j]}" if j < len(names) else str(j)
+        ax.bar(x, hist[:, j], bottom=bottom, color=cmap(j % cmap.N), label=label)
+        bottom += hist[:, j]
+    # clients numbered 1..K as in eval.csv and the per-client plots
+    step = max(1, len(rows) // 25)
+    ax.set_xticks(x[::step], [str(r["client"] + 1) for r in rows][::step])
+    ax.set_xlabel("client")
+    ax.set_ylabel("training images")
+    ax.set_title(f"client split: {run.label}\n{desc}", fontsize="medium")
+    ax.legend(title="class", fontsize="small", ncol=1 if hist.shape[1] <= 10 else 2,
+              bbox_to_anchor=(1.01, 1), loc="upper left")
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- CLI
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
+
+
+def _unique_names(runs: list[Run]) -> None:
+    """Distinct run names (used in legends and file names) even for same-named folders."""
+    seen = Counter(run.name for run in runs)
+    for run in runs:
+        if seen[run.name] > 1:
+            run.name = f"{run.path.resolve().parent.name}/{run.name}"
+    used: set = set()
+    for i, run in enumerate(runs):
+        while run.name in used:
+            run.name = f"{run.name}#{i + 1}"
+        used.add(run.name)
+
+
+def make_plots(runs: list[Run], out: Path, metric: Optional[str] = None,
+               log=print, warn=None) -> list[Path]:
+    """Write every plot the runs have data for; returns the paths written."""
+    warn = warn or (lambda msg: print(f"note: {msg}", file=sys.stderr))
+    written: list[Path] = []
+    metric = pick_metric(runs, metric)
+    if metric is None:
+        warn("no run has scores (fid or fd_classifier): score plots skipped")
+    else:
+        settings = {}
+        for run in runs:
+            if has_metric(run, metric):
+                e, d = run.cfg.eval, run.cfg.data
+                key = (d.dataset, d.test_subset, e.extractor, e.num_samples, e.sampler,
+                       e.ddim_steps if e.sampler == "ddim" else None)
+                settings.setdefault(key, []).append(run.name)
+        if len(settings) > 1:
+            warn("the runs were scored with different settings, their scores are not "
+                 "directly comparable: " + "; ".join(
+                     f"{', '.join(names)}: {k[0]} test_subset={k[1]}, {k[2]}, {k[3]} samples, "
+                     f"{k[4]}" + (f" {k[5]} steps" if k[5] else "")
+                     for k, names in settings.items()))
+        missing = [run.name for run in runs if not has_metric(run, metric)]
+        if missing:
+            warn(f"no {metric} scores in {', '.join(missing)}: left out of the score plots")
+        for p in (plot_score_vs_round(runs, metric, out / "score_vs_round.png"),
+                  plot_score_vs_bytes(runs, metric, out / "score_vs_bytes.png")):
+            if p:
+                written.append(p)
+        for run in runs:
+            if run.personal:
+                p = plot_per_client(run, metric, out / f"per_client_{_slug(run.name)}.png")
+                if p:
+                    written.append(p)
+    p = plot_loss(runs, out / "loss.png")
+    if p:
+        written.append(p)
+    from .data import DataError
+    for run in runs:
+        if run.centralized:
+            continue
+        try:
+            written.append(plot_split(run, out / f"split_{_slug(run.name)}.png"))
+        except (RunError, DataError, ValueError) as e:
+            warn(f"{run.name}: client split plot skipped: {e}".split("\nTo get them")[0])
+    return written
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fedmpi.plot",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/plots for one run, "
+                                 "./plots for several)")
+    p.add_argument("--metric", choices=METRICS,
+                   help="score to plot (default: the one the runs have)")
+    args = p.parse_args(argv)
+    try:
+        runs = [load_run(r) for r in args.runs]
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    _unique_names(runs)
+    out = Path(args.out) if args.out else (runs[0].path / "plots" if len(runs) == 1
+                                           else Path("plots"))
+    written = make_plots(runs, out, args.metric)
+    for path in written:
+        print(path)
+    if not written:
+        print("error: nothing to plot (no rounds in metrics.jsonl)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
