@@ -205,6 +205,11 @@ class World:
             time.sleep(0.002)
         return bool(recv[0])
 
+    def wait_all(self) -> None:
+        """A barrier that sleeps while it waits (see `any`): use it before a collective
+        that follows uneven work, e.g. while rank 0 trains the classifier."""
+        self.any(False)
+
     def gather(self, obj):
         return self.comm.gather(obj, root=0)
 

@@ -71,6 +71,7 @@ class Evaluator:
                                   f"{cfg.data.dataset}-test{len(test_x)}")
             self.ref_mu, self.ref_sigma = ref.mean(), ref.cov()
         if world is not None:
+            world.wait_all()
             state = world.bcast_obj(self.extractor.payload() if self.rank == 0 else None)
             if self.rank != 0:
                 from .extractors import extractor_from_payload
@@ -145,6 +146,7 @@ class Evaluator:
                                                 derive_seed(self.cfg.run.seed, index, self.rank, 77),
                                                 keep)
         if self.world is not None:
+            self.world.wait_all()
             if stats is not None:
                 total = self.world.reduce_array(stats.to_array())
                 stats = FeatureStats.from_array(total, stats.dim) if self.rank == 0 else None
@@ -168,6 +170,7 @@ class Evaluator:
             stats, hist, images = self._score_local(
                 model, e.num_samples, derive_seed(self.cfg.run.seed, index, self.rank, 77), e.grid)
             mine = self._scores(stats, hist)
+        self.world.wait_all()
         rows = self.world.gather((self.rank - 1, mine, images))
         if self.rank != 0:
             return None
