@@ -41,7 +41,7 @@ def mpi_library_version() -> str:
         if "mpi4py.MPI" not in sys.modules:
             mpi4py.rc.initialize = False  # a driver process needs no MPI world
         from mpi4py import MPI
-        return MPI.Get_library_version().strip().splitlines()[0].strip()
+        return MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0].strip()
     except Exception as e:  # pragma: no cover - no MPI at all
         return f"unavailable ({type(e).__name__}: {e})"
 
@@ -174,6 +174,3 @@ def pyplot():
     import matplotlib.pyplot as plt
     return plt
 
-
-def fmt_ms(seconds: float) -> str:
-    return f"{1e3 * seconds:.2f}"

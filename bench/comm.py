@@ -385,6 +385,29 @@ def summary_table(rows: list[dict]) -> str:
     return C.markdown_table(headers, body, align="ll" + "r" * (len(headers) - 3) + "l")
 
 
+TARGET_RATIO = 1.25
+
+
+def verdict(rows: list[dict]) -> str:
+    """The aggregation target and where the time above the floor goes."""
+    worst = max(rows, key=lambda r: float(r["ratio"]))
+    met = all(float(r["ratio"]) <= TARGET_RATIO for r in rows)
+    lines = [f"aggregation target (agg <= {TARGET_RATIO}x floor): {'MET' if met else 'NOT MET'} "
+             f"(ratios {min(float(r['ratio']) for r in rows):.2f}..{float(worst['ratio']):.2f})"]
+    if not met:
+        r = worst
+        gap = float(r["agg_ms"]) - float(r["floor_ms"])
+        lines.append(
+            f"  worst: {r['method']} W={r['W']}: agg {float(r['agg_ms']):.1f} ms = floor "
+            f"{float(r['floor_ms']):.1f} + {gap:.1f} ms, of which communicator setup "
+            f"{float(r['setup_ms']):.1f} ms; host copies alone (flatten / scale / divide / "
+            f"unflatten / buffer allocation, slowest rank) take {float(r['host_ms']):.1f} ms "
+            f"and they run serially around each collective (client flatten -> Reduce -> "
+            f"federator unflatten + flatten -> Bcast -> client unflatten), so up to about "
+            f"twice that lies on the critical path")
+    return "\n".join(lines)
+
+
 def rounds_table(rows: list[dict]) -> str:
     headers = ["method", "W", "round", "params", "bytes", "predicted bytes", "agg ms",
                "floor ms", "ratio", "setup ms", "agg excl. setup ms", "host copies ms"]
@@ -435,6 +458,7 @@ def report(args, backend, W, round_rows, summary_rows, all_ok) -> None:
     C.write_csv(summary_rows, Path(f"{stem}.csv"))
     plot(summary_rows, Path(f"{stem}.png"), f"fedmpi aggregation vs raw MPI floor, {backend}, "
          f"{args.config}, W={W}")
+    print("\n" + verdict(summary_rows))
     n = len(summary_rows)
     print(f"\nbytes check: {'PASS' if all_ok else 'FAIL'} (ledger == analytical_rows for "
           f"{n} method{'s' if n != 1 else ''}, W={W}, rounds 0..{args.rounds})")
@@ -481,7 +505,7 @@ def sweep(args, overrides) -> int:
         Path(f"{stem}.md").write_text(table + "\n")
         plot(merged, Path(f"{stem}.png"), f"fedmpi aggregation vs raw floor, {backend}, "
              f"{args.config}, W={args.sweep}")
-        print(f"\n## merged: backend {backend}, W = {args.sweep}\n\n{table}\n"
+        print(f"\n## merged: backend {backend}, W = {args.sweep}\n\n{table}\n\n{verdict(merged)}\n"
               f"wrote {stem}.csv, {stem}.md, {stem}.png", flush=True)
     if failures:
         print(f"\nFAILED launches: {'; '.join(failures)}")
