@@ -181,31 +181,32 @@ def floor_once(world, plan, raw) -> tuple[float, float]:
 
 def host_once(world, plan, model, sizes, n_k) -> float:
     """The local (non-communication) steps `_exchange` performs on this rank for this plan:
-    buffer allocation, flatten, scaling by n_k, the federator's division and unflatten, the
-    clients' unflatten. The federator's reduced buffer is faked with ones (values do not
-    matter for timing). Seconds on this rank."""
+    the clients' scaling by n_k into the send buffer, the federator's division into its
+    weights (plus copies where the model is not bound to flat buffers). The federator's
+    reduced buffer is faked with ones (values do not matter for timing). Seconds."""
     import numpy as np
-    from fedmpi.regions import REGIONS, flatten, unflatten
+    from fedmpi.regions import REGIONS, region_array, unflatten
     me, fed = world.client, world.is_federator
     world.comm.Barrier()
     t0 = time.perf_counter()
     for region in REGIONS:
         ups, downs, n = plan.uploaders(region), plan.receivers(region), sizes[region]
         if ups and (fed or me in ups):
-            buf = np.zeros(n + 1, dtype=np.float32)
+            send = world.scratch(f"send-{region}", n + 1)
+            theta, is_view = region_array(model, region)
             if fed:
-                total = np.ones_like(buf)  # stands for the Reduce output (np.empty_like + write)
-                unflatten(model, region, total[:n] / total[n])
+                total = world.scratch(f"host-{region}", n + 1)
+                total.fill(1.0)  # stands for the Reduce output
+                np.divide(total[:n], total[n], out=theta)
+                if not is_view:
+                    unflatten(model, region, theta)
             else:
-                flatten(model, region, buf[:n])
-                buf[:n] *= n_k
-                buf[n] = n_k
+                np.multiply(theta, np.float32(n_k), out=send[:n])
+                send[n] = n_k
         if downs and (fed or me in downs):
-            if fed:
-                flatten(model, region)
-            else:
-                buf = np.ones(n, np.float32)  # stands for np.empty + the Bcast's write
-                unflatten(model, region, buf)
+            theta, is_view = region_array(model, region)
+            if not fed and not is_view:
+                unflatten(model, region, theta)
     return time.perf_counter() - t0
 
 
@@ -218,7 +219,7 @@ def measure(args, overrides) -> int:
     from fedmpi.federated import _exchange, _initial_broadcast
     from fedmpi.ledger import Ledger, analytical_rows
     from fedmpi.methods import make_plan
-    from fedmpi.regions import region_sizes
+    from fedmpi.regions import bind_flat, region_sizes
     from fedmpi.summary import model_shape
     from fedmpi.trainer import derive_seed, pick_device, share_cpu_threads
     from fedmpi.unet import build_unet
@@ -238,6 +239,7 @@ def measure(args, overrides) -> int:
         channels, size = model_shape(cfg)
         torch.manual_seed(derive_seed(cfg.run.seed, 0xBE7C, world.rank))
         model = build_unet(cfg.model, channels, size).to(device)
+        bind_flat(model)  # as fedmpi.federated does
         sizes = region_sizes(model)
         seed = cfg.run.seed
         trainer, n_k = None, float(100 + 10 * world.client)  # unequal client weights

@@ -66,7 +66,7 @@ class MPIBackend:
         group.handle = None
 
     def reduce_sum(self, group: Group, buf: np.ndarray) -> Optional[np.ndarray]:
-        out = np.empty_like(buf) if self.world.rank == 0 else None
+        out = self.world.scratch(f"reduce-{buf.size}", buf.size) if self.world.rank == 0 else None
         group.handle.Reduce(buf, out, op=self.MPI.SUM, root=0)
         return out
 
@@ -155,6 +155,7 @@ class World:
         node.Free()
         self.backend_name = backend
         self.backend = None
+        self._scratch: dict[str, np.ndarray] = {}
 
     def start_backend(self, device) -> None:
         if self.backend_name == "torch":
@@ -210,6 +211,13 @@ class World:
         that follows uneven work, e.g. while rank 0 trains the classifier."""
         self.any(False)
 
+    def scratch(self, key: str, n: int) -> np.ndarray:
+        """A float32 buffer reused across rounds (no fresh pages every round)."""
+        buf = self._scratch.get(key)
+        if buf is None or buf.size != n:
+            buf = self._scratch[key] = np.empty(n, dtype=np.float32)
+        return buf
+
     def gather(self, obj):
         return self.comm.gather(obj, root=0)
 
@@ -236,7 +244,7 @@ class World:
             self.backend.close()
 
     def describe(self) -> str:
-        version = self.MPI.Get_library_version().strip().splitlines()[0]
+        version = self.MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0]
         return f"{version} | backend {self.backend.name if self.backend else self.backend_name}"
 
 

@@ -33,7 +33,8 @@ from .diffusion import Diffusion
 from .ledger import Ledger, append_rows, summarize
 from .methods import make_plan, personal_regions
 from .metrics import JsonlWriter
-from .regions import REGIONS, flatten, region_sizes, set_trainable, unflatten
+from .regions import (REGIONS, bind_flat, flatten, region_array, region_sizes,
+                      set_trainable, unflatten)
 from .summary import model_shape
 from .trainer import LocalTrainer, derive_seed, pick_device, share_cpu_threads
 from .unet import build_unet
@@ -82,7 +83,15 @@ STOP_FILE = "PREEMPT"
 
 def _exchange(world, plan, model, n_k: float, ledger: Ledger, sizes: dict, round_index: int,
               timings: Optional[dict] = None) -> None:
-    """Aggregate every region shared in this round (both roles call this)."""
+    """Aggregate every region shared in this round (both roles call this).
+
+    Per region: clients Reduce [n_k * theta_k, n_k] (one float32 buffer) to the
+    federator over the subgroup of the region's reporters; the federator divides into
+    its own weights and Bcasts them to the subgroup of the region's receivers. With
+    `bind_flat` models on the CPU, the federator reduces into scratch and broadcasts
+    from its weights, and clients receive straight into theirs: one pass to scale, one
+    to divide, no other copies.
+    """
     me = world.client
     for region in REGIONS:
         ups, downs = plan.uploaders(region), plan.receivers(region)
@@ -93,23 +102,31 @@ def _exchange(world, plan, model, n_k: float, ledger: Ledger, sizes: dict, round
             down_group = up_group if downs == ups else world.group(downs)
         t0 = time.perf_counter()
         if up_group is not None and up_group.is_member:
-            buf = np.zeros(n + 1, dtype=np.float32)
-            if not world.is_federator:
-                flatten(model, region, buf[:n])
-                buf[:n] *= n_k
-                buf[n] = n_k
-                ledger.record(round_index, me, region, "up", n)
-            total = world.reduce_sum(up_group, buf)
+            send = world.scratch(f"send-{region}", n + 1)
             if world.is_federator:
-                unflatten(model, region, total[:n] / total[n])
-                ledger.record(round_index, -1, region, "up", n * len(ups))
-        if down_group is not None and down_group.is_member:
-            buf = flatten(model, region) if world.is_federator else np.empty(n, np.float32)
-            world.bcast(down_group, buf)
-            if world.is_federator:
-                ledger.record(round_index, -1, region, "down", n * len(downs))
+                send.fill(0.0)
             else:
-                unflatten(model, region, buf)
+                theta, _ = region_array(model, region)
+                np.multiply(theta, np.float32(n_k), out=send[:n])
+                send[n] = n_k
+                ledger.record(round_index, me, region, "up", n)
+            total = world.reduce_sum(up_group, send)
+            if world.is_federator:
+                theta, is_view = region_array(model, region)
+                np.divide(total[:n], total[n], out=theta)
+                if not is_view:
+                    unflatten(model, region, theta)
+                for _ in ups:
+                    ledger.record(round_index, -1, region, "up", n)
+        if down_group is not None and down_group.is_member:
+            theta, is_view = region_array(model, region)
+            world.bcast(down_group, theta)
+            if world.is_federator:
+                for _ in downs:
+                    ledger.record(round_index, -1, region, "down", n)
+            else:
+                if not is_view:
+                    unflatten(model, region, theta)
                 ledger.record(round_index, me, region, "down", n)
         if timings is not None:
             timings[region] = timings.get(region, 0.0) + time.perf_counter() - t0
@@ -123,7 +140,8 @@ def _initial_broadcast(world, model, ledger: Ledger, sizes: dict) -> None:
         buf = flatten(model, region) if world.is_federator else np.empty(sizes[region], np.float32)
         world.bcast(group, buf)
         if world.is_federator:
-            ledger.record(0, -1, region, "down", sizes[region] * world.num_clients)
+            for _ in range(world.num_clients):
+                ledger.record(0, -1, region, "down", sizes[region])
         else:
             unflatten(model, region, buf)
             ledger.record(0, world.client, region, "down", sizes[region])
@@ -141,11 +159,13 @@ def _setup(cfg: Config, world, device) -> dict:
     channels, size = model_shape(cfg)
     torch.manual_seed(derive_seed(cfg.run.seed, 0xC0FFEE))
     model = build_unet(cfg.model, channels, size).to(device)
+    bind_flat(model)  # each region one contiguous buffer: collectives work in place
     state = {"model": model, "trainer": None, "n_k": 0.0}
     if not world.is_federator:
         images, _ = load_client_data(cfg, world.client, K)
         state["trainer"] = LocalTrainer(model, Diffusion.from_config(cfg.diffusion), images,
                                         cfg.train.batch_size, cfg.train.lr, device)
+        state["trainer"].new_optimizer()  # first Adam imports torch._dynamo: not in round 1
         state["n_k"] = float(len(images))
     return state
 
@@ -252,9 +272,9 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
                                     on_step=stop_early)
             except _StopTraining:
                 stats = {}
+        stop = world.any(preempt.requested)
         t_wait = time.perf_counter() - t_round  # local training incl. waiting for the slowest
-
-        if world.any(preempt.requested):
+        if stop:
             # Abandon round r on every rank: roll back to the state after round r - 1.
             if trainer is not None:
                 model.load_state_dict(snapshot[0])

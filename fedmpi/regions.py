@@ -2,9 +2,13 @@
 
 A region is a top-level child of the UNet (`encoder`, `bottleneck`, `decoder`), so its
 parameters are exactly those whose names start with ``"<region>."``. Aggregation moves
-one contiguous float32 buffer per region; `flatten` / `unflatten` convert between that
-buffer and the model's parameters, always in `named_parameters()` order so every rank
-lays a region out identically.
+one contiguous float32 buffer per region, laid out in `named_parameters()` order so
+every rank lays a region out identically.
+
+`bind_flat(model)` makes each region's parameters views of one contiguous tensor. On
+the CPU, `region_array` then returns that memory itself as a numpy array, so MPI
+reduces from and broadcasts straight into the model's weights with no copies; on a
+GPU (or an unbound model) it returns a host copy and `unflatten` writes it back.
 """
 from __future__ import annotations
 
@@ -38,15 +42,18 @@ def region_sizes(model: nn.Module) -> dict[str, int]:
 
 def flatten(model: nn.Module, region: str, out: np.ndarray | None = None) -> np.ndarray:
     """The region's parameters as one contiguous float32 numpy buffer (on the CPU)."""
-    params = region_params(model, region)
-    n = sum(p.numel() for p in params)
+    bound = _bound_flat(model, region)
+    params = region_params(model, region) if bound is None else None
+    n = bound.numel() if bound is not None else sum(p.numel() for p in params)
     if out is None:
         out = np.empty(n, dtype=np.float32)
     elif out.shape != (n,) or out.dtype != np.float32:
         raise ValueError(f"buffer for region '{region}' must be float32[{n}]")
     with torch.no_grad():
-        flat = torch.cat([p.detach().reshape(-1) for p in params]).float().cpu()
-    out[:] = flat.numpy()
+        if bound is not None:
+            out[:] = bound.detach().float().cpu().numpy()
+        else:
+            out[:] = torch.cat([p.detach().reshape(-1) for p in params]).float().cpu().numpy()
     return out
 
 
@@ -57,12 +64,60 @@ def unflatten(model: nn.Module, region: str, buf: np.ndarray) -> None:
     if buf.size != n:
         raise ValueError(f"region '{region}' has {n} parameters, buffer has {buf.size}")
     src = torch.from_numpy(np.ascontiguousarray(buf, dtype=np.float32))
+    bound = _bound_flat(model, region)
+    if bound is not None:  # one copy into the region's storage
+        with torch.no_grad():
+            bound.copy_(src.to(bound.device, bound.dtype))
+        return
     offset = 0
     with torch.no_grad():
         for p in params:
             k = p.numel()
             p.copy_(src[offset:offset + k].view_as(p).to(p.device, p.dtype))
             offset += k
+
+
+def bind_flat(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Re-home every region's parameters into one contiguous tensor per region.
+
+    Parameters stay the same `nn.Parameter` objects (optimizers and state dicts are
+    unaffected); only their storage moves. Call after moving the model to its device.
+    """
+    flats = {}
+    with torch.no_grad():
+        for region in REGIONS:
+            params = region_params(model, region)
+            if not params:
+                continue
+            flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype,
+                               device=params[0].device)
+            offset = 0
+            for p in params:
+                k = p.numel()
+                flat[offset:offset + k].copy_(p.reshape(-1))
+                p.data = flat[offset:offset + k].view_as(p)
+                offset += k
+            flats[region] = flat
+    model._fedmpi_flat = flats
+    return flats
+
+
+def _bound_flat(model: nn.Module, region: str):
+    """The region's flat tensor if the parameters still live in it, else None."""
+    flat = getattr(model, "_fedmpi_flat", {}).get(region)
+    if flat is None:
+        return None
+    first = region_params(model, region)[0]
+    return flat if first.data_ptr() == flat.data_ptr() else None
+
+
+def region_array(model: nn.Module, region: str) -> tuple[np.ndarray, bool]:
+    """The region as a float32 numpy array and whether it aliases the weights
+    (True: writing into it changes the model; False: a copy, use `unflatten`)."""
+    flat = _bound_flat(model, region)
+    if flat is not None and flat.device.type == "cpu" and flat.dtype == torch.float32:
+        return flat.detach().numpy(), True
+    return flatten(model, region), False
 
 
 def set_trainable(model: nn.Module, regions) -> None:

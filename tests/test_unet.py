@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedmpi import regions
-from fedmpi.regions import REGIONS
+from fedmpi.regions import REGIONS, region_params, region_sizes
 from fedmpi.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,3 +215,25 @@ def test_summary_cli_prints_paper_counts():
         if m:
             rows[m.group(1)] = int(m.group(2).replace(",", ""))
     assert rows == {**PAPER_COUNTS, "total": PAPER_TOTAL}, res.stdout
+
+
+def test_bind_flat_keeps_values_and_aliases_weights():
+    from fedmpi.regions import bind_flat, region_array
+    torch.manual_seed(0)
+    model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = [id(p) for p in model.parameters()]
+    bind_flat(model)
+    assert [id(p) for p in model.parameters()] == ids  # same Parameter objects
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for region in REGIONS:
+        arr, is_view = region_array(model, region)
+        assert is_view and arr.size == region_sizes(model)[region]
+        arr[:] = 0.5  # writes through to the weights
+        assert all(bool((p == 0.5).all()) for p in region_params(model, region))
+    # an optimizer step still updates the (aliased) parameters
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2])).square().mean().backward()
+    opt.step()
+    arr, _ = region_array(model, "decoder")
+    assert not np.all(arr == 0.5)

@@ -13,7 +13,7 @@ from fedmpi.comm import World
 from fedmpi.federated import _exchange
 from fedmpi.ledger import Ledger
 from fedmpi.methods import METHODS, fedavg, make_plan
-from fedmpi.regions import REGIONS, flatten, region_sizes
+from fedmpi.regions import REGIONS, bind_flat, flatten, region_sizes
 from fedmpi.unet import UNet
 
 world = World(sys.argv[1])
@@ -22,6 +22,8 @@ K = world.num_clients
 for m_index, method in enumerate(METHODS):
     torch.manual_seed(1000 * m_index + world.rank)  # every rank a different model
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
+    if world.rank % 2 == 0:  # both paths: in-place flat buffers and copies
+        bind_flat(model)
     sizes = region_sizes(model)
     n_k = float(10 + 7 * world.rank)  # unequal client sizes
     plan = make_plan(method, 3, K, seed=11)
