@@ -6,18 +6,26 @@
 #   sbatch --ntasks=11 slurm/run.sh configs/paper/fmnist_udec.yaml      # K = 10 clients
 #   CONFIG=configs/quickstart.yaml RUN_NAME=qs sbatch --ntasks=3 slurm/run.sh
 #   sbatch --ntasks=5 slurm/run.sh configs/quickstart.yaml --fed.rounds=50   # + overrides
+#   RUN_NAME=qs sbatch --ntasks=3 slurm/run.sh --fed.rounds=80   # continue qs: more rounds
 #
 # Environment knobs (sbatch exports the submitting environment):
-#   CONFIG        config file when no first argument is given
+#   CONFIG        config file when the first argument is not one (default: the run folder's
+#                 config.yaml if it exists, else configs/paper/fmnist_full.yaml)
 #   RUN_NAME      run folder name (default <job name>-<job id>: a requeued job keeps its id
 #                 and therefore its folder); OUT_DIR (default runs) or RUN_DIR (full path)
 #   LAUNCHER      mpirun (default) | srun (needs an MPI built with PMIx/PMI support)
 #   MPIRUN        mpirun executable (default: mpirun from PATH)
-#   MPIRUN_FLAGS  extra mpirun flags, e.g. "--bind-to none" or "--oversubscribe"
+#   MPIRUN_FLAGS  extra mpirun flags. Open MPI binds each rank to one core by default; with
+#                 --cpus-per-task > 1 give it "--map-by slot:PE=4" (= cpus-per-task) or
+#                 "--bind-to none" so that torch's threads get the cores Slurm allotted
+#                 ("--bind-to none" is also the fix for "binding more cpus than available"
+#                 on nodes that declare more CPUs than they have)
 #   SRUN_MPI      srun --mpi=... plugin (default pmix; `srun --mpi=list` shows yours)
 #   SRUN_FLAGS    extra srun flags, e.g. "--cpu-bind=none"
+#   SRUN_WAIT     seconds srun lets the other ranks finish once one has exited (default 60)
 #   PYTHON        python of the environment that has fedmpi (default: python from PATH)
-#   REQUEUE       1 (default): requeue the job after a checkpoint signal; 0: just exit 75
+#   REQUEUE       1 (default): requeue the job after a checkpoint signal if this start wrote
+#                 a new checkpoint; 0: just exit 75 (the job ends FAILED, exit code 75)
 #
 # Preemption / time limit: Slurm sends SIGUSR1 to this script 120 s before the limit
 # (--signal=B:USR1@120; by hand: scancel --signal=USR1 --batch JOBID). The script forwards
@@ -30,7 +38,11 @@
 # and you resubmit with the same RUN_NAME).
 #
 # Adapt the #SBATCH lines (partition, account, time, GPUs) and the module lines below.
-# Leave 120 s in --signal for at most one local round plus a checkpoint write.
+# The 120 s of --signal must cover the end of the local step under way plus writing one
+# checkpoint (the ranks stop after the current step). GPUs: every rank uses
+# cuda:(node-local rank % GPUs it sees), so either give each task its own GPU
+# (--gpus-per-task=1, the federator gets one too) or let the ranks of a node share its
+# GPUs (--gpus-per-node=G).
 #SBATCH --job-name=fedmpi
 #SBATCH --ntasks=11
 #SBATCH --cpus-per-task=4
@@ -48,8 +60,9 @@
 # source $HOME/fedmpi/.venv/bin/activate
 set -uo pipefail
 
-CONFIG=${1:-${CONFIG:-configs/paper/fmnist_full.yaml}}
-shift $(( $# > 0 ? 1 : 0 ))
+# First argument: the config, unless it is already an override (then CONFIG from the env,
+# else the run folder's own config.yaml when resuming, else the default below).
+if [ $# -gt 0 ] && [[ "$1" != --* ]]; then CONFIG=$1; shift; fi
 NTASKS=${SLURM_NTASKS:-${SLURM_NPROCS:-2}}
 CLIENTS=${CLIENTS:-$((NTASKS - 1))}
 if [ "$CLIENTS" -ne $((NTASKS - 1)) ]; then
@@ -58,9 +71,12 @@ if [ "$CLIENTS" -ne $((NTASKS - 1)) ]; then
 fi
 RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME:-fedmpi}-${SLURM_JOB_ID:-local}}
 RUN_DIR=${RUN_DIR:-${OUT_DIR:-runs}/$RUN_NAME}
+if [ -z "${CONFIG:-}" ] && [ -f "$RUN_DIR/config.yaml" ]; then CONFIG=$RUN_DIR/config.yaml; fi
+CONFIG=${CONFIG:-configs/paper/fmnist_full.yaml}
 LAUNCHER=${LAUNCHER:-mpirun}
 MPIRUN=${MPIRUN:-mpirun}
 SRUN_MPI=${SRUN_MPI:-pmix}
+SRUN_WAIT=${SRUN_WAIT:-60}
 REQUEUE=${REQUEUE:-1}
 PYTHON=${PYTHON:-python}
 EXIT_PREEMPTED=75
@@ -68,12 +84,19 @@ read -r -a mpirun_flags <<< "${MPIRUN_FLAGS:-}"
 read -r -a srun_flags <<< "${SRUN_FLAGS:-}"
 
 case "$LAUNCHER" in
-  srun)   launch=(srun --mpi="$SRUN_MPI" --kill-on-bad-exit=1 "${srun_flags[@]}") ;;
+  # srun: no --kill-on-bad-exit=1: after a checkpoint signal every rank exits 75 within a
+  # moment, and killing the later ones would turn srun's exit code into 143 (no requeue).
+  # --wait instead ends the remaining tasks SRUN_WAIT s after the first one exited (a rank
+  # that crashed cannot leave the others hanging until the time limit).
+  # Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch: pass it on.
+  srun)   launch=(srun --mpi="$SRUN_MPI" --kill-on-bad-exit=0 --wait="$SRUN_WAIT")
+          [ -n "${SLURM_CPUS_PER_TASK:-}" ] && launch+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+          launch+=(${srun_flags[@]+"${srun_flags[@]}"}) ;;
   mpirun) launch=("$MPIRUN" -n "$NTASKS")
           if "$MPIRUN" --version 2>&1 | grep -qi "open mpi\|openrte\|prte"; then
             [ "$(id -u)" = 0 ] && launch+=(--allow-run-as-root)
           fi
-          launch+=("${mpirun_flags[@]}") ;;
+          launch+=(${mpirun_flags[@]+"${mpirun_flags[@]}"}) ;;
   *) echo "fedmpi: LAUNCHER must be srun or mpirun, got '$LAUNCHER'" >&2; exit 2 ;;
 esac
 
@@ -81,16 +104,26 @@ echo "fedmpi: job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLUR
      "| $NTASKS tasks (K=$CLIENTS) | config $CONFIG | run $RUN_DIR | launcher ${launch[*]}"
 
 # Forward the checkpoint signal to the launcher, which passes it on to every rank
-# (Open MPI's mpirun and srun both forward SIGUSR1 to the tasks). SIGTERM (scancel,
-# time limit) is passed on too, so no rank outlives this script.
+# (Open MPI 5's mpirun and srun forward SIGUSR1 to the tasks; Open MPI 4's mpirun does
+# not, so the script also writes RUN_DIR/PREEMPT, which every rank watches). SIGTERM
+# (scancel, time limit) is passed on too, so no rank outlives this script.
 child="" interrupted=0
 forward() {
   interrupted=1
   echo "fedmpi: $1 received, forwarding to the ranks"
+  [ "$1" = USR1 ] && touch "$RUN_DIR/PREEMPT" 2>/dev/null
   [ -n "$child" ] && kill -"$1" "$child" 2>/dev/null
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
+
+# Newest complete checkpoint (round_NNNNNN/COMPLETE; zero-padded, so sort works).
+latest_checkpoint() {
+  local last
+  last=$(ls -1d "$RUN_DIR"/checkpoints/round_*/COMPLETE 2>/dev/null | sort | tail -n 1)
+  echo "${last%/COMPLETE}"
+}
+checkpoint_at_start=$(latest_checkpoint)
 
 "${launch[@]}" "$PYTHON" -m fedmpi.train --config "$CONFIG" --run-dir "$RUN_DIR" "$@" &
 child=$!
@@ -105,8 +138,13 @@ done
 if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
   echo "fedmpi: checkpoint written; resume with the same RUN_NAME ($RUN_NAME)"
   if [ "$REQUEUE" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    # Requeue only after progress: a time limit too short for one round would otherwise
+    # requeue the job forever.
+    if [ "$(latest_checkpoint)" = "$checkpoint_at_start" ]; then
+      echo "fedmpi: no new checkpoint since this start (${checkpoint_at_start:-none});" \
+           "not requeueing -- is --time long enough for one round?" >&2
     # The controller ends this run of the job and puts it back in the queue (same id).
-    if scontrol requeue "$SLURM_JOB_ID"; then
+    elif scontrol requeue "$SLURM_JOB_ID"; then
       echo "fedmpi: job $SLURM_JOB_ID requeued"
     else
       echo "fedmpi: scontrol requeue failed; resubmit with RUN_NAME=$RUN_NAME" >&2

@@ -1,15 +1,18 @@
 """slurm/run.sh end to end on a real single-node Slurm (tests/slurm_cluster.py: LocalSlurm).
 
-* test_exit_codes_propagate: a launcher that exits 3 gives FAILED 3:0; exit 75 with
-  REQUEUE=0 gives FAILED 75:0 and the resubmit hint (stub "python", seconds).
+* test_exit_codes_propagate[mpirun|srun]: ranks that exit 3 give FAILED 3:0; exit 75
+  with REQUEUE=0, or without a new checkpoint, gives FAILED 75:0, the resubmit hint and
+  no requeue (a stub "python" stands in for the ranks: seconds).
 * test_tiny_job_completes: `sbatch --ntasks=4 slurm/run.sh tests/configs/tiny.yaml`
-  (mpirun, RUN_NAME in OUT_DIR) ends COMPLETED with a full run folder.
-* test_checkpoint_signal_requeue_resume: a longer job gets `scancel --signal=USR1 --batch`
-  once its first checkpoint is COMPLETE; the ranks checkpoint and exit 75, the script
-  requeues the job (same id -> same run folder keyed by the job id), the second start
-  resumes from the checkpoint and finishes. Every round is logged once, comm.csv and the
-  final weights equal an uninterrupted reference job, which runs at the same time with
-  LAUNCHER=srun (--mpi=pmix) where LocalSlurm has PMIx, else with mpirun.
+  (mpirun, RUN_NAME in OUT_DIR) ends COMPLETED with a full run folder; a resubmission
+  with the same RUN_NAME and --fed.rounds=3 continues it with round 3.
+* test_checkpoint_signal_requeue_resume[mpirun|srun]: a longer job (3 rounds) gets
+  `scancel --signal=USR1 --batch` once its first checkpoint is COMPLETE; the script
+  forwards it through the launcher, the ranks checkpoint and exit 75, the script requeues
+  the job (same id -> same run folder keyed by the job id), the second start resumes from
+  the checkpoint and finishes. Every round is logged once, comm.csv and the final weights
+  equal an uninterrupted reference job. The reference and the mpirun and srun --mpi=pmix
+  (where LocalSlurm has PMIx) jobs run at the same time.
 
 A requeued job may only start again once its job credential expired (slurm.conf
 AuthInfo=...,cred_expire=N, default 120 s); this cluster uses cred_expire=10 and a 1 s
@@ -21,7 +24,6 @@ Needs root; installs Slurm with apt-get when missing (see test_slurm_smoke.py). 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -42,9 +44,10 @@ RUN_SH = ROOT / "slurm" / "run.sh"
 TINY = "tests/configs/tiny.yaml"
 PY = sys.executable
 VENV_BIN = Path(sys.executable).parent
-# Long enough local rounds that the signal lands inside round 2 (of 3).
-LONG = ["--fed.rounds=3", "--fed.local_steps=12", "--fed.method=udec",
+# Long enough local rounds that the signal lands inside round 2 (of 3); K=2 clients.
+LONG = ["--fed.rounds=3", "--fed.local_steps=10", "--fed.method=udec",
         "--fed.reset_optimizer=false"]
+W_LONG = 3
 CRED_EXPIRE = 10
 
 
@@ -90,6 +93,13 @@ def slurm():
               f"cred_expire={s.cred_expire})")
         yield s
         print("\n[LocalSlurm] job history:\n" + s.history_text())
+        # squeue -O shows the restart count (a requeued job: 1); in `sacct -c` above a
+        # requeued job has one record per start (the first one's State is PENDING).
+        p = s.run("squeue", "-t", "all", "-S", "i", "-O",
+                  "JobID:7,Name:20,State:11,RestartCnt:14,NumCPUs:6,Reason:18",
+                  check=False)
+        print("$ squeue -t all -S i -O JobID,Name,State,RestartCnt,NumCPUs,Reason\n"
+              + p.stdout + p.stderr)
 
 
 def job_env(out_dir: Path, **extra) -> dict:
@@ -137,17 +147,6 @@ def load_states(run_dir: Path, round_index: int, clients: int):
     return fed, cl
 
 
-def wait_file(path: Path, slurm: LocalSlurm, job_id: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        state = retry(slurm.job_info, job_id)["JobState"]
-        if state in FINAL_STATES or time.monotonic() > deadline:
-            out = retry(slurm.output_path, job_id)
-            pytest.fail(f"{path} did not appear (job {job_id} {state})\n"
-                        f"{out.read_text() if out.exists() else ''}")
-        time.sleep(0.1)
-
-
 def wait_requeued_and_done(slurm: LocalSlurm, job_id: int, timeout: float) -> list[str]:
     """Poll until the job restarted at least once and reached a final state; returns the
     observed (JobState, Reason, Restarts) transitions."""
@@ -160,6 +159,10 @@ def wait_requeued_and_done(slurm: LocalSlurm, job_id: int, timeout: float) -> li
             seen.append(f"{step} @{time.monotonic() - t0:.1f}s")
         if restarts >= 1 and state in FINAL_STATES:
             return seen + [f"final: {wait_job(slurm, job_id, timeout=60)}"]
+        if state in FINAL_STATES:  # ended without being requeued
+            out = retry(slurm.output_path, job_id)
+            pytest.fail(f"job {job_id} ended {state} without a requeue: {seen}\n"
+                        f"{out.read_text() if out.exists() else ''}")
         if time.monotonic() - t0 > timeout:
             raise TimeoutError(f"job {job_id}: {seen}\n{slurm.squeue_text()}\n{slurm.log_tails()}")
         time.sleep(0.2)
@@ -178,31 +181,39 @@ def check_run_folder(run_dir: Path, rounds: int) -> None:
 # --------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("launcher", ["mpirun", "srun"])
 def test_exit_codes_propagate(slurm: LocalSlurm, tmp_path: Path, launcher: str):
-    """The job's state and exit code are the ranks' (via the launcher and the script)."""
+    """The job's state and exit code are the ranks' (through the launcher and the script);
+    exit 75 is not requeued with REQUEUE=0, nor when the run wrote no new checkpoint."""
     if launcher == "srun" and not slurm.pmix_available:
         pytest.skip("libpmix.so for slurm's mpi/pmix plugin not installed (libpmix-dev)")
-    stub = tmp_path / "python"
+    stub = tmp_path / "python"  # stands in for the ranks: prints its args, exits $STUB_RC
     stub.write_text('#!/bin/sh\necho "stub rank args: $*"\nexit "$STUB_RC"\n')
     stub.chmod(0o755)
+    cases = {"error": (3, 1), "no-requeue": (75, 0), "no-progress": (75, 1)}  # rc, REQUEUE
     jobs = {}
-    for rc in (3, 75):
-        env = job_env(tmp_path, PYTHON=stub, STUB_RC=rc, REQUEUE=0, LAUNCHER=launcher,
-                      RUN_NAME=f"stub{rc}")
-        jobs[rc] = submit(slurm, tmp_path, TINY, env=env, ntasks=3, cpus_per_task=1,
-                          job_name=f"exit{rc}-{launcher}")
-    for rc, jid in jobs.items():
+    for case, (rc, requeue) in cases.items():
+        env = job_env(tmp_path, PYTHON=stub, STUB_RC=rc, REQUEUE=requeue, LAUNCHER=launcher,
+                      RUN_NAME=case)
+        jobs[case] = submit(slurm, tmp_path, TINY, env=env, ntasks=3, cpus_per_task=1,
+                            job_name=f"{case}-{launcher}")
+    for case, jid in jobs.items():
+        rc = cases[case][0]
         state = wait_job(slurm, jid, timeout=120)
         out = retry(slurm.output_path, jid).read_text()
-        print(f"\n[job {jid}: {launcher}, ranks exit {rc}] {state} "
-              f"ExitCode={retry(slurm.job_info, jid)['ExitCode']}")
+        info = retry(slurm.job_info, jid)
+        print(f"\n[job {jid}: {launcher}, {case}: ranks exit {rc}] {state} "
+              f"ExitCode={info['ExitCode']} Restarts={info['Restarts']}")
         assert state == "FAILED", out
-        assert retry(slurm.exit_code, jid) == (rc, 0), out
+        assert info["ExitCode"] == f"{rc}:0" and info["Restarts"] == "0", (info, out)
         # (the launcher may stop the other ranks once the first one exited non-zero)
         assert ("stub rank args: -m fedmpi.train --config tests/configs/tiny.yaml "
-                f"--run-dir {tmp_path}/stub{rc}") in out, out
-        if rc == 75:
-            assert f"resume with the same RUN_NAME (stub{rc})" in out
-            assert "requeued" not in out
+                f"--run-dir {tmp_path}/{case}") in out, out
+        assert "requeued" not in out
+        if rc == 3:
+            assert "fedmpi: launcher exited with 3" in out
+        else:
+            assert f"resume with the same RUN_NAME ({case})" in out
+        if case == "no-progress":
+            assert "no new checkpoint since this start (none); not requeueing" in out, out
 
 
 def test_tiny_job_completes(slurm: LocalSlurm, tmp_path: Path):
@@ -218,31 +229,83 @@ def test_tiny_job_completes(slurm: LocalSlurm, tmp_path: Path):
     check_run_folder(run, 2)
     assert "K=3 clients" in out and "ledger matches the analytical table: True" in out
     assert f"run {run}" in out
-
-
-def test_checkpoint_signal_requeue_resume(slurm: LocalSlurm, tmp_path: Path):
-    from fedmpi.ledger import read_csv
+    # a resubmission with the same RUN_NAME continues the run; only overrides as arguments:
+    # the run folder's config.yaml is the config. One more round.
     t0 = time.monotonic()
-    ref_launcher = "srun" if slurm.pmix_available else "mpirun"
-    # --cpus-per-task=1 (the script asks for 4): both 4-task jobs fit on the 16-CPU node.
-    ref = submit(slurm, tmp_path, TINY, *LONG, ntasks=4, cpus_per_task=1, job_name="reference",
-                 env=job_env(tmp_path, RUN_NAME="reference", LAUNCHER=ref_launcher))
-    jid = submit(slurm, tmp_path, TINY, *LONG, ntasks=4, cpus_per_task=1, job_name="preempt")
-    run = tmp_path / f"preempt-{jid}"  # default RUN_NAME: <job name>-<job id>
-    wait_file(run / "checkpoints" / "round_000001" / "COMPLETE", slurm, jid, timeout=300)
-    t_sig = time.monotonic() - t0
-    retry(slurm.signal, jid, "USR1", batch_only=True)  # what --signal=B:USR1@120 does at the limit
-    steps = wait_requeued_and_done(slurm, jid, timeout=400)
-    out = retry(slurm.output_path, jid).read_text()
-    print(f"\n[preempt job {jid}] USR1 at {t_sig:.1f}s, done at {time.monotonic() - t0:.1f}s; "
-          f"states: {steps}\n{out}")
-    assert steps[-1] == "final: COMPLETED", f"{steps}\n{out}"
-    info = retry(slurm.job_info, jid)
-    assert info["Restarts"] == "1" and retry(slurm.exit_code, jid) == (0, 0), info
+    jid2 = submit(slurm, tmp_path, "--fed.rounds=3", ntasks=4, job_name="tiny-more",
+                  env=job_env(tmp_path, RUN_NAME="tiny-w4"))
+    state = wait_job(slurm, jid2, timeout=300)
+    out2 = retry(slurm.output_path, jid2).read_text()
+    print(f"[tiny job {jid2}, resubmitted, --fed.rounds=3] {state} in "
+          f"{time.monotonic() - t0:.1f}s\n{out2}")
+    assert state == "COMPLETED", out2
+    assert f"config {run}/config.yaml | run {run} " in out2
+    assert "resume: continuing after round 2 " in out2 and "[round 3/3]" in out2
+    assert "[round 2/" not in out2
+    check_run_folder(run, 3)
+
+
+@pytest.fixture(scope="module")
+def preempted(slurm: LocalSlurm, tmp_path_factory) -> dict:
+    """Three jobs at once (--cpus-per-task=1: 3 x 3 tasks fit the 16-CPU node): an
+    uninterrupted reference (mpirun) and one job per launcher (mpirun, srun --mpi=pmix
+    where available) that gets the checkpoint signal once its round-1 checkpoint is
+    COMPLETE, requeues itself and finishes. Returns what the tests check."""
+    out_dir = tmp_path_factory.mktemp("preempt")
+    t0 = time.monotonic()
+    launchers = ["mpirun"] + (["srun"] if slurm.pmix_available else [])
+    ref = submit(slurm, out_dir, TINY, *LONG, ntasks=W_LONG, cpus_per_task=1,
+                 job_name="reference",
+                 env=job_env(out_dir, RUN_NAME="reference", LAUNCHER="mpirun"))
+    jobs = {}
+    for launcher in launchers:  # default RUN_NAME: <job name>-<job id>
+        jid = submit(slurm, out_dir, TINY, *LONG, ntasks=W_LONG, cpus_per_task=1,
+                     job_name=f"preempt-{launcher}", env=job_env(out_dir, LAUNCHER=launcher))
+        jobs[launcher] = dict(job=jid, run=out_dir / f"preempt-{launcher}-{jid}")
+    pending = dict(jobs)
+    deadline = time.monotonic() + 300
+    while pending:  # signal each job once its first checkpoint is COMPLETE
+        for launcher, j in list(pending.items()):
+            if (j["run"] / "checkpoints" / "round_000001" / "COMPLETE").exists():
+                # what --signal=B:USR1@120 does before the time limit
+                retry(slurm.signal, j["job"], "USR1", batch_only=True)
+                j["signal_s"] = time.monotonic() - t0
+                del pending[launcher]
+            elif retry(slurm.job_info, j["job"])["JobState"] in FINAL_STATES or \
+                    time.monotonic() > deadline:
+                out = retry(slurm.output_path, j["job"])
+                pytest.fail(f"job {j['job']} ({launcher}) ended or timed out before its first "
+                            f"checkpoint\n{out.read_text() if out.exists() else ''}")
+        time.sleep(0.1)
+    for launcher, j in jobs.items():
+        j["states"] = wait_requeued_and_done(slurm, j["job"], timeout=400)
+        j["done_s"] = time.monotonic() - t0
+        j["out"] = retry(slurm.output_path, j["job"]).read_text()
+        j["info"] = retry(slurm.job_info, j["job"])
+        print(f"\n[preempt job {j['job']}, {launcher}] USR1 at {j['signal_s']:.1f}s, done at "
+              f"{j['done_s']:.1f}s; states: {j['states']}\n{j['out']}")
+    ref_state = wait_job(slurm, ref, timeout=300)
+    ref_out = retry(slurm.output_path, ref).read_text()
+    print(f"[reference job {ref}, mpirun] {ref_state} at {time.monotonic() - t0:.1f}s\n{ref_out}")
+    assert ref_state == "COMPLETED", ref_out
+    check_run_folder(out_dir / "reference", 3)
+    return dict(jobs=jobs, ref_run=out_dir / "reference")
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "srun"])
+def test_checkpoint_signal_requeue_resume(preempted: dict, launcher: str):
+    from fedmpi.ledger import read_csv
+    if launcher not in preempted["jobs"]:
+        pytest.skip("libpmix.so for slurm's mpi/pmix plugin not installed (libpmix-dev)")
+    j = preempted["jobs"][launcher]
+    jid, run, out, info = j["job"], j["run"], j["out"], j["info"]
+    assert j["states"][-1] == "final: COMPLETED", f"{j['states']}\n{out}"
+    assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", info
     # first start: signal forwarded, round abandoned, checkpoint kept, exit 75, requeued
     first, _, second = out.partition(f"fedmpi: job {jid} restart 1 ")
     assert second, out
-    assert f"fedmpi: job {jid} restart 0 " in first
+    assert f"fedmpi: job {jid} restart 0 " in first and f"launcher {launcher}" in out.replace(
+        _mpirun(), "mpirun")
     assert "USR1 received, forwarding to the ranks" in first
     assert f"fedmpi: job {jid} requeued" in first
     abandoned = [l for l in first.splitlines() if l.startswith("preempted: round ")]
@@ -254,23 +317,17 @@ def test_checkpoint_signal_requeue_resume(slurm: LocalSlurm, tmp_path: Path):
     assert f"run {run} " in second
     assert f"resume: continuing after round {done} " in second, second
     assert f"[round {done}/3]" not in second and f"[round {done + 1}/3]" in second
-    print(f"[preempt job {jid}] resumed: continuing after round {done}")
-
-    state = wait_job(slurm, ref, timeout=300)
-    ref_out = retry(slurm.output_path, ref).read_text()
-    print(f"[reference job {ref}, {ref_launcher}] {state}\n{ref_out}")
-    assert state == "COMPLETED", ref_out
-    assert f"launcher {ref_launcher}" in ref_out or f"launcher {_mpirun()}" in ref_out
-    ref_run = tmp_path / "reference"
-    check_run_folder(ref_run, 3)
-    check_run_folder(run, 3)  # each round logged exactly once
+    print(f"\n[preempt job {jid}, {launcher}] resumed: continuing after round {done}")
+    # every round logged once; ledger and final weights equal the uninterrupted run's
+    ref_run = preempted["ref_run"]
+    check_run_folder(run, 3)
     clients = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()
                if json.loads(l)["kind"] == "client"]
     assert sorted((c["round"], c["client"]) for c in clients) == \
-        [(r, k) for r in (1, 2, 3) for k in range(3)]
+        [(r, k) for r in (1, 2, 3) for k in range(W_LONG - 1)]
     assert read_csv(run / "comm.csv") == read_csv(ref_run / "comm.csv")  # no round counted twice
-    fa, ca = load_states(ref_run, 3, 3)
-    fb, cb = load_states(run, 3, 3)
+    fa, ca = load_states(ref_run, 3, W_LONG - 1)
+    fb, cb = load_states(run, 3, W_LONG - 1)
     for a, b in zip([fa, *ca], [fb, *cb]):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
