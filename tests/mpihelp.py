@@ -12,6 +12,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def load_states(run_dir: Path, round_index: int, clients: int):
+    """(federator state dict, [client state dicts]) of a federated run's checkpoint."""
+    import torch
+    from fedmpi.checkpoint import checkpoint_dir
+    d = checkpoint_dir(run_dir, round_index)
+    fed = torch.load(d / "federator.pt", weights_only=False)["model"]
+    clients_ = [torch.load(d / f"client_{k + 1:03d}.pt", weights_only=False)["model"]
+                for k in range(clients)]
+    return fed, clients_
+
+
 def mpirun_path() -> str:
     here = Path(sys.executable).parent / "mpirun"
     found = str(here) if here.exists() else shutil.which("mpirun")

@@ -11,21 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmpi.checkpoint import checkpoint_dir, latest_complete
+from fedmpi.checkpoint import latest_complete
 from fedmpi.ledger import analytical_rows, read_csv, summarize
 from fedmpi.regions import REGIONS
 
-from mpihelp import ROOT, mpi_env, mpirun, mpirun_path, train
+from mpihelp import ROOT, load_states, mpi_env, mpirun, mpirun_path, train
 
 pytestmark = pytest.mark.mpi
-
-
-def load_states(run_dir: Path, round_index: int, clients: int):
-    d = checkpoint_dir(run_dir, round_index)
-    fed = torch.load(d / "federator.pt", weights_only=False)["model"]
-    cl = [torch.load(d / f"client_{k + 1:03d}.pt", weights_only=False)["model"]
-          for k in range(clients)]
-    return fed, cl
 
 
 def region_equal(a: dict, b: dict, region: str) -> bool:

@@ -34,6 +34,7 @@ import torch
 
 if str(Path(__file__).parent) not in sys.path:  # also works with --import-mode=importlib
     sys.path.insert(0, str(Path(__file__).parent))
+from mpihelp import load_states  # noqa: E402
 from slurm_cluster import (FINAL_STATES, LocalSlurm, SlurmError,  # noqa: E402
                            SlurmUnavailable, _require_slurm_forced)
 
@@ -136,15 +137,6 @@ def wait_job(slurm: LocalSlurm, job_id: int, timeout: float) -> str:
 def rounds_logged(run_dir: Path) -> list[int]:
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["round"] for r in rows if r["kind"] == "round"]
-
-
-def load_states(run_dir: Path, round_index: int, clients: int):
-    from fedmpi.checkpoint import checkpoint_dir
-    d = checkpoint_dir(run_dir, round_index)
-    fed = torch.load(d / "federator.pt", weights_only=False)["model"]
-    cl = [torch.load(d / f"client_{k + 1:03d}.pt", weights_only=False)["model"]
-          for k in range(clients)]
-    return fed, cl
 
 
 def wait_requeued_and_done(slurm: LocalSlurm, job_id: int, timeout: float) -> list[str]:
