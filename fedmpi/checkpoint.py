@@ -82,9 +82,3 @@ def latest_complete(run_dir: Path) -> Optional[int]:
     done = complete_checkpoints(run_dir)
     return done[-1] if done else None
 
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state

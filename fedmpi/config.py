@@ -8,7 +8,6 @@ Any problem raises `ConfigError` naming the key and the file, before anything he
 """
 from __future__ import annotations
 
-import dataclasses
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path

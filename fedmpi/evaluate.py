@@ -32,10 +32,6 @@ from .metrics import append_csv, save_grid
 from .trainer import derive_seed
 
 
-def _cache_dir(cfg: Config) -> Path:
-    return Path(cfg.eval.cache_dir or Path.home() / ".cache" / "fedmpi").expanduser()
-
-
 def _share(n: int, parts: int, index: int) -> int:
     return n // parts + (1 if index < n % parts else 0)
 
@@ -53,7 +49,7 @@ class Evaluator:
         self.ref_mu = self.ref_sigma = None
         if cfg.eval.extractor == "none":
             return
-        from .extractors import build_extractor, reference_stats
+        from .extractors import build_extractor, default_cache_dir, reference_stats
 
         def load_data():
             # the classifier always learns from the full real training set
@@ -67,7 +63,7 @@ class Evaluator:
         if self.rank == 0:
             self.extractor = build_extractor(cfg.eval, cfg.data.dataset, load_data, device)
             test_x, _ = load_test_data(cfg)
-            ref = reference_stats(self.extractor, to_float(test_x), _cache_dir(cfg),
+            ref = reference_stats(self.extractor, to_float(test_x), default_cache_dir(cfg.eval),
                                   f"{cfg.data.dataset}-test{len(test_x)}")
             self.ref_mu, self.ref_sigma = ref.mean(), ref.cov()
         if world is not None:
@@ -129,7 +125,6 @@ class Evaluator:
 
     def run(self, index: int, model, personal: bool) -> Optional[dict]:
         """Score `model` after round (or epoch) `index`; returns the federator's summary."""
-        e = self.cfg.eval
         was_training = model.training
         if personal:
             result = self._run_personal(index, model)

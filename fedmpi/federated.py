@@ -30,11 +30,11 @@ from .checkpoint import (atomic_save, checkpoint_dir, latest_complete, mark_comp
 from .config import Config, ConfigError
 from .data import load_client_data
 from .diffusion import Diffusion
-from .ledger import Ledger, append_rows, summarize
+from .ledger import Ledger, append_rows
 from .methods import make_plan, personal_regions
 from .metrics import JsonlWriter
-from .regions import (REGIONS, bind_flat, flatten, region_array, region_sizes,
-                      set_trainable, unflatten)
+from .regions import (REGIONS, bind_flat, region_array, region_sizes, set_trainable,
+                      unflatten)
 from .summary import model_shape
 from .trainer import LocalTrainer, derive_seed, pick_device, share_cpu_threads
 from .unet import build_unet
@@ -137,13 +137,14 @@ def _exchange(world, plan, model, n_k: float, ledger: Ledger, sizes: dict, round
 def _initial_broadcast(world, model, ledger: Ledger, sizes: dict) -> None:
     group = world.group(range(world.num_clients))
     for region in REGIONS:
-        buf = flatten(model, region) if world.is_federator else np.empty(sizes[region], np.float32)
-        world.bcast(group, buf)
+        theta, is_view = region_array(model, region)  # as in _exchange: in place when bound
+        world.bcast(group, theta)
         if world.is_federator:
             for _ in range(world.num_clients):
                 ledger.record(0, -1, region, "down", sizes[region])
         else:
-            unflatten(model, region, buf)
+            if not is_view:
+                unflatten(model, region, theta)
             ledger.record(0, world.client, region, "down", sizes[region])
     world.release(group)
 

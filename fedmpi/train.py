@@ -23,7 +23,7 @@ from .checkpoint import (atomic_save, checkpoint_dir, latest_complete, mark_comp
 from .config import Config, ConfigError, from_dict, load_config, save_config
 from .data import DataError, load_arrays
 from .diffusion import Diffusion
-from .metrics import JsonlWriter, save_grid
+from .metrics import JsonlWriter
 from .summary import model_shape
 from .trainer import LocalTrainer, derive_seed, pick_device
 from .unet import build_unet

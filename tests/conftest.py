@@ -1,7 +1,6 @@
 """Shared test set-up: one torch thread per process (2-core CI machines), markers."""
 import os
 
-import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by mpirun / subprocess ranks

@@ -11,7 +11,6 @@ import yaml
 
 from fedmpi.checkpoint import checkpoint_dir, latest_complete
 from fedmpi.config import load_config
-from fedmpi.data import DataError
 from fedmpi.train import main, run_centralized
 
 from mpihelp import ROOT
