@@ -709,3 +709,26 @@ class LocalSlurm:
                 continue
             parts.append(f"----- {f.name} (last {lines} lines) -----\n{_tail(f, lines)}")
         return "\n".join(parts)
+
+
+@contextlib.contextmanager
+def running_for_tests(cls=None, **kwargs):
+    """A started LocalSlurm (or subclass `cls`) for a pytest module fixture.
+
+    Skips the module with the reason where Slurm cannot run here (fails instead when
+    FEDMPI_REQUIRE_SLURM is set), and prints the job history at teardown.
+    """
+    import pytest
+    cls = cls or LocalSlurm
+    t0 = time.monotonic()
+    try:
+        cls.check_prerequisites()
+    except SlurmUnavailable as e:
+        if _require_slurm_forced():
+            pytest.fail(f"FEDMPI_REQUIRE_SLURM set but Slurm unavailable: {e}")
+        pytest.skip(f"no local Slurm: {e}")
+    with cls(**kwargs) as s:
+        print(f"\n[LocalSlurm] up in {time.monotonic() - t0:.1f}s at {s.root} (node {s.node}, "
+              f"{s.cpus} CPUs, pmix={'yes' if s.pmix_available else 'no'})")
+        yield s
+        print("\n[LocalSlurm] job history:\n" + s.history_text())

