@@ -5,9 +5,16 @@ overrides (`--train.lr=2e-4`, `--fed.method=udec`), checks every key and type
 against the dataclasses below, checks value ranges, and returns a frozen `Config`.
 Any problem raises `ConfigError` naming the key and the file, before anything heavy
 (data, model, MPI collectives) starts.
+
+Every numeric key has an entry in `RANGES` (tests/test_config.py fails for a new numeric
+key without one), every free-text choice an entry in `CHOICES`; numbers must be finite.
+YAML files are read strictly: an empty file and a key repeated in one mapping are errors,
+and `1e-4` is a number as in YAML 1.2 (PyYAML's YAML 1.1 would read it as a string).
 """
 from __future__ import annotations
 
+import math
+import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -88,6 +95,12 @@ class FedCfg:
     backend: str = "mpi"            # mpi | torch
     reset_optimizer: bool = True    # re-create Adam every round (paper)
     freeze_unshared: bool = False   # only train regions this client reports
+    # What to do when a client's update or the aggregate is not finite (NaN/inf):
+    # abort the job keeping the last good checkpoint, or skip those clients this round.
+    on_nonfinite: str = "abort"     # abort | skip
+    # Seconds the waiting ranks give the slowest rank to reach the next collective
+    # before aborting with a message (0: wait forever).
+    round_timeout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -107,7 +120,7 @@ class EvalCfg:
 @dataclass(frozen=True)
 class CheckpointCfg:
     every: int = 1                  # rounds (federated) or epochs (centralized); 0: only at the end
-    keep: int = 2                   # most recent checkpoints kept
+    keep: int = 2                   # most recent checkpoints kept (0: keep all)
 
 
 @dataclass(frozen=True)
@@ -141,19 +154,77 @@ CHOICES = {
     "diffusion.loss": ("huber", "mse"),
     "fed.method": ("full", "usplit", "udec", "ulatdec"),
     "fed.backend": ("mpi", "torch"),
+    "fed.on_nonfinite": ("abort", "skip"),
     "eval.sampler": ("ddim", "ddpm"),
     "eval.extractor": ("classifier", "inception", "none"),
 }
 
-POSITIVE = ("split.beta", "model.dim", "model.convnext_mult", "model.attn_heads",
-            "model.attn_dim_head", "diffusion.timesteps", "train.lr", "train.batch_size",
-            "train.log_every", "fed.rounds", "eval.num_samples", "eval.ddim_steps",
-            "eval.batch_size", "diffusion.beta_start", "diffusion.beta_end")
-NON_NEGATIVE = ("train.epochs", "fed.local_epochs", "eval.every", "eval.grid", "eval.eta",
-                "checkpoint.every", "split.min_size", "train.num_workers")
-POSITIVE_OR_NONE = ("data.train_subset", "data.test_subset", "split.num_clients",
-                    "fed.local_steps", "train.max_steps", "model.init_dim", "model.channels",
-                    "model.image_size")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of one numeric key: lo..hi, each end open (excluded) or closed."""
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        return ((self.lo < v if self.lo_open else self.lo <= v)
+                and (v < self.hi if self.hi_open else v <= self.hi))
+
+    def __str__(self) -> str:
+        if self.hi == math.inf:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        return (f"in {'(' if self.lo_open else '['}{self.lo}, "
+                f"{self.hi}{')' if self.hi_open else ']'}")
+
+
+POSITIVE = Range(0, lo_open=True)
+NON_NEGATIVE = Range(0)
+UNIT_OPEN = Range(0, 1, lo_open=True, hi_open=True)
+
+# Every numeric key (int, float, Optional ones: null is always allowed for those; the
+# elements of model.dim_mults) -> its allowed range. Checked by _validate.
+RANGES = {
+    "run.seed": Range(0, 2**63 - 1),          # numpy SeedSequence needs >= 0; HDF5 attr int64
+    "data.train_subset": POSITIVE,
+    "data.test_subset": POSITIVE,
+    "split.beta": POSITIVE,                   # Dirichlet concentration
+    "split.min_size": NON_NEGATIVE,
+    "split.classes_per_client": POSITIVE,
+    "split.num_clients": POSITIVE,
+    "split.seed": Range(0, 2**63 - 1),
+    "model.dim": POSITIVE,
+    "model.init_dim": POSITIVE,
+    "model.dim_mults": POSITIVE,
+    "model.channels": POSITIVE,
+    "model.image_size": POSITIVE,
+    "model.convnext_mult": POSITIVE,
+    "model.attn_heads": POSITIVE,
+    "model.attn_dim_head": POSITIVE,
+    "diffusion.timesteps": POSITIVE,
+    "diffusion.beta_start": UNIT_OPEN,        # variances: alpha = 1 - beta must stay in (0, 1)
+    "diffusion.beta_end": UNIT_OPEN,
+    "train.lr": POSITIVE,
+    "train.batch_size": POSITIVE,
+    "train.epochs": NON_NEGATIVE,
+    "train.max_steps": POSITIVE,
+    "train.log_every": POSITIVE,
+    "train.num_workers": NON_NEGATIVE,
+    "fed.rounds": POSITIVE,
+    "fed.local_epochs": NON_NEGATIVE,         # 0 only together with fed.local_steps
+    "fed.local_steps": POSITIVE,
+    "fed.round_timeout": NON_NEGATIVE,        # 0: off
+    "eval.every": NON_NEGATIVE,
+    "eval.num_samples": POSITIVE,
+    "eval.ddim_steps": POSITIVE,
+    "eval.eta": Range(0, 1),                  # 0: deterministic DDIM, 1: DDPM-like noise
+    "eval.batch_size": POSITIVE,
+    "eval.grid": NON_NEGATIVE,
+    "checkpoint.every": NON_NEGATIVE,
+    "checkpoint.keep": NON_NEGATIVE,          # 0: keep all (checkpoint.mark_complete)
+}
 
 
 def _to_plain(obj):
@@ -190,7 +261,15 @@ def _check_type(value, tp, key: str, source: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer literal with hundreds of digits
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r} "
+                              f"(.inf, .nan and values beyond 1.8e308 such as 1e400 are "
+                              f"not allowed)")
+        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
@@ -248,29 +327,20 @@ def _validate(cfg: Config, source: str) -> None:
         if get(cfg, key) not in options:
             raise ConfigError(f"{source}: '{key}' is {get(cfg, key)!r}; "
                               f"choose one of {', '.join(options)}")
-    for key in POSITIVE:
-        if not get(cfg, key) > 0:
-            raise ConfigError(f"{source}: '{key}' must be > 0, got {get(cfg, key)!r}")
-    for key in NON_NEGATIVE:
-        if get(cfg, key) < 0:
-            raise ConfigError(f"{source}: '{key}' must be >= 0, got {get(cfg, key)!r}")
-    for key in POSITIVE_OR_NONE:
+    for key, allowed in RANGES.items():
         v = get(cfg, key)
-        if v is not None and v <= 0:
-            raise ConfigError(f"{source}: '{key}' must be > 0 (or null), got {v!r}")
+        for x in (v if isinstance(v, tuple) else (v,)):
+            if x is not None and x not in allowed:
+                raise ConfigError(f"{source}: '{key}' must be {allowed}, got {v!r}")
     d = cfg.diffusion
-    if not d.beta_start < d.beta_end < 1:
+    if not d.beta_start < d.beta_end:
         raise ConfigError(f"{source}: need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
                           f"got {d.beta_start} and {d.beta_end}")
     if not cfg.model.dim_mults:
         raise ConfigError(f"{source}: 'model.dim_mults' must not be empty")
-    if any(m <= 0 for m in cfg.model.dim_mults):
-        raise ConfigError(f"{source}: 'model.dim_mults' must be positive, got {cfg.model.dim_mults}")
     if cfg.eval.ddim_steps > d.timesteps:
         raise ConfigError(f"{source}: 'eval.ddim_steps' ({cfg.eval.ddim_steps}) cannot exceed "
                           f"'diffusion.timesteps' ({d.timesteps})")
-    if cfg.split.kind == "shards" and cfg.split.classes_per_client < 1:
-        raise ConfigError(f"{source}: 'split.classes_per_client' must be >= 1")
     if cfg.fed.local_steps is None and cfg.fed.local_epochs == 0:
         raise ConfigError(f"{source}: set 'fed.local_epochs' > 0 or 'fed.local_steps'")
     if cfg.eval.extractor == "inception" and cfg.eval.inception_weights is not None \
@@ -282,19 +352,51 @@ def _validate(cfg: Config, source: str) -> None:
             f"pt_inception-2015-12-05-6726825d.pth on a machine with internet and copy it there.")
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"duplicate key {key!r} on line {line} (first on line {first})")
+        self.key, self.line, self.first = key, line, first
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one
+    silently) and reads YAML 1.2 floats without a dot or exponent sign (1e-4, 1e400)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' may override keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, line, seen[key])
+                seen[key] = line
+            except TypeError:  # unhashable key: the base class reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+# Copy the resolver table before adding to it: it is shared with yaml.SafeLoader.
+_StrictLoader.yaml_implicit_resolvers = {
+    k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_StrictLoader)
+
+
 def _parse_value(text: str):
     """Command-line values are YAML scalars: 2e-4, true, null, [1, 2, 4], udec."""
     try:
-        value = yaml.safe_load(text)
+        return _yaml_load(text)
     except yaml.YAMLError:
         return text
-    # YAML 1.1 reads '2e-4' as a string; accept it as a number.
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            return value
-    return value
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -328,9 +430,16 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = _yaml_load(p.read_text())
+        except _DuplicateKey as e:
+            raise ConfigError(f"{source}: key '{e.key}' is written twice at the same level "
+                              f"(line {e.first} and line {e.line}); keep one of them") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if data is None:
+            raise ConfigError(f"{source}: the file is empty (no settings); a config names "
+                              f"sections such as 'fed:' and 'train:' -- see configs/ for "
+                              f"examples (configs/quickstart.yaml)")
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of sections")
     if overrides:
@@ -349,4 +458,5 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from .atomic import atomic_write
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedmpi.config import Config, ConfigError, load_config, parse_overrides
+import math
+import typing
+from dataclasses import fields
+
+from fedmpi.config import CHOICES, RANGES, Config, ConfigError, load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs/paper").glob("*.yaml"))
@@ -119,6 +123,12 @@ BAD = [
     ({"eval": {"ddim_steps": 200}, "diffusion": {"timesteps": 100}}, "eval.ddim_steps"),
     ({"fed": {"rounds": 0}}, "fed.rounds"),
     ({"fed": {"local_epochs": -1}}, "fed.local_epochs"),
+    ({"checkpoint": {"keep": -1}}, "checkpoint.keep"),
+    ({"eval": {"eta": 1.5}}, "eval.eta"),
+    ({"split": {"beta": 0.0}}, "split.beta"),
+    ({"diffusion": {"beta_start": 1e-4, "beta_end": 1.0}}, "diffusion.beta_end"),
+    ({"fed": {"on_nonfinite": "ignore"}}, "fed.on_nonfinite"),
+    ({"fed": {"round_timeout": -1.0}}, "fed.round_timeout"),
 ]
 
 
@@ -171,3 +181,128 @@ def test_train_cli_exits_2_on_bad_config(tmp_path):
     assert "train.lrate" in res.stdout + res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "runs").exists()  # failed before creating a run folder
+
+
+def _numeric_keys():
+    """Every schema key whose type is int, float or a tuple of ints (Optional ones too)."""
+    out = []
+    for section, cls in typing.get_type_hints(Config).items():
+        for f, tp in typing.get_type_hints(cls).items():
+            args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+            if args[0] in (int, float, tuple):
+                out.append((f"{section}.{f}", args[0]))
+    return out
+
+
+NUMERIC = _numeric_keys()
+
+
+def test_every_numeric_key_has_a_range():
+    keys = {k for k, _ in NUMERIC}
+    assert len(keys) > 30  # the walk found the schema
+    assert not keys - set(RANGES), f"numeric keys without a RANGES entry: {sorted(keys - set(RANGES))}"
+    assert not set(RANGES) - keys, f"RANGES entries that are not numeric keys: {sorted(set(RANGES) - keys)}"
+    schema = {f"{s}.{f.name}" for s, cls in typing.get_type_hints(Config).items() for f in fields(cls)}
+    assert set(CHOICES) <= schema
+
+
+def _outside(key, tp):
+    """Values just outside RANGES[key] on each bounded side."""
+    r = RANGES[key]
+    step = 1 if tp in (int, tuple) else 0.5
+    vals = []
+    if r.lo != -math.inf:
+        vals.append(r.lo if r.lo_open else r.lo - step)
+    if r.hi != math.inf:
+        vals.append(r.hi if r.hi_open else r.hi + step)
+    return [[v] if tp is tuple else v for v in vals]
+
+
+@pytest.mark.parametrize("key,value", [(k, v) for k, tp in NUMERIC for v in _outside(k, tp)],
+                         ids=lambda x: str(x))
+def test_out_of_range_value_is_refused(key, value):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, {key: value})
+    assert f"'{key}' must be" in str(exc.value)
+
+
+@pytest.mark.parametrize("over", [{"checkpoint.keep": 0}, {"eval.eta": 0.0}, {"eval.eta": 1.0},
+                                  {"fed.round_timeout": 0.0}, {"fed.round_timeout": 600},
+                                  {"fed.on_nonfinite": "skip"}, {"run.seed": 0},
+                                  {"split.min_size": 0}, {"eval.grid": 0}])
+def test_boundary_values_are_accepted(over):
+    cfg = load_config(None, over)
+    for key, value in over.items():
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == value
+
+
+def test_new_fed_keys_defaults():
+    cfg = load_config(None)
+    assert cfg.fed.on_nonfinite == "abort"
+    assert cfg.fed.round_timeout == 0.0 and type(cfg.fed.round_timeout) is float
+
+
+FLOATS = [k for k, tp in NUMERIC if tp is float]
+
+
+@pytest.mark.parametrize("text", [".inf", "-.inf", ".nan", ".NaN", "1e400", "1.0e+400", "-1e400",
+                                  "1" + "0" * 400])
+@pytest.mark.parametrize("key", FLOATS)
+def test_non_finite_number_in_file_is_refused(tmp_path, key, text):
+    section, name = key.split(".")
+    path = _write(tmp_path, f"{section}:\n  {name}: {text}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    msg = str(exc.value)
+    assert f"'{key}' must be a finite number" in msg and str(path) in msg
+
+
+@pytest.mark.parametrize("arg", ["--train.lr=1e400", "--train.lr=.inf", "--eval.eta=.nan",
+                                 "--fed.round_timeout=-.inf", "--split.beta=1e999"])
+def test_non_finite_override_is_refused(arg):
+    key = arg[2:].split("=")[0]
+    with pytest.raises(ConfigError) as exc:
+        load_config(ROOT / "configs/paper/fmnist_full.yaml", [arg])
+    assert f"'{key}' must be a finite number" in str(exc.value)
+    assert "command-line" in str(exc.value)
+
+
+def test_yaml12_exponent_floats_in_files(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-4 as the string '1e-4'; a config file means the number.
+    path = _write(tmp_path, "train:\n  lr: 2e-4\ndiffusion:\n  beta_end: 3E-2\n", "ok.yaml")
+    cfg = load_config(path)
+    assert cfg.train.lr == pytest.approx(2e-4) and cfg.diffusion.beta_end == pytest.approx(0.03)
+    assert load_config(None, ["--train.lr=.5e-3"]).train.lr == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n"])
+def test_empty_file_is_an_error(tmp_path, text):
+    path = _write(tmp_path, text, "empty.yaml")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    msg = str(exc.value)
+    assert str(path) in msg and "empty" in msg and "configs/" in msg
+
+
+@pytest.mark.parametrize("text,key,lines", [
+    ("train:\n  lr: 1.0e-4\n  batch_size: 8\n  lr: 2.0e-4\n", "lr", (2, 4)),
+    ("train:\n  lr: 1.0e-4\nfed:\n  rounds: 2\ntrain:\n  batch_size: 8\n", "train", (1, 5)),
+    ("fed: {rounds: 2, rounds: 3}\n", "rounds", (1, 1)),
+])
+def test_duplicate_key_is_an_error(tmp_path, text, key, lines):
+    path = _write(tmp_path, text, "dup.yaml")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    msg = str(exc.value)
+    assert str(path) in msg and f"key '{key}'" in msg and "twice" in msg
+    assert f"line {lines[0]} and line {lines[1]}" in msg
+
+
+def test_merge_keys_are_not_duplicates(tmp_path):
+    # '<<: *base' then an explicit key is an override, not a repeated key.
+    path = _write(tmp_path, "eval: &base\n  batch_size: 50\n  grid: 0\n"
+                            "train:\n  <<: {batch_size: 16, lr: 1.0e-3}\n  batch_size: 8\n",
+                  "merge.yaml")
+    cfg = load_config(path)
+    assert cfg.train.batch_size == 8 and cfg.train.lr == pytest.approx(1e-3)
