@@ -12,7 +12,9 @@
 #   CONFIG        config file when the first argument is not one (default: the run folder's
 #                 config.yaml if it exists, else configs/paper/fmnist_full.yaml)
 #   RUN_NAME      run folder name (default <job name>-<job id>: a requeued job keeps its id
-#                 and therefore its folder); OUT_DIR (default runs) or RUN_DIR (full path)
+#                 and therefore its folder), a plain name without '/' or '..';
+#                 OUT_DIR (default runs) or RUN_DIR (full path)
+#   CLIENTS       expected number of clients K; the job must have K + 1 tasks
 #   LAUNCHER      mpirun (default) | srun (needs an MPI built with PMIx/PMI support)
 #   MPIRUN        mpirun executable (default: mpirun from PATH)
 #   MPIRUN_FLAGS  extra mpirun flags. Open MPI binds each rank to one core by default; with
@@ -63,21 +65,50 @@ set -uo pipefail
 # First argument: the config, unless it is already an override (then CONFIG from the env,
 # else the run folder's own config.yaml when resuming, else the default below).
 if [ $# -gt 0 ] && [[ "$1" != --* ]]; then CONFIG=$1; shift; fi
+
+# The knobs are checked before anything is launched or created: a typo stops the job here
+# with exit 2 (a non-integer in `[ -ne ]` only prints an error, and the script would go on).
+# need_int NAME VALUE MIN: VALUE must be a plain decimal integer >= MIN (no sign, no
+# leading zero: bash arithmetic would read 010 as octal).
+need_int() {
+  if ! [[ "$2" =~ ^(0|[1-9][0-9]{0,8})$ ]] || [ "$2" -lt "$3" ]; then
+    echo "fedmpi: $1 must be an integer >= $3, got '$2'" >&2
+    exit 2
+  fi
+}
 NTASKS=${SLURM_NTASKS:-${SLURM_NPROCS:-2}}
+need_int "NTASKS (SLURM_NTASKS: sbatch --ntasks, 1 federator + the clients)" "$NTASKS" 2
 CLIENTS=${CLIENTS:-$((NTASKS - 1))}
+need_int CLIENTS "$CLIENTS" 1
 if [ "$CLIENTS" -ne $((NTASKS - 1)) ]; then
   echo "fedmpi: CLIENTS=$CLIENTS needs --ntasks=$((CLIENTS + 1)), job has $NTASKS tasks" >&2
   exit 2
 fi
+SRUN_WAIT=${SRUN_WAIT:-60}
+need_int SRUN_WAIT "$SRUN_WAIT" 0
+REQUEUE=${REQUEUE:-1}
+if [ "$REQUEUE" != 0 ] && [ "$REQUEUE" != 1 ]; then
+  echo "fedmpi: REQUEUE must be 1 (requeue after a checkpoint signal) or 0, got '$REQUEUE'" >&2
+  exit 2
+fi
 RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME:-fedmpi}-${SLURM_JOB_ID:-local}}
+# RUN_NAME is one folder under OUT_DIR: 'a/b', '../x' or '.x' would write the run (and
+# look for checkpoints to resume) somewhere else. RUN_DIR is the way to choose any path.
+if [ -z "${RUN_DIR:-}" ]; then
+  case "$RUN_NAME" in
+    ""|.*|*/*|*..*)
+      echo "fedmpi: RUN_NAME='$RUN_NAME' must be a plain folder name (no '/', no '..', not" \
+           "starting with '.'): the run goes to ${OUT_DIR:-runs}/RUN_NAME; set RUN_DIR to a" \
+           "full path to put it elsewhere" >&2
+      exit 2 ;;
+  esac
+fi
 RUN_DIR=${RUN_DIR:-${OUT_DIR:-runs}/$RUN_NAME}
 if [ -z "${CONFIG:-}" ] && [ -f "$RUN_DIR/config.yaml" ]; then CONFIG=$RUN_DIR/config.yaml; fi
 CONFIG=${CONFIG:-configs/paper/fmnist_full.yaml}
 LAUNCHER=${LAUNCHER:-mpirun}
 MPIRUN=${MPIRUN:-mpirun}
 SRUN_MPI=${SRUN_MPI:-pmix}
-SRUN_WAIT=${SRUN_WAIT:-60}
-REQUEUE=${REQUEUE:-1}
 PYTHON=${PYTHON:-python}
 EXIT_PREEMPTED=75
 read -r -a mpirun_flags <<< "${MPIRUN_FLAGS:-}"
