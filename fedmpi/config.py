@@ -53,6 +53,7 @@ class SplitCfg:
     classes_per_client: int = 2     # shards
     num_clients: Optional[int] = None  # None: taken from the MPI world size (W - 1)
     seed: Optional[int] = None      # None: run.seed
+    rng: str = "default"            # default (numpy Generator) | numpy_legacy (the reference's exact draws)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ CHOICES = {
     "run.device": ("auto", "cpu", "cuda"),
     "data.dataset": ("fashion_mnist", "mnist", "cifar10"),
     "split.kind": ("iid", "label_skew", "quantity_skew", "shards"),
+    "split.rng": ("default", "numpy_legacy"),
     "diffusion.schedule": ("linear", "cosine"),
     "diffusion.loss": ("huber", "mse"),
     "fed.method": ("full", "usplit", "udec", "ulatdec"),

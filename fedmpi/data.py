@@ -321,7 +321,8 @@ def compute_split(cfg: Config, labels: np.ndarray, num_clients: int) -> list[np.
     s = cfg.split
     try:
         return split_indices(labels, num_clients, s.kind, beta=s.beta, min_size=s.min_size,
-                             classes_per_client=s.classes_per_client, seed=_split_seed(cfg))
+                             classes_per_client=s.classes_per_client, seed=_split_seed(cfg),
+                             rng=s.rng)
     except ValueError as e:
         raise DataError(f"cannot split {cfg.data.dataset} over {num_clients} clients: {e}"
                         ) from None
@@ -382,7 +383,7 @@ def _cmd_split(args, overrides: list[str]) -> None:
     if args.report:
         print(f"{cfg.data.dataset}: {len(labels)} training images, {k} clients, split {s.kind} "
               f"(beta={s.beta}, min_size={s.min_size}, classes_per_client={s.classes_per_client}, "
-              f"seed={_split_seed(cfg)})")
+              f"seed={_split_seed(cfg)}, rng={s.rng})")
         print(format_table(rows))
     if args.json:
         save_report_json(rows, args.json)

@@ -3,8 +3,18 @@
 Owns `split_indices` (IID, Dirichlet label skew, Dirichlet quantity skew, class
 shards, following NIID-Bench) and the report helpers (`client_table`,
 `format_table`, `save_report_json`, `plot_report`). Pure numpy: a split depends only
-on (labels, num_clients, kind, parameters, seed), never on MPI rank or world size,
-so every rank that computes it gets the same answer.
+on (labels, num_clients, kind, parameters, seed, rng), never on MPI rank or world
+size, so every rank that computes it gets the same answer.
+
+Two random sources (`split.rng`):
+- `default`: fedmpi's own draws from `np.random.default_rng(seed)`; parts sorted.
+- `numpy_legacy`: the paper's reference code (`get_partitioned_dataset`, a copy of
+  NIID-Bench's `partition_data`) draw for draw: it calls `np.random.seed(seed)` once
+  and then the global `permutation` / `shuffle` / `dirichlet` in its own order. Those
+  global functions are methods of one hidden `RandomState`, so a private
+  `RandomState(seed)` replays the same stream without touching numpy's global state.
+  Parts keep the reference's order (training order follows it). iid, label_skew and
+  quantity_skew only: the reference has no shards split.
 """
 from __future__ import annotations
 
@@ -14,13 +24,18 @@ from pathlib import Path
 import numpy as np
 
 KINDS = ("iid", "label_skew", "quantity_skew", "shards")
+RNGS = ("default", "numpy_legacy")
+LEGACY_KINDS = ("iid", "label_skew", "quantity_skew")
 MAX_TRIES = 1000
 
 
 def split_indices(labels: np.ndarray, num_clients: int, kind: str, *, beta: float = 0.5,
-                  min_size: int = 10, classes_per_client: int = 2, seed: int = 2023
-                  ) -> list[np.ndarray]:
-    """Split range(len(labels)) into num_clients disjoint, sorted int64 index arrays."""
+                  min_size: int = 10, classes_per_client: int = 2, seed: int = 2023,
+                  rng: str = "default") -> list[np.ndarray]:
+    """Split range(len(labels)) into num_clients disjoint int64 index arrays.
+
+    rng="default": sorted arrays. rng="numpy_legacy": the reference's arrays, in its order.
+    """
     labels = np.asarray(labels)
     n = len(labels)
     if labels.ndim != 1:
@@ -32,6 +47,16 @@ def split_indices(labels: np.ndarray, num_clients: int, kind: str, *, beta: floa
     if num_clients > n:
         raise ValueError(f"cannot split {n} samples over {num_clients} clients "
                          f"(more clients than samples)")
+    if rng not in RNGS:
+        raise ValueError(f"unknown split rng {rng!r}; choose one of {', '.join(RNGS)}")
+    if rng == "numpy_legacy":
+        if kind not in LEGACY_KINDS:
+            raise ValueError(f"split.rng=numpy_legacy replays the reference code, which has "
+                             f"no {kind!r} split; use {', '.join(LEGACY_KINDS)} or "
+                             f"split.rng=default")
+        # No K = 1 shortcut here: the reference permutes even a single client's data.
+        parts = _legacy(labels, num_clients, kind, beta, min_size, np.random.RandomState(seed))
+        return [np.asarray(p, dtype=np.int64) for p in parts]
     if num_clients == 1:
         return [np.arange(n, dtype=np.int64)]
     rng = np.random.default_rng(seed)
@@ -97,6 +122,50 @@ def _quantity_skew(n, num_clients, beta, min_size, rng):
         if min(len(q) for q in parts) >= min_size:
             return parts
     raise _give_up("quantity_skew", num_clients, beta, min_size)
+
+
+def _legacy(labels, k, kind, beta, min_size, rs: np.random.RandomState):
+    """The reference's `get_partitioned_dataset`, same calls on `rs` in the same order.
+
+    Kept literal on purpose (Python lists, the float min-share test, the N / K cap from
+    the full dataset size): any reordering or vectorising would change the draws.
+    MAX_TRIES only replaces the reference's endless loop with an error.
+    """
+    n = len(labels)
+    if kind == "iid":
+        return np.array_split(rs.permutation(n), k)
+    _check_min_size(n, k, min_size)
+    if kind == "quantity_skew":
+        idxs = rs.permutation(n)
+        for _ in range(MAX_TRIES):
+            p = rs.dirichlet(np.repeat(beta, k))
+            p = p / p.sum()
+            # The reference tests the float shares, not the cut sizes: a share of 13.5
+            # samples passes with min_size 10 and becomes a client of 13.
+            if np.min(p * n) >= min_size:
+                return np.split(idxs, (np.cumsum(p) * n).astype(int)[:-1])
+        raise _give_up("quantity_skew", k, beta, min_size)
+    # label_skew: classes 0..max label, as the reference loops over range(num_classes)
+    for _ in range(MAX_TRIES):
+        batch = [[] for _ in range(k)]
+        for c in range(int(labels.max()) + 1):
+            idx_c = np.where(labels == c)[0]
+            rs.shuffle(idx_c)
+            p = rs.dirichlet(np.repeat(beta, k))
+            p = np.array([q * (len(b) < n / k) for q, b in zip(p, batch)])
+            if p.sum() == 0:  # the reference would divide by zero and cut at NaN
+                raise ValueError(f"label_skew with split.rng=numpy_legacy: every eligible "
+                                 f"Dirichlet(beta={beta}) share underflowed to 0, where the "
+                                 f"reference code is undefined; raise split.beta or use "
+                                 f"split.rng=default")
+            p = p / p.sum()
+            cuts = (np.cumsum(p) * len(idx_c)).astype(int)[:-1]
+            batch = [b + piece.tolist() for b, piece in zip(batch, np.split(idx_c, cuts))]
+        if min(len(b) for b in batch) >= min_size:
+            for b in batch:
+                rs.shuffle(b)
+            return batch
+    raise _give_up("label_skew", k, beta, min_size)
 
 
 def _shards(labels, num_clients, classes_per_client, rng):
