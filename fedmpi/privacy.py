@@ -1,0 +1,126 @@
+"""Client-level differential privacy: DP-FedAvg (McMahan et al., 2018) building blocks.
+
+This module owns the transport-free half of `privacy.dp`: clipping a client's update,
+the Gaussian noise (central or distributed), the uniform-weight average and the
+privacy accountant. It moves no bytes.
+
+One round, per client k: delta_k = (local - global at round start) over all shared
+regions of the round, flattened; `clip_update` scales it to L2 norm <= C. The released
+quantity is the SUM of clipped deltas plus N(0, (z*C)^2) per coordinate, where z is the
+noise multiplier; the average divides by the number of reporters m (uniform weights,
+not n_k, so one client's influence on the sum is bounded by C):
+
+- central DP: the federator adds std z*C to the sum (`noise_std(..., "central")`);
+  it sees the noise-free sum, so this trusts the federator.
+- distributed DP: each of the m clients adds std z*C/sqrt(m) to its own clipped delta,
+  so the sum carries std z*C and, under `fed.secure`, the federator never sees a
+  noise-free sum. This holds only if all m clients add their share.
+
+Personal regions (UDEC / ULATDEC personal decoders) are never uploaded, so nothing
+about them is released and they need no clipping or noise; only shared regions count.
+
+Every client reports every round (sample rate q = 1), so the accountant composes
+`rounds` Gaussian mechanisms of noise multiplier z (`epsilon`, using dp_accounting's
+RDP accountant). The noise comes from numpy's seeded PCG64: reproducible, but not a
+cryptographic generator and subject to the usual floating-point caveats (Mironov 2012);
+fine for research runs, not a certified release.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import dp_accounting
+import numpy as np
+from dp_accounting import rdp
+
+MODES = ("central", "distributed")
+
+
+class PrivacyError(ValueError):
+    """An invalid DP setting."""
+
+
+def clip_update(delta: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
+    """(delta scaled to L2 norm <= clip, its original norm); a new array, same dtype.
+
+    The norm is accumulated in float64; a float32 result may exceed `clip` by one
+    rounding (relative 2^-24) at most.
+    """
+    if not clip > 0:
+        raise PrivacyError(f"clip norm must be > 0 (privacy.clip), got {clip}")
+    delta = np.asarray(delta)
+    flat = delta.ravel().astype(np.float64, copy=False)
+    norm = float(np.sqrt(np.dot(flat, flat)))
+    if not math.isfinite(norm):
+        raise PrivacyError(f"the client update has a non-finite norm ({norm}): training diverged")
+    factor = min(1.0, clip / norm) if norm > 0 else 1.0
+    return (delta * delta.dtype.type(factor)).astype(delta.dtype, copy=False), norm
+
+
+def noise_std(noise_multiplier: float, clip: float, mode: str, reporters: int) -> float:
+    """Std of the Gaussian noise one party adds per coordinate.
+
+    central: the federator adds z*C to the sum (clients add 0 and call nothing).
+    distributed: each of `reporters` clients adds z*C/sqrt(reporters) to its delta.
+    """
+    if mode not in MODES:
+        raise PrivacyError(f"privacy.mode must be one of {MODES}, got {mode!r}")
+    if noise_multiplier < 0:
+        raise PrivacyError(f"noise multiplier must be >= 0 (privacy.noise_multiplier), "
+                           f"got {noise_multiplier}")
+    if reporters < 1:
+        raise PrivacyError(f"need at least one reporter, got {reporters}")
+    std = noise_multiplier * clip
+    return std if mode == "central" else std / math.sqrt(reporters)
+
+
+def add_noise(x: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """Add N(0, std^2) to every element of float array `x`, in place; returns x."""
+    if std > 0:
+        # standard_normal draws float32 directly for float32 buffers: no float64 copy
+        dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
+        noise = rng.standard_normal(x.shape, dtype=dtype)
+        noise *= std
+        x += noise
+    return x
+
+
+def private_average(clipped_sum: np.ndarray, reporters: int, noise_multiplier: float,
+                    clip: float, mode: str, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """Federator side: the DP average delta from the sum of m clipped (noised) deltas.
+
+    Adds the central noise when mode is "central" (distributed: the clients did), then
+    divides by m: uniform weights. Returns a new float64 array.
+    """
+    out = np.array(clipped_sum, dtype=np.float64)
+    if mode == "central":
+        if rng is None:
+            raise PrivacyError("central DP needs the federator's seeded generator (rng)")
+        add_noise(out, noise_std(noise_multiplier, clip, mode, reporters), rng)
+    else:
+        noise_std(noise_multiplier, clip, mode, reporters)  # validates the settings
+    out /= reporters
+    return out
+
+
+def epsilon(noise_multiplier: float, rounds: int, delta: float, sample_rate: float = 1.0) -> float:
+    """Epsilon after `rounds` rounds of the (sampled) Gaussian mechanism, for `delta`.
+
+    dp_accounting's RDP accountant over SelfComposed(PoissonSampled(q, Gaussian(z))),
+    add-or-remove-one-client adjacency. q = 1: every client reports every round.
+    """
+    if not 0 < delta < 1:
+        raise PrivacyError(f"delta must be in (0, 1) (privacy.delta), got {delta}")
+    if not 0 < sample_rate <= 1:
+        raise PrivacyError(f"sample rate must be in (0, 1], got {sample_rate}")
+    if rounds <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)),
+        int(rounds))
+    accountant = rdp.RdpAccountant()
+    accountant.compose(event)
+    return float(accountant.get_epsilon(delta))

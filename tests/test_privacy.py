@@ -1,0 +1,115 @@
+"""fedmpi.privacy: clipping, noise calibration, the DP average and the accountant."""
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import rdp
+from scipy import stats
+
+from fedmpi import privacy
+from fedmpi.privacy import PrivacyError
+
+
+# --- (d) clipping --------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clipping_bound_holds_for_every_client(dtype):
+    rng = np.random.default_rng(0)
+    clip = 0.7
+    for scale in (1e-4, 0.01, 1.0, 100.0):
+        delta = (rng.normal(0, scale, 50_000)).astype(dtype)
+        clipped, norm = privacy.clip_update(delta, clip)
+        assert clipped.dtype == delta.dtype
+        assert norm == pytest.approx(np.linalg.norm(delta.astype(np.float64)), rel=1e-9)
+        out = np.linalg.norm(clipped.astype(np.float64))
+        assert out <= clip * (1 + 1e-6)
+        if norm <= clip:
+            assert np.array_equal(clipped, delta)  # small updates pass untouched
+        else:
+            assert out == pytest.approx(clip, rel=1e-6)  # large ones land on the ball
+            # direction kept
+            np.testing.assert_allclose(clipped / out, delta / norm, rtol=1e-4, atol=1e-7)
+
+
+def test_clipping_rejects_bad_input():
+    with pytest.raises(PrivacyError, match="privacy.clip"):
+        privacy.clip_update(np.ones(3), 0.0)
+    with pytest.raises(PrivacyError, match="non-finite"):
+        privacy.clip_update(np.array([1.0, np.inf]), 1.0)
+    zero, norm = privacy.clip_update(np.zeros(4), 1.0)
+    assert norm == 0.0 and not np.any(zero)
+
+
+# --- (d) noise -----------------------------------------------------------------------
+
+def chi2_std_interval(samples, alpha=1e-4):
+    """Two-sided confidence interval for the std of zero-mean Gaussian samples."""
+    n = samples.size
+    ss = float(np.sum(samples.astype(np.float64) ** 2))
+    return (math.sqrt(ss / stats.chi2.ppf(1 - alpha / 2, n)),
+            math.sqrt(ss / stats.chi2.ppf(alpha / 2, n)))
+
+
+def test_noise_std_matches_configuration():
+    z, clip, n = 1.3, 0.5, 200_000
+    assert privacy.noise_std(z, clip, "central", 4) == pytest.approx(z * clip)
+    assert privacy.noise_std(z, clip, "distributed", 4) == pytest.approx(z * clip / 2)
+    for dtype in (np.float32, np.float64):
+        x = privacy.add_noise(np.zeros(n, dtype), z * clip, np.random.default_rng(1))
+        lo, hi = chi2_std_interval(x)
+        assert lo <= z * clip <= hi
+        assert abs(np.mean(x)) < 5 * z * clip / math.sqrt(n)
+        assert stats.normaltest(x).pvalue > 1e-4  # Gaussian, not just the right spread
+    # the same seed gives the same noise (reproducible runs)
+    a = privacy.add_noise(np.zeros(8), 1.0, np.random.default_rng(7))
+    b = privacy.add_noise(np.zeros(8), 1.0, np.random.default_rng(7))
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["central", "distributed"])
+def test_dp_average_has_the_configured_noise_on_the_sum(mode):
+    """Distributed: m clients' shares add up to std z*C on the sum, like central."""
+    z, clip, m, n = 0.8, 1.0, 5, 100_000
+    rng = np.random.default_rng(2)
+    deltas = [rng.normal(0, 0.05, n) for _ in range(m)]
+    clipped = [privacy.clip_update(d, clip)[0] for d in deltas]
+    exact_avg = np.sum(clipped, axis=0) / m
+    client_std = privacy.noise_std(z, clip, mode, m) if mode == "distributed" else 0.0
+    uploads = [privacy.add_noise(c.copy(), client_std, np.random.default_rng(10 + k))
+               for k, c in enumerate(clipped)]
+    avg = privacy.private_average(np.sum(uploads, axis=0), m, z, clip, mode,
+                                  rng=np.random.default_rng(99))
+    noise_on_sum = (avg - exact_avg) * m
+    lo, hi = chi2_std_interval(noise_on_sum)
+    assert lo <= z * clip <= hi
+
+
+def test_dp_settings_are_validated():
+    with pytest.raises(PrivacyError, match="privacy.mode"):
+        privacy.noise_std(1.0, 1.0, "local", 3)
+    with pytest.raises(PrivacyError, match="noise_multiplier"):
+        privacy.noise_std(-1.0, 1.0, "central", 3)
+    with pytest.raises(PrivacyError, match="rng"):
+        privacy.private_average(np.zeros(3), 3, 1.0, 1.0, "central")
+
+
+# --- (d) accountant ------------------------------------------------------------------
+
+@pytest.mark.parametrize("z,rounds,delta", [(1.0, 100, 1e-5), (0.7, 10, 1e-6), (4.0, 300, 1e-5)])
+def test_epsilon_is_the_accountants(z, rounds, delta):
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(z), rounds)  # q = 1: plain Gaussian
+    assert privacy.epsilon(z, rounds, delta) == pytest.approx(accountant.get_epsilon(delta), rel=1e-12)
+
+
+def test_epsilon_monotone_in_rounds_and_noise():
+    eps = [privacy.epsilon(1.1, r, 1e-5) for r in (1, 2, 5, 10, 50, 200)]
+    assert all(a < b for a, b in zip(eps, eps[1:]))
+    assert privacy.epsilon(2.0, 50, 1e-5) < privacy.epsilon(1.0, 50, 1e-5)
+    assert privacy.epsilon(1.0, 0, 1e-5) == 0.0
+    assert privacy.epsilon(0.0, 5, 1e-5) == math.inf
+    # sub-sampling (q < 1) only helps, never hurts
+    assert privacy.epsilon(1.0, 50, 1e-5, sample_rate=0.1) < privacy.epsilon(1.0, 50, 1e-5)
+    with pytest.raises(PrivacyError, match="privacy.delta"):
+        privacy.epsilon(1.0, 5, 0.0)
