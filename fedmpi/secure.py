@@ -124,6 +124,10 @@ def check_overflow(max_abs: float, reporters: int, frac_bits: int, where: str = 
                              f"(max |value| = {max_abs}); the local update diverged")
     if reporters * (Fraction(max_abs) * 2 ** frac_bits + Fraction(1, 2)) >= _INT64_LIMIT:
         fit = max_frac_bits(max_abs, reporters)
+        if reporters * (Fraction(max_abs) * 2 ** fit + Fraction(1, 2)) >= _INT64_LIMIT:
+            raise SecureAggError(
+                f"secure aggregation{where}: max |value| {max_abs:.6g} over {reporters} reporters "
+                "exceeds 64-bit fixed point at any fed.secure_frac_bits; the update diverged")
         raise SecureAggError(
             f"secure aggregation{where} would overflow: {reporters} reporters x max |value| "
             f"{max_abs:.6g} x 2^{frac_bits} (fed.secure_frac_bits) reaches 2^63, the range of "
@@ -161,7 +165,10 @@ def encode(values: np.ndarray, frac_bits: int = DEFAULT_FRAC_BITS, reporters: in
 
 def decode(total: np.ndarray, frac_bits: int = DEFAULT_FRAC_BITS) -> np.ndarray:
     """float64 values of a (summed) uint64 fixed-point buffer."""
-    out = np.asarray(total).view(np.int64).astype(np.float64)
+    total = np.asarray(total)
+    if total.dtype not in (np.uint64, np.int64):
+        raise ValueError(f"decode expects the uint64 (or int64) SUM buffer, got {total.dtype}")
+    out = total.view(np.int64).astype(np.float64)
     out *= 2.0 ** -frac_bits
     return out
 

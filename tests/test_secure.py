@@ -167,6 +167,8 @@ def test_overflow_check_raises_with_the_fix():
     secure.check_overflow(1e8, 5497, DEFAULT_FRAC_BITS)
     with pytest.raises(SecureAggError):
         secure.check_overflow(1e8, 5498, DEFAULT_FRAC_BITS)
+    with pytest.raises(SecureAggError, match="at any fed.secure_frac_bits"):
+        secure.check_overflow(2.0 ** 62, 2, DEFAULT_FRAC_BITS)
     with pytest.raises(SecureAggError, match="non-finite"):
         secure.encode(np.array([1.0, np.nan]))
     # an upload is checked against its share of the range for its region's reporters
@@ -198,7 +200,7 @@ def test_missing_secret_and_bad_public_key():
 def test_encode_decode_round_trip():
     rng = np.random.default_rng(16)
     for dtype in (np.float32, np.float64):
-        values = rng.normal(0, 100.0, 10000).astype(dtype)
+        values = rng.normal(0, 100.0, 300_000).astype(dtype)  # > numpy's cast buffer
         enc = secure.encode(values)
         assert enc.dtype == np.uint64
         err = np.abs(secure.decode(enc) - values.astype(np.float64))
