@@ -36,6 +36,13 @@ def launched_by_mpi() -> bool:
     return any(v in os.environ for v in MPI_ENV_VARS)
 
 
+EXIT_STALLED = 5  # a rank did not reach a collective within fed.round_timeout
+
+
+class StallError(RuntimeError):
+    """The slowest rank did not arrive at a collective within the timeout."""
+
+
 class Group:
     """A subgroup containing the federator (world rank 0, the root) and some clients."""
 
@@ -156,6 +163,10 @@ class World:
         self.backend_name = backend
         self.backend = None
         self._scratch: dict[str, np.ndarray] = {}
+        # Seconds a rank waits in `flags` / `wait_all` before giving up on the slowest
+        # one (0: forever). Rank 0 gives up first so that it, not a client, reports.
+        self.timeout = 0.0
+        self.phase = "set-up"
 
     def start_backend(self, device) -> None:
         if self.backend_name == "torch":
@@ -192,24 +203,42 @@ class World:
         self.backend.bcast(group, buf)
 
     # control plane ------------------------------------------------------------------
-    def barrier(self) -> None:
-        self.comm.Barrier()
-
-    def any(self, flag: bool) -> bool:
-        """Logical OR over all ranks. Waits by polling with sleeps: ranks that finish
-        local training early (and the federator) must not spin on a core that the
-        training ranks need when several ranks share a node."""
-        send = np.array([int(bool(flag))], dtype=np.int32)
-        recv = np.zeros(1, dtype=np.int32)
-        req = self.comm.Iallreduce(send, recv, op=self.MPI.MAX)
+    def _wait(self, req, phase: Optional[str]) -> None:
+        """Complete a non-blocking collective by polling with sleeps: ranks that finish
+        early (and the federator) must not spin on a core that the training ranks need
+        when several ranks share a node. Past `timeout` seconds, raise StallError."""
+        if phase:
+            self.phase = phase
+        limit = self.timeout + (0 if self.rank == 0 else 5.0) if self.timeout > 0 else None
+        start = time.monotonic()
         while not req.Test():
+            if limit is not None and time.monotonic() - start > limit:
+                raise StallError(
+                    f"waited {time.monotonic() - start:.0f} s in phase '{self.phase}' for the "
+                    f"slowest rank (fed.round_timeout={self.timeout:g}); a rank is stuck or "
+                    f"much slower than the others: stopping the job")
             time.sleep(0.002)
-        return bool(recv[0])
 
-    def wait_all(self) -> None:
-        """A barrier that sleeps while it waits (see `any`): use it before a collective
-        that follows uneven work, e.g. while rank 0 trains the classifier."""
-        self.any(False)
+    def flags(self, values: Sequence[int], phase: Optional[str] = None) -> np.ndarray:
+        """Allgather a few small integers per rank: an array (world size, len(values))."""
+        send = np.asarray(values, dtype=np.int32)
+        recv = np.zeros((self.size, send.size), dtype=np.int32)
+        self._wait(self.comm.Iallgather(send, recv), phase)
+        return recv
+
+    def any(self, flag: bool, phase: Optional[str] = None) -> bool:
+        """Logical OR over all ranks (waits with sleeps, see `_wait`)."""
+        return bool(self.flags([int(bool(flag))], phase).any())
+
+    def wait_all(self, phase: Optional[str] = None) -> None:
+        """A barrier that sleeps while it waits: use it before a collective that follows
+        uneven work (training, sampling, the classifier on rank 0, writing files)."""
+        self._wait(self.comm.Ibarrier(), phase)
+
+    barrier = wait_all
+
+    def allgather(self, obj):
+        return self.comm.allgather(obj)
 
     def scratch(self, key: str, n: int) -> np.ndarray:
         """A float32 buffer reused across rounds (no fresh pages every round)."""

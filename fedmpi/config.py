@@ -114,6 +114,7 @@ class EvalCfg:
     batch_size: int = 250
     extractor: str = "classifier"   # classifier | inception | none
     inception_weights: Optional[str] = None  # path to pt_inception-2015-12-05-6726825d.pth
+    classifier_weights: Optional[str] = None  # fd_classifier file; None: train on the test split
     cache_dir: Optional[str] = None  # None: ~/.cache/fedmpi
     grid: int = 64                  # images in each PNG sample grid (0: none)
 
@@ -352,6 +353,12 @@ def _validate(cfg: Config, source: str) -> None:
             f"does not exist. Download pt_inception-2015-12-05-6726825d.pth from "
             f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
             f"pt_inception-2015-12-05-6726825d.pth on a machine with internet and copy it there.")
+    if cfg.eval.extractor == "classifier" and cfg.eval.classifier_weights is not None \
+            and not Path(cfg.eval.classifier_weights).expanduser().is_file():
+        raise ConfigError(
+            f"{source}: 'eval.classifier_weights' points to {cfg.eval.classifier_weights}, which "
+            f"is not a file. Give the file printed by `python -m fedmpi.extractors "
+            f"train-classifier`, or leave it unset to train the classifier on the test split.")
 
 
 class _DuplicateKey(yaml.YAMLError):

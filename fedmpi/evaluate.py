@@ -28,7 +28,8 @@ from .config import Config, ConfigError, load_config
 from .data import DataError, dataset_info, load_arrays, load_test_data, to_float
 from .diffusion import Diffusion
 from .fid import FeatureStats, class_distribution, frechet_distance
-from .metrics import append_csv, save_grid
+from .checkpoint import CheckpointError
+from .metrics import append_csv, save_grid, write_csv
 from .trainer import derive_seed
 
 
@@ -51,17 +52,19 @@ class Evaluator:
             return
         from .extractors import build_extractor, default_cache_dir, reference_stats
 
-        def load_data():
-            # the classifier always learns from the full real training set
-            full = dataclasses.replace(cfg.data, train_subset=None, test_subset=None)
-            tr_x, tr_y = load_arrays(full, "train")
-            te_x, te_y = load_arrays(full, "test")
-            return (to_float(tr_x), torch.from_numpy(tr_y), to_float(te_x), torch.from_numpy(te_y))
+        def load_test_split():
+            # The federator owns the test split only: the classifier learns from all of
+            # it (data.test_subset limits the reference statistics), never from the
+            # clients' training data, which rank 0 must not read.
+            x, y = load_arrays(dataclasses.replace(cfg.data, test_subset=None), "test")
+            return to_float(x), torch.from_numpy(y)
 
         # The federator builds (and, for the classifier, trains or loads) the extractor
-        # first and fills the cache; the other ranks then receive its weights.
+        # first and fills the cache; the other ranks then receive its weights and read
+        # no data for evaluation at all.
         if self.rank == 0:
-            self.extractor = build_extractor(cfg.eval, cfg.data.dataset, load_data, device)
+            self.extractor = build_extractor(cfg.eval, cfg.data.dataset, load_test_split,
+                                             device)
             test_x, _ = load_test_data(cfg)
             ref = reference_stats(self.extractor, to_float(test_x), default_cache_dir(cfg.eval),
                                   f"{cfg.data.dataset}-test{len(test_x)}")
@@ -287,9 +290,8 @@ def rescore(run_dir: Path, index: Optional[int], cfg: Config, device=None, log=p
     Personal models (UDEC, ULATDEC): every client_NNN.pt, then mean and sample std.
     Returns {"round", "method", "rows" (per model), "summary" (personal: mean / std),
     "csv" (path written)}; raises ConfigError for user errors."""
-    import csv
     import time
-    from .checkpoint import complete_checkpoints
+    from .checkpoint import complete_checkpoints, load_checkpoint
     from .methods import personal_regions
     from .summary import model_shape
     from .trainer import pick_device
@@ -329,7 +331,7 @@ def rescore(run_dir: Path, index: Optional[int], cfg: Config, device=None, log=p
     evaluator = None
     rows = []
     for client, path in files:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(path, device)  # tensors and primitives only: never runs code
         try:
             model.load_state_dict(ckpt["model"])
         except (RuntimeError, KeyError) as err:
@@ -365,13 +367,7 @@ def rescore(run_dir: Path, index: Optional[int], cfg: Config, device=None, log=p
         log(f"{k}: {summary[k + '_mean']:.3f} +- {summary[k + '_std']:.3f} "
             f"(mean +- sample std over {len(rows)} clients)")
     csv_path = run_dir / f"rescore_{e.extractor}_round_{index}.csv"
-    fields = list(dict.fromkeys(k for r in out_rows for k in r))
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(out_rows)
-    tmp.replace(csv_path)
+    write_csv(csv_path, out_rows)
     log(f"wrote {csv_path}")
     return {"round": index, "method": method, "rows": rows, "summary": summary,
             "csv": str(csv_path)}
@@ -402,7 +398,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError(f"{run_dir}: no such folder")
         cfg = _rescore_config(run_dir, args, overrides)
         rescore(run_dir, args.round, cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0

@@ -26,47 +26,77 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoint import (atomic_save, checkpoint_dir, latest_complete, mark_complete)
+from .atomic import EXIT_DISK, DiskError
+from .checkpoint import (CheckpointError, atomic_save, checkpoint_dir, latest_complete,
+                         load_checkpoint, mark_complete, marker_files, newest_verified)
 from .config import Config, ConfigError
 from .data import load_client_data
 from .diffusion import Diffusion
 from .ledger import Ledger, append_rows
 from .methods import make_plan, personal_regions
 from .metrics import JsonlWriter
-from .regions import (REGIONS, bind_flat, region_array, region_sizes, set_trainable,
+from .regions import (REGIONS, all_finite, bind_flat, region_array, region_sizes, set_trainable,
                       unflatten)
 from .summary import model_shape
 from .trainer import LocalTrainer, derive_seed, pick_device, share_cpu_threads
 from .unet import build_unet
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, resubmit to continue
+EXIT_NONFINITE = 3   # a client's update or the aggregate was NaN / inf (fed.on_nonfinite: abort)
 
 
-class SetupError(RuntimeError):
-    """Raised on every rank when any rank failed during set-up (message already shown)."""
+class JobStop(RuntimeError):
+    """Raised on EVERY rank together (the decision came from a collective), so the job
+    can end with `exit_code` without MPI_Abort; the federator has logged the reason.
+    `collective=False`: raised by one rank alone, which must abort the job."""
+    exit_code = 1
+
+    def __init__(self, message: str = "", collective: bool = True):
+        super().__init__(message)
+        self.collective = collective
 
 
-class Preempted(RuntimeError):
-    """Raised on every rank after a checkpoint was written in response to a signal."""
+class SetupError(JobStop):
+    """Any rank failed during set-up or resume validation (message already shown)."""
+    exit_code = 2
+
+
+class Preempted(JobStop):
+    """A checkpoint of the last complete round was written in response to a signal."""
+    exit_code = EXIT_PREEMPTED
+
+
+class NonFiniteError(JobStop):
+    """A client's update was not finite and fed.on_nonfinite is 'abort'."""
+    exit_code = EXIT_NONFINITE
+
+
+class CheckpointWriteError(JobStop):
+    """A rank could not write its checkpoint file (disk full, quota, permissions)."""
+    exit_code = EXIT_DISK
 
 
 class PreemptFlag:
-    """Asks the job to checkpoint and stop: SIGUSR1 on this rank, or the file
-    RUN_DIR/PREEMPT. The file works whatever the launcher does with signals (Open MPI
-    5's mpirun forwards SIGUSR1 to the ranks, 4.x's does not); slurm/run.sh writes it
-    when Slurm sends the time-limit signal."""
+    """Asks the job to checkpoint and stop: SIGUSR1 or SIGTERM on this rank, or the file
+    RUN_DIR/PREEMPT. SIGTERM is what `scancel` and a time limit without --signal send
+    (mpirun passes it on to the ranks); the file works whatever the launcher does with
+    signals (Open MPI 5's mpirun forwards SIGUSR1 to the ranks, 4.x's does not);
+    slurm/run.sh writes it when Slurm sends the time-limit signal."""
 
     def __init__(self, stop_file: Optional[Path] = None):
         self.signalled = False
+        self.signal_name = None
         self.stop_file = stop_file
         self._next_check = 0.0
-        try:
-            signal.signal(signal.SIGUSR1, self._handler)
-        except (ValueError, AttributeError):  # not the main thread / no SIGUSR1
-            pass
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handler)
+            except (ValueError, AttributeError):  # not the main thread / no such signal
+                pass
 
     def _handler(self, signum, frame):
         self.signalled = True
+        self.signal_name = signal.Signals(signum).name
 
     @property
     def requested(self) -> bool:
@@ -111,9 +141,14 @@ def _exchange(world, plan, model, n_k: float, ledger: Ledger, sizes: dict, round
                 send[n] = n_k
                 ledger.record(round_index, me, region, "up", n)
             total = world.reduce_sum(up_group, send)
-            if world.is_federator:
+            if world.is_federator and total[n] > 0:  # 0: every reporter was left out
                 theta, is_view = region_array(model, region)
                 np.divide(total[:n], total[n], out=theta)
+                if not np.isfinite(theta).all():  # finite uploads whose sum overflowed
+                    raise NonFiniteError(
+                        f"round {round_index}: the average of region '{region}' is not finite "
+                        f"although every upload was (float32 overflow); no checkpoint written "
+                        f"for this round", collective=False)
                 if not is_view:
                     unflatten(model, region, theta)
                 for _ in ups:
@@ -171,45 +206,114 @@ def _setup(cfg: Config, world, device) -> dict:
     return state
 
 
-def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer) -> None:
+def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log) -> None:
+    """Every rank writes its file; the federator marks the round COMPLETE (with each
+    file's sha256) only when every rank wrote a finite model, then prunes older rounds.
+    A write error on any rank stops every rank together with the OS message."""
     d = checkpoint_dir(run_dir, round_index)
     if world.is_federator:
-        atomic_save({"round": round_index, "model": model.state_dict(),
-                     "config": cfg.to_dict()}, d / "federator.pt")
+        name = "federator.pt"
+        obj = {"round": round_index, "clients": world.num_clients, "model": model.state_dict(),
+               "config": cfg.to_dict()}
     else:
+        name = f"client_{world.client + 1:03d}.pt"
         opt = trainer.optimizer.state_dict() if (trainer.optimizer is not None
                                                  and not cfg.fed.reset_optimizer) else None
-        atomic_save({"round": round_index, "client": world.client, "model": model.state_dict(),
-                     "optimizer": opt}, d / f"client_{world.client + 1:03d}.pt")
-    world.barrier()  # every rank's file is in place before the marker
+        obj = {"round": round_index, "client": world.client, "model": model.state_dict(),
+               "optimizer": opt}
+    mine = {"name": name, "sha256": None, "error": None, "finite": all_finite(model)}
+    if mine["finite"]:
+        try:
+            mine["sha256"] = atomic_save(obj, d / name)
+        except DiskError as e:
+            mine["error"] = str(e)
+    world.wait_all("checkpoint")
+    results = world.allgather(mine)
+    errors = [f"rank {rank}: {r['error']}" for rank, r in enumerate(results) if r["error"]]
+    if errors:
+        log(f"error: could not write the checkpoint of round {round_index}: {'; '.join(errors)}. "
+            f"Earlier checkpoints are intact; free space (or fix the folder) and resume with "
+            f"--resume {run_dir}")
+        raise CheckpointWriteError(errors[0])
+    bad = [rank for rank, r in enumerate(results) if not r["finite"]]
+    if bad:  # never mark (and so never prune for) a checkpoint holding NaN / inf
+        log(f"error: round {round_index}: the model of rank(s) {bad} is not finite; "
+            f"checkpoint not written, earlier checkpoints kept")
+        raise NonFiniteError(f"non-finite model at checkpoint of round {round_index}")
     if world.is_federator:
-        mark_complete(run_dir, round_index, cfg.checkpoint.keep)
-    world.barrier()
+        mark_complete(run_dir, round_index, cfg.checkpoint.keep,
+                      {r["name"]: r["sha256"] for r in results})
+    world.wait_all("checkpoint")
+
+
+# What must not change between a checkpoint and the job that resumes it.
+RESUME_KEYS = ("fed.method", "data.dataset", "data.train_subset", "data.shards", "split.kind",
+               "split.beta", "split.min_size", "split.classes_per_client", "split.rng")
+
+
+def _resume_mismatch(cfg: Config, saved: dict, saved_clients: int, world_size: int,
+                     run_dir: Path) -> Optional[str]:
+    """Why `cfg` on `world_size` ranks cannot continue a checkpoint, or None."""
+    from .config import from_dict, get
+    problems = []
+    if saved_clients != world_size - 1:
+        problems.append(f"it was run with K={saved_clients} clients (world size "
+                        f"{saved_clients + 1}) and this job has {world_size} ranks: launch it "
+                        f"with mpirun -n {saved_clients + 1} ... --resume {run_dir}")
+    try:
+        old = from_dict(saved, "<checkpoint config>")
+    except ConfigError:
+        old = None
+    if old is not None:
+        keys = list(RESUME_KEYS) + [f"model.{f}" for f in old.model.__dataclass_fields__]
+        for key in keys:
+            try:
+                a, b = get(old, key), get(cfg, key)
+            except AttributeError:
+                continue
+            if a != b:
+                problems.append(f"{key} is {a!r} in the checkpoint but {b!r} now")
+        seeds = (old.split.seed if old.split.seed is not None else old.run.seed,
+                 cfg.split.seed if cfg.split.seed is not None else cfg.run.seed)
+        if seeds[0] != seeds[1]:
+            problems.append(f"the split seed (split.seed, else run.seed) is {seeds[0]} in the "
+                            f"checkpoint but {seeds[1]} now")
+    if not problems:
+        return None
+    return (f"cannot resume {run_dir}: " + "; ".join(problems)
+            + ". Resume with the settings of the run (drop the overrides), or start a new run.")
+
+
+def _resume_decision(cfg: Config, world, run_dir: Path, log) -> tuple[Optional[int], Optional[str]]:
+    """On the federator: the newest complete checkpoint whose files verify and fit this
+    job (falling back past corrupt ones), or an error message."""
+    index = newest_verified(run_dir, warn=log)
+    if index is None:
+        return None, None
+    path = checkpoint_dir(run_dir, index) / "federator.pt"
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        return None, str(e)
+    names = [n for n in marker_files(run_dir, index) if n.startswith("client_")] or \
+        [p.name for p in checkpoint_dir(run_dir, index).glob("client_*.pt")]
+    clients = int(ckpt.get("clients", len(names)))
+    return index, _resume_mismatch(cfg, ckpt.get("config") or {}, clients, world.size, run_dir)
 
 
 def _restore(world, run_dir: Path, round_index: int, model, trainer, device) -> None:
     d = checkpoint_dir(run_dir, round_index)
     name = "federator.pt" if world.is_federator else f"client_{world.client + 1:03d}.pt"
-    ckpt = torch.load(d / name, map_location=device, weights_only=False)
+    ckpt = load_checkpoint(d / name, device)
     model.load_state_dict(ckpt["model"])
     if trainer is not None and ckpt.get("optimizer") is not None:
         trainer.new_optimizer().load_state_dict(ckpt["optimizer"])
 
 
-def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=print,
-                  evaluator_factory=None) -> dict:
-    """Run (or resume) a federated job; returns the federator's summary (others: {})."""
-    preempt = PreemptFlag(Path(run_dir) / STOP_FILE)
-    device = pick_device(cfg.run.device, world.local_rank)
-    if device.type == "cpu":
-        # the federator mostly waits: give the cores to the clients on this node
-        share_cpu_threads(max(1, world.local_clients))
-    error = None
-    try:
-        state = _setup(cfg, world, device)
-    except Exception as e:  # reported together below so no rank waits on a dead one
-        error = f"{e}" if isinstance(e, (ConfigError, ValueError)) else f"{type(e).__name__}: {e}"
-    errors = world.comm.allgather(error)
+def _report_errors(world, error: Optional[str], log) -> None:
+    """Allgather one optional error per rank; if any, the federator shows them (grouped
+    by message) and every rank raises SetupError together."""
+    errors = world.allgather(error)
     if any(errors):
         if world.is_federator:
             by_message: dict = {}
@@ -219,6 +323,35 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
             for msg, ranks in by_message.items():
                 log(f"error (rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}): {msg}")
         raise SetupError("set-up failed")
+
+
+def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=print,
+                  evaluator_factory=None) -> dict:
+    """Run (or resume) a federated job; returns the federator's summary (others: {})."""
+    preempt = PreemptFlag(Path(run_dir) / STOP_FILE)
+    world.timeout = cfg.fed.round_timeout
+    device = pick_device(cfg.run.device, world.local_rank)
+    if device.type == "cpu":
+        # the federator mostly waits: give the cores to the clients on this node
+        share_cpu_threads(max(1, world.local_clients))
+
+    # Resume point: decided (and checked against this job) before any work or output.
+    done, error = None, None
+    if resume and world.is_federator:
+        done, error = _resume_decision(cfg, world, run_dir, log)
+    done, error = world.bcast_obj((done, error))
+    if error:
+        _report_errors(world, error if world.is_federator else None, log)
+
+    error = None
+    try:
+        state = _setup(cfg, world, device)
+        if done is not None:
+            _restore(world, run_dir, done, state["model"], state["trainer"], device)
+    except Exception as e:  # reported together below so no rank waits on a dead one
+        error = f"{e}" if isinstance(e, (ConfigError, ValueError, CheckpointError)) \
+            else f"{type(e).__name__}: {e}"
+    _report_errors(world, error, log)
     world.start_backend(device)
 
     model, trainer, n_k = state["model"], state["trainer"], state["n_k"]
@@ -229,17 +362,13 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
     evaluator = evaluator_factory(cfg, world, run_dir, device) if evaluator_factory else None
 
     start = 1
-    if resume:
-        done = world.bcast_obj(latest_complete(run_dir) if world.is_federator else None)
-        if done is None:
-            if world.is_federator:
-                log(f"resume: no complete checkpoint in {run_dir}; starting from round 1")
-        else:
-            _restore(world, run_dir, done, model, trainer, device)
-            start = done + 1
-            if world.is_federator:
-                _truncate_logs(run_dir, done)
-                log(f"resume: continuing after round {done} (checkpoint {checkpoint_dir(run_dir, done)})")
+    if resume and done is None and world.is_federator:
+        log(f"resume: no usable checkpoint in {run_dir}; starting from round 1")
+    if done is not None:
+        start = done + 1
+        if world.is_federator:
+            _truncate_logs(run_dir, done)
+            log(f"resume: continuing after round {done} (checkpoint {checkpoint_dir(run_dir, done)})")
     if start == 1:
         if world.is_federator:
             _truncate_logs(run_dir, 0)
@@ -273,22 +402,50 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
                                     on_step=stop_early)
             except _StopTraining:
                 stats = {}
-        stop = world.any(preempt.requested)
+        # One small collective per round carries both the stop request and whether each
+        # client's model is finite, before anything is reduced.
+        finite = trainer is None or all_finite(model)
+        flags = world.flags([int(preempt.requested), int(not finite)],
+                            phase=f"round {r}: local training")
         t_wait = time.perf_counter() - t_round  # local training incl. waiting for the slowest
-        if stop:
+        if flags[:, 0].any():
             # Abandon round r on every rank: roll back to the state after round r - 1.
             if trainer is not None:
                 model.load_state_dict(snapshot[0])
                 if snapshot[1] is not None:
                     trainer.optimizer.load_state_dict(snapshot[1])
             if r - 1 >= 1 and latest_complete_bcast(world, run_dir) != r - 1:
-                _checkpoint(cfg, world, run_dir, r - 1, model, trainer)
+                _checkpoint(cfg, world, run_dir, r - 1, model, trainer, log)
             if world.is_federator:
-                log(f"preempted: round {r} abandoned; resume continues after round {r - 1}")
+                why = f" ({preempt.signal_name})" if preempt.signal_name else ""
+                log(f"preempted{why}: round {r} abandoned; checkpoint of round {r - 1} kept; "
+                    f"resume with --resume {run_dir} (continues after round {r - 1})")
             raise Preempted(r - 1)
 
+        nonfinite = [rank for rank in range(1, world.size) if flags[rank, 1]]
+        weight = n_k
+        if nonfinite:
+            who = ", ".join(f"client {rank}" for rank in nonfinite)
+            if cfg.fed.on_nonfinite == "abort":
+                if world.is_federator:
+                    kept = latest_complete(run_dir)
+                    log(f"error: round {r}: the model of {who} is not finite (NaN / inf: "
+                        f"diverged? lower train.lr). Stopped before aggregation; "
+                        + (f"the last good checkpoint is round {kept} (--resume {run_dir})"
+                           if kept else "no checkpoint was written yet")
+                        + ". fed.on_nonfinite=skip leaves such clients out of a round instead.")
+                raise NonFiniteError(f"round {r}: non-finite update from {who}")
+            if world.is_federator:
+                log(f"warning: round {r}: {who} not finite: left out of this round's averages "
+                    f"(fed.on_nonfinite=skip); their models restart from the round's start")
+            if world.rank in nonfinite:  # upload zeros with weight 0, restart from round start
+                model.load_state_dict(snapshot[0])
+                if snapshot[1] is not None:
+                    trainer.optimizer.load_state_dict(snapshot[1])
+                weight = 0.0
+
         t0 = time.perf_counter()
-        _exchange(world, plan, model, n_k, ledger, sizes, r)
+        _exchange(world, plan, model, weight, ledger, sizes, r)
         t_agg = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -299,7 +456,7 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
 
         t0 = time.perf_counter()
         if (cfg.checkpoint.every and r % cfg.checkpoint.every == 0) or r == R:
-            _checkpoint(cfg, world, run_dir, r, model, trainer)
+            _checkpoint(cfg, world, run_dir, r, model, trainer, log)
         t_ckpt = time.perf_counter() - t0
 
         client_stats = world.gather(dict(stats, client=world.client, n=n_k))
@@ -307,11 +464,13 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
         if world.is_federator:
             rows = [s for s in client_stats if s["client"] >= 0]
             losses = [s.get("loss", float("nan")) for s in rows]
+            good = [x for x in losses if np.isfinite(x)]
             round_bytes = ledger.round_bytes(r)
             t_train = max((s.get("train_s", 0.0) for s in rows), default=0.0)
-            row = dict(kind="round", round=r, method=method, loss=float(np.nanmean(losses)),
-                       client_loss=losses, train_s=t_train, wait_s=t_wait, agg_s=t_agg, eval_s=t_eval,
-                       ckpt_s=t_ckpt, round_s=time.perf_counter() - t_round,
+            row = dict(kind="round", round=r, method=method,
+                       loss=float(np.mean(good)) if good else float("nan"),
+                       client_loss=losses, nonfinite_clients=nonfinite, train_s=t_train, wait_s=t_wait, agg_s=t_agg,
+                       eval_s=t_eval, ckpt_s=t_ckpt, round_s=time.perf_counter() - t_round,
                        bytes=round_bytes, images_per_s=[s.get("images_per_s") for s in rows])
             if scores:
                 row.update(scores)
@@ -319,10 +478,13 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
             for s in rows:
                 metrics.write(kind="client", round=r, **s)
             score_txt = _score_text(scores)
-            log(f"[round {r}/{R}] loss {row['loss']:.4f} (clients {min(losses):.4f}.."
-                f"{max(losses):.4f}) | train {t_train:.1f}s agg {t_agg:.2f}s eval {t_eval:.1f}s "
-                f"ckpt {t_ckpt:.1f}s | {round_bytes / 1e6:.2f} MB{score_txt}")
-        world.barrier()
+            span = f"clients {min(good):.4f}..{max(good):.4f}" if good else "no finite client"
+            nan_txt = (f" | NaN: client{'s' if len(nonfinite) > 1 else ''} "
+                       f"{', '.join(map(str, nonfinite))} skipped" if nonfinite else "")
+            log(f"[round {r}/{R}] loss {row['loss']:.4f} ({span}){nan_txt} | train {t_train:.1f}s "
+                f"agg {t_agg:.2f}s eval {t_eval:.1f}s ckpt {t_ckpt:.1f}s | "
+                f"{round_bytes / 1e6:.2f} MB{score_txt}")
+        world.wait_all(f"round {r}: end")
 
     summary = {}
     if world.is_federator:
@@ -368,24 +530,12 @@ def _flush_ledger(world, ledger: Ledger, run_dir: Path, round_index: int) -> Non
 
 def _truncate_logs(run_dir: Path, last_round: int) -> None:
     """Drop rows of rounds after `last_round` (they are replayed after a resume)."""
-    import json
     from .ledger import read_csv, write_csv
+    from .metrics import truncate_logs
     comm = run_dir / "comm.csv"
     if comm.exists():
-        write_csv([r for r in read_csv(comm) if r["round"] <= last_round], comm)
         if last_round == 0:
             comm.unlink()
-    p = run_dir / "metrics.jsonl"
-    if p.exists():
-        keep = [line for line in p.read_text().splitlines()
-                if line.strip() and json.loads(line).get("round", 0) <= last_round]
-        p.write_text("".join(line + "\n" for line in keep))
-    p = run_dir / "eval.csv"
-    if p.exists():
-        import csv
-        with p.open() as f:
-            rows = list(csv.DictReader(f))
-        p.unlink()
-        if rows:
-            from .metrics import append_csv
-            append_csv(p, [r for r in rows if int(r["round"]) <= last_round])
+        else:
+            write_csv([r for r in read_csv(comm) if r["round"] <= last_round], comm)
+    truncate_logs(run_dir, last_round, "round")

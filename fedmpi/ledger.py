@@ -20,6 +20,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import metrics
+from .atomic import atomic_write
 from .methods import make_plan
 from .regions import REGIONS
 
@@ -120,17 +122,13 @@ def comparison(method: str, num_clients: int, rounds: int, sizes: dict, seed: in
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    with Path(path).open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(FIELDS))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r[k] for k in FIELDS})
+    metrics.write_csv(path, rows, list(FIELDS))
 
 
 def read_csv(path: Path) -> list[dict]:
-    with Path(path).open() as f:
-        return [{k: (v if k in ("region", "direction") else int(v)) for k, v in row.items()}
-                for row in csv.DictReader(f)]
+    """comm.csv rows with integer columns (a partial last row, from a crash, is dropped)."""
+    return [{k: (v if k in ("region", "direction") else int(v)) for k, v in row.items()}
+            for row in metrics.read_csv(path)]
 
 
 def format_table(results: list[dict], rule: str = "paper") -> str:
@@ -170,5 +168,5 @@ def write_summary(run_dir: Path, method: str, num_clients: int, rounds: int, siz
     out["measured"] = {"moved": measured["moved"], "paper": measured["paper"],
                        "per_client": measured["per_client"], "per_round": measured["per_round"]}
     out["matches_analytical"] = sorted(map(_key, client_rows(rows))) == sorted(map(_key, expected))
-    (Path(run_dir) / "comm_summary.json").write_text(json.dumps(out, indent=1))
+    atomic_write(Path(run_dir) / "comm_summary.json", json.dumps(out, indent=1))
     return out

@@ -1,13 +1,40 @@
-"""Metric files of a run: JSON lines (one row per event) and CSV tables, plus sample grids."""
+"""Metric files of a run: JSON lines (one row per event) and CSV tables, plus sample grids.
+
+Rows are appended and flushed as they happen, so a killed job loses nothing; a crash in
+the middle of a write can leave a partial last line, which the readers drop (with a
+warning) instead of failing. Files rewritten as a whole (on resume, tables) go through
+`atomic.atomic_write`. metrics.jsonl is strict JSON: non-finite numbers become null.
+"""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
+
+from .atomic import atomic_write
+
+
+def strict_json(value):
+    """`value` with every non-finite float (at any depth) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def _warn_partial(path: Path, line: str) -> None:
+    print(f"warning: dropping a partial last line of {path} (a crash while writing?): "
+          f"{line[:80]!r}", file=sys.stderr)
 
 
 class JsonlWriter:
@@ -19,17 +46,74 @@ class JsonlWriter:
 
     def write(self, **row) -> None:
         row.setdefault("time", round(time.time(), 3))
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in row.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+            f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file; a partial last line (crash mid-write) is dropped."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                _warn_partial(path, line)
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write(path, "".join(json.dumps(strict_json(r), allow_nan=False) + "\n" for r in rows))
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a CSV file as dicts of strings; a partial last row is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if rows and not text.endswith("\n"):  # the last row was cut short
+        _warn_partial(path, text.rsplit("\n", 1)[-1])
+        rows.pop()
+    elif rows and any(v is None for v in rows[-1].values()):  # fewer fields than the header
+        _warn_partial(path, text.rstrip("\n").rsplit("\n", 1)[-1])
+        rows.pop()
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict], fields: Optional[list[str]] = None) -> None:
+    """Write a whole CSV table atomically (header from `fields` or the rows' keys)."""
+    fields = fields or list(dict.fromkeys(k for r in rows for k in r))
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(path, out.getvalue())
+
+
+def truncate_logs(run_dir: Path, last: int, key: str = "round") -> None:
+    """Drop metrics.jsonl rows (by `key`: round or epoch) and eval.csv rows after `last`,
+    e.g. before a resume replays them. Each file is rewritten whole and renamed over
+    the old one; a partial last line left by a crash is dropped."""
+    p = Path(run_dir) / "metrics.jsonl"
+    if p.exists():
+        write_jsonl(p, [r for r in read_jsonl(p) if r.get(key, 0) <= last])
+    p = Path(run_dir) / "eval.csv"
+    if p.exists():
+        rows = read_csv(p)
+        keep = [r for r in rows if int(r["round"]) <= last]
+        if keep:
+            write_csv(p, keep, list(rows[0]))
+        else:
+            p.unlink()
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:

@@ -125,3 +125,13 @@ def set_trainable(model: nn.Module, regions) -> None:
     keep = set(regions)
     for name, p in model.named_parameters():
         p.requires_grad_(region_of(name) in keep)
+
+
+def all_finite(model: nn.Module) -> bool:
+    """No NaN / inf in any weight: one reduction per region buffer when bound."""
+    tensors = []
+    for region in REGIONS:
+        flat = _bound_flat(model, region)
+        tensors += [flat] if flat is not None else region_params(model, region)
+    with torch.no_grad():
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

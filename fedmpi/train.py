@@ -18,12 +18,15 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import (atomic_save, checkpoint_dir, latest_complete, mark_complete,
-                         new_run_dir)
+from .atomic import EXIT_DISK, DiskError
+from .checkpoint import (CheckpointError, atomic_save, checkpoint_dir, load_checkpoint,
+                         mark_complete, new_run_dir, newest_verified)
 from .config import Config, ConfigError, from_dict, load_config, save_config
 from .data import DataError, load_arrays
 from .diffusion import Diffusion
-from .metrics import JsonlWriter
+from .federated import NonFiniteError
+from .metrics import JsonlWriter, truncate_logs
+from .regions import all_finite
 from .summary import model_shape
 from .trainer import LocalTrainer, derive_seed, pick_device
 from .unet import build_unet
@@ -55,12 +58,17 @@ def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
     evaluator = evaluator_factory(cfg, None, run_dir, device) if evaluator_factory else None
 
     start, step = 1, 0
-    if resume and (done := latest_complete(run_dir)) is not None:
-        ckpt = torch.load(checkpoint_dir(run_dir, done) / "model.pt", map_location=device,
-                          weights_only=False)
-        model.load_state_dict(ckpt["model"])
+    if resume and (done := newest_verified(run_dir, warn=log)) is not None:
+        ckpt = load_checkpoint(checkpoint_dir(run_dir, done) / "model.pt", device)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            detail = " ".join(str(e).split())[:300]
+            raise ConfigError(f"cannot resume {run_dir}: its checkpoint does not fit this model "
+                              f"(model.* changed?): {detail}") from None
         trainer.optimizer.load_state_dict(ckpt["optimizer"])
         start, step = done + 1, ckpt["step"]
+        truncate_logs(run_dir, done, "epoch")
         log(f"resume: continuing after epoch {done}")
     epochs = cfg.train.epochs
     steps_per_epoch = trainer.steps_per_epoch()
@@ -96,11 +104,15 @@ def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
             scores = evaluator.run(epoch, model, personal=False) or {}
         t_eval = time.perf_counter() - t_eval
         if (cfg.checkpoint.every and epoch % cfg.checkpoint.every == 0) or last:
-            atomic_save({"epoch": epoch, "step": step, "model": model.state_dict(),
-                         "optimizer": trainer.optimizer.state_dict(), "config": cfg.to_dict(),
-                         "rng": torch.get_rng_state()},
-                        checkpoint_dir(run_dir, epoch) / "model.pt")
-            mark_complete(run_dir, epoch, cfg.checkpoint.keep)
+            if not all_finite(model):
+                raise NonFiniteError(f"epoch {epoch}: the model is not finite (NaN / inf: "
+                                     f"diverged? lower train.lr); checkpoint not written, "
+                                     f"earlier checkpoints kept", collective=False)
+            digest = atomic_save({"epoch": epoch, "step": step, "model": model.state_dict(),
+                                  "optimizer": trainer.optimizer.state_dict(),
+                                  "config": cfg.to_dict(), "rng": torch.get_rng_state()},
+                                 checkpoint_dir(run_dir, epoch) / "model.pt")
+            mark_complete(run_dir, epoch, cfg.checkpoint.keep, {"model.pt": digest})
         metrics.write(kind="epoch", epoch=epoch, step=step, loss=stats["loss"],
                       images_per_s=stats["images_per_s"], train_s=stats["train_s"],
                       eval_s=t_eval, epoch_s=time.perf_counter() - t0, **scores)
@@ -207,14 +219,23 @@ def main(argv: Optional[list[str]] = None) -> int:
                             evaluator_factory=_evaluator_factory(cfg))
         return 0
     except Exception as e:
-        from .federated import EXIT_PREEMPTED, Preempted, SetupError
-        if isinstance(e, SetupError):
-            return EXIT_USER_ERROR  # every rank got here together; message already shown
-        if isinstance(e, Preempted):
-            return EXIT_PREEMPTED
-        if isinstance(e, (ConfigError, DataError)):
+        from .comm import EXIT_STALLED, StallError
+        from .federated import JobStop
+        if isinstance(e, JobStop) and e.collective:
+            return e.exit_code  # every rank got here together; the federator said why
+        if isinstance(e, JobStop):
+            print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+            code = e.exit_code
+        elif isinstance(e, (ConfigError, DataError, CheckpointError)):
             print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
             code = EXIT_USER_ERROR
+        elif isinstance(e, DiskError):
+            print(f"[rank {rank}] error: {e}; earlier checkpoints are intact", file=sys.stderr,
+                  flush=True)
+            code = EXIT_DISK
+        elif isinstance(e, StallError):
+            print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+            code = EXIT_STALLED
         else:
             print(f"[rank {rank}] unhandled error, stopping the job:", file=sys.stderr)
             traceback.print_exc()

@@ -17,8 +17,8 @@ def load_states(run_dir: Path, round_index: int, clients: int):
     import torch
     from fedmpi.checkpoint import checkpoint_dir
     d = checkpoint_dir(run_dir, round_index)
-    fed = torch.load(d / "federator.pt", weights_only=False)["model"]
-    clients_ = [torch.load(d / f"client_{k + 1:03d}.pt", weights_only=False)["model"]
+    fed = torch.load(d / "federator.pt", weights_only=True)["model"]
+    clients_ = [torch.load(d / f"client_{k + 1:03d}.pt", weights_only=True)["model"]
                 for k in range(clients)]
     return fed, clients_
 

@@ -42,7 +42,7 @@ def test_centralized_loss_decreases_and_writes_run_folder(tmp_path):
     # 120 steps on real images: the epsilon loss must fall well below its start
     assert steps[-1]["loss"] < 0.6 * steps[0]["loss"], (steps[0], steps[-1])
     assert latest_complete(run) == 3
-    ckpt = torch.load(checkpoint_dir(run, 3) / "model.pt", weights_only=False)
+    ckpt = torch.load(checkpoint_dir(run, 3) / "model.pt", weights_only=True)
     assert {"model", "optimizer", "step", "rng", "config", "epoch"} <= set(ckpt)
     assert ckpt["step"] == 3 * 40 and ckpt["config"]["train"]["epochs"] == 3
     png = run / "samples" / "round_0003.png"
@@ -56,8 +56,8 @@ def test_centralized_resume_matches_uninterrupted(tmp_path):
     run_centralized(tiny_cfg(tmp_path, **{"eval.grid": 0}), full, log=quiet)
     run_centralized(tiny_cfg(tmp_path, **{"eval.grid": 0, "train.epochs": 1}), part, log=quiet)
     run_centralized(tiny_cfg(tmp_path, **{"eval.grid": 0}), part, resume=True, log=quiet)
-    a = torch.load(checkpoint_dir(full, 2) / "model.pt", weights_only=False)["model"]
-    b = torch.load(checkpoint_dir(part, 2) / "model.pt", weights_only=False)["model"]
+    a = torch.load(checkpoint_dir(full, 2) / "model.pt", weights_only=True)["model"]
+    b = torch.load(checkpoint_dir(part, 2) / "model.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

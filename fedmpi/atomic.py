@@ -1,0 +1,59 @@
+"""The one way fedmpi writes a file that must never be seen half-written.
+
+`atomic_write(path, data)` writes bytes or text to a temporary file in the same folder,
+flushes it to disk, and renames it over `path`: a reader (or a resume after a crash)
+sees the old file or the new one, never a mix. Checkpoints, markers, logs rewritten on
+resume, configs and CSV tables all go through it.
+
+A failed write (disk full, quota, read-only file system, file too large) removes the
+temporary file, leaves the old file untouched, and raises `DiskError` whose message
+names the OS error and the path ("No space left on device while writing runs/x/...").
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Union
+
+EXIT_DISK = 4  # a write failed (disk full, quota, permissions); earlier checkpoints are intact
+
+
+class DiskError(OSError):
+    """Writing a file failed; the message names the reason and the path."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> str:
+    """Write `data` to `path` atomically; returns the sha256 hex digest of the bytes."""
+    path = Path(path)
+    payload = data.encode() if isinstance(data, str) else bytes(data)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        reason = e.strerror or str(e)
+        raise DiskError(e.errno, f"{reason} while writing {path}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return hashlib.sha256(payload).hexdigest()
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,213 @@
+"""Fault probes (issue 9): each finding run as a real mpirun job or CLI call.
+
+NaN clients, a checkpoint that would run code, resume with another world size or model,
+a corrupt newest checkpoint, partial log lines, a full disk, SIGTERM and a stalled rank.
+Each asserts the exit code, the message, a bounded time to exit and, where it applies,
+that the run folder resumes afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fedmpi.checkpoint import MARKER, checkpoint_dir, latest_complete, verify
+from fedmpi.ledger import read_csv
+
+from mpihelp import ROOT, load_states, mpi_env, mpirun, mpirun_path, train
+
+pytestmark = pytest.mark.mpi
+TINY = "tests/configs/tiny.yaml"
+
+
+def fault(n, kind, rank, round_index, run_dir, *overrides, timeout=240):
+    """A tiny job in which client `rank` misbehaves in round `round_index`."""
+    return mpirun(n, ["tests/mpi_scripts/fault_rank.py", kind, str(rank), str(round_index), "--",
+                      "--config", TINY, "--run-dir", str(run_dir), *overrides], timeout=timeout)
+
+
+def strict_rows(path):
+    """metrics.jsonl parsed as strict JSON (NaN / Infinity tokens are errors)."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token} in {path}")
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def all_finite(state: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def same_weights(run_a, run_b, round_index, clients):
+    fa, ca = load_states(run_a, round_index, clients)
+    fb, cb = load_states(run_b, round_index, clients)
+    return all(torch.equal(a[k], b[k]) for a, b in zip([fa, *ca], [fb, *cb]) for k in a)
+
+
+def test_nan_client_aborts_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    t0 = time.time()
+    res = fault(3, "nan", 2, 2, run, "--fed.rounds=3", "--checkpoint.keep=1")
+    assert time.time() - t0 < 180
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "round 2: the model of client 2 is not finite" in res.stdout
+    assert "last good checkpoint is round 1" in res.stdout
+    assert latest_complete(run) == 1 and verify(run, 1) is None
+    fed, clients = load_states(run, 1, 2)
+    assert all_finite(fed) and all(all_finite(c) for c in clients)
+    assert [r["round"] for r in strict_rows(run / "metrics.jsonl") if r["kind"] == "round"] == [1]
+    resumed = train(3, run, "--fed.rounds=3", "--checkpoint.keep=1")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "continuing after round 1" in resumed.stdout
+
+
+def test_nan_client_skipped_when_asked(tmp_path):
+    run = tmp_path / "run"
+    res = fault(4, "nan", 2, 1, run, "--fed.on_nonfinite=skip", "--fed.method=usplit")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "[round 1/2]" in res.stdout and "NaN: client 2 skipped" in res.stdout
+    rows = [r for r in strict_rows(run / "metrics.jsonl") if r["kind"] == "round"]
+    assert [r["nonfinite_clients"] for r in rows] == [[2], []]
+    assert rows[0]["client_loss"][1] is None  # strict JSON: null, not NaN
+    for r in (1, 2):
+        fed, clients = load_states(run, r, 3)
+        assert all_finite(fed) and all(all_finite(c) for c in clients)
+    # bytes recorded honestly: the skipped client still took part in the collectives
+    assert json.loads((run / "comm_summary.json").read_text())["matches_analytical"] is True
+
+
+def _evil_checkpoint(path, marker):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    torch.save({"round": 1, "model": Evil()}, path)
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    assert train(3, run, "--fed.rounds=1").returncode == 0
+    target = checkpoint_dir(run, 1) / "federator.pt"
+    _evil_checkpoint(target, marker)
+    # an attacker who can write the file can also fix the recorded hash
+    from fedmpi.atomic import sha256_file
+    rec = json.loads((checkpoint_dir(run, 1) / MARKER).read_text())
+    rec["files"]["federator.pt"] = sha256_file(target)
+    (checkpoint_dir(run, 1) / MARKER).write_text(json.dumps(rec))
+    res = train(3, run, "--fed.rounds=2")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "refusing to load" in res.stdout and "federator.pt" in res.stdout
+    assert not marker.exists()
+    ev = subprocess.run([sys.executable, "-m", "fedmpi.evaluate", str(run), "--extractor",
+                         "classifier"], cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
+                        timeout=120)
+    assert ev.returncode == 2, ev.stdout + ev.stderr
+    assert "refusing to load" in ev.stderr and "federator.pt" in ev.stderr
+    assert not marker.exists()
+
+
+def test_resume_with_another_world_size_or_model_is_refused(tmp_path):
+    run = tmp_path / "run"
+    assert train(3, run, "--fed.rounds=1").returncode == 0
+    res = train(4, run, "--fed.rounds=2")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "K=2 clients" in res.stdout and "mpirun -n 3" in res.stdout
+    assert "continuing" not in res.stdout
+    res = train(3, run, "--fed.rounds=2", "--model.dim=16")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "model.dim is 8 in the checkpoint but 16 now" in res.stdout
+    assert latest_complete(run) == 1 and verify(run, 1) is None  # nothing touched
+
+
+def test_corrupt_checkpoint_and_partial_log_lines_fall_back(tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert train(3, ref, "--checkpoint.keep=2").returncode == 0
+    assert train(3, run, "--checkpoint.keep=2").returncode == 0
+    victim = checkpoint_dir(run, 2) / "client_002.pt"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "round", "rou')
+    with (run / "comm.csv").open("a") as f:
+        f.write("2,1,0,enc")
+    res = train(3, run, "--checkpoint.keep=2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "checkpoint of round 2 is unusable" in res.stdout and "client_002.pt" in res.stdout
+    assert "continuing after round 1" in res.stdout
+    assert same_weights(ref, run, 2, 2)
+    assert read_csv(run / "comm.csv") == read_csv(ref / "comm.csv")
+    assert [r["round"] for r in strict_rows(run / "metrics.jsonl") if r["kind"] == "round"] == [1, 2]
+
+
+def test_disk_full_while_checkpointing(tmp_path):
+    run = tmp_path / "run"
+    assert train(3, run, "--fed.rounds=1").returncode == 0
+    size_kb = (checkpoint_dir(run, 1) / "federator.pt").stat().st_size // 1024
+    cmd = [mpirun_path(), "-n", "3", "--oversubscribe", "--bind-to", "none", sys.executable,
+           "-m", "fedmpi.train", "--config", TINY, "--run-dir", str(run), "--fed.rounds=2"]
+    # RLIMIT_FSIZE below a checkpoint's size: writes fail with EFBIG like a full disk
+    limit = f"ulimit -f {max(64, size_kb // 2)}; exec \"$@\""
+    t0 = time.time()
+    res = subprocess.run(["bash", "-c", limit, "bash", *cmd], cwd=ROOT, env=mpi_env(),
+                         capture_output=True, text=True, timeout=180)
+    assert time.time() - t0 < 150
+    assert res.returncode == 4, res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert "File too large while writing" in out and "round_000002" in out
+    assert not list(run.rglob(".*.tmp*"))  # no temporary files left behind
+    assert latest_complete(run) == 1 and verify(run, 1) is None
+    again = train(3, run, "--fed.rounds=2")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "continuing after round 1" in again.stdout
+
+
+def test_sigterm_checkpoints_and_exits_75(tmp_path):
+    run = tmp_path / "run"
+    opts = ["--fed.rounds=3", "--fed.local_steps=15"]
+    cmd = [mpirun_path(), "-n", "3", "--oversubscribe", "--bind-to", "none", sys.executable,
+           "-m", "fedmpi.train", "--config", TINY, "--run-dir", str(run), *opts]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while latest_complete(run) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out + err
+    assert "preempted (SIGTERM)" in out
+    done = latest_complete(run)
+    assert done in (1, 2) and verify(run, done) is None
+    resumed = train(3, run, *opts)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"continuing after round {done}" in resumed.stdout
+
+
+def test_stalled_rank_times_out(tmp_path):
+    run = tmp_path / "run"
+    t0 = time.time()
+    res = fault(3, "stop", 2, 2, run, "--fed.round_timeout=5", timeout=150)
+    assert time.time() - t0 < 120
+    assert res.returncode == 5, res.stdout + res.stderr
+    assert "phase 'round 2: local training'" in res.stderr
+    assert "fed.round_timeout=5" in res.stderr
+    assert latest_complete(run) == 1 and verify(run, 1) is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "is empty"),
+    ("train:\n  lr: 1e-3\n  lr: 2e-3\n", "lr"),
+    ("train:\n  lr: .inf\n", "train.lr"),
+    ("checkpoint:\n  keep: -1\n", "checkpoint.keep"),
+])
+def test_bad_config_file_is_refused_before_any_work(tmp_path, text, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    res = subprocess.run([sys.executable, "-m", "fedmpi.train", "--config", str(cfg),
+                          "--run-dir", str(tmp_path / "run")], cwd=ROOT, env=mpi_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert message in res.stdout + res.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
