@@ -76,11 +76,13 @@ def _find_file(folder: Path, name: str) -> Optional[Path]:
     return None
 
 
-def _data_dir(root: Path, dataset: str) -> Optional[Path]:
-    """The folder under root that holds the dataset's files, or None."""
+def _data_dir(root: Path, dataset: str, splits=("train", "test")) -> Optional[Path]:
+    """The folder under root that holds the dataset's files of `splits`, or None (a
+    federator's root holds the test split alone)."""
     if dataset == "cifar10":
-        return root if (root / CIFAR_DIR / "data_batch_1").is_file() else None
-    names = IDX_FILES["train"] + IDX_FILES["test"]
+        first = {"train": "data_batch_1", "test": "test_batch"}
+        return root if all((root / CIFAR_DIR / first[s]).is_file() for s in splits) else None
+    names = [n for s in splits for n in IDX_FILES[s]]
     for folder in (root, root / TORCHVISION_DIR[dataset] / "raw"):
         if all(_find_file(folder, n) for n in names):
             return folder
@@ -107,14 +109,15 @@ def _missing_message(data_cfg: DataCfg, extra: str = "") -> str:
             f"(torchvision downloads into data.root or ./data)")
 
 
-def find_root(data_cfg: DataCfg) -> Path:
-    """The data root: data.root if set, else the first candidate that holds the files.
+def find_root(data_cfg: DataCfg, splits=("train", "test")) -> Path:
+    """The data root: data.root if set, else the first candidate that holds the files
+    of `splits`.
 
     Raises DataError naming every place searched when nothing is found.
     """
     dataset_info(data_cfg.dataset)
     for root in _candidates(data_cfg):
-        if _data_dir(root, data_cfg.dataset) is not None:
+        if _data_dir(root, data_cfg.dataset, splits) is not None:
             return root
     raise DataError(_missing_message(data_cfg))
 
@@ -179,6 +182,18 @@ def _load_idx(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_cifar(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    if split == "test":
+        # Read as torchvision does, but alone: torchvision's CIFAR10 opens (checksums)
+        # every training batch too, which the federator does not hold and must not read.
+        import pickle
+        path = root / CIFAR_DIR / "test_batch"
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            return images, np.asarray(entry["labels"], dtype=np.int64)
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as e:
+            raise DataError(f"{path}: cannot read CIFAR-10 ({type(e).__name__}: {e})") from None
     import torchvision.datasets as tvd
     try:
         ds = tvd.CIFAR10(str(root), train=(split == "train"), download=False)
@@ -193,7 +208,7 @@ def load_arrays(data_cfg: DataCfg, split: str) -> tuple[np.ndarray, np.ndarray]:
     if split not in IDX_FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     try:
-        root = find_root(data_cfg)
+        root = find_root(data_cfg, (split,))  # only this split's files need to exist
     except DataError:
         if not data_cfg.download:
             raise
@@ -204,9 +219,9 @@ def load_arrays(data_cfg: DataCfg, split: str) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(_missing_message(
                 data_cfg, f" Download into {root.resolve()} failed: {type(e).__name__}: {e}."
             )) from None
-        if _data_dir(root, data_cfg.dataset) is None:
+        if _data_dir(root, data_cfg.dataset, (split,)) is None:
             raise DataError(_missing_message(data_cfg, " The download left no usable files."))
-    folder = _data_dir(root, data_cfg.dataset)
+    folder = _data_dir(root, data_cfg.dataset, (split,))
     if data_cfg.dataset == "cifar10":
         images, labels = _load_cifar(folder, split)
     else:
