@@ -18,6 +18,7 @@ regions it receives.
 from __future__ import annotations
 
 import copy
+import os
 import signal
 import time
 from pathlib import Path
@@ -78,15 +79,22 @@ class CheckpointWriteError(JobStop):
 
 class PreemptFlag:
     """Asks the job to checkpoint and stop: SIGUSR1 or SIGTERM on this rank, or the file
-    RUN_DIR/PREEMPT. SIGTERM is what `scancel` and a time limit without --signal send
-    (mpirun passes it on to the ranks); the file works whatever the launcher does with
-    signals (Open MPI 5's mpirun forwards SIGUSR1 to the ranks, 4.x's does not);
-    slurm/run.sh writes it when Slurm sends the time-limit signal."""
+    RUN_DIR/PREEMPT. The file works whatever the launcher does with signals (Open MPI
+    5's mpirun forwards SIGUSR1 to the ranks, 4.x's does not); slurm/run.sh writes it
+    when Slurm sends the time-limit signal.
 
-    def __init__(self, stop_file: Optional[Path] = None):
+    SIGTERM is what `scancel`, `kill` and a time limit without --signal send. Where the
+    ranks get it with time to act (srun tasks: Slurm waits KillWait, 30 s by default,
+    before SIGKILL) it is a preemption like SIGUSR1: checkpoint, exit 75. Open MPI's
+    mpirun instead kills its ranks about 0.25 s after forwarding SIGTERM, so the
+    handler first prints, at once, where the run can be resumed from (`note`)."""
+
+    def __init__(self, stop_file: Optional[Path] = None, announce: bool = False):
         self.signalled = False
         self.signal_name = None
         self.stop_file = stop_file
+        self.announce = announce  # this rank prints the note on SIGTERM (the federator)
+        self.note = "no checkpoint has been written yet"
         self._next_check = 0.0
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
@@ -97,6 +105,14 @@ class PreemptFlag:
     def _handler(self, signum, frame):
         self.signalled = True
         self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGTERM and self.announce:
+            msg = (f"fedmpi: SIGTERM received (scancel, kill or a time limit): stopping; "
+                   f"{self.note}. For a clean checkpoint-and-exit send SIGUSR1 or create "
+                   f"RUN_DIR/{STOP_FILE} instead (slurm/run.sh does so at the time limit).\n")
+            try:
+                os.write(2, msg.encode())
+            except OSError:
+                pass
 
     @property
     def requested(self) -> bool:
@@ -328,7 +344,7 @@ def _report_errors(world, error: Optional[str], log) -> None:
 def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=print,
                   evaluator_factory=None) -> dict:
     """Run (or resume) a federated job; returns the federator's summary (others: {})."""
-    preempt = PreemptFlag(Path(run_dir) / STOP_FILE)
+    preempt = PreemptFlag(Path(run_dir) / STOP_FILE, announce=world.is_federator)
     world.timeout = cfg.fed.round_timeout
     device = pick_device(cfg.run.device, world.local_rank)
     if device.type == "cpu":
@@ -366,6 +382,7 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
         log(f"resume: no usable checkpoint in {run_dir}; starting from round 1")
     if done is not None:
         start = done + 1
+        preempt.note = f"the last complete checkpoint is round {done}; resume with --resume {run_dir}"
         if world.is_federator:
             _truncate_logs(run_dir, done)
             log(f"resume: continuing after round {done} (checkpoint {checkpoint_dir(run_dir, done)})")
@@ -457,6 +474,8 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
         t0 = time.perf_counter()
         if (cfg.checkpoint.every and r % cfg.checkpoint.every == 0) or r == R:
             _checkpoint(cfg, world, run_dir, r, model, trainer, log)
+            preempt.note = (f"the last complete checkpoint is round {r}; resume with "
+                            f"--resume {run_dir}")
         t_ckpt = time.perf_counter() - t0
 
         client_stats = world.gather(dict(stats, client=world.client, n=n_k))

@@ -136,14 +136,16 @@ echo "fedmpi: job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLUR
 
 # Forward the checkpoint signal to the launcher, which passes it on to every rank
 # (Open MPI 5's mpirun and srun forward SIGUSR1 to the tasks; Open MPI 4's mpirun does
-# not, so the script also writes RUN_DIR/PREEMPT, which every rank watches). SIGTERM
-# (scancel, time limit) is passed on too, so no rank outlives this script.
+# not, so the script also writes RUN_DIR/PREEMPT, which every rank watches). SIGTERM to
+# this script (scancel --batch, kill) is turned into the same clean stop: Open MPI's
+# mpirun would kill its ranks 0.25 s after a forwarded SIGTERM, too soon to checkpoint;
+# Slurm's SIGKILL after KillWait still ends anything left, so no rank outlives the job.
 child="" interrupted=0
 forward() {
   interrupted=1
-  echo "fedmpi: $1 received, forwarding to the ranks"
-  [ "$1" = USR1 ] && touch "$RUN_DIR/PREEMPT" 2>/dev/null
-  [ -n "$child" ] && kill -"$1" "$child" 2>/dev/null
+  echo "fedmpi: $1 received: asking the ranks to checkpoint and stop"
+  touch "$RUN_DIR/PREEMPT" 2>/dev/null
+  [ -n "$child" ] && kill -USR1 "$child" 2>/dev/null
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM

@@ -164,7 +164,25 @@ def test_disk_full_while_checkpointing(tmp_path):
     assert "continuing after round 1" in again.stdout
 
 
-def test_sigterm_checkpoints_and_exits_75(tmp_path):
+def _rank_pids(run_dir) -> list[int]:
+    """Pids of the python ranks whose command line names this run folder."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                argv = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"python") and str(run_dir).encode() in argv:
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.parametrize("target", ["ranks", "mpirun"])
+def test_sigterm_stops_with_a_resumable_checkpoint(tmp_path, target):
+    """SIGTERM to every rank (what Slurm does to srun tasks, with KillWait to act):
+    checkpoint, exit 75. SIGTERM to Open MPI's mpirun kills the ranks ~0.25 s later
+    (and its output with them): the run still resumes from its last complete round."""
     run = tmp_path / "run"
     opts = ["--fed.rounds=3", "--fed.local_steps=15"]
     cmd = [mpirun_path(), "-n", "3", "--oversubscribe", "--bind-to", "none", sys.executable,
@@ -174,12 +192,23 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path):
     deadline = time.time() + 180
     while latest_complete(run) is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    if target == "ranks":
+        pids = _rank_pids(run)
+        assert len(pids) == 3
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 75, out + err
-    assert "preempted (SIGTERM)" in out
+    assert time.time() - t0 < 60
     done = latest_complete(run)
     assert done in (1, 2) and verify(run, done) is None
+    if target == "ranks":
+        assert proc.returncode == 75, out + err
+        assert "preempted (SIGTERM)" in out and f"checkpoint of round" in out
+    else:
+        assert proc.returncode != 0
     resumed = train(3, run, *opts)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"continuing after round {done}" in resumed.stdout
