@@ -104,11 +104,16 @@ def launch_env() -> dict:
 
 
 def run_ranks(template: str, n: int, args: Sequence[str], log_path: Optional[Path] = None,
-              timeout: Optional[float] = None, echo: bool = True) -> subprocess.CompletedProcess:
-    """Launch `python ARGS` on n ranks; stdout+stderr echoed and kept in log_path."""
+              timeout: Optional[float] = None, echo: bool = True, cwd: Optional[Path] = None,
+              code: Optional[Path] = None) -> subprocess.CompletedProcess:
+    """Launch `python ARGS` on n ranks; stdout+stderr echoed and kept in log_path.
+    `code`: import fedmpi from this folder instead of this checkout (e.g. a baseline)."""
     cmd = launch_prefix(template, n) + [sys.executable, *args]
     print(f"$ {shlex.join(cmd)}", flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
+    env = launch_env()
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), env["PYTHONPATH"]])
+    proc = subprocess.run(cmd, cwd=cwd or ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import OrderedDict
 import time
 import sys
 from typing import Optional, Sequence
@@ -52,39 +53,113 @@ class Group:
         self.is_member = is_member
 
 
+def cuda_aware_mpi() -> bool:
+    """Whether the MPI library takes CUDA device buffers. FEDMPI_CUDA_AWARE_MPI=0/1
+    decides if set; else Open MPI's `ompi_info` build flag, MPICH's MPIR_CVAR_ENABLE_GPU."""
+    forced = os.environ.get("FEDMPI_CUDA_AWARE_MPI")
+    if forced is not None:
+        return forced.strip() not in ("", "0", "false", "no")
+    if os.environ.get("MPIR_CVAR_ENABLE_GPU") == "1":
+        return True
+    import shutil
+    import subprocess
+    tool = shutil.which("ompi_info")
+    if tool:
+        try:
+            out = subprocess.run([tool, "--parsable", "--all"], capture_output=True, text=True,
+                                 timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return "mpi_built_with_cuda_support:value:true" in out
+    return False
+
+
 class MPIBackend:
+    """Collectives of mpi4py on torch tensors. CPU tensors are passed as numpy views of
+    their memory (no copy). CUDA tensors are passed as they are (through
+    __cuda_array_interface__) when the MPI library is CUDA-aware; otherwise each call
+    makes exactly one device-to-host copy before and one host-to-device copy after."""
     name = "mpi"
 
-    def __init__(self, world):
+    def __init__(self, world, device=None):
         self.world = world
         self.comm = world.comm
         self.MPI = world.MPI
+        self.device_buffers = False
+        self.cache: "OrderedDict[tuple, Group]" = OrderedDict()
+        if device is not None and getattr(device, "type", "cpu") == "cuda":
+            self.device_buffers = cuda_aware_mpi()
+            self.name = "mpi (CUDA-aware: device buffers)" if self.device_buffers \
+                else "mpi (host staging: MPI is not CUDA-aware)"
+
+    CACHE = 32  # subgroup communicators kept for later rounds (USPLIT redraws its pairs)
 
     def group(self, members: tuple[int, ...]) -> Group:
         me = self.world.rank in members
         if len(members) == self.world.size:
             return Group(members, self.comm, me)  # the world itself: no split needed
+        # Split is collective over the world; every rank asks for the same groups in the
+        # same order (the plan), so the cache hits and evicts identically everywhere.
+        if members in self.cache:
+            self.cache.move_to_end(members)
+            return self.cache[members]
         sub = self.comm.Split(0 if me else self.MPI.UNDEFINED, key=self.world.rank)
-        return Group(members, sub if me else None, me)
+        group = self.cache[members] = Group(members, sub if me else None, me)
+        if len(self.cache) > self.CACHE:
+            self._free(self.cache.popitem(last=False)[1])
+        return group
 
     def release(self, group: Group) -> None:
+        pass  # cached (see group)
+
+    def _free(self, group: Group) -> None:
         if group.handle is not None and group.handle is not self.comm:
             group.handle.Free()
         group.handle = None
 
-    def reduce_sum(self, group: Group, buf: np.ndarray) -> Optional[np.ndarray]:
-        out = self.world.scratch(f"reduce-{buf.size}", buf.size) if self.world.rank == 0 else None
-        group.handle.Reduce(buf, out, op=self.MPI.SUM, root=0)
-        return out
+    def _buffer(self, t):
+        """(object MPI can read/write, host staging tensor or None)."""
+        if t.device.type == "cpu":
+            return t.numpy(), None
+        if self.device_buffers:
+            return t, None
+        host = self.world.host_scratch(t.numel(), t.dtype)
+        host.copy_(t)
+        return host.numpy(), host
 
-    def bcast(self, group: Group, buf: np.ndarray) -> None:
+    def reduce_sum(self, group: Group, t) -> None:
+        """Sum of `t` over the group into the root's `t` (the root's own `t` is added)."""
+        buf, host = self._buffer(t)
+        if self.world.rank == 0:
+            group.handle.Reduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM, root=0)
+            if host is not None:
+                t.copy_(host)
+        else:
+            group.handle.Reduce(buf, None, op=self.MPI.SUM, root=0)
+
+    def bcast(self, group: Group, t) -> None:
+        buf, host = self._buffer(t)
         group.handle.Bcast(buf, root=0)
+        if host is not None and self.world.rank != 0:
+            t.copy_(host)
+
+    def reduce_sum_u64(self, group: Group, arr: np.ndarray) -> None:
+        # UINT64_T named explicitly: unsigned SUM wraps modulo 2^64 by the C standard
+        buf = [arr, self.MPI.UINT64_T]
+        if self.world.rank == 0:
+            group.handle.Reduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM, root=0)
+        else:
+            group.handle.Reduce(buf, None, op=self.MPI.SUM, root=0)
 
     def close(self) -> None:
-        pass
+        while self.cache:
+            self._free(self.cache.popitem()[1])
 
 
 class TorchBackend:
+    """torch.distributed on torch tensors, in place. NCCL when every rank has its own GPU
+    (device tensors, zero host copies); gloo otherwise (host tensors; a CUDA tensor is
+    staged through one host buffer per call)."""
     name = "torch"
 
     def __init__(self, world, device):
@@ -114,7 +189,7 @@ class TorchBackend:
         self.groups: dict[tuple, object] = {}
         self.name = f"torch/{backend}"
         if device.type == "cuda" and not use_nccl:
-            self.name += " (ranks share a GPU; NCCL needs one GPU per rank)"
+            self.name += " (ranks share a GPU; NCCL needs one GPU per rank: gloo on host buffers)"
 
     def group(self, members: tuple[int, ...]) -> Group:
         if len(members) == self.world.size:
@@ -126,20 +201,36 @@ class TorchBackend:
     def release(self, group: Group) -> None:
         pass  # cached for later rounds
 
-    def _tensor(self, buf: np.ndarray):
-        t = self.torch.from_numpy(buf)
-        return t.to(self.device) if self.device.type == "cuda" else t
+    def _staged(self, t):
+        if t.device == self.device or (t.device.type == "cpu" and self.device.type == "cpu"):
+            return t, None
+        host = self.world.host_scratch(t.numel(), t.dtype)
+        host.copy_(t)
+        return host, host
 
-    def reduce_sum(self, group: Group, buf: np.ndarray) -> Optional[np.ndarray]:
-        t = self._tensor(buf.copy() if self.device.type == "cpu" else buf)
-        self.dist.reduce(t, dst=0, op=self.dist.ReduceOp.SUM, group=group.handle)
-        return t.cpu().numpy() if self.world.rank == 0 else None
+    def reduce_sum(self, group: Group, t) -> None:
+        buf, host = self._staged(t)
+        self.dist.reduce(buf, dst=0, op=self.dist.ReduceOp.SUM, group=group.handle)
+        if host is not None and self.world.rank == 0:
+            t.copy_(host)
 
-    def bcast(self, group: Group, buf: np.ndarray) -> None:
-        t = self._tensor(buf)
-        self.dist.broadcast(t, src=0, group=group.handle)
-        if self.device.type == "cuda":
-            buf[:] = t.cpu().numpy()
+    def bcast(self, group: Group, t) -> None:
+        buf, host = self._staged(t)
+        self.dist.broadcast(buf, src=0, group=group.handle)
+        if host is not None and self.world.rank != 0:
+            t.copy_(host)
+
+    def reduce_sum_u64(self, group: Group, arr: np.ndarray) -> None:
+        # torch has no uint64 reduction: int64 has the same bits, and its SUM wraps
+        # identically in two's complement (gloo and NCCL add with the hardware's wrap)
+        t = self.torch.from_numpy(arr.view(np.int64))
+        if self.device.type == "cpu":
+            self.dist.reduce(t, dst=0, op=self.dist.ReduceOp.SUM, group=group.handle)
+            return
+        dev = t.to(self.device)  # NCCL takes device tensors only
+        self.dist.reduce(dev, dst=0, op=self.dist.ReduceOp.SUM, group=group.handle)
+        if self.world.rank == 0:
+            t.copy_(dev)
 
     def close(self) -> None:
         if self.dist.is_initialized():
@@ -172,7 +263,7 @@ class World:
         if self.backend_name == "torch":
             self.backend = TorchBackend(self, device)
         else:
-            self.backend = MPIBackend(self)
+            self.backend = MPIBackend(self, device)
 
     # roles -------------------------------------------------------------------------
     @property
@@ -196,11 +287,22 @@ class World:
     def release(self, group: Group) -> None:
         self.backend.release(group)
 
-    def reduce_sum(self, group: Group, buf: np.ndarray) -> Optional[np.ndarray]:
-        return self.backend.reduce_sum(group, buf)
+    def reduce_sum(self, group: Group, t) -> None:
+        """In place on torch tensors: the root's `t` becomes the sum over the group of
+        every member's `t` (the root's own included: zero it to sum the others)."""
+        self.backend.reduce_sum(group, t)
 
-    def bcast(self, group: Group, buf: np.ndarray) -> None:
-        self.backend.bcast(group, buf)
+    def bcast(self, group: Group, t) -> None:
+        """In place on torch tensors: every member's `t` becomes the root's."""
+        self.backend.bcast(group, t)
+
+    def reduce_sum_u64(self, group: Group, arr: np.ndarray) -> None:
+        """In place on a contiguous numpy uint64 array (host memory): the root's `arr`
+        becomes the sum over the group, modulo 2^64 (root's own included: zero it).
+        Secure aggregation's masked fixed-point uploads (fedmpi.secure)."""
+        if arr.dtype != np.uint64 or not arr.flags.c_contiguous:
+            raise ValueError(f"reduce_sum_u64 needs a contiguous uint64 array, got {arr.dtype}")
+        self.backend.reduce_sum_u64(group, arr)
 
     # control plane ------------------------------------------------------------------
     def _wait(self, req, phase: Optional[str]) -> None:
@@ -240,15 +342,28 @@ class World:
     def allgather(self, obj):
         return self.comm.allgather(obj)
 
-    def scratch(self, key: str, n: int) -> np.ndarray:
-        """A float32 buffer reused across rounds (no fresh pages every round)."""
+    def host_scratch(self, n: int, dtype):
+        """A host (pinned where CUDA is up) torch buffer reused across calls, for staging."""
+        import torch
+        key = ("host", n, dtype)
         buf = self._scratch.get(key)
-        if buf is None or buf.size != n:
-            buf = self._scratch[key] = np.empty(n, dtype=np.float32)
+        if buf is None:
+            pin = torch.cuda.is_available() and torch.cuda.is_initialized()
+            buf = self._scratch[key] = torch.empty(n, dtype=dtype, pin_memory=pin)
         return buf
+
+    def bcast_array(self, arr: np.ndarray) -> None:
+        """Broadcast a numpy array from the federator over the whole world, in place."""
+        self.comm.Bcast(arr, root=0)
 
     def gather(self, obj):
         return self.comm.gather(obj, root=0)
+
+    def relay(self, obj) -> list:
+        """Every rank's `obj`, indexed by rank, on every rank, through the federator: a
+        gather to rank 0 and its broadcast (e.g. the clients' public keys; the federator
+        only forwards them)."""
+        return self.comm.bcast(self.comm.gather(obj, root=0), root=0)
 
     def bcast_obj(self, obj):
         return self.comm.bcast(obj, root=0)
@@ -282,7 +397,7 @@ def main(argv=None) -> int:
     import argparse
 
     from .config import ConfigError, load_config
-    from .ledger import comparison, format_table
+    from .ledger import FLOAT_BYTES, SECURE_VALUE_BYTES, comparison, format_table
     from .methods import METHODS
     from .summary import model_region_sizes
 
@@ -294,6 +409,9 @@ def main(argv=None) -> int:
     p.add_argument("--rule", choices=("paper", "moved"), default="paper",
                    help="paper: initial model + R uploads + R-1 downloads; "
                         "moved: what a fedmpi run moves (one more download)")
+    p.add_argument("--secure", action="store_true",
+                   help="uploads as fed.secure sends them: uint64 fixed point, 8 bytes per "
+                        "value instead of 4 (also implied by fed.secure: true in the config)")
     args, rest = p.parse_known_args(argv)
     try:
         cfg = load_config(args.config, rest)
@@ -302,10 +420,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rounds = args.rounds or cfg.fed.rounds
-    results = [comparison(m, args.clients, rounds, sizes, cfg.run.seed)
+    secure = args.secure or cfg.fed.secure
+    value_bytes = SECURE_VALUE_BYTES if secure else FLOAT_BYTES
+    results = [comparison(m, args.clients, rounds, sizes, cfg.run.seed, value_bytes)
                for m in args.methods.split(",")]
-    print(f"parameters exchanged, K={args.clients}, R={rounds}, rule={args.rule}")
-    print(format_table(results, args.rule))
+    print(f"parameters exchanged, K={args.clients}, R={rounds}, rule={args.rule}"
+          + (", secure: uploads uint64 (8 bytes/value), downloads fp32" if secure else ""))
+    print(format_table(results, args.rule, "secure" if secure else "fp32"))
     return 0
 
 

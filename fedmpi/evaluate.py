@@ -78,8 +78,8 @@ class Evaluator:
             dim = self.extractor.dim
             if self.rank != 0:
                 self.ref_mu, self.ref_sigma = np.empty(dim), np.empty((dim, dim))
-            world.comm.Bcast(self.ref_mu, root=0)
-            world.comm.Bcast(self.ref_sigma, root=0)
+            world.bcast_array(self.ref_mu)
+            world.bcast_array(self.ref_sigma)
 
     # ---------------------------------------------------------------------------
     def _generate(self, model, n: int, seed: int):

@@ -17,7 +17,6 @@ regions it receives.
 """
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import time
@@ -36,8 +35,8 @@ from .diffusion import Diffusion
 from .ledger import Ledger, append_rows
 from .methods import make_plan, personal_regions
 from .metrics import JsonlWriter
-from .regions import (REGIONS, all_finite, bind_flat, region_array, region_sizes, set_trainable,
-                      unflatten)
+from .aggregate import Aggregator, NonFiniteAverage, check_secure_plans
+from .regions import REGIONS, all_finite, bind_flat, region_sizes, set_trainable
 from .summary import model_shape
 from .trainer import LocalTrainer, derive_seed, pick_device, share_cpu_threads
 from .unet import build_unet
@@ -127,77 +126,52 @@ class PreemptFlag:
 STOP_FILE = "PREEMPT"
 
 
-def _exchange(world, plan, model, n_k: float, ledger: Ledger, sizes: dict, round_index: int,
-              timings: Optional[dict] = None) -> None:
-    """Aggregate every region shared in this round (both roles call this).
+class RoundStart:
+    """A client's weights (and its Adam state, when kept across rounds) at the start of a
+    round, copied into buffers allocated once per run: an abandoned (preempted) round is
+    rolled back from it, and a non-finite client restarts from it. One memcpy per region
+    per round instead of deep copies of the state dicts."""
 
-    Per region: clients Reduce [n_k * theta_k, n_k] (one float32 buffer) to the
-    federator over the subgroup of the region's reporters; the federator divides into
-    its own weights and Bcasts them to the subgroup of the region's receivers. With
-    `bind_flat` models on the CPU, the federator reduces into scratch and broadcasts
-    from its weights, and clients receive straight into theirs: one pass to scale, one
-    to divide, no other copies.
-    """
-    me = world.client
-    for region in REGIONS:
-        ups, downs = plan.uploaders(region), plan.receivers(region)
-        n = sizes[region]
-        up_group = world.group(ups) if ups else None
-        down_group = None
-        if downs:
-            down_group = up_group if downs == ups else world.group(downs)
-        t0 = time.perf_counter()
-        if up_group is not None and up_group.is_member:
-            send = world.scratch(f"send-{region}", n + 1)
-            if world.is_federator:
-                send.fill(0.0)
-            else:
-                theta, _ = region_array(model, region)
-                np.multiply(theta, np.float32(n_k), out=send[:n])
-                send[n] = n_k
-                ledger.record(round_index, me, region, "up", n)
-            total = world.reduce_sum(up_group, send)
-            if world.is_federator and total[n] > 0:  # 0: every reporter was left out
-                theta, is_view = region_array(model, region)
-                np.divide(total[:n], total[n], out=theta)
-                if not np.isfinite(theta).all():  # finite uploads whose sum overflowed
-                    raise NonFiniteError(
-                        f"round {round_index}: the average of region '{region}' is not finite "
-                        f"although every upload was (float32 overflow); no checkpoint written "
-                        f"for this round", collective=False)
-                if not is_view:
-                    unflatten(model, region, theta)
-                for _ in ups:
-                    ledger.record(round_index, -1, region, "up", n)
-        if down_group is not None and down_group.is_member:
-            theta, is_view = region_array(model, region)
-            world.bcast(down_group, theta)
-            if world.is_federator:
-                for _ in downs:
-                    ledger.record(round_index, -1, region, "down", n)
-            else:
-                if not is_view:
-                    unflatten(model, region, theta)
-                ledger.record(round_index, me, region, "down", n)
-        if timings is not None:
-            timings[region] = timings.get(region, 0.0) + time.perf_counter() - t0
-        for g in {id(g): g for g in (up_group, down_group) if g is not None}.values():
-            world.release(g)
+    def __init__(self, flat: dict, keep_optimizer: bool):
+        self.flat = flat
+        self.weights = {r: torch.empty_like(t) for r, t in flat.items()}
+        self.keep_optimizer = keep_optimizer
+        self.opt_state: dict = {}
 
+    def save(self, trainer) -> None:
+        with torch.no_grad():
+            for r, t in self.flat.items():
+                self.weights[r].copy_(t)
+            if self.keep_optimizer and trainer.optimizer is not None:
+                state = trainer.optimizer.state
+                for p in list(self.opt_state):
+                    if p not in state:
+                        del self.opt_state[p]
+                for p, st in state.items():
+                    saved = self.opt_state.setdefault(p, {})
+                    for k, v in st.items():
+                        if k not in saved:
+                            saved[k] = v.clone() if torch.is_tensor(v) else v
+                        elif torch.is_tensor(v):
+                            saved[k].copy_(v)
+                        else:
+                            saved[k] = v
 
-def _initial_broadcast(world, model, ledger: Ledger, sizes: dict) -> None:
-    group = world.group(range(world.num_clients))
-    for region in REGIONS:
-        theta, is_view = region_array(model, region)  # as in _exchange: in place when bound
-        world.bcast(group, theta)
-        if world.is_federator:
-            for _ in range(world.num_clients):
-                ledger.record(0, -1, region, "down", sizes[region])
-        else:
-            if not is_view:
-                unflatten(model, region, theta)
-            ledger.record(0, world.client, region, "down", sizes[region])
-    world.release(group)
+    def restore(self, trainer) -> None:
+        with torch.no_grad():
+            for r, t in self.flat.items():
+                t.copy_(self.weights[r])
+            if self.keep_optimizer and trainer.optimizer is not None:
+                state = trainer.optimizer.state
+                for p in list(state):
+                    if p not in self.opt_state:
+                        del state[p]  # no step had been taken for it at the round's start
+                for p, saved in self.opt_state.items():
+                    for k, v in saved.items():
+                        if torch.is_tensor(v) and k in state[p]:
+                            state[p][k].copy_(v)
+                        else:
+                            state[p][k] = v.clone() if torch.is_tensor(v) else v
 
 
 def _setup(cfg: Config, world, device) -> dict:
@@ -208,6 +182,7 @@ def _setup(cfg: Config, world, device) -> dict:
             f"split.num_clients is {cfg.split.num_clients} but the job has {world.size} ranks "
             f"(= 1 federator + {K} clients); launch with mpirun -n {cfg.split.num_clients + 1} "
             f"or set --split.num_clients={K}")
+    check_secure_plans(cfg, K)  # fed.secure: every region of every round needs 2 reporters
     channels, size = model_shape(cfg)
     torch.manual_seed(derive_seed(cfg.run.seed, 0xC0FFEE))
     model = build_unet(cfg.model, channels, size).to(device)
@@ -259,7 +234,6 @@ def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log
     if world.is_federator:
         mark_complete(run_dir, round_index, cfg.checkpoint.keep,
                       {r["name"]: r["sha256"] for r in results})
-    world.wait_all("checkpoint")
 
 
 # What must not change between a checkpoint and the job that resumes it.
@@ -374,6 +348,9 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
     K, R, method = world.num_clients, cfg.fed.rounds, cfg.fed.method
     sizes = region_sizes(model)
     ledger = Ledger(world.rank)
+    aggregator = Aggregator(world, model, ledger, cfg)  # fed.secure: key agreement here
+    round_start = RoundStart(aggregator.flat, keep_optimizer=not (
+        cfg.fed.reset_optimizer or cfg.fed.freeze_unshared)) if trainer is not None else None
     metrics = JsonlWriter(run_dir / "metrics.jsonl") if world.is_federator else None
     evaluator = evaluator_factory(cfg, world, run_dir, device) if evaluator_factory else None
 
@@ -389,25 +366,23 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
     if start == 1:
         if world.is_federator:
             _truncate_logs(run_dir, 0)
-        _initial_broadcast(world, model, ledger, sizes)
-        _flush_ledger(world, ledger, run_dir, 0)
+        aggregator.initial_broadcast()
+        _gather_round(world, ledger, run_dir, 0)
         if world.is_federator:
             log(f"fedmpi: {method.upper()} | K={K} clients | R={R} rounds | {world.describe()} "
-                f"| device {device} | run {run_dir}")
+                f"| device {device} | run {run_dir}" + _privacy_text(cfg))
 
     for r in range(start, R + 1):
         t_round = time.perf_counter()
         plan = make_plan(method, r, K, cfg.run.seed)
-        snapshot = None
         stats = {}
         if trainer is not None:
-            snapshot = (copy.deepcopy(model.state_dict()),
-                        copy.deepcopy(trainer.optimizer.state_dict()) if trainer.optimizer else None)
+            round_start.save(trainer)
             if cfg.fed.freeze_unshared:
                 set_trainable(model, plan.uploads[world.client])
                 trainer.new_optimizer()
             elif cfg.fed.reset_optimizer or trainer.optimizer is None:
-                trainer.new_optimizer()
+                trainer.reset_optimizer()
 
             def stop_early(step, loss):
                 if preempt.requested:
@@ -428,9 +403,7 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
         if flags[:, 0].any():
             # Abandon round r on every rank: roll back to the state after round r - 1.
             if trainer is not None:
-                model.load_state_dict(snapshot[0])
-                if snapshot[1] is not None:
-                    trainer.optimizer.load_state_dict(snapshot[1])
+                round_start.restore(trainer)
             if r - 1 >= 1 and latest_complete_bcast(world, run_dir) != r - 1:
                 _checkpoint(cfg, world, run_dir, r - 1, model, trainer, log)
             if world.is_federator:
@@ -455,21 +428,31 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
             if world.is_federator:
                 log(f"warning: round {r}: {who} not finite: left out of this round's averages "
                     f"(fed.on_nonfinite=skip); their models restart from the round's start")
-            if world.rank in nonfinite:  # upload zeros with weight 0, restart from round start
-                model.load_state_dict(snapshot[0])
-                if snapshot[1] is not None:
-                    trainer.optimizer.load_state_dict(snapshot[1])
+            if world.rank in nonfinite:  # upload with weight 0, restart from round start
+                round_start.restore(trainer)
                 weight = 0.0
 
-        t0 = time.perf_counter()
-        _exchange(world, plan, model, weight, ledger, sizes, r)
-        t_agg = time.perf_counter() - t0
+        personal = bool(personal_regions(method))
+        evaluate = evaluator is not None and ((cfg.eval.every and r % cfg.eval.every == 0) or r == R)
+        scores, t_eval = None, 0.0
+        if evaluate and personal and cfg.eval.personal == "local":
+            t0 = time.perf_counter()  # each client's own model, before the aggregation
+            scores = evaluator.run(r, model, personal=True)
+            t_eval = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        scores = None
-        if evaluator is not None and ((cfg.eval.every and r % cfg.eval.every == 0) or r == R):
-            scores = evaluator.run(r, model, personal=bool(personal_regions(method)))
-        t_eval = time.perf_counter() - t0
+        try:
+            stats.update(aggregator.exchange(
+                plan, weight, r, start=round_start.weights if round_start else None))
+        except NonFiniteAverage as e:  # the federator alone: it must take the job down
+            raise NonFiniteError(f"{e}; no checkpoint written for this round",
+                                 collective=False) from None
+        t_agg = time.perf_counter() - t0
+
+        if evaluate and not (personal and cfg.eval.personal == "local"):
+            t0 = time.perf_counter()
+            scores = evaluator.run(r, model, personal=personal)
+            t_eval = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         if (cfg.checkpoint.every and r % cfg.checkpoint.every == 0) or r == R:
@@ -478,13 +461,12 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
                             f"--resume {run_dir}")
         t_ckpt = time.perf_counter() - t0
 
-        client_stats = world.gather(dict(stats, client=world.client, n=n_k))
-        _flush_ledger(world, ledger, run_dir, r)
+        gathered = _gather_round(world, ledger, run_dir, r, dict(stats, client=world.client, n=n_k))
         if world.is_federator:
+            client_stats, round_bytes = gathered
             rows = [s for s in client_stats if s["client"] >= 0]
             losses = [s.get("loss", float("nan")) for s in rows]
             good = [x for x in losses if np.isfinite(x)]
-            round_bytes = ledger.round_bytes(r)
             t_train = max((s.get("train_s", 0.0) for s in rows), default=0.0)
             row = dict(kind="round", round=r, method=method,
                        loss=float(np.mean(good)) if good else float("nan"),
@@ -493,22 +475,28 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
                        bytes=round_bytes, images_per_s=[s.get("images_per_s") for s in rows])
             if scores:
                 row.update(scores)
+            epsilon = aggregator.epsilon(r)  # privacy.dp: the guarantee after round r
+            if epsilon is not None:
+                row.update(epsilon=epsilon, dp_delta=cfg.privacy.delta)
             metrics.write(**row)
             for s in rows:
                 metrics.write(kind="client", round=r, **s)
-            score_txt = _score_text(scores)
+            score_txt = _score_text(scores) + (f" | eps {epsilon:.3g}" if epsilon is not None else "")
             span = f"clients {min(good):.4f}..{max(good):.4f}" if good else "no finite client"
             nan_txt = (f" | NaN: client{'s' if len(nonfinite) > 1 else ''} "
                        f"{', '.join(map(str, nonfinite))} skipped" if nonfinite else "")
             log(f"[round {r}/{R}] loss {row['loss']:.4f} ({span}){nan_txt} | train {t_train:.1f}s "
                 f"agg {t_agg:.2f}s eval {t_eval:.1f}s ckpt {t_ckpt:.1f}s | "
                 f"{round_bytes / 1e6:.2f} MB{score_txt}")
-        world.wait_all(f"round {r}: end")
 
     summary = {}
     if world.is_federator:
         from .ledger import write_summary
-        summary = write_summary(run_dir, method, K, R, sizes, cfg.run.seed)
+        extra = {"secure": cfg.fed.secure}
+        if cfg.privacy.dp:
+            extra["privacy"] = dict(cfg.to_dict()["privacy"], rounds=R, epsilon=aggregator.epsilon(R))
+        summary = write_summary(run_dir, method, K, R, sizes, cfg.run.seed,
+                                aggregator.upload_value_bytes, extra)
         moved = summary["measured"]["moved"]
         log(f"done: moved {moved['params']:,} parameters ({moved['bytes'] / 1e6:.1f} MB), "
             f"{100 * summary['moved']['reduction_vs_full']:.1f}% less than FULL would; "
@@ -516,6 +504,17 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
     if evaluator is not None:
         evaluator.close()
     return summary
+
+
+def _privacy_text(cfg: Config) -> str:
+    """The secure aggregation / DP settings for the start line ('' when both are off)."""
+    parts = []
+    if cfg.fed.secure:
+        parts.append(f"secure aggregation (uint64, 2^-{cfg.fed.secure_frac_bits})")
+    if cfg.privacy.dp:
+        p = cfg.privacy
+        parts.append(f"DP {p.mode} C={p.clip:g} z={p.noise_multiplier:g} delta={p.delta:g}")
+    return "".join(f" | {x}" for x in parts)
 
 
 def _score_text(scores: Optional[dict]) -> str:
@@ -539,12 +538,15 @@ def latest_complete_bcast(world, run_dir: Path):
     return world.bcast_obj(latest_complete(run_dir) if world.is_federator else None)
 
 
-def _flush_ledger(world, ledger: Ledger, run_dir: Path, round_index: int) -> None:
-    """Gather this round's ledger rows from every rank and append them to comm.csv."""
-    mine = [r for r in ledger.dicts() if r["round"] == round_index]
-    gathered = world.gather(mine)
-    if world.is_federator:
-        append_rows([row for rows in gathered for row in rows], run_dir / "comm.csv")
+def _gather_round(world, ledger: Ledger, run_dir: Path, round_index: int, stats=None):
+    """One gather per round: every rank's stats and ledger rows of this round; the
+    federator appends the rows to comm.csv and returns (stats, bytes it moved)."""
+    mine = ledger.pop_round(round_index)  # sent once: the ledger does not grow with R
+    gathered = world.gather((stats, mine))
+    if not world.is_federator:
+        return None
+    append_rows([row for _, rows in gathered for row in rows], run_dir / "comm.csv")
+    return [s for s, _ in gathered], sum(row["bytes"] for row in mine)
 
 
 def _truncate_logs(run_dir: Path, last_round: int) -> None:

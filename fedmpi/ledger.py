@@ -4,7 +4,8 @@ Counting rule (the payload, independent of how the MPI library routes it):
 - round 0: the federator sends the full initial model to every client;
 - round r = 1..R: each client uploads the regions its plan reports, as one float32
   buffer per region with its weight n_k appended (4 * (P + 1) bytes), and receives the
-  regions its plan gives back (4 * P bytes).
+  regions its plan gives back (4 * P bytes). With `fed.secure` an upload is a uint64
+  fixed-point buffer, 8 * (P + 1) bytes (`upload_value_bytes=8`; downloads stay float32).
 
 The paper counts the initial model plus R uploads and R - 1 downloads: its last
 download would start a round R + 1 that never runs. fedmpi does perform that final
@@ -19,6 +20,7 @@ import csv
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from . import metrics
 from .atomic import atomic_write
@@ -29,8 +31,11 @@ FLOAT_BYTES = 4
 FIELDS = ("round", "rank", "client", "region", "direction", "params", "bytes")
 
 
-def upload_bytes(params: int) -> int:
-    return FLOAT_BYTES * (params + 1)
+SECURE_VALUE_BYTES = 8  # fed.secure: uint64 fixed point per uploaded value
+
+
+def upload_bytes(params: int, value_bytes: int = FLOAT_BYTES) -> int:
+    return value_bytes * (params + 1)
 
 
 def download_bytes(params: int) -> int:
@@ -49,19 +54,27 @@ class Ledger:
     rows: list = field(default_factory=list)
 
     def record(self, round_index: int, client: int, region: str, direction: str,
-               params: int) -> None:
-        nbytes = upload_bytes(params) if direction == "up" else download_bytes(params)
+               params: int, nbytes: Optional[int] = None) -> None:
+        """`nbytes`: the bytes handed to the collective (default: the plain float32 size)."""
+        if nbytes is None:
+            nbytes = upload_bytes(params) if direction == "up" else download_bytes(params)
         self.rows.append((round_index, self.rank, client, region, direction, params, nbytes))
 
     def round_bytes(self, round_index: int) -> int:
         return sum(r[6] for r in self.rows if r[0] == round_index)
+
+    def pop_round(self, round_index: int) -> list[dict]:
+        """This round's rows as dicts, removed from the ledger."""
+        out = [dict(zip(FIELDS, r)) for r in self.rows if r[0] == round_index]
+        self.rows = [r for r in self.rows if r[0] != round_index]
+        return out
 
     def dicts(self) -> list[dict]:
         return [dict(zip(FIELDS, r)) for r in self.rows]
 
 
 def analytical_rows(method: str, num_clients: int, rounds: int, sizes: dict[str, int],
-                    seed: int) -> list[dict]:
+                    seed: int, upload_value_bytes: int = FLOAT_BYTES) -> list[dict]:
     """The ledger rows (client side) a run with these settings must produce."""
     rows = []
     for k in range(num_clients):
@@ -74,7 +87,8 @@ def analytical_rows(method: str, num_clients: int, rounds: int, sizes: dict[str,
             for region in REGIONS:
                 if region in plan.uploads[k]:
                     rows.append(dict(round=r, rank=k + 1, client=k, region=region, direction="up",
-                                     params=sizes[region], bytes=upload_bytes(sizes[region])))
+                                     params=sizes[region],
+                                     bytes=upload_bytes(sizes[region], upload_value_bytes)))
             for region in REGIONS:
                 if region in plan.downloads[k]:
                     rows.append(dict(round=r, rank=k + 1, client=k, region=region,
@@ -109,9 +123,12 @@ def summarize(rows: list[dict], rounds: int) -> dict:
             "per_round": dict(sorted(per_round.items()))}
 
 
-def comparison(method: str, num_clients: int, rounds: int, sizes: dict, seed: int) -> dict:
-    """This method's totals against FULL's for the same clients and rounds."""
-    ours = summarize(analytical_rows(method, num_clients, rounds, sizes, seed), rounds)
+def comparison(method: str, num_clients: int, rounds: int, sizes: dict, seed: int,
+               upload_value_bytes: int = FLOAT_BYTES) -> dict:
+    """This method's totals against FULL's for the same clients and rounds (FULL plain:
+    the reduction is in parameters, so the upload width does not change it)."""
+    ours = summarize(analytical_rows(method, num_clients, rounds, sizes, seed,
+                                     upload_value_bytes), rounds)
     full = summarize(analytical_rows("full", num_clients, rounds, sizes, seed), rounds)
     out = {"method": method, "clients": num_clients, "rounds": rounds}
     for rule in ("moved", "paper"):
@@ -131,8 +148,9 @@ def read_csv(path: Path) -> list[dict]:
             for row in metrics.read_csv(path)]
 
 
-def format_table(results: list[dict], rule: str = "paper") -> str:
-    lines = [f"{'method':<8} {'clients':>7} {'rounds':>6} {'parameters':>14} {'MB (fp32)':>11} "
+def format_table(results: list[dict], rule: str = "paper", unit: str = "fp32") -> str:
+    mb = f"MB ({unit})"
+    lines = [f"{'method':<8} {'clients':>7} {'rounds':>6} {'parameters':>14} {mb:>11} "
              f"{'vs FULL':>8}"]
     for res in results:
         t = res[rule]
@@ -158,13 +176,17 @@ def _key(row: dict) -> tuple:
 
 
 def write_summary(run_dir: Path, method: str, num_clients: int, rounds: int, sizes: dict,
-                  seed: int) -> dict:
-    """Summarize RUN_DIR/comm.csv, check it against the analytical table, write JSON."""
+                  seed: int, upload_value_bytes: int = FLOAT_BYTES,
+                  extra: Optional[dict] = None) -> dict:
+    """Summarize RUN_DIR/comm.csv, check it against the analytical table, write JSON.
+    `upload_value_bytes`: 8 for fed.secure runs; `extra`: more keys for the JSON."""
     import json
     rows = read_csv(Path(run_dir) / "comm.csv")
-    expected = analytical_rows(method, num_clients, rounds, sizes, seed)
+    expected = analytical_rows(method, num_clients, rounds, sizes, seed, upload_value_bytes)
     measured = summarize(rows, rounds)
-    out = comparison(method, num_clients, rounds, sizes, seed)
+    out = comparison(method, num_clients, rounds, sizes, seed, upload_value_bytes)
+    out["upload_value_bytes"] = upload_value_bytes
+    out.update(extra or {})
     out["measured"] = {"moved": measured["moved"], "paper": measured["paper"],
                        "per_client": measured["per_client"], "per_round": measured["per_round"]}
     out["matches_analytical"] = sorted(map(_key, client_rows(rows))) == sorted(map(_key, expected))

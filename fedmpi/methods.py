@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .regions import REGIONS
 
@@ -74,14 +75,38 @@ def personal_regions(method: str) -> tuple[str, ...]:
     return tuple(r for r in REGIONS if r not in SHARED[method])
 
 
+def pack_upload(theta: torch.Tensor, n_k: float, out: torch.Tensor) -> torch.Tensor:
+    """A client's FedAvg upload of one region, [n_k * theta_k, n_k], written into `out`
+    (theta.numel() + 1 values): summed over the reporters it holds numerator and weight."""
+    torch.mul(theta, n_k, out=out[:-1])
+    out[-1] = n_k
+    return out
+
+
+def average_into(total: torch.Tensor, out: torch.Tensor) -> bool:
+    """The federator's step: sum_k n_k theta_k / sum_k n_k from the summed uploads, into
+    `out`. Returns False (out untouched) when the reporters' weights sum to 0 (every
+    reporter left out of the round)."""
+    weight = float(total[-1])
+    if weight <= 0:
+        return False
+    torch.div(total[:-1], weight, out=out)
+    return True
+
+
 def fedavg(buffers: list[np.ndarray], sizes: list[float]) -> np.ndarray:
-    """Size-weighted average sum_k n_k theta_k / sum_k n_k, accumulated in float64."""
+    """Size-weighted average sum_k n_k theta_k / sum_k n_k, accumulated in float64, by
+    the same `pack_upload` / `average_into` that the aggregation runs."""
     if not buffers:
         raise ValueError("nothing to average")
-    total = float(sum(sizes))
-    if total <= 0:
+    if float(sum(sizes)) <= 0:
         raise ValueError("client sizes must sum to a positive number")
-    acc = np.zeros(buffers[0].shape, dtype=np.float64)
-    for buf, n in zip(buffers, sizes):
-        acc += float(n) * buf.astype(np.float64)
-    return (acc / total).astype(np.float32)
+    n = buffers[0].size
+    acc = torch.zeros(n + 1, dtype=torch.float64)
+    one = torch.empty(n + 1, dtype=torch.float64)
+    for buf, n_k in zip(buffers, sizes):
+        acc += pack_upload(torch.from_numpy(np.asarray(buf, dtype=np.float64)).reshape(-1),
+                           float(n_k), one)
+    out = torch.empty(n, dtype=torch.float64)
+    average_into(acc, out)
+    return out.reshape(buffers[0].shape).float().numpy()

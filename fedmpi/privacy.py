@@ -21,9 +21,11 @@ about them is released and they need no clipping or noise; only shared regions c
 
 Every client reports every round (sample rate q = 1), so the accountant composes
 `rounds` Gaussian mechanisms of noise multiplier z (`epsilon`, using dp_accounting's
-RDP accountant). The noise comes from numpy's seeded PCG64: reproducible, but not a
-cryptographic generator and subject to the usual floating-point caveats (Mironov 2012);
-fine for research runs, not a certified release.
+RDP accountant). The noise comes from numpy's PCG64 seeded from OS entropy
+(`noise_generator`: not replayable from the config, so runs with DP are not bit-for-bit
+reproducible); PCG64 is not a cryptographic generator and the Gaussian sampling has the
+usual floating-point caveats (Mironov 2012): fine for research runs, not a certified
+release.
 """
 from __future__ import annotations
 
@@ -41,21 +43,71 @@ class PrivacyError(ValueError):
     """An invalid DP setting."""
 
 
+# Clipping aims this much below C, so that rounding the scaled update to float32 (each
+# element by at most 2^-24 relative) cannot push its norm above C.
+_CLIP_MARGIN = 1 - 2.0 ** -22
+
+
+def l2_norm(arrays) -> float:
+    """One L2 norm over several arrays (a client's update of all its uploaded regions),
+    accumulated in float64 chunk by chunk (no float64 copy of a whole region)."""
+    total = 0.0
+    for a in arrays:
+        flat = np.asarray(a).reshape(-1)
+        for i in range(0, flat.size, 1 << 20):
+            chunk = flat[i:i + (1 << 20)].astype(np.float64)
+            total += float(np.dot(chunk, chunk))
+    return math.sqrt(total)
+
+
+def clip_factor(norm: float, clip: float) -> float:
+    """The factor that scales an update of L2 norm `norm` to norm <= clip (1: untouched)."""
+    if not clip > 0:
+        raise PrivacyError(f"clip norm must be > 0 (privacy.clip), got {clip}")
+    if not math.isfinite(norm):
+        raise PrivacyError(f"the client update has a non-finite norm ({norm}): training diverged")
+    return 1.0 if norm <= clip else clip / norm * _CLIP_MARGIN
+
+
 def clip_update(delta: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
     """(delta scaled to L2 norm <= clip, its original norm); a new array, same dtype.
 
-    The norm is accumulated in float64; a float32 result may exceed `clip` by one
-    rounding (relative 2^-24) at most.
+    The norm is accumulated in float64; the scaling aims 2^-22 (relative) below `clip`
+    so that the float32 result stays within the bound.
     """
-    if not clip > 0:
-        raise PrivacyError(f"clip norm must be > 0 (privacy.clip), got {clip}")
     delta = np.asarray(delta)
-    flat = delta.ravel().astype(np.float64, copy=False)
-    norm = float(np.sqrt(np.dot(flat, flat)))
-    if not math.isfinite(norm):
-        raise PrivacyError(f"the client update has a non-finite norm ({norm}): training diverged")
-    factor = min(1.0, clip / norm) if norm > 0 else 1.0
+    norm = l2_norm([delta])
+    factor = clip_factor(norm, clip)
     return (delta * delta.dtype.type(factor)).astype(delta.dtype, copy=False), norm
+
+
+def privatize_update(thetas, starts, clip: float, noise_stds, rng: Optional[np.random.Generator]
+                     ) -> tuple[float, float]:
+    """A client's DP upload, in place: theta <- start + clip(theta - start) + N(0, std^2).
+
+    `thetas`, `starts`: the float arrays of the regions the client uploads (its weights
+    after local training, and the global weights it started the round from). The clip is
+    ONE L2 norm over all of them (the sensitivity of the client's whole upload);
+    `noise_stds`: per region, the distributed-DP share (0: none, central mode). Returns
+    (norm before clipping, norm after clipping), the second <= clip.
+
+    The upload is start + clipped delta in the weights' dtype, so the delta the
+    federator effectively receives differs from the clipped one by the float32 rounding
+    of that sum (half an ulp of each weight), as in any float implementation.
+    """
+    for theta, start in zip(thetas, starts):
+        np.subtract(theta, start, out=theta)  # theta holds the delta from here on
+    norm = l2_norm(thetas)
+    factor = clip_factor(norm, clip)
+    if factor != 1.0:
+        for theta in thetas:
+            theta *= theta.dtype.type(factor)
+    clipped = l2_norm(thetas) if factor != 1.0 else norm
+    for theta, start, std in zip(thetas, starts, noise_stds):
+        if std > 0:
+            add_noise(theta, std, rng)
+        theta += start
+    return norm, clipped
 
 
 def noise_std(noise_multiplier: float, clip: float, mode: str, reporters: int) -> float:
@@ -73,6 +125,12 @@ def noise_std(noise_multiplier: float, clip: float, mode: str, reporters: int) -
         raise PrivacyError(f"need at least one reporter, got {reporters}")
     std = noise_multiplier * clip
     return std if mode == "central" else std / math.sqrt(reporters)
+
+
+def noise_generator() -> np.random.Generator:
+    """A PCG64 seeded from the operating system's entropy: the noise must stay unknown
+    to the federator (a generator seeded from run.seed could be replayed and subtracted)."""
+    return np.random.default_rng()
 
 
 def add_noise(x: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:

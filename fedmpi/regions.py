@@ -135,3 +135,11 @@ def all_finite(model: nn.Module) -> bool:
         tensors += [flat] if flat is not None else region_params(model, region)
     with torch.no_grad():
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def region_tensor(model: nn.Module, region: str, required: bool = True):
+    """The region's flat tensor (the weights' own storage) after `bind_flat`."""
+    flat = _bound_flat(model, region)
+    if flat is None and required:
+        raise RuntimeError(f"region '{region}' is not bound to a flat tensor: call bind_flat(model)")
+    return flat

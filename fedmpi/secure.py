@@ -136,11 +136,13 @@ def check_overflow(max_abs: float, reporters: int, frac_bits: int, where: str = 
 
 
 def encode(values: np.ndarray, frac_bits: int = DEFAULT_FRAC_BITS, reporters: int = 1,
-           out: Optional[np.ndarray] = None, where: str = "") -> np.ndarray:
-    """round(values * 2^frac_bits) as uint64 (two's complement), after `check_overflow`.
+           out: Optional[np.ndarray] = None, where: str = "", scale: float = 1.0) -> np.ndarray:
+    """round(scale * values * 2^frac_bits) as uint64 (two's complement), after `check_overflow`.
 
-    `values`: float64 or float32 (scaled in float64: exact, as 2^frac_bits is a power of
-    two). `reporters`: how many uploads will be summed. `out`: a uint64 buffer to fill.
+    `values`: float64 or float32, scaled in float64 (one rounding at most; none when
+    `scale` is an integer below 2^24 and values are float32). `reporters`: how many
+    uploads will be summed. `out`: a uint64 buffer to fill. `scale`: e.g. the FedAvg
+    weight n_k, so that n_k * theta_k needs no float temporary.
     """
     values = np.asarray(values)
     if values.dtype.kind != "f":
@@ -150,26 +152,30 @@ def encode(values: np.ndarray, frac_bits: int = DEFAULT_FRAC_BITS, reporters: in
         max_abs = max(abs(lo), abs(hi)) if math.isfinite(lo) and math.isfinite(hi) else math.nan
     else:
         max_abs = 0.0
-    check_overflow(max_abs, reporters, frac_bits, where)
+    check_overflow(max_abs * abs(float(scale)), reporters, frac_bits, where)
     if out is None:
         out = np.empty(values.shape, np.uint64)
     elif out.dtype != np.uint64 or out.shape != values.shape:
         raise ValueError(f"encode out must be uint64 of shape {values.shape}")
     work = out.view(np.float64)  # the output's own memory is the float64 workspace
-    np.multiply(values, 2.0 ** frac_bits, out=work, dtype=np.float64)
+    np.multiply(values, float(scale) * 2.0 ** frac_bits, out=work, dtype=np.float64)
     np.rint(work, out=work)  # round to nearest (ties to even)
     # float64 -> int64 over the same elements (|x| < 2^63 after the check: exact)
     np.copyto(out.view(np.int64), work, casting="unsafe")
     return out
 
 
-def decode(total: np.ndarray, frac_bits: int = DEFAULT_FRAC_BITS) -> np.ndarray:
-    """float64 values of a (summed) uint64 fixed-point buffer."""
+def decode(total: np.ndarray, frac_bits: int = DEFAULT_FRAC_BITS,
+           out: Optional[np.ndarray] = None) -> np.ndarray:
+    """float64 values of a (summed) uint64 fixed-point buffer (into `out` if given)."""
     total = np.asarray(total)
     if total.dtype not in (np.uint64, np.int64):
         raise ValueError(f"decode expects the uint64 (or int64) SUM buffer, got {total.dtype}")
-    out = total.view(np.int64).astype(np.float64)
-    out *= 2.0 ** -frac_bits
+    if out is None:
+        out = np.empty(total.shape, np.float64)
+    elif out.dtype != np.float64 or out.shape != total.shape:
+        raise ValueError(f"decode out must be float64 of shape {total.shape}")
+    np.multiply(total.view(np.int64), 2.0 ** -frac_bits, out=out)  # int64 -> float64 rounds only beyond 2^53
     return out
 
 
@@ -312,6 +318,24 @@ class SecureAggregator:
         if self._scratch.size < enc.size + 2:
             self._scratch = np.empty(enc.size + 2, np.uint64)
         return mask_inplace(enc, self.client_id, mask_peers(self.client_id, reporters, neighbors),
+                            self.secrets, round_index, region, scratch=self._scratch)
+
+    def upload_fedavg(self, theta: np.ndarray, weight: float, round_index: int, region: str,
+                      peers: Iterable[int], out: np.ndarray,
+                      neighbors: Optional[int] = None) -> np.ndarray:
+        """The FedAvg upload [weight * theta, weight] of one region, encoded and masked into
+        `out` (uint64, theta.size + 1): what `upload` does, without a float64 copy of it."""
+        reporters = set(int(p) for p in peers) | {self.client_id}
+        where = f" (client {self.client_id}, region {region!r}, round {round_index})"
+        if out.dtype != np.uint64 or out.shape != (theta.size + 1,):
+            raise ValueError(f"upload_fedavg out must be uint64[{theta.size + 1}]")
+        encode(theta.reshape(-1), self.frac_bits, len(reporters), out=out[:-1], where=where,
+               scale=weight)
+        encode(np.array([weight], np.float64), self.frac_bits, len(reporters), out=out[-1:],
+               where=where)
+        if self._scratch.size < out.size + 2:
+            self._scratch = np.empty(out.size + 2, np.uint64)
+        return mask_inplace(out, self.client_id, mask_peers(self.client_id, reporters, neighbors),
                             self.secrets, round_index, region, scratch=self._scratch)
 
     def decode(self, total: np.ndarray) -> np.ndarray:

@@ -93,6 +93,8 @@ def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
                               loss=float(torch.stack(window).mean()))
                 window.clear()
 
+        if cfg.train.reset_optimizer_every_epoch:
+            trainer.reset_optimizer()
         stats = trainer.run(seed=derive_seed(cfg.run.seed, epoch), steps=steps, on_step=on_step)
         if bar is not None:
             bar.close()

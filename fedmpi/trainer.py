@@ -68,6 +68,18 @@ class LocalTrainer:
         self.optimizer = torch.optim.Adam(params, lr=self.lr)
         return self.optimizer
 
+    def reset_optimizer(self) -> torch.optim.Optimizer:
+        """Adam as if newly created (moments and step zeroed), in place: the same numbers
+        as a new optimizer without allocating its state again every round."""
+        if self.optimizer is None:
+            return self.new_optimizer()
+        with torch.no_grad():
+            for state in self.optimizer.state.values():
+                for value in state.values():
+                    if torch.is_tensor(value):
+                        value.zero_()
+        return self.optimizer
+
     def _batches(self, epochs: Optional[int], steps: Optional[int], gen: torch.Generator
                  ) -> Iterable[torch.Tensor]:
         """Shuffled index batches: `steps` batches if given, else `epochs` full passes."""

@@ -133,3 +133,21 @@ def test_world_size_mismatch_is_a_clear_error(tmp_path):
     res = train(3, tmp_path / "run", "--split.num_clients=5")
     assert res.returncode == 2
     assert "split.num_clients is 5" in res.stdout and "mpirun -n 6" in res.stdout
+
+
+def test_personal_models_scored_before_or_after_aggregation(tmp_path):
+    """eval.personal=local samples each UDEC client's own model before the round's
+    aggregation (the reference), aggregated after it: same training, other pictures."""
+    runs = {}
+    for mode in ("local", "aggregated"):
+        run = tmp_path / mode
+        res = train(3, run, "--fed.method=udec", "--fed.rounds=1", "--eval.grid=4",
+                    "--eval.num_samples=4", "--eval.batch_size=4", f"--eval.personal={mode}")
+        assert res.returncode == 0, res.stdout + res.stderr
+        runs[mode] = sorted((run / "samples").glob("round_0001_client_*.png"))
+        assert len(runs[mode]) == 2
+    fa, ca = load_states(tmp_path / "local", 1, 2)
+    fb, cb = load_states(tmp_path / "aggregated", 1, 2)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip([fa, *ca], [fb, *cb]) for k in a)
+    for a, b in zip(runs["local"], runs["aggregated"]):
+        assert a.read_bytes() != b.read_bytes()

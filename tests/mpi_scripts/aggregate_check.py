@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fedmpi.comm import World
-from fedmpi.federated import _exchange
+from fedmpi.aggregate import Aggregator
 from fedmpi.ledger import Ledger
 from fedmpi.methods import METHODS, fedavg, make_plan
 from fedmpi.regions import REGIONS, bind_flat, flatten, region_sizes
@@ -22,15 +22,28 @@ K = world.num_clients
 for m_index, method in enumerate(METHODS):
     torch.manual_seed(1000 * m_index + world.rank)  # every rank a different model
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
-    if world.rank % 2 == 0:  # both paths: in-place flat buffers and copies
-        bind_flat(model)
     sizes = region_sizes(model)
     n_k = float(10 + 7 * world.rank)  # unequal client sizes
     plan = make_plan(method, 3, K, seed=11)
     before = {r: flatten(model, r) for r in REGIONS}
     fed_before = world.comm.bcast(before if world.is_federator else None, root=0)
     uploads = world.comm.gather((before, n_k), root=0)
-    _exchange(world, plan, model, n_k, Ledger(world.rank), sizes, 3)
+    ledger = Ledger(world.rank)
+    Aggregator(world, model, ledger).exchange(plan, n_k, 3)
+    # the ledger holds exactly the bytes handed to the collectives: [n_k theta, n_k] up
+    # (float32, + 1 value) and theta down, for the regions this rank takes part in
+    mine = ledger.pop_round(3)
+    expect = 0
+    for region in REGIONS:
+        n = sizes[region]
+        if world.is_federator:
+            expect += 4 * (n + 1) * len(plan.uploaders(region)) + 4 * n * len(plan.receivers(region))
+        else:
+            expect += 4 * (n + 1) * (region in plan.uploads[world.client])
+            expect += 4 * n * (region in plan.downloads[world.client])
+    if sum(r["bytes"] for r in mine) != expect:
+        print(f"LEDGER MISMATCH {method} rank {world.rank}", flush=True)
+        world.abort(4)
     after = {r: flatten(model, r) for r in REGIONS}
     results = world.comm.gather(after, root=0)
     if world.is_federator:

@@ -1,0 +1,277 @@
+"""Aggregation: the initial broadcast and the per-region FedAvg exchange of each round.
+
+Every rank holds its model's regions as one flat tensor each (`regions.bind_flat`), on
+its training device. For each region shared in a round (the plan, identical on every
+rank, says who reports and who receives it):
+
+    reporters:  pack_upload(theta_k, n_k) -> [n_k * theta_k, n_k]   (methods.py, pure)
+    Reduce(SUM) of that buffer to the federator over the subgroup of the reporters
+    federator:  average_into(sum) -> theta = sum n_k theta_k / sum n_k  (methods.py, pure)
+    Bcast of theta, in place into every receiver's weights, over the receivers' subgroup
+
+Communication works on torch tensors in place (`World.reduce_sum` / `World.bcast`):
+on the CPU no copies at all; on GPUs with NCCL (or a CUDA-aware MPI) none either; with
+a host-only MPI one device-to-host copy before and one host-to-device copy after each
+call. The ledger records the bytes of the buffers actually handed to the collectives.
+`bench/comm.py` times this module against bare collectives on the same tensors.
+
+Two options change the upload, never the plan or the broadcast (`Aggregator(..., cfg)`):
+
+- `fed.secure` (fedmpi.secure): the same [n_k * theta_k, n_k] is encoded in fixed point
+  as uint64 and masked with the other reporters of this region in this round; one
+  integer SUM Reduce (`World.reduce_sum_u64`) over the same subgroup; the federator
+  decodes only the sum (float64), divides and broadcasts float32 as usual. The pair
+  keys are agreed once, when the Aggregator is built (a collective on every rank). The
+  work is on host memory: a GPU model pays one copy of each region each way.
+- `privacy.dp` (fedmpi.privacy): before the uploads, each client replaces the regions
+  it uploads by start + clip(theta - start) (+ its distributed noise share), with
+  uniform weight 1; in central mode the federator adds the noise to its own zero
+  contribution to the sum. The client's weights may be overwritten this way because
+  every region a client uploads comes back to it in the same round's broadcast.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .ledger import Ledger
+from .methods import average_into, make_plan, pack_upload
+from .regions import REGIONS, bind_flat, region_tensor
+
+
+class NonFiniteAverage(RuntimeError):
+    """Finite uploads whose average is not finite (float32 overflow of the sum)."""
+
+
+def check_secure_plans(cfg, num_clients: int) -> None:
+    """At set-up (pure, identical on every rank): every region of every round's plan must
+    have enough reporters to hide a single upload; raises ConfigError naming the first
+    region and round that does not, and the fix."""
+    from .config import ConfigError
+    from .secure import SecureAggError, check_reporters
+    if not cfg.fed.secure:
+        return
+    for r in range(1, cfg.fed.rounds + 1):
+        plan = make_plan(cfg.fed.method, r, num_clients, cfg.run.seed)
+        for region in REGIONS:
+            try:
+                check_reporters(region, r, plan.uploaders(region), cfg.fed.secure_min_reporters)
+            except SecureAggError as e:
+                raise ConfigError(f"{e} (fed.method={cfg.fed.method}, K={num_clients})") from None
+
+
+class _SecureUploads:
+    """A rank's side of fed.secure: its key pair and pair secrets (clients), the uint64
+    upload buffers and the federator's float64 decode buffers, allocated once per run."""
+
+    def __init__(self, world, fed_cfg):
+        import os
+
+        from .secure import SecureAggregator
+        self.frac_bits = fed_cfg.secure_frac_bits
+        self.neighbors = fed_cfg.secure_neighbors
+        self.client = None if world.is_federator else SecureAggregator(world.client, self.frac_bits)
+        # Key agreement, once per run: the federator relays every client's public key
+        # and adds a fresh nonce that binds the pair secrets to this job.
+        mine = os.urandom(16).hex() if world.is_federator else self.client.public_bytes()
+        relayed = world.relay(mine)
+        if self.client is not None:
+            self.client.establish({rank - 1: pub for rank, pub in enumerate(relayed) if rank > 0},
+                                  run_id=relayed[0])
+        self.words: dict[str, np.ndarray] = {}
+        self.decoded: dict[str, np.ndarray] = {}
+
+    def buffer(self, region: str, n: int) -> np.ndarray:
+        buf = self.words.get(region)
+        if buf is None:
+            buf = self.words[region] = np.empty(n + 1, np.uint64)
+        return buf
+
+    def decode(self, region: str, total: np.ndarray) -> np.ndarray:
+        from .secure import decode
+        out = self.decoded.get(region)
+        if out is None:
+            out = self.decoded[region] = np.empty(total.size, np.float64)
+        return decode(total, self.frac_bits, out=out)
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """The tensor's memory as numpy (CPU: a view), else a host copy (write it back)."""
+    return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
+
+
+def _write_back(t: torch.Tensor, host: np.ndarray) -> None:
+    if t.device.type != "cpu":
+        t.copy_(torch.from_numpy(host))
+
+
+class Aggregator:
+    """Owns a rank's region tensors, its reusable upload buffers and the exchange.
+
+    `cfg` (optional): a Config whose fed.secure / privacy.dp choose the secure and DP
+    uploads; with fed.secure the constructor runs the key agreement, so every rank must
+    build its Aggregator at the same point."""
+
+    def __init__(self, world, model: torch.nn.Module, ledger: Ledger, cfg=None):
+        self.world, self.ledger = world, ledger
+        if not all(region_tensor(model, r, required=False) is not None for r in REGIONS):
+            bind_flat(model)
+        self.flat = {r: region_tensor(model, r) for r in REGIONS}
+        self.sizes = {r: t.numel() for r, t in self.flat.items()}
+        self._upload: dict[str, torch.Tensor] = {}
+        self.secure = _SecureUploads(world, cfg.fed) if cfg is not None and cfg.fed.secure else None
+        self.dp = cfg.privacy if cfg is not None and cfg.privacy.dp else None
+        self._rng = None
+        if self.dp is not None:
+            from .privacy import noise_generator
+            self._rng = noise_generator()
+
+    @property
+    def upload_value_bytes(self) -> int:
+        """Bytes per uploaded value: 8 (uint64 fixed point) when secure, else 4."""
+        return 8 if self.secure is not None else 4
+
+    def upload_buffer(self, region: str) -> torch.Tensor:
+        """[n + 1] values on the region's device, allocated once per run."""
+        buf = self._upload.get(region)
+        if buf is None:
+            t = self.flat[region]
+            buf = self._upload[region] = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        return buf
+
+    def initial_broadcast(self) -> None:
+        """The federator's full model to every client (round 0 of the ledger)."""
+        world = self.world
+        group = world.group(range(world.num_clients))
+        for region in REGIONS:
+            t = self.flat[region]
+            with torch.no_grad():
+                world.bcast(group, t)
+            self._record_down(0, region, t, range(world.num_clients))
+        world.release(group)
+
+    def exchange(self, plan, n_k: float, round_index: int, timings: Optional[dict] = None,
+                 start: Optional[dict] = None) -> dict:
+        """Aggregate every region shared in this round (every rank calls this).
+
+        `start`: with privacy.dp, a client's weights at the start of the round, per
+        region (federated.RoundStart.weights). Returns this rank's DP statistics (a
+        client's update norm before and after clipping), else {}."""
+        world = self.world
+        stats = {}
+        if self.dp is not None:
+            n_k = 1.0 if n_k > 0 else 0.0  # uniform weights; 0 keeps a skipped client out
+            if not world.is_federator:
+                stats = self._privatize(plan, start)
+        for region in REGIONS:
+            ups, downs = plan.uploaders(region), plan.receivers(region)
+            up_group = world.group(ups) if ups else None
+            down_group = None
+            if downs:
+                down_group = up_group if downs == ups else world.group(downs)
+            t0 = time.perf_counter()
+            theta = self.flat[region]
+            with torch.no_grad():
+                if up_group is not None and up_group.is_member:
+                    if self.secure is not None:
+                        self._reduce_secure(up_group, ups, region, theta, n_k, round_index)
+                    else:
+                        self._reduce_plain(up_group, ups, region, theta, n_k, round_index)
+                if down_group is not None and down_group.is_member:
+                    world.bcast(down_group, theta)
+                    self._record_down(round_index, region, theta, downs)
+            if timings is not None:
+                timings[region] = timings.get(region, 0.0) + time.perf_counter() - t0
+            for g in {id(g): g for g in (up_group, down_group) if g is not None}.values():
+                world.release(g)
+        return stats
+
+    def _reduce_plain(self, group, ups, region: str, theta: torch.Tensor, n_k: float,
+                      round_index: int) -> None:
+        world = self.world
+        buf = self.upload_buffer(region)
+        if world.is_federator:
+            buf.zero_()  # the root's own contribution to the sum
+            if self.dp is not None and self.dp.mode == "central":
+                self._central_noise(buf[:-1])
+        else:
+            pack_upload(theta, n_k, buf)
+            self.ledger.record(round_index, world.client, region, "up",
+                               theta.numel(), buf.numel() * buf.element_size())
+        world.reduce_sum(group, buf)
+        if world.is_federator:
+            for _ in ups:
+                self.ledger.record(round_index, -1, region, "up", theta.numel(),
+                                   buf.numel() * buf.element_size())
+            if average_into(buf, theta) and not bool(torch.isfinite(theta).all()):
+                raise NonFiniteAverage(
+                    f"round {round_index}: the average of region '{region}' is not "
+                    f"finite although every upload was (float32 overflow)")
+
+    def _reduce_secure(self, group, ups, region: str, theta: torch.Tensor, n_k: float,
+                       round_index: int) -> None:
+        """The secure twin of `_reduce_plain`: masked uint64 upload, integer SUM, the
+        federator decodes the sum only. A decoded sum of finite uploads is finite."""
+        world, sec = self.world, self.secure
+        buf = sec.buffer(region, theta.numel())
+        if world.is_federator:
+            buf.fill(0)
+        else:
+            sec.client.upload_fedavg(_host(theta), n_k, round_index, region, ups, out=buf,
+                                     neighbors=sec.neighbors)
+            self.ledger.record(round_index, world.client, region, "up", theta.numel(), buf.nbytes)
+        world.reduce_sum_u64(group, buf)
+        if world.is_federator:
+            for _ in ups:
+                self.ledger.record(round_index, -1, region, "up", theta.numel(), buf.nbytes)
+            total = sec.decode(region, buf)
+            if total[-1] > 0:  # else every reporter was left out: keep theta
+                host = _host(theta)
+                np.divide(total[:-1], total[-1], out=host, casting="same_kind")
+                _write_back(theta, host)
+
+    def _privatize(self, plan, start: Optional[dict]) -> dict:
+        """Client side of DP-FedAvg: clip this client's update of the regions it uploads
+        (one L2 norm over all of them) and add its noise share (distributed mode)."""
+        from .privacy import noise_std, privatize_update
+        dp = self.dp
+        mine = [r for r in REGIONS if r in plan.uploads[self.world.client]]
+        if not mine:
+            return {}
+        if start is None:
+            raise RuntimeError("privacy.dp needs the client's weights at the round's start "
+                               "(Aggregator.exchange(..., start=RoundStart.weights))")
+        stds = [noise_std(dp.noise_multiplier, dp.clip, dp.mode, len(plan.uploaders(r)))
+                if dp.mode == "distributed" else 0.0 for r in mine]
+        thetas = [_host(self.flat[r]) for r in mine]
+        norm, clipped = privatize_update(thetas, [_host(start[r]) for r in mine], dp.clip,
+                                         stds, self._rng)
+        for r, host in zip(mine, thetas):
+            _write_back(self.flat[r], host)
+        return {"dp_update_norm": norm, "dp_clipped_norm": clipped}
+
+    def _central_noise(self, t: torch.Tensor) -> None:
+        """Central DP: N(0, (z C)^2) per coordinate into the federator's contribution."""
+        from .privacy import add_noise, noise_std
+        std = noise_std(self.dp.noise_multiplier, self.dp.clip, "central", 1)
+        host = _host(t)
+        add_noise(host, std, self._rng)
+        _write_back(t, host)
+
+    def epsilon(self, rounds: int) -> Optional[float]:
+        """The (epsilon, privacy.delta) guarantee after `rounds` rounds (None without DP)."""
+        if self.dp is None:
+            return None
+        from .privacy import epsilon
+        return epsilon(self.dp.noise_multiplier, rounds, self.dp.delta)
+
+    def _record_down(self, round_index: int, region: str, t: torch.Tensor, receivers) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.world.is_federator:
+            for _ in receivers:
+                self.ledger.record(round_index, -1, region, "down", t.numel(), nbytes)
+        else:
+            self.ledger.record(round_index, self.world.client, region, "down", t.numel(), nbytes)

@@ -1,0 +1,69 @@
+"""Per-round client state without deep copies: Adam reset in place, RoundStart rollback,
+and the centralized baseline's per-epoch Adam reset (the reference's)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedmpi.config import load_config
+from fedmpi.diffusion import Diffusion
+from fedmpi.federated import RoundStart
+from fedmpi.regions import bind_flat
+from fedmpi.trainer import LocalTrainer
+from fedmpi.unet import UNet
+
+
+def _trainer(seed=0):
+    torch.manual_seed(seed)
+    model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
+    bind_flat(model)
+    images = np.random.default_rng(seed).integers(0, 255, (32, 1, 28, 28), dtype=np.uint8)
+    cfg = load_config("tests/configs/tiny.yaml")
+    return LocalTrainer(model, Diffusion.from_config(cfg.diffusion), images, 8, 1e-3,
+                        torch.device("cpu"))
+
+
+def _weights(t):
+    return torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
+
+
+def test_reset_in_place_equals_a_new_optimizer():
+    a, b = _trainer(), _trainer()
+    for t in (a, b):
+        t.run(seed=1, steps=3)
+    opt_before = a.optimizer
+    a.reset_optimizer()
+    b.new_optimizer()
+    assert a.optimizer is opt_before  # no new object, no new state tensors
+    for t in (a, b):
+        t.run(seed=2, steps=3)
+    assert torch.equal(_weights(a), _weights(b))
+
+
+def test_round_start_rolls_back_weights_and_adam_state():
+    a, ref = _trainer(), _trainer()
+    for t in (a, ref):
+        t.run(seed=1, steps=2)
+    start = RoundStart(a.model._fedmpi_flat, keep_optimizer=True)
+    start.save(a)
+    a.run(seed=5, steps=4)  # the round to abandon
+    assert not torch.equal(_weights(a), _weights(ref))
+    start.restore(a)
+    assert torch.equal(_weights(a), _weights(ref))
+    for t in (a, ref):  # continuing gives the same numbers: Adam state restored too
+        t.run(seed=9, steps=3)
+    assert torch.equal(_weights(a), _weights(ref))
+
+
+def test_round_start_before_the_first_step_forgets_later_state():
+    a, ref = _trainer(), _trainer()
+    a.new_optimizer()
+    ref.new_optimizer()
+    start = RoundStart(a.model._fedmpi_flat, keep_optimizer=True)
+    start.save(a)
+    a.run(seed=5, steps=2)
+    start.restore(a)
+    assert len(a.optimizer.state) == 0
+    for t in (a, ref):
+        t.run(seed=9, steps=2)
+    assert torch.equal(_weights(a), _weights(ref))
