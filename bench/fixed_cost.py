@@ -47,7 +47,8 @@ def one_job(code: Path, launcher: str, k: int, config: str, rounds: int, out: Pa
     from fedmpi.metrics import read_jsonl
     if out.exists():
         shutil.rmtree(out)
-    args = ["-m", "fedmpi.train", "--config", str(ROOT / config), "--run-dir", str(out),
+    # each code with its own copy of the config (the baseline's schema is older)
+    args = ["-m", "fedmpi.train", "--config", str(code / config), "--run-dir", str(out),
             f"--fed.rounds={rounds}", "--fed.local_steps=1", "--train.batch_size=1",
             "--data.train_subset=2000", "--eval.extractor=none", "--eval.grid=0",
             f"--run.out_dir={out.parent}", *overrides]

@@ -57,11 +57,15 @@ class Diffusion:
     def from_config(cls, d) -> "Diffusion":
         return cls(d.timesteps, d.schedule, d.beta_start, d.beta_end, d.loss)
 
-    @staticmethod
-    def _at(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """arr[t] shaped (B, 1, 1, 1) on like's device and dtype."""
-        vals = torch.from_numpy(arr[t.cpu().numpy()]).to(device=like.device, dtype=like.dtype)
-        return vals.reshape(-1, *([1] * (like.dim() - 1)))
+    def _at(self, arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """arr[t] shaped (B, 1, 1, 1) on like's device and dtype, gathered on the device
+        from a float64 copy of the schedule made once per device (no host sync per call)."""
+        tables = self.__dict__.setdefault("_tables", {})
+        key = (id(arr), like.device)
+        table = tables.get(key)
+        if table is None:
+            table = tables[key] = torch.from_numpy(arr).to(like.device)
+        return table[t.to(like.device)].to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
     # forward process -------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
