@@ -88,6 +88,17 @@ class TrainCfg:
     # centralized: Adam re-created at every epoch, as the reference's baseline (FULL with
     # K = 1, E = 1 per round) does
     reset_optimizer_every_epoch: bool = False
+    # Recipe for short runs (fedmpi.trainer; all off in configs/paper): the learning rate
+    # warms up linearly over warmup_steps, then stays (constant) or decays along a half
+    # cosine to lr_min at the run's last step (cosine); steps are counted over the whole
+    # run (federated: rounds x local steps of the client).
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"   # constant | cosine
+    lr_min: float = 0.0
+    # EMA of the weights for sampling / scoring (0: off; e.g. 0.999 per optimizer step).
+    # Federated: every rank averages the global model after each aggregation (FULL,
+    # USPLIT), or each client its local training (UDEC, ULATDEC); never communicated.
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,7 @@ CHOICES = {
     "fed.method": ("full", "usplit", "udec", "ulatdec"),
     "fed.backend": ("mpi", "torch"),
     "fed.on_nonfinite": ("abort", "skip"),
+    "train.lr_schedule": ("constant", "cosine"),
     "eval.sampler": ("ddim", "ddpm"),
     "eval.extractor": ("classifier", "inception", "none"),
     "eval.personal": ("aggregated", "local"),
@@ -244,6 +256,9 @@ RANGES = {
     "train.max_steps": POSITIVE,
     "train.log_every": POSITIVE,
     "train.num_workers": NON_NEGATIVE,
+    "train.warmup_steps": NON_NEGATIVE,
+    "train.lr_min": NON_NEGATIVE,             # must also be <= train.lr (_validate)
+    "train.ema_decay": Range(0, 1, hi_open=True),  # 0: off
     "fed.rounds": POSITIVE,
     "fed.local_epochs": NON_NEGATIVE,         # 0 only together with fed.local_steps
     "fed.local_steps": POSITIVE,
@@ -374,6 +389,10 @@ def _validate(cfg: Config, source: str) -> None:
     if not d.beta_start < d.beta_end:
         raise ConfigError(f"{source}: need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
                           f"got {d.beta_start} and {d.beta_end}")
+    if cfg.train.lr_min > cfg.train.lr:
+        raise ConfigError(f"{source}: 'train.lr_min' ({cfg.train.lr_min}) must not exceed "
+                          f"'train.lr' ({cfg.train.lr}): the cosine schedule decays from lr "
+                          f"to lr_min")
     if not cfg.model.dim_mults:
         raise ConfigError(f"{source}: 'model.dim_mults' must not be empty")
     if cfg.eval.ddim_steps > d.timesteps:

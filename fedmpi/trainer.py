@@ -5,10 +5,21 @@ whole shard lives on the training device as uint8 and is scaled per batch, so th
 is no DataLoader worker overhead). Randomness (shuffling, timesteps, noise) comes from
 generators seeded from (run seed, round or epoch, client), never from global state, so
 a resumed run replays exactly the same batches as an uninterrupted one.
+
+It also owns the two recipe pieces that make short runs sample well (both off by
+default, and off in the paper configs):
+
+- `LRSchedule` (`train.warmup_steps`, `train.lr_schedule`, `train.lr_min`): the learning
+  rate as a pure function of the optimizer step counted over the whole run, so a
+  resumed run, a preempted round replayed, and every client agree on it.
+- `EMA` (`train.ema_decay`): an exponential moving average of the weights, used for
+  sampling and scoring only; the raw weights are what is trained and communicated.
 """
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -41,11 +52,132 @@ def share_cpu_threads(ranks_on_node: int) -> None:
         torch.set_num_threads(max(1, (cores or 1) // ranks_on_node))
 
 
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning rate at optimizer step `step` (0-based, counted over the whole run):
+    a linear warm-up from lr / warmup to lr over the first `warmup` steps, then constant
+    (kind "constant") or a half cosine from lr down to `lr_min` at step `total` (kind
+    "cosine"; lr_min after that)."""
+    lr: float
+    warmup: int = 0
+    kind: str = "constant"
+    total: int = 0
+    lr_min: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.kind == "cosine" and self.total > self.warmup:
+            progress = min(1.0, (step - self.warmup) / (self.total - self.warmup))
+            return self.lr_min + 0.5 * (self.lr - self.lr_min) * (1 + math.cos(math.pi * progress))
+        return self.lr
+
+    @property
+    def active(self) -> bool:
+        """False when the rate is always `lr` (the trainer then never touches it)."""
+        return self.warmup > 0 or self.kind != "constant"
+
+    @classmethod
+    def from_config(cls, train_cfg, total_steps: int) -> "LRSchedule":
+        return cls(train_cfg.lr, train_cfg.warmup_steps, train_cfg.lr_schedule,
+                   int(total_steps), train_cfg.lr_min)
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point weights (`train.ema_decay`).
+
+    After an update standing for `steps` optimizer steps the average becomes
+    ema = d * ema + (1 - d) * theta, with d the product over those steps of
+    min(decay, (1 + n) / (10 + n)), n counting the steps averaged so far: the usual
+    warm-up, so that early on the average follows the weights instead of remembering the
+    random initialization. The average lives in float32 buffers of its own; it is never
+    trained and never communicated. `state_dict()` holds tensors and numbers only
+    (checkpoints are read with torch.load(weights_only=True)).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in (0, 1) for an EMA, got {decay}")
+        self.decay = float(decay)
+        self.updates = 0  # optimizer steps averaged so far (n above)
+        self.shadow = {name: t.detach().clone().float()
+                       for name, t in model.state_dict().items() if t.is_floating_point()}
+        self._backup: Optional[dict] = None
+
+    def decay_for(self, steps: int = 1) -> float:
+        d = 1.0
+        for n in range(self.updates, self.updates + steps):
+            d *= min(self.decay, (1 + n) / (10 + n))
+        return d
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, steps: int = 1) -> None:
+        """Fold the model's current weights in, as the average after `steps` more steps."""
+        if steps <= 0:
+            return
+        weight = 1.0 - self.decay_for(steps)
+        current = model.state_dict()
+        names = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[k] for k in names],
+                             [current[k].float() for k in names], weight)
+        self.updates += steps
+
+    @torch.no_grad()
+    def copy_from(self, model: torch.nn.Module) -> None:
+        """Restart the average at the model's weights (n kept)."""
+        current = model.state_dict()
+        for k, t in self.shadow.items():
+            t.copy_(current[k])
+
+    def applied(self, model: torch.nn.Module):
+        """Context manager: the model holds the averaged weights inside, its own after
+        (copies in place, so weights bound to flat communication buffers stay bound)."""
+        return _Swap(self, model)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["shadow"]) != set(self.shadow):
+            raise ValueError("the checkpoint's EMA does not fit this model")
+        for k, t in state["shadow"].items():
+            self.shadow[k].copy_(t)
+        self.updates = int(state["updates"])
+
+
+class _Swap:
+    def __init__(self, ema: EMA, model: torch.nn.Module):
+        self.ema, self.model = ema, model
+
+    def __enter__(self):
+        current = self.model.state_dict()
+        if self.ema._backup is None:  # allocated once, reused at every evaluation
+            self.ema._backup = {k: current[k].detach().clone() for k in self.ema.shadow}
+        with torch.no_grad():
+            for k, t in self.ema.shadow.items():
+                self.ema._backup[k].copy_(current[k])
+                current[k].copy_(t)
+        return self.model
+
+    def __exit__(self, *exc):
+        current = self.model.state_dict()
+        with torch.no_grad():
+            for k in self.ema.shadow:
+                current[k].copy_(self.ema._backup[k])
+        return False
+
+
 class LocalTrainer:
-    """Mini-batch epsilon-prediction training of `model` on uint8 images (N, C, H, W)."""
+    """Mini-batch epsilon-prediction training of `model` on uint8 images (N, C, H, W).
+
+    `schedule` (an `LRSchedule`): the learning rate of each step, looked up at the step's
+    run-wide index (`run(start_step=...)`). `ema` (an `EMA`): updated after every
+    optimizer step when given."""
 
     def __init__(self, model: torch.nn.Module, diffusion: Diffusion, images: np.ndarray,
-                 batch_size: int, lr: float, device: torch.device):
+                 batch_size: int, lr: float, device: torch.device,
+                 schedule: Optional[LRSchedule] = None, ema: Optional[EMA] = None):
         if len(images) == 0:
             raise ValueError("this client has no training images")
         self.model = model.to(device)
@@ -53,6 +185,8 @@ class LocalTrainer:
         self.device = device
         self.batch_size = batch_size
         self.lr = lr
+        self.schedule = schedule if schedule is not None and schedule.active else None
+        self.ema = ema
         self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
@@ -93,9 +227,19 @@ class LocalTrainer:
                 yield perm[i:i + self.batch_size]
                 done += 1
 
+    def steps_for(self, epochs: Optional[int] = None, steps: Optional[int] = None) -> int:
+        """Optimizer steps that run(epochs=..., steps=...) takes."""
+        return steps if steps is not None else epochs * self.steps_per_epoch()
+
     def run(self, seed: int, epochs: Optional[int] = None, steps: Optional[int] = None,
-            on_step: Optional[Callable[[int, float], None]] = None) -> dict:
-        """Train for `epochs` passes or `steps` optimizer steps; returns loss and throughput."""
+            on_step: Optional[Callable[[int, float], None]] = None, start_step: int = 0,
+            log_every: int = 0) -> dict:
+        """Train for `epochs` passes or `steps` optimizer steps; returns loss and throughput.
+
+        `start_step`: the run-wide index of the first step (for the LR schedule).
+        `log_every`: also return "step_losses", [run-wide step, mean loss] of every
+        window of `log_every` steps ending in this call (no extra synchronisation: the
+        losses are read once, at the end)."""
         if self.optimizer is None:
             self.new_optimizer()
         cpu_gen = torch.Generator().manual_seed(seed)
@@ -104,11 +248,17 @@ class LocalTrainer:
         losses, n_images = [], 0
         start = time.perf_counter()
         for step, idx in enumerate(self._batches(epochs, steps, cpu_gen)):
+            if self.schedule is not None:
+                lr = self.schedule(start_step + step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
             x0 = self.images[idx].float().div_(127.5).sub_(1.0)
             loss = self.diffusion.loss(self.model, x0, generator=dev_gen)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
             losses.append(loss.detach())
             n_images += len(idx)
             if on_step is not None:
@@ -117,7 +267,24 @@ class LocalTrainer:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         loss_values = torch.stack(losses).float().cpu().numpy() if losses else np.zeros(0)
-        return {"loss": float(loss_values.mean()) if len(loss_values) else float("nan"),
-                "loss_last": float(loss_values[-10:].mean()) if len(loss_values) else float("nan"),
-                "steps": len(loss_values), "images": n_images, "train_s": seconds,
-                "images_per_s": n_images / seconds if seconds > 0 else float("nan")}
+        out = {"loss": float(loss_values.mean()) if len(loss_values) else float("nan"),
+               "loss_last": float(loss_values[-10:].mean()) if len(loss_values) else float("nan"),
+               "steps": len(loss_values), "images": n_images, "train_s": seconds,
+               "images_per_s": n_images / seconds if seconds > 0 else float("nan")}
+        if log_every:
+            out["step_losses"] = window_means(loss_values, start_step, log_every)
+        if self.schedule is not None and len(loss_values):
+            out["lr_last"] = self.schedule(start_step + len(loss_values) - 1)
+        return out
+
+
+def window_means(losses: np.ndarray, start_step: int, every: int) -> list:
+    """[[step, mean loss]] for each window of `every` steps (run-wide steps start_step + 1,
+    ...) that ends inside this array; `step` is the window's last step, 1-based."""
+    out = []
+    for i, _ in enumerate(losses):
+        end = start_step + i + 1
+        if end % every == 0:
+            lo = max(0, i + 1 - every)
+            out.append([end, float(losses[lo:i + 1].mean())])
+    return out
