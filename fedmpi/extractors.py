@@ -166,7 +166,7 @@ class InceptionExtractor:
 # federator does not own, and its cache files (another hash) are never read again.
 CLASSIFIER_SETTINGS = {"arch": "cnn8-32-fc128", "version": 2, "data": "test split",
                        "holdout": 0.2, "epochs": 20, "batch_size": 128, "lr": 3e-3,
-                       "schedule": "onecycle", "augment": "flip+shift2", "seed": 0}
+                       "schedule": "onecycle", "augment": "flip+shift2-per-image", "seed": 0}
 MIN_CLASSIFIER_IMAGES = 20  # fewer leave no fit part and held-out part worth the names
 
 
@@ -265,15 +265,19 @@ def _accuracy(net, images, labels, device) -> float:
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips (per image) and one random shift of up to 2 pixels (per
-    batch): a few thousand test images overfit a CNN without them (held-out accuracy
-    0.886 without, 0.90 with, on Fashion-MNIST)."""
-    flip = torch.rand(len(x), generator=gen) < 0.5
+    """A random horizontal flip and a random shift of up to 2 pixels, per image: a few
+    thousand test images overfit the CNN without them (Fashion-MNIST, 20 epochs: fit
+    accuracy 1.00 and held-out 0.886 without; held-out 0.878 with one shift per batch,
+    0.891 with one per image)."""
+    b, c, h, w = x.shape
+    flip = torch.rand(b, generator=gen) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    h, w = x.shape[2:]
     padded = F.pad(x, (2, 2, 2, 2), value=-1.0)  # -1: black, the images' background
-    dy, dx = torch.randint(0, 5, (2,), generator=gen).tolist()
-    return padded[:, :, dy:dy + h, dx:dx + w]
+    dy, dx = torch.randint(0, 5, (2, b), generator=gen)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (b, 1, h, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (b, 1, 1, w)
+    return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                  rows, cols]
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, device="cpu",

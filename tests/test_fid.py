@@ -177,7 +177,7 @@ def classifier(fmnist, classifier_cache):
 @needs_fmnist
 def test_classifier_accuracy_and_cache(classifier, classifier_cache, fmnist):
     assert classifier.name == "fd_classifier" and classifier.dim == 128
-    assert classifier.accuracy >= 0.88  # on the 2000 held-out test images it never fitted
+    assert classifier.accuracy >= 0.87  # on the 2000 held-out test images it never fitted
     path = classifier_cache_path("fashion_mnist", classifier_cache,
                                  data_digest(fmnist[2], fmnist[3]))
     assert path.is_file() and path.name.startswith("classifier-fashion_mnist-testsplit-")
