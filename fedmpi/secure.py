@@ -28,6 +28,20 @@ complement). The SUM over m reporters decodes correctly as long as it stays insi
 int64, which each client enforces for its own upload (`check_overflow`):
 m * (max|v| * 2^frac_bits + 1/2) < 2^63. If every reporter stays within that share
 of the range, the sum cannot wrap, with no extra communication.
+
+Resolution (what "secure = plain" means): each client rounds n_k * theta_k once, by at
+most 2^-(F+1), so the decoded average sum n_k theta_k / sum n_k is within
+m * 2^-(F+1) / sum n_k of the exact one, then rounded once to float32
+(`decode_average`). The plain float32 path itself is off by a few float32 ulps of the
+largest |theta_k| (it rounds n_k * theta_k and every partial sum), which at the default
+F = 24 and any n_k >= 1 is the larger term: one round of secure aggregation equals the
+plain one within m * 2^-(F+1) / sum n_k + (m + 2) ulp(max |theta_k|). Training
+amplifies such last-bit differences over later rounds as it does any other rounding
+difference, so runs are compared round by round, not bit for bit after many rounds.
+
+Intermediate ranks of the reduction (Open MPI's tree, gloo's ring, which also leaves
+partial sums in the senders' buffers) only ever see sums of masked uploads: a sum over
+a proper subset of the reporters still carries the masks of the pairs that cross it.
 """
 from __future__ import annotations
 
@@ -53,6 +67,10 @@ DEFAULT_FRAC_BITS = 24
 
 _INT64_LIMIT = 2 ** 63
 _SECRET_BYTES = 32
+# Values per step of encode / mask_inplace: a chunk of the upload and of each mask stream
+# stay in the L2 cache, which halves the time of the memory-bound passes (measured on a
+# 3M-value upload: 16 ms instead of 32 ms per mask on this project's 2-core VM).
+_CHUNK = 1 << 15
 
 
 class SecureAggError(RuntimeError):
@@ -155,14 +173,33 @@ def encode(values: np.ndarray, frac_bits: int = DEFAULT_FRAC_BITS, reporters: in
     check_overflow(max_abs * abs(float(scale)), reporters, frac_bits, where)
     if out is None:
         out = np.empty(values.shape, np.uint64)
-    elif out.dtype != np.uint64 or out.shape != values.shape:
-        raise ValueError(f"encode out must be uint64 of shape {values.shape}")
-    work = out.view(np.float64)  # the output's own memory is the float64 workspace
-    np.multiply(values, float(scale) * 2.0 ** frac_bits, out=work, dtype=np.float64)
-    np.rint(work, out=work)  # round to nearest (ties to even)
-    # float64 -> int64 over the same elements (|x| < 2^63 after the check: exact)
-    np.copyto(out.view(np.int64), work, casting="unsafe")
+    elif out.dtype != np.uint64 or out.shape != values.shape or not out.flags.c_contiguous:
+        raise ValueError(f"encode out must be contiguous uint64 of shape {values.shape}")
+    src, dst = values.reshape(-1), out.reshape(-1).view(np.int64)
+    factor = float(scale) * 2.0 ** frac_bits
+    work = np.empty(min(src.size, _CHUNK), np.float64)
+    for i in range(0, src.size, _CHUNK):
+        w = work[:min(_CHUNK, src.size - i)]
+        np.multiply(src[i:i + w.size], factor, out=w, dtype=np.float64)
+        np.rint(w, out=w)  # round to nearest (ties to even)
+        # float64 -> int64 (|x| < 2^63 after the check: exact), stored as uint64
+        np.copyto(dst[i:i + w.size], w, casting="unsafe")
     return out
+
+
+def decode_average(total: np.ndarray, frac_bits: int, out: np.ndarray) -> float:
+    """The federator's step on a summed FedAvg upload [sum n_k theta_k, sum n_k] in fixed
+    point: writes sum n_k theta_k / sum n_k into the float array `out` (one pass, in
+    float64 before the final rounding to out's dtype) and returns sum n_k. With a
+    weight <= 0 (every reporter left out) `out` is left untouched."""
+    if total.dtype != np.uint64 or total.size != out.size + 1:
+        raise ValueError(f"decode_average expects uint64[{out.size + 1}], got "
+                         f"{total.dtype}[{total.size}]")
+    weight = float(decode(total[-1:], frac_bits)[0])
+    if weight > 0:
+        np.multiply(total[:-1].view(np.int64), 2.0 ** -frac_bits / weight,
+                    out=out.reshape(-1), casting="same_kind")
+    return weight
 
 
 def decode(total: np.ndarray, frac_bits: int = DEFAULT_FRAC_BITS,
@@ -186,6 +223,12 @@ def _mask_key(pair_secret: bytes, round_index: int, region: str) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(pair_secret)
 
 
+def _mask_cipher(pair_secret: bytes, round_index: int, region: str):
+    """The pair's AES-256-CTR keystream for one (round, region), from counter block 0."""
+    return Cipher(algorithms.AES(_mask_key(pair_secret, round_index, region)),
+                  modes.CTR(bytes(16))).encryptor()
+
+
 class _Zeros:
     """One shared read-only zero buffer, grown on demand: the CTR plaintext."""
     buf = memoryview(b"")
@@ -205,8 +248,7 @@ def mask_stream(pair_secret: bytes, round_index: int, region: str, n: int,
     `out`: optional uint64 buffer of at least n + 2 elements (CTR's `update_into` wants
     15 spare bytes), reused across pairs to avoid allocating per pair.
     """
-    enc = Cipher(algorithms.AES(_mask_key(pair_secret, round_index, region)),
-                 modes.CTR(bytes(16))).encryptor()
+    enc = _mask_cipher(pair_secret, round_index, region)
     if out is None:
         out = np.empty(n + 2, np.uint64)
     elif out.dtype != np.uint64 or out.size < n + 2:
@@ -221,23 +263,30 @@ def mask_inplace(buf: np.ndarray, me: int, peers: Iterable[int], secrets: Mappin
 
     `peers`: the other reporters of this region in this round (own id skipped), as the
     plan gives them, or `mask_peers(...)` of them; subsets differ per region, so every
-    reporter must derive its peers from the same set.
+    reporter must derive its peers from the same set. The masks are `mask_stream`'s,
+    drawn chunk by chunk (`scratch`: optional uint64 buffer, reused across calls).
     """
     if buf.dtype != np.uint64 or not buf.flags.c_contiguous:
         raise ValueError(f"mask_inplace needs a contiguous uint64 buffer, got {buf.dtype}")
-    n = buf.size
     flat = buf.reshape(-1)
-    if scratch is None:
-        scratch = np.empty(n + 2, np.uint64)
+    pairs = []
     for peer in sorted(set(int(p) for p in peers) - {me}):
         if peer not in secrets:
             raise SecureAggError(f"client {me} has no pair secret with client {peer}; run the key "
                                  "exchange (derive_secrets) over all clients before round 1")
-        mask = mask_stream(secrets[peer], round_index, region, n, out=scratch)
-        if me < peer:
-            np.add(flat, mask, out=flat)  # uint64 arithmetic wraps modulo 2^64
-        else:
-            np.subtract(flat, mask, out=flat)
+        # uint64 arithmetic wraps modulo 2^64
+        pairs.append((_mask_cipher(secrets[peer], round_index, region),
+                      np.add if me < peer else np.subtract))
+    if scratch is None or scratch.size < _CHUNK + 2:
+        scratch = np.empty(_CHUNK + 2, np.uint64)
+    out_bytes = memoryview(scratch).cast("B")  # CTR's update_into wants 15 spare bytes
+    zeros = _Zeros.get(8 * _CHUNK)
+    for i in range(0, flat.size, _CHUNK):
+        part = flat[i:i + _CHUNK]
+        mask = scratch[:part.size]
+        for enc, op in pairs:
+            enc.update_into(zeros[:8 * part.size], out_bytes)
+            op(part, mask, out=part)
     return buf
 
 

@@ -228,3 +228,67 @@ def test_ring_of_neighbours_cancels_and_is_symmetric():
     # any partial sum short of the whole set stays masked (the ring is connected)
     partial = reduce_sum([uploads[r] for r in reporters[:-1]])
     assert byte_pvalue(partial) > 1e-3
+
+
+# --- set-up checks of a run (pure: every rank runs them identically) -------------------
+
+def test_secure_plans_checked_for_every_round_at_setup():
+    from fedmpi.aggregate import check_secure_plans
+    from fedmpi.config import ConfigError, load_config
+
+    def cfg(method, **more):
+        return load_config(None, {"fed.method": method, "fed.secure": True, "fed.rounds": 5, **more})
+    with pytest.raises(ConfigError, match=r"USPLIT at K = 2.*fed\.method=usplit, K=2"):
+        check_secure_plans(cfg("usplit"), 2)
+    with pytest.raises(ConfigError, match="has 1 reporter"):  # odd K: one region has 1 reporter
+        check_secure_plans(cfg("usplit"), 3)
+    for k in (4, 5, 10):
+        check_secure_plans(cfg("usplit"), k)
+    for method in ("full", "udec", "ulatdec"):
+        check_secure_plans(cfg(method), 2)
+    check_secure_plans(cfg("usplit", **{"fed.secure_min_reporters": 1}), 2)  # explicit opt-out
+    check_secure_plans(load_config(None, {"fed.method": "usplit"}), 2)  # not secure: no check
+
+
+def test_secure_with_central_dp_is_a_config_error():
+    from fedmpi.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="privacy.mode=distributed"):
+        load_config(None, {"fed.secure": True, "privacy.dp": True})
+    cfg = load_config(None, {"fed.secure": True, "privacy.dp": True, "privacy.mode": "distributed"})
+    assert cfg.fed.secure_frac_bits == DEFAULT_FRAC_BITS  # the config default is the module's
+
+
+def test_fedavg_upload_scales_without_a_float_copy():
+    """upload_fedavg = encode([n_k theta, n_k]) + masks; n_k theta rounded once, in float64."""
+    aggs = clients(3, seed=19)
+    theta = np.random.default_rng(20).normal(0, 0.2, 1001).astype(np.float32)
+    n_k = 4321.0
+    out = np.empty(theta.size + 1, np.uint64)
+    masked = aggs[0].upload_fedavg(theta, n_k, 2, "decoder", [0, 1, 2], out=out)
+    assert masked is out
+    # client 0 is the lower id of both its pairs: it added both masks; take them off
+    unmasked = masked.copy()
+    for peer in (1, 2):
+        unmasked -= secure.mask_stream(aggs[0].secrets[peer], 2, "decoder", out.size)
+    plain = secure.encode(np.append(theta.astype(np.float64) * n_k, n_k), reporters=3)
+    assert np.array_equal(unmasked, plain)
+    assert np.max(np.abs(secure.decode(plain)[:-1] / n_k - theta)) <= 1.01 * 2.0 ** -(DEFAULT_FRAC_BITS + 1) / n_k
+
+
+def test_analytical_table_knows_the_secure_upload_width(capsys):
+    """The ledger's expectation for fed.secure: uploads 8 * (P + 1), downloads 4 * P."""
+    from fedmpi import comm, ledger
+    sizes = {"encoder": 100, "bottleneck": 50, "decoder": 70}
+    plain = ledger.analytical_rows("ulatdec", 3, 2, sizes, 0)
+    wide = ledger.analytical_rows("ulatdec", 3, 2, sizes, 0, ledger.SECURE_VALUE_BYTES)
+    assert len(plain) == len(wide)
+    for p, w in zip(plain, wide):
+        assert w["bytes"] == (2 * p["bytes"] if p["direction"] == "up" else p["bytes"])
+        assert w["bytes"] == (8 * (w["params"] + 1) if w["direction"] == "up" else 4 * w["params"])
+    a = ledger.comparison("udec", 3, 2, sizes, 0)
+    b = ledger.comparison("udec", 3, 2, sizes, 0, ledger.SECURE_VALUE_BYTES)
+    assert b["moved"]["params"] == a["moved"]["params"] and b["moved"]["bytes"] > a["moved"]["bytes"]
+    assert b["moved"]["reduction_vs_full"] == a["moved"]["reduction_vs_full"]
+    assert comm.main(["--config", "tests/configs/tiny.yaml", "--clients", "2", "--secure"]) == 0
+    out = capsys.readouterr().out
+    assert "uploads uint64 (8 bytes/value)" in out and "MB (secure)" in out
