@@ -113,3 +113,30 @@ def test_epsilon_monotone_in_rounds_and_noise():
     assert privacy.epsilon(1.0, 50, 1e-5, sample_rate=0.1) < privacy.epsilon(1.0, 50, 1e-5)
     with pytest.raises(PrivacyError, match="privacy.delta"):
         privacy.epsilon(1.0, 5, 0.0)
+
+
+# --- (d) a client's whole upload: one clip over all its regions ------------------------
+
+def test_privatize_update_clips_jointly_and_adds_the_share():
+    rng = np.random.default_rng(3)
+    starts = [rng.normal(0, 0.1, n).astype(np.float32) for n in (30_000, 20_000)]
+    deltas = [rng.normal(0, 0.01, s.size).astype(np.float32) for s in starts]
+    clip = 0.5
+    joint = float(np.sqrt(sum(np.sum(d.astype(np.float64) ** 2) for d in deltas)))
+    assert joint > clip and all(np.linalg.norm(d) < joint for d in deltas)
+    thetas = [s + d for s, d in zip(starts, deltas)]
+    exact = [t.astype(np.float64) - s for t, s in zip(thetas, starts)]
+    norm, clipped = privacy.privatize_update(thetas, starts, clip, [0.0, 0.0], None)
+    assert norm == pytest.approx(joint, rel=1e-6) and clipped <= clip
+    assert clipped == pytest.approx(clip, rel=1e-6)  # on the ball, the same factor everywhere
+    for t, s, e in zip(thetas, starts, exact):
+        np.testing.assert_allclose(t - s, e * clip / norm, atol=2e-8)
+    # a small update passes untouched; distributed shares: std per region as given
+    small = [s + 1e-4 * np.sign(s) for s in starts]
+    before = [t.copy() for t in small]
+    norm, clipped = privacy.privatize_update(small, starts, 100.0, [0.0, 0.0], None)
+    assert norm == clipped and all(np.array_equal(a, b) for a, b in zip(small, before))
+    noisy = [s.copy() for s in starts]
+    privacy.privatize_update(noisy, starts, clip, [0.3, 0.0], np.random.default_rng(4))
+    lo, hi = chi2_std_interval((noisy[0] - starts[0]).astype(np.float64))
+    assert lo <= 0.3 <= hi and np.array_equal(noisy[1], starts[1])
