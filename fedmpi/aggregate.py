@@ -64,8 +64,8 @@ def check_secure_plans(cfg, num_clients: int) -> None:
 
 
 class _SecureUploads:
-    """A rank's side of fed.secure: its key pair and pair secrets (clients), the uint64
-    upload buffers and the federator's float64 decode buffers, allocated once per run."""
+    """A rank's side of fed.secure: its key pair and pair secrets (clients) and the uint64
+    upload buffers, allocated once per run."""
 
     def __init__(self, world, fed_cfg):
         import os
@@ -82,20 +82,12 @@ class _SecureUploads:
             self.client.establish({rank - 1: pub for rank, pub in enumerate(relayed) if rank > 0},
                                   run_id=relayed[0])
         self.words: dict[str, np.ndarray] = {}
-        self.decoded: dict[str, np.ndarray] = {}
 
     def buffer(self, region: str, n: int) -> np.ndarray:
         buf = self.words.get(region)
         if buf is None:
             buf = self.words[region] = np.empty(n + 1, np.uint64)
         return buf
-
-    def decode(self, region: str, total: np.ndarray) -> np.ndarray:
-        from .secure import decode
-        out = self.decoded.get(region)
-        if out is None:
-            out = self.decoded[region] = np.empty(total.size, np.float64)
-        return decode(total, self.frac_bits, out=out)
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
@@ -215,6 +207,7 @@ class Aggregator:
                        round_index: int) -> None:
         """The secure twin of `_reduce_plain`: masked uint64 upload, integer SUM, the
         federator decodes the sum only. A decoded sum of finite uploads is finite."""
+        from .secure import decode_average
         world, sec = self.world, self.secure
         buf = sec.buffer(region, theta.numel())
         if world.is_federator:
@@ -227,10 +220,8 @@ class Aggregator:
         if world.is_federator:
             for _ in ups:
                 self.ledger.record(round_index, -1, region, "up", theta.numel(), buf.nbytes)
-            total = sec.decode(region, buf)
-            if total[-1] > 0:  # else every reporter was left out: keep theta
-                host = _host(theta)
-                np.divide(total[:-1], total[-1], out=host, casting="same_kind")
+            host = _host(theta)
+            if decode_average(buf, sec.frac_bits, out=host) > 0:  # else all were left out
                 _write_back(theta, host)
 
     def _privatize(self, plan, start: Optional[dict]) -> dict:
