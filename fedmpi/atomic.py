@@ -1,7 +1,7 @@
 """The one way fedmpi writes a file that must never be seen half-written.
 
-`atomic_write(path, data)` writes bytes or text to a temporary file in the same folder,
-flushes it to disk, and renames it over `path`: a reader (or a resume after a crash)
+`atomic_write(path, data)` writes bytes or text to a temporary file in the same folder
+and renames it over `path`: a reader (or a resume after a crash)
 sees the old file or the new one, never a mix. Checkpoints, markers, logs rewritten on
 resume, configs and CSV tables all go through it.
 
@@ -33,10 +33,11 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> str:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # No fsync (costly on shared file systems): the rename protects against a
+        # crashed process; after a node crash a renamed file may still be incomplete,
+        # which the sha256 recorded in a checkpoint's COMPLETE marker detects on resume.
         with open(tmp, "wb") as f:
             f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         try:

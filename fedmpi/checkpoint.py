@@ -72,6 +72,16 @@ def load_checkpoint(path: Path, device="cpu") -> dict:
                               f"{type(e).__name__}: {detail}") from None
 
 
+def client_state(folder: Path, name: str, device="cpu") -> tuple[dict, dict]:
+    """(full model state dict, checkpoint) of client file `name` in a checkpoint folder:
+    the federator's model (the shared regions) overlaid with the client's own entries
+    (its personal regions; a client file holding a whole model overrides everything)."""
+    own = load_checkpoint(Path(folder) / name, device)
+    state = dict(load_checkpoint(Path(folder) / "federator.pt", device)["model"])
+    state.update(own["model"])
+    return state, own
+
+
 def new_run_dir(cfg: Config, name: Optional[str] = None) -> Path:
     """A fresh folder under run.out_dir: <name>-<YYYYmmdd-HHMMSS>[-n]."""
     base = Path(cfg.run.out_dir) / f"{name or cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"

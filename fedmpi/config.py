@@ -33,6 +33,9 @@ class RunCfg:
     out_dir: str = "runs"          # run folders are created under this
     seed: int = 2023
     device: str = "auto"           # auto | cpu | cuda
+    # seconds between a client's progress reports to the federator, which shows the
+    # round's live progress (0: no live progress); results do not depend on it
+    progress_every: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ class TrainCfg:
     max_steps: Optional[int] = None  # centralized: stop after this many optimizer steps
     log_every: int = 50             # steps between metrics rows
     num_workers: int = 0
+    precision: str = "fp32"         # fp32 | bf16 | fp16: autocast of forward/backward (weights stay fp32)
+    compile: bool = False           # torch.compile the UNet for training
     # centralized: Adam re-created at every epoch, as the reference's baseline (FULL with
     # K = 1, E = 1 per round) does
     reset_optimizer_every_epoch: bool = False
@@ -200,6 +205,7 @@ CHOICES = {
     "eval.sampler": ("ddim", "ddpm"),
     "eval.extractor": ("classifier", "inception", "none"),
     "eval.personal": ("aggregated", "local"),
+    "train.precision": ("fp32", "bf16", "fp16"),
     "privacy.mode": ("central", "distributed"),
 }
 
@@ -232,6 +238,7 @@ UNIT_OPEN = Range(0, 1, lo_open=True, hi_open=True)
 # elements of model.dim_mults) -> its allowed range. Checked by _validate.
 RANGES = {
     "run.seed": Range(0, 2**63 - 1),          # numpy SeedSequence needs >= 0; HDF5 attr int64
+    "run.progress_every": NON_NEGATIVE,       # 0: off
     "data.train_subset": POSITIVE,
     "data.test_subset": POSITIVE,
     "split.beta": POSITIVE,                   # Dirichlet concentration

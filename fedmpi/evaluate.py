@@ -141,8 +141,7 @@ class Evaluator:
         n_local = _share(e.num_samples, self.size, self.rank)
         keep = _share(e.grid, self.size, self.rank)
         stats, hist, images = self._score_local(model, n_local,
-                                                derive_seed(self.cfg.run.seed, index, self.rank, 77),
-                                                keep)
+                                                self._seed(self.rank), keep)
         if self.world is not None:
             self.world.wait_all()
             if stats is not None:
@@ -166,7 +165,7 @@ class Evaluator:
         images = torch.zeros(0)
         if self.rank != 0:
             stats, hist, images = self._score_local(
-                model, e.num_samples, derive_seed(self.cfg.run.seed, index, self.rank, 77), e.grid)
+                model, e.num_samples, self._seed(self.rank), e.grid)
             mine = self._scores(stats, hist)
         self.world.wait_all()
         rows = self.world.gather((self.rank - 1, mine, images))
@@ -188,6 +187,12 @@ class Evaluator:
             out["per_client"] = {str(c + 1): s for c, s, _ in rows}
         return out
 
+    def _seed(self, rank: int) -> int:
+        """The sampling noise of a rank: the same after every round (and epoch), so the
+        grids of successive rounds show the same samples getting better, and the scores
+        of successive rounds differ by the model only."""
+        return derive_seed(self.cfg.run.seed, rank, 77)
+
     def score_model(self, model, index: int, rank: int = 0) -> dict:
         """Scores of eval.num_samples samples of `model`, in this process alone, written
         nowhere (for `python -m fedmpi.evaluate`). Seeded as rank `rank` is after round
@@ -195,7 +200,7 @@ class Evaluator:
         model re-scored with the run's own eval settings reproduces its eval.csv row."""
         was_training = model.training
         stats, hist, _ = self._score_local(model, self.cfg.eval.num_samples,
-                                           derive_seed(self.cfg.run.seed, index, rank, 77), 0)
+                                           self._seed(rank), 0)
         model.train(was_training)
         return self._scores(stats, hist)
 
@@ -291,7 +296,7 @@ def rescore(run_dir: Path, index: Optional[int], cfg: Config, device=None, log=p
     Returns {"round", "method", "rows" (per model), "summary" (personal: mean / std),
     "csv" (path written)}; raises ConfigError for user errors."""
     import time
-    from .checkpoint import complete_checkpoints, load_checkpoint
+    from .checkpoint import client_state, complete_checkpoints, load_checkpoint
     from .methods import personal_regions
     from .summary import model_shape
     from .trainer import pick_device
@@ -331,9 +336,17 @@ def rescore(run_dir: Path, index: Optional[int], cfg: Config, device=None, log=p
     evaluator = None
     rows = []
     for client, path in files:
-        ckpt = load_checkpoint(path, device)  # tensors and primitives only: never runs code
+        # tensors and primitives only: never runs code. A client file holds its personal
+        # regions; the shared ones are the federator's.
+        if personal:
+            state, ckpt = client_state(path.parent, path.name, device)
+        else:
+            ckpt = load_checkpoint(path, device)
+            state = ckpt["model"]
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(state)
+            if ckpt.get("ema") is not None:  # train.ema_decay: training scored the EMA weights
+                model.load_state_dict(ckpt["ema"]["shadow"], strict=False)
         except (RuntimeError, KeyError) as err:
             detail = " ".join(str(err).split())
             raise ConfigError(f"{path} does not fit the model of the run's config "

@@ -27,18 +27,21 @@ import numpy as np
 import torch
 
 from .atomic import EXIT_DISK, DiskError
-from .checkpoint import (CheckpointError, atomic_save, checkpoint_dir, latest_complete,
-                         load_checkpoint, mark_complete, marker_files, newest_verified)
+from .checkpoint import (CheckpointError, atomic_save, checkpoint_dir, client_state,
+                         latest_complete, load_checkpoint, mark_complete, marker_files, newest_verified)
 from .config import Config, ConfigError
 from .data import load_client_data
 from .diffusion import Diffusion
 from .ledger import Ledger, append_rows
 from .methods import make_plan, personal_regions
+from .comm import ProgressRelay
 from .metrics import JsonlWriter
+from .progress import RoundProgress
 from .aggregate import Aggregator, NonFiniteAverage, check_secure_plans
 from .regions import REGIONS, all_finite, bind_flat, region_sizes, set_trainable
 from .summary import model_shape
-from .trainer import LocalTrainer, derive_seed, pick_device, share_cpu_threads
+from .trainer import (EMA, LocalTrainer, derive_seed, ema_applied, pick_device, schedule_for,
+                      share_cpu_threads)
 from .unet import build_unet
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, resubmit to continue
@@ -101,9 +104,19 @@ class PreemptFlag:
             except (ValueError, AttributeError):  # not the main thread / no such signal
                 pass
 
+    TERM_GRACE = 10.0  # seconds a rank may take to stop cleanly after SIGTERM
+
     def _handler(self, signum, frame):
         self.signalled = True
         self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGTERM and not getattr(self, "_watchdog", None):
+            # SIGTERM also comes from the launcher taking the job down after another rank
+            # failed (MPI_Abort, kill -9): then the collective this rank waits in never
+            # completes. Whatever happens, this process is gone TERM_GRACE seconds later.
+            import threading
+            self._watchdog = threading.Timer(self.TERM_GRACE, os._exit, args=(128 + signum,))
+            self._watchdog.daemon = True
+            self._watchdog.start()
         if signum == signal.SIGTERM and self.announce:
             msg = (f"fedmpi: SIGTERM received (scancel, kill or a time limit): stopping; "
                    f"{self.note}. For a clean checkpoint-and-exit send SIGUSR1 or create "
@@ -139,6 +152,8 @@ class RoundStart:
         self.opt_state: dict = {}
 
     def save(self, trainer) -> None:
+        if trainer.ema is not None:  # UDEC / ULATDEC clients' EMA of their local training
+            trainer.ema.mark()
         with torch.no_grad():
             for r, t in self.flat.items():
                 self.weights[r].copy_(t)
@@ -158,6 +173,8 @@ class RoundStart:
                             saved[k] = v
 
     def restore(self, trainer) -> None:
+        if trainer.ema is not None:
+            trainer.ema.rollback()
         with torch.no_grad():
             for r, t in self.flat.items():
                 t.copy_(self.weights[r])
@@ -187,17 +204,29 @@ def _setup(cfg: Config, world, device) -> dict:
     torch.manual_seed(derive_seed(cfg.run.seed, 0xC0FFEE))
     model = build_unet(cfg.model, channels, size).to(device)
     bind_flat(model)  # each region one contiguous buffer: collectives work in place
-    state = {"model": model, "trainer": None, "n_k": 0.0}
+    state = {"model": model, "trainer": None, "n_k": 0.0, "ema": None, "per_round": 0}
+    # train.ema_decay: the EMA of the model this rank evaluates. Global models (FULL,
+    # USPLIT): every rank holds the global model after each aggregation and folds it into
+    # an identical average (no bytes moved); personal models (UDEC, ULATDEC): each client
+    # averages its own local training, step by step. Only raw weights are communicated.
+    personal = bool(personal_regions(cfg.fed.method))
+    if cfg.train.ema_decay > 0 and not (personal and world.is_federator):
+        state["ema"] = EMA(model, cfg.train.ema_decay)
     if not world.is_federator:
         images, _ = load_client_data(cfg, world.client, K)
-        state["trainer"] = LocalTrainer(model, Diffusion.from_config(cfg.diffusion), images,
-                                        cfg.train.batch_size, cfg.train.lr, device)
-        state["trainer"].new_optimizer()  # first Adam imports torch._dynamo: not in round 1
+        trainer = state["trainer"] = LocalTrainer(
+            model, Diffusion.from_config(cfg.diffusion), images, cfg.train.batch_size,
+            cfg.train.lr, device, ema=state["ema"] if personal else None)
+        state["per_round"] = trainer.steps_for(cfg.fed.local_epochs, cfg.fed.local_steps)
+        trainer.schedule = schedule_for(cfg.train, cfg.fed.rounds * state["per_round"])
+        trainer.set_speed(cfg.train.precision, cfg.train.compile)
+        trainer.new_optimizer()  # first Adam imports torch._dynamo: not in round 1
         state["n_k"] = float(len(images))
     return state
 
 
-def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log) -> None:
+def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log,
+                ema: Optional[EMA] = None) -> None:
     """Every rank writes its file; the federator marks the round COMPLETE (with each
     file's sha256) only when every rank wrote a finite model, then prunes older rounds.
     A write error on any rank stops every rank together with the OS message."""
@@ -210,8 +239,13 @@ def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log
         name = f"client_{world.client + 1:03d}.pt"
         opt = trainer.optimizer.state_dict() if (trainer.optimizer is not None
                                                  and not cfg.fed.reset_optimizer) else None
-        obj = {"round": round_index, "client": world.client, "model": model.state_dict(),
-               "optimizer": opt}
+        # Only what is this client's own: its personal regions (UDEC / ULATDEC). The
+        # shared regions equal the federator's after the exchange and are stored once,
+        # in federator.pt (FULL / USPLIT clients write no weights at all).
+        obj = {"round": round_index, "client": world.rank,
+               "model": own_entries(model.state_dict(), cfg.fed.method), "optimizer": opt}
+    if ema is not None:
+        obj["ema"] = ema.state_dict()
     mine = {"name": name, "sha256": None, "error": None, "finite": all_finite(model)}
     if mine["finite"]:
         try:
@@ -239,6 +273,13 @@ def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log
 # What must not change between a checkpoint and the job that resumes it.
 RESUME_KEYS = ("fed.method", "data.dataset", "data.train_subset", "data.shards", "split.kind",
                "split.beta", "split.min_size", "split.classes_per_client", "split.rng")
+
+
+def own_entries(state: dict, method: str) -> dict:
+    """The state-dict entries a client does not share with the federator."""
+    personal = set(personal_regions(method))
+    return {k: v for k, v in state.items()
+            if k.split(".", 1)[0] in personal or k.split(".", 1)[0] not in REGIONS}
 
 
 def _resume_mismatch(cfg: Config, saved: dict, saved_clients: int, world_size: int,
@@ -291,11 +332,22 @@ def _resume_decision(cfg: Config, world, run_dir: Path, log) -> tuple[Optional[i
     return index, _resume_mismatch(cfg, ckpt.get("config") or {}, clients, world.size, run_dir)
 
 
-def _restore(world, run_dir: Path, round_index: int, model, trainer, device) -> None:
+def _restore(world, run_dir: Path, round_index: int, model, trainer, device,
+             ema: Optional[EMA] = None) -> None:
     d = checkpoint_dir(run_dir, round_index)
     name = "federator.pt" if world.is_federator else f"client_{world.client + 1:03d}.pt"
-    ckpt = load_checkpoint(d / name, device)
-    model.load_state_dict(ckpt["model"])
+    if world.is_federator:
+        ckpt = load_checkpoint(d / name, device)
+        model.load_state_dict(ckpt["model"])
+    else:
+        state, ckpt = client_state(d, name, device)
+        model.load_state_dict(state)
+    if ema is not None:
+        if ckpt.get("ema") is None:
+            raise CheckpointError(f"{d / name} holds no EMA weights but train.ema_decay is "
+                                  f"{ema.decay}: resume with --train.ema_decay=0 (as the run "
+                                  f"was started)")
+        ema.load_state_dict(ckpt["ema"])
     if trainer is not None and ckpt.get("optimizer") is not None:
         trainer.new_optimizer().load_state_dict(ckpt["optimizer"])
 
@@ -337,7 +389,7 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
     try:
         state = _setup(cfg, world, device)
         if done is not None:
-            _restore(world, run_dir, done, state["model"], state["trainer"], device)
+            _restore(world, run_dir, done, state["model"], state["trainer"], device, state["ema"])
     except Exception as e:  # reported together below so no rank waits on a dead one
         error = f"{e}" if isinstance(e, (ConfigError, ValueError, CheckpointError)) \
             else f"{type(e).__name__}: {e}"
@@ -345,6 +397,8 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
     world.start_backend(device)
 
     model, trainer, n_k = state["model"], state["trainer"], state["n_k"]
+    ema, per_round = state["ema"], state["per_round"]
+    relay = ProgressRelay(world, cfg.run.progress_every)  # clients -> federator, live progress
     K, R, method = world.num_clients, cfg.fed.rounds, cfg.fed.method
     sizes = region_sizes(model)
     ledger = Ledger(world.rank)
@@ -385,27 +439,32 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
                 trainer.reset_optimizer()
 
             def stop_early(step, loss):
+                relay.report(r, step + 1, per_round, (step + 1) * cfg.train.batch_size)
                 if preempt.requested:
                     raise _StopTraining
 
             try:
                 stats = trainer.run(seed=derive_seed(cfg.run.seed, r, world.client),
                                     epochs=cfg.fed.local_epochs, steps=cfg.fed.local_steps,
-                                    on_step=stop_early)
+                                    on_step=stop_early, start_step=(r - 1) * per_round,
+                                    log_every=cfg.train.log_every)
             except _StopTraining:
                 stats = {}
+            relay.finish(r, stats.get("steps", 0), per_round, stats.get("images", 0))
         # One small collective per round carries both the stop request and whether each
         # client's model is finite, before anything is reduced.
         finite = trainer is None or all_finite(model)
-        flags = world.flags([int(preempt.requested), int(not finite)],
+        display = _watch_round(world, relay, r, R, log)  # federator: live progress while waiting
+        flags = world.flags([int(preempt.requested), int(not finite), stats.get("steps", 0)],
                             phase=f"round {r}: local training")
+        _end_watch(world, relay, display)  # every progress message of the round delivered
         t_wait = time.perf_counter() - t_round  # local training incl. waiting for the slowest
         if flags[:, 0].any():
             # Abandon round r on every rank: roll back to the state after round r - 1.
             if trainer is not None:
                 round_start.restore(trainer)
             if r - 1 >= 1 and latest_complete_bcast(world, run_dir) != r - 1:
-                _checkpoint(cfg, world, run_dir, r - 1, model, trainer, log)
+                _checkpoint(cfg, world, run_dir, r - 1, model, trainer, log, ema)
             if world.is_federator:
                 why = f" ({preempt.signal_name})" if preempt.signal_name else ""
                 log(f"preempted{why}: round {r} abandoned; checkpoint of round {r - 1} kept; "
@@ -437,7 +496,8 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
         scores, t_eval = None, 0.0
         if evaluate and personal and cfg.eval.personal == "local":
             t0 = time.perf_counter()  # each client's own model, before the aggregation
-            scores = evaluator.run(r, model, personal=True)
+            with ema_applied(ema, model):
+                scores = evaluator.run(r, model, personal=True)
             t_eval = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -448,23 +508,26 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
             raise NonFiniteError(f"{e}; no checkpoint written for this round",
                                  collective=False) from None
         t_agg = time.perf_counter() - t0
+        if ema is not None and not personal:  # the global model's EMA, identical on every rank
+            ema.update(model, steps=max(1, round(float(flags[1:, 2].mean()))))
 
         if evaluate and not (personal and cfg.eval.personal == "local"):
             t0 = time.perf_counter()
-            scores = evaluator.run(r, model, personal=personal)
+            with ema_applied(ema, model):
+                scores = evaluator.run(r, model, personal=personal)
             t_eval = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         if (cfg.checkpoint.every and r % cfg.checkpoint.every == 0) or r == R:
-            _checkpoint(cfg, world, run_dir, r, model, trainer, log)
+            _checkpoint(cfg, world, run_dir, r, model, trainer, log, ema)
             preempt.note = (f"the last complete checkpoint is round {r}; resume with "
                             f"--resume {run_dir}")
         t_ckpt = time.perf_counter() - t0
 
-        gathered = _gather_round(world, ledger, run_dir, r, dict(stats, client=world.client, n=n_k))
+        gathered = _gather_round(world, ledger, run_dir, r, dict(stats, client=world.rank, n=n_k))
         if world.is_federator:
             client_stats, round_bytes = gathered
-            rows = [s for s in client_stats if s["client"] >= 0]
+            rows = [s for s in client_stats if s["client"] > 0]  # clients 1..K = their ranks
             losses = [s.get("loss", float("nan")) for s in rows]
             good = [x for x in losses if np.isfinite(x)]
             t_train = max((s.get("train_s", 0.0) for s in rows), default=0.0)
@@ -480,6 +543,8 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
                 row.update(epsilon=epsilon, dp_delta=cfg.privacy.delta)
             metrics.write(**row)
             for s in rows:
+                for step, loss in s.pop("step_losses", ()):  # train.log_every
+                    metrics.write(kind="step", round=r, client=s["client"], step=step, loss=loss)
                 metrics.write(kind="client", round=r, **s)
             score_txt = _score_text(scores) + (f" | eps {epsilon:.3g}" if epsilon is not None else "")
             span = f"clients {min(good):.4f}..{max(good):.4f}" if good else "no finite client"
@@ -501,8 +566,12 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
         log(f"done: moved {moved['params']:,} parameters ({moved['bytes'] / 1e6:.1f} MB), "
             f"{100 * summary['moved']['reduction_vs_full']:.1f}% less than FULL would; "
             f"ledger matches the analytical table: {summary['matches_analytical']}")
+        grids = sorted((Path(run_dir) / "samples").glob(f"round_{R:04d}*.png"))
+        log((f"samples: {grids[0]}" + (f" (+{len(grids) - 1} more)" if len(grids) > 1 else "")
+             + " | " if grids else "") + f"run folder: {run_dir}")
     if evaluator is not None:
         evaluator.close()
+    relay.close()
     return summary
 
 
@@ -532,6 +601,35 @@ def _score_text(scores: Optional[dict]) -> str:
 
 class _StopTraining(Exception):
     pass
+
+
+def _watch_round(world, relay: ProgressRelay, r: int, rounds: int, log) -> Optional[RoundProgress]:
+    """Federator: show the clients' relayed progress while it waits for the round's
+    first collective (`World.waiting_hook`, called about every 0.1 s)."""
+    if not (world.is_federator and relay.enabled):
+        return None
+    display = RoundProgress(r, rounds, world.num_clients, log)
+
+    def hook():
+        for rank, msg in relay.poll():
+            display.add(rank, int(msg[1]), int(msg[2]), int(msg[3]))
+        display.show()
+    world.waiting_hook = hook
+    return display
+
+
+def _end_watch(world, relay: ProgressRelay, display: Optional[RoundProgress]) -> None:
+    """After the round's first collective: the federator receives the rest of the round's
+    progress messages, the clients complete their sends; none is left for later."""
+    world.waiting_hook = None
+    if world.is_federator:
+        for rank, msg in relay.drain():
+            if display is not None:
+                display.add(rank, int(msg[1]), int(msg[2]), int(msg[3]))
+        if display is not None:
+            display.close()
+    else:
+        relay.end_round()
 
 
 def latest_complete_bcast(world, run_dir: Path):

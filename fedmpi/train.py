@@ -10,6 +10,7 @@ a preemption signal exits 75 after a checkpoint so that a requeue resumes.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import traceback
@@ -28,19 +29,11 @@ from .federated import NonFiniteError
 from .metrics import JsonlWriter, truncate_logs
 from .regions import all_finite
 from .summary import model_shape
-from .trainer import LocalTrainer, derive_seed, pick_device
+from .progress import Progress
+from .trainer import EMA, LocalTrainer, derive_seed, ema_applied, pick_device, schedule_for
 from .unet import build_unet
 
 EXIT_USER_ERROR = 2
-
-
-def _progress(total: int, desc: str):
-    """A tqdm bar on an interactive terminal, otherwise a no-op."""
-    try:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False)
-    except ImportError:  # pragma: no cover
-        return None
 
 
 def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
@@ -52,7 +45,10 @@ def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
     torch.manual_seed(derive_seed(cfg.run.seed, 0xC0FFEE))
     model = build_unet(cfg.model, channels, size)
     diffusion = Diffusion.from_config(cfg.diffusion)
-    trainer = LocalTrainer(model, diffusion, images, cfg.train.batch_size, cfg.train.lr, device)
+    ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    trainer = LocalTrainer(model, diffusion, images, cfg.train.batch_size, cfg.train.lr, device,
+                           ema=ema)
+    trainer.set_speed(cfg.train.precision, cfg.train.compile)
     trainer.new_optimizer()
     metrics = JsonlWriter(run_dir / "metrics.jsonl")
     evaluator = evaluator_factory(cfg, None, run_dir, device) if evaluator_factory else None
@@ -67,6 +63,12 @@ def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
             raise ConfigError(f"cannot resume {run_dir}: its checkpoint does not fit this model "
                               f"(model.* changed?): {detail}") from None
         trainer.optimizer.load_state_dict(ckpt["optimizer"])
+        if ema is not None:
+            if ckpt.get("ema") is None:
+                raise ConfigError(f"cannot resume {run_dir}: its checkpoint holds no EMA weights "
+                                  f"but train.ema_decay is {ema.decay}; resume with "
+                                  f"--train.ema_decay=0 (as the run was started)")
+            ema.load_state_dict(ckpt["ema"])
         start, step = done + 1, ckpt["step"]
         truncate_logs(run_dir, done, "epoch")
         log(f"resume: continuing after epoch {done}")
@@ -74,6 +76,8 @@ def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
     steps_per_epoch = trainer.steps_per_epoch()
     if cfg.train.max_steps:
         epochs = min(epochs, -(-cfg.train.max_steps // steps_per_epoch))
+    total_steps = min(epochs * steps_per_epoch, cfg.train.max_steps or epochs * steps_per_epoch)
+    trainer.schedule = schedule_for(cfg.train, total_steps)
     log(f"fedmpi centralized: {len(images)} images | {epochs} epochs x {steps_per_epoch} steps "
         f"| device {device} | run {run_dir}")
     for epoch in range(start, epochs + 1):
@@ -81,13 +85,14 @@ def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
         steps = steps_per_epoch
         if cfg.train.max_steps:
             steps = min(steps, cfg.train.max_steps - step)
-        bar = _progress(steps, f"epoch {epoch}/{epochs}")
+        bar = Progress(steps, f"epoch {epoch}/{epochs}", log)
         window = []
+        t_epoch = time.perf_counter()
 
         def on_step(i, loss):
             window.append(loss)
-            if bar is not None:
-                bar.update(1)
+            rate = (i + 1) * cfg.train.batch_size / max(time.perf_counter() - t_epoch, 1e-9)
+            bar.update(i + 1, f"{rate:.0f} img/s")
             if (step + i + 1) % cfg.train.log_every == 0:
                 metrics.write(kind="step", epoch=epoch, step=step + i + 1,
                               loss=float(torch.stack(window).mean()))
@@ -95,25 +100,28 @@ def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
 
         if cfg.train.reset_optimizer_every_epoch:
             trainer.reset_optimizer()
-        stats = trainer.run(seed=derive_seed(cfg.run.seed, epoch), steps=steps, on_step=on_step)
-        if bar is not None:
-            bar.close()
+        stats = trainer.run(seed=derive_seed(cfg.run.seed, epoch), steps=steps, on_step=on_step,
+                            start_step=step)
+        bar.close()
         step += stats["steps"]
         t_eval = time.perf_counter()
         scores = {}
         last = epoch == epochs
         if evaluator is not None and ((cfg.eval.every and epoch % cfg.eval.every == 0) or last):
-            scores = evaluator.run(epoch, model, personal=False) or {}
+            with ema_applied(ema, model):  # train.ema_decay: sample from the average
+                scores = evaluator.run(epoch, model, personal=False) or {}
         t_eval = time.perf_counter() - t_eval
         if (cfg.checkpoint.every and epoch % cfg.checkpoint.every == 0) or last:
             if not all_finite(model):
                 raise NonFiniteError(f"epoch {epoch}: the model is not finite (NaN / inf: "
                                      f"diverged? lower train.lr); checkpoint not written, "
                                      f"earlier checkpoints kept", collective=False)
-            digest = atomic_save({"epoch": epoch, "step": step, "model": model.state_dict(),
-                                  "optimizer": trainer.optimizer.state_dict(),
-                                  "config": cfg.to_dict(), "rng": torch.get_rng_state()},
-                                 checkpoint_dir(run_dir, epoch) / "model.pt")
+            obj = {"epoch": epoch, "step": step, "model": model.state_dict(),
+                   "optimizer": trainer.optimizer.state_dict(), "config": cfg.to_dict(),
+                   "rng": torch.get_rng_state()}
+            if ema is not None:
+                obj["ema"] = ema.state_dict()
+            digest = atomic_save(obj, checkpoint_dir(run_dir, epoch) / "model.pt")
             mark_complete(run_dir, epoch, cfg.checkpoint.keep, {"model.pt": digest})
         metrics.write(kind="epoch", epoch=epoch, step=step, loss=stats["loss"],
                       images_per_s=stats["images_per_s"], train_s=stats["train_s"],
@@ -121,6 +129,8 @@ def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
         score_txt = "".join(f" | {k} {v:.2f}" for k, v in scores.items() if isinstance(v, float))
         log(f"[epoch {epoch}/{epochs}] step {step} loss {stats['loss']:.4f} | "
             f"{stats['images_per_s']:.0f} img/s | {time.perf_counter() - t0:.1f}s{score_txt}")
+    grids = sorted((Path(run_dir) / "samples").glob(f"round_{epochs:04d}*.png"))
+    log((f"samples: {grids[0]} | " if grids else "") + f"run folder: {run_dir}")
     return {"loss": stats["loss"] if epochs >= start else None, "run_dir": str(run_dir)}
 
 
@@ -132,12 +142,68 @@ def _evaluator_factory(cfg: Config):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m fedmpi.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m fedmpi.train", description=__doc__.split("\n\n")[0],
+        epilog="Any config key can be overridden as --section.key=value (e.g. --train.lr=2e-4 "
+               "--fed.rounds=30). --print-config lists every key with its value and meaning.")
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--run-dir", metavar="RUN_DIR",
                    help="use this run folder (created if missing; resumed if it has checkpoints)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (--config, or the run's, plus overrides; "
+                        "defaults without either) as YAML with a comment for every key, and exit")
     return p.parse_known_args(argv)
+
+
+def _field_comments(cls) -> dict[str, tuple[list, str]]:
+    """Key -> (comment lines above it, comment after it) in fedmpi/config.py, read from
+    the source so that the schema stays the one place that explains keys."""
+    import inspect
+    out, pending = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("#").strip())
+            continue
+        m = re.match(r"\s+(\w+)\s*:[^#]*(?:#\s*(.*))?$", line)
+        if m and not stripped.startswith(("def ", "@", '"""')):
+            out[m.group(1)] = (pending, m.group(2) or "")
+        pending = []
+    return out
+
+
+def describe_config(cfg: Config) -> str:
+    """The resolved config as YAML (loadable as a config) with every key's comment."""
+    import dataclasses
+
+    import yaml
+
+    from . import config as schema
+
+    def scalar(v) -> str:
+        if isinstance(v, tuple):
+            v = list(v)
+        return yaml.safe_dump(v, default_flow_style=True, width=1000).strip().removesuffix(
+            "\n...").strip()
+
+    lines = ["# fedmpi config, resolved: every key with its value. Override any key on the",
+             "# command line as --section.key=value; keys are defined in fedmpi/config.py."]
+    for section in dataclasses.fields(cfg):
+        part = getattr(cfg, section.name)
+        comments = _field_comments(type(part))
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(part):
+            key = f"{section.name}.{f.name}"
+            above, note = comments.get(f.name, ([], ""))
+            lines += [f"  # {c}" for c in above]
+            if key in schema.CHOICES and "|" not in note:
+                note = (note + "; " if note else "") + " | ".join(schema.CHOICES[key])
+            if key in schema.RANGES:
+                note = (note + "; " if note else "") + f"{schema.RANGES[key]}"
+            lines.append(f"  {f.name}: {scalar(getattr(part, f.name))}"
+                         + (f"  # {note}" if note else ""))
+    return "\n".join(lines) + "\n"
 
 
 def _check_eval(cfg: Config) -> None:
@@ -176,6 +242,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .comm import launched_by_mpi
 
     args, overrides = parse_args(argv)
+    if args.print_config:
+        try:
+            source = args.config or (Path(args.resume or args.run_dir) / "config.yaml"
+                                     if (args.resume or args.run_dir) else None)
+            print(describe_config(load_config(source, overrides)), end="")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        return 0
     world = None
     if launched_by_mpi():
         from .comm import World

@@ -129,6 +129,22 @@ class EMA:
         for k, t in self.shadow.items():
             t.copy_(current[k])
 
+    @torch.no_grad()
+    def mark(self) -> None:
+        """Remember the average (a round's start; buffers allocated once)."""
+        if not hasattr(self, "_mark"):
+            self._mark = {k: t.clone() for k, t in self.shadow.items()}
+        for k, t in self.shadow.items():
+            self._mark[k].copy_(t)
+        self._mark_updates = self.updates
+
+    @torch.no_grad()
+    def rollback(self) -> None:
+        """Back to the last `mark()` (an abandoned or skipped round)."""
+        for k, t in self.shadow.items():
+            t.copy_(self._mark[k])
+        self.updates = self._mark_updates
+
     def applied(self, model: torch.nn.Module):
         """Context manager: the model holds the averaged weights inside, its own after
         (copies in place, so weights bound to flat communication buffers stay bound)."""
@@ -144,6 +160,19 @@ class EMA:
         for k, t in state["shadow"].items():
             self.shadow[k].copy_(t)
         self.updates = int(state["updates"])
+
+
+def ema_applied(ema: Optional[EMA], model: torch.nn.Module):
+    """`ema.applied(model)`, or the model as it is when there is no EMA."""
+    import contextlib
+    return ema.applied(model) if ema is not None else contextlib.nullcontext(model)
+
+
+def schedule_for(train_cfg, total_steps: int) -> Optional[LRSchedule]:
+    """The run's LRSchedule over `total_steps` optimizer steps, None when the rate is
+    constant (the trainer then leaves the optimizer's rate alone)."""
+    schedule = LRSchedule.from_config(train_cfg, total_steps)
+    return schedule if schedule.active else None
 
 
 class _Swap:
@@ -202,6 +231,21 @@ class LocalTrainer:
         self.optimizer = torch.optim.Adam(params, lr=self.lr)
         return self.optimizer
 
+    def set_speed(self, precision: str = "fp32", compile: bool = False) -> None:
+        """Mixed precision for the forward / backward pass (`bf16`, `fp16` with a gradient
+        scaler) and torch.compile of the UNet. The weights, the optimizer state and every
+        communicated region stay float32; only activations are computed in low precision."""
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"unknown precision '{precision}' (fp32 | bf16 | fp16)")
+        self.precision = precision
+        self.scaler = (torch.amp.GradScaler(self.device.type) if precision == "fp16" else None)
+        self.net = torch.compile(self.model) if compile else self.model
+
+    def autocast(self):
+        """The autocast context of this trainer's precision (a no-op for fp32)."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(self, "precision", "fp32"))
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
     def reset_optimizer(self) -> torch.optim.Optimizer:
         """Adam as if newly created (moments and step zeroed), in place: the same numbers
         as a new optimizer without allocating its state again every round."""
@@ -253,10 +297,17 @@ class LocalTrainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
             x0 = self.images[idx].float().div_(127.5).sub_(1.0)
-            loss = self.diffusion.loss(self.model, x0, generator=dev_gen)
+            with self.autocast():
+                loss = self.diffusion.loss(getattr(self, "net", self.model), x0, generator=dev_gen)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            scaler = getattr(self, "scaler", None)
+            if scaler is not None:  # fp16: scale the loss so small gradients survive
+                scaler.scale(loss).backward()
+                scaler.step(self.optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(self.model)
             losses.append(loss.detach())

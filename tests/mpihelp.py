@@ -16,10 +16,10 @@ def load_states(run_dir: Path, round_index: int, clients: int):
     """(federator state dict, [client state dicts]) of a federated run's checkpoint."""
     import torch
     from fedmpi.checkpoint import checkpoint_dir
+    from fedmpi.checkpoint import client_state
     d = checkpoint_dir(run_dir, round_index)
     fed = torch.load(d / "federator.pt", weights_only=True)["model"]
-    clients_ = [torch.load(d / f"client_{k + 1:03d}.pt", weights_only=True)["model"]
-                for k in range(clients)]
+    clients_ = [client_state(d, f"client_{k + 1:03d}.pt")[0] for k in range(clients)]
     return fed, clients_
 
 
