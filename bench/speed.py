@@ -1,0 +1,130 @@
+"""Training and sampling speed of one rank against the hardware limit: fp32 eager, bf16,
+bf16 + torch.compile (and channels_last), through the real `LocalTrainer` and
+`Diffusion.sample`. One prepared script for a GPU node (or the CPU, smaller).
+
+For each variant it reports images/s and the achieved FLOP/s as a fraction of the
+device's peak for that precision. FLOPs per image are counted once with
+`torch.utils.flop_counter` (forward + backward of the UNet at the batch used; about
+2.6 GFLOP per Fashion-MNIST training image for the paper model); the peak is taken
+from --peak-tflops or a table of known devices (printed, so you can check it).
+Sampling: DDIM-`--ddim-steps` images/s for `--samples` images in batches.
+
+    python bench/speed.py --device cuda                      # H100: paper UNet, batch 128
+    python bench/speed.py --device cpu --batch 16 --steps 5 --samples 32   # this laptop
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _common as C  # noqa: E402
+
+# dense peak TFLOP/s by (device name fragment, precision); H100 SXM figures (no sparsity)
+PEAKS = {("H100", "fp32"): 67.0, ("H100", "tf32"): 495.0, ("H100", "bf16"): 989.0,
+         ("H200", "fp32"): 67.0, ("H200", "tf32"): 495.0, ("H200", "bf16"): 989.0,
+         ("A100", "fp32"): 19.5, ("A100", "tf32"): 156.0, ("A100", "bf16"): 312.0}
+
+
+def peak_tflops(device: torch.device, precision: str, override) -> tuple[float, str]:
+    if override:
+        return override, "given with --peak-tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        key = "tf32" if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32 else precision
+        for (frag, prec), value in PEAKS.items():
+            if frag in name and prec == key:
+                return value, f"{name}, {key} dense (table in bench/speed.py)"
+        return float("nan"), f"{name}: unknown, give --peak-tflops"
+    return float("nan"), "CPU: give --peak-tflops for a fraction"
+
+
+def flops_per_image(model, diffusion, images, batch, device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    x0 = torch.from_numpy(images[:batch]).to(device).float().div(127.5).sub(1)
+    with FlopCounterMode(display=False) as counter:
+        diffusion.loss(model, x0).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench/speed.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/paper/fmnist_full.yaml")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=50, help="timed optimizer steps per variant")
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--ddim-steps", type=int, default=100)
+    p.add_argument("--variants", default="fp32,bf16,bf16+compile")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    args = p.parse_args(argv)
+
+    from fedmpi.config import load_config
+    from fedmpi.data import load_arrays
+    from fedmpi.diffusion import Diffusion
+    from fedmpi.summary import model_shape
+    from fedmpi.trainer import LocalTrainer, pick_device
+    from fedmpi.unet import build_unet
+
+    cfg = load_config(args.config)
+    device = pick_device(args.device)
+    images, _ = load_arrays(cfg.data, "train")
+    images = images[: max(args.batch * 4, 512)]
+    channels, size = model_shape(cfg)
+    diffusion = Diffusion.from_config(cfg.diffusion)
+    C.print_environment("bench/speed.py", C.environment(1, "-", device))
+    torch.manual_seed(0)
+    flops = flops_per_image(build_unet(cfg.model, channels, size).to(device), diffusion, images,
+                            min(args.batch, len(images)), device)
+    print(f"# {args.config}: {flops / 1e9:.2f} GFLOP per training image (fwd + bwd), batch "
+          f"{args.batch}", flush=True)
+    rows = []
+    for variant in args.variants.split(","):
+        precision = "bf16" if "bf16" in variant else "fp16" if "fp16" in variant else "fp32"
+        torch.manual_seed(0)
+        model = build_unet(cfg.model, channels, size).to(device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        t = LocalTrainer(model, diffusion, images, args.batch, cfg.train.lr, device)
+        t.set_speed(precision, "compile" in variant)
+        t.new_optimizer()
+        t.run(seed=1, steps=3)  # warm-up (and compilation)
+        res = t.run(seed=2, steps=args.steps)
+        ips = res["images_per_s"]
+        peak, why = peak_tflops(device, precision, args.peak_tflops)
+        achieved = ips * flops / 1e12
+        # sampling with the trained weights, same precision / compilation
+        net = getattr(t, "net", model)
+        net.eval()
+        gen = torch.Generator(device=device).manual_seed(0)
+        n, done, t0 = args.samples, 0, time.perf_counter()
+        with torch.no_grad(), t.autocast():
+            while done < n:
+                b = min(250, n - done)
+                diffusion.sample(net, (b, channels, size, size), device, "ddim", args.ddim_steps,
+                                 generator=gen)
+                done += b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        sample_ips = n / (time.perf_counter() - t0)
+        rows.append([variant, f"{ips:.0f}", f"{achieved:.2f}",
+                     f"{achieved / peak:.1%}" if np.isfinite(peak) else "-", why,
+                     f"{sample_ips:.1f}"])
+        print(f"{variant}: {ips:.0f} img/s train, {sample_ips:.1f} img/s DDIM-{args.ddim_steps}",
+              flush=True)
+    print()
+    print(C.markdown_table(["variant", "train img/s", "TFLOP/s", "of peak", "peak assumed",
+                            f"DDIM-{args.ddim_steps} img/s"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
