@@ -28,6 +28,9 @@
 #   PYTHON        python of the environment that has fedmpi (default: python from PATH)
 #   REQUEUE       1 (default): requeue the job after a checkpoint signal if this start wrote
 #                 a new checkpoint; 0: just exit 75 (the job ends FAILED, exit code 75)
+#   MPS           1: start the CUDA Multi-Process Service on this node for the job (several
+#                 ranks sharing one GPU run their kernels concurrently instead of
+#                 time-slicing); single-node jobs; 0 (default): no MPS
 #
 # Preemption / time limit: Slurm sends SIGUSR1 to this script 120 s before the limit
 # (--signal=B:USR1@120; by hand: scancel --signal=USR1 --batch JOBID). The script forwards
@@ -89,6 +92,11 @@ need_int SRUN_WAIT "$SRUN_WAIT" 0
 REQUEUE=${REQUEUE:-1}
 if [ "$REQUEUE" != 0 ] && [ "$REQUEUE" != 1 ]; then
   echo "fedmpi: REQUEUE must be 1 (requeue after a checkpoint signal) or 0, got '$REQUEUE'" >&2
+  exit 2
+fi
+MPS=${MPS:-0}
+if [ "$MPS" != 0 ] && [ "$MPS" != 1 ]; then
+  echo "fedmpi: MPS must be 1 (start CUDA MPS for this job) or 0, got '$MPS'" >&2
   exit 2
 fi
 RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME:-fedmpi}-${SLURM_JOB_ID:-local}}
@@ -157,6 +165,15 @@ latest_checkpoint() {
   echo "${last%/COMPLETE}"
 }
 checkpoint_at_start=$(latest_checkpoint)
+
+if [ "$MPS" = 1 ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-${TMPDIR:-/tmp}/mps-${SLURM_JOB_ID:-$$}}
+  export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-$CUDA_MPS_PIPE_DIRECTORY}
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY"
+  nvidia-cuda-mps-control -d || { echo "fedmpi: could not start CUDA MPS (nvidia-cuda-mps-control -d)" >&2; exit 2; }
+  trap 'echo quit | nvidia-cuda-mps-control' EXIT
+  echo "fedmpi: CUDA MPS started ($CUDA_MPS_PIPE_DIRECTORY)"
+fi
 
 "${launch[@]}" "$PYTHON" -m fedmpi.train --config "$CONFIG" --run-dir "$RUN_DIR" "$@" &
 child=$!
