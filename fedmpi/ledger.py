@@ -13,6 +13,12 @@ download (personal-model clients need the last averaged regions to be evaluated)
 tables show both "moved" (what a run moves) and "paper" (the paper's rule).
 `python -m fedmpi.comm --config C --clients K --rounds R` prints the table without
 training; a real run writes the same rows from its ledger to comm.csv.
+
+comm.csv has one row per transfer: round, client (1..K, its MPI rank: the one
+numbering of clients in every file), src and dst (the ranks at both ends, 0 being the
+federator), region, direction (seen from the client: up = client -> federator), params
+and bytes. The federator's own record of the same transfers stays in memory (its byte
+count per round) and is not written twice.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ from .methods import make_plan
 from .regions import REGIONS
 
 FLOAT_BYTES = 4
-FIELDS = ("round", "rank", "client", "region", "direction", "params", "bytes")
+FIELDS = ("round", "client", "src", "dst", "region", "direction", "params", "bytes")
+FEDERATOR = 0  # the federator's rank, named in src / dst
 
 
 SECURE_VALUE_BYTES = 8  # fed.secure: uint64 fixed point per uploaded value
@@ -42,13 +49,22 @@ def download_bytes(params: int) -> int:
     return FLOAT_BYTES * params
 
 
+def transfer(round_index: int, client: int, region: str, direction: str, params: int,
+             nbytes: int) -> dict:
+    """One comm.csv row: `client` 1..K (-1: the federator's own record, other end unknown)."""
+    src, dst = (client, FEDERATOR) if direction == "up" else (FEDERATOR, client)
+    return dict(round=round_index, client=client, src=src, dst=dst, region=region,
+                direction=direction, params=params, bytes=nbytes)
+
+
 @dataclass
 class Ledger:
     """Rows recorded by one rank: (round, rank, client, region, direction, params, bytes).
 
     `direction` is seen from the client side: "up" is client -> federator, "down" is
     federator -> client. Client ranks record their own transfers; the federator records
-    the aggregate it received and sent with client = -1.
+    the aggregate it received and sent with client = -1. Clients are numbered 1..K (their
+    ranks); `record` takes the 0-based `World.client` index.
     """
     rank: int
     rows: list = field(default_factory=list)
@@ -58,47 +74,47 @@ class Ledger:
         """`nbytes`: the bytes handed to the collective (default: the plain float32 size)."""
         if nbytes is None:
             nbytes = upload_bytes(params) if direction == "up" else download_bytes(params)
-        self.rows.append((round_index, self.rank, client, region, direction, params, nbytes))
+        number = client + 1 if client >= 0 else -1
+        self.rows.append((round_index, self.rank, number, region, direction, params, nbytes))
 
     def round_bytes(self, round_index: int) -> int:
         return sum(r[6] for r in self.rows if r[0] == round_index)
 
     def pop_round(self, round_index: int) -> list[dict]:
-        """This round's rows as dicts, removed from the ledger."""
-        out = [dict(zip(FIELDS, r)) for r in self.rows if r[0] == round_index]
+        """This round's rows as transfer dicts (see `transfer`), removed from the ledger."""
+        out = [transfer(r[0], *r[2:]) for r in self.rows if r[0] == round_index]
         self.rows = [r for r in self.rows if r[0] != round_index]
         return out
 
     def dicts(self) -> list[dict]:
-        return [dict(zip(FIELDS, r)) for r in self.rows]
+        return [transfer(r[0], *r[2:]) for r in self.rows]
 
 
 def analytical_rows(method: str, num_clients: int, rounds: int, sizes: dict[str, int],
                     seed: int, upload_value_bytes: int = FLOAT_BYTES) -> list[dict]:
-    """The ledger rows (client side) a run with these settings must produce."""
+    """The comm.csv rows (one per transfer) a run with these settings must produce."""
     rows = []
     for k in range(num_clients):
         for region in REGIONS:
-            rows.append(dict(round=0, rank=k + 1, client=k, region=region, direction="down",
-                             params=sizes[region], bytes=download_bytes(sizes[region])))
+            rows.append(transfer(0, k + 1, region, "down", sizes[region],
+                                 download_bytes(sizes[region])))
     for r in range(1, rounds + 1):
-        plan = make_plan(method, r, num_clients, seed)
+        plan = make_plan(method, r, num_clients, seed)  # plans index clients 0..K-1
         for k in range(num_clients):
             for region in REGIONS:
                 if region in plan.uploads[k]:
-                    rows.append(dict(round=r, rank=k + 1, client=k, region=region, direction="up",
-                                     params=sizes[region],
-                                     bytes=upload_bytes(sizes[region], upload_value_bytes)))
+                    rows.append(transfer(r, k + 1, region, "up", sizes[region],
+                                         upload_bytes(sizes[region], upload_value_bytes)))
             for region in REGIONS:
                 if region in plan.downloads[k]:
-                    rows.append(dict(round=r, rank=k + 1, client=k, region=region,
-                                     direction="down", params=sizes[region],
-                                     bytes=download_bytes(sizes[region])))
+                    rows.append(transfer(r, k + 1, region, "down", sizes[region],
+                                         download_bytes(sizes[region])))
     return rows
 
 
 def client_rows(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if int(r["client"]) >= 0]
+    """The rows of transfers to and from clients (not the federator's mirror records)."""
+    return [r for r in rows if int(r["client"]) > 0]
 
 
 def summarize(rows: list[dict], rounds: int) -> dict:
@@ -139,13 +155,19 @@ def comparison(method: str, num_clients: int, rounds: int, sizes: dict, seed: in
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    metrics.write_csv(path, rows, list(FIELDS))
+    metrics.write_csv(path, client_rows(rows), list(FIELDS))
 
 
 def read_csv(path: Path) -> list[dict]:
-    """comm.csv rows with integer columns (a partial last row, from a crash, is dropped)."""
-    return [{k: (v if k in ("region", "direction") else int(v)) for k, v in row.items()}
+    """comm.csv rows with integer columns (a partial last row, from a crash, is dropped).
+    A file of the older layout (rank, 0-based client, federator rows) is read as the
+    current one, so runs written before still resume, plot and report."""
+    rows = [{k: (v if k in ("region", "direction") else int(v)) for k, v in row.items()}
             for row in metrics.read_csv(path)]
+    if rows and "src" not in rows[0]:
+        rows = [transfer(r["round"], r["rank"], r["region"], r["direction"], r["params"],
+                         r["bytes"]) for r in rows if r["client"] >= 0]
+    return rows
 
 
 def format_table(results: list[dict], rule: str = "paper", unit: str = "fp32") -> str:
@@ -161,13 +183,14 @@ def format_table(results: list[dict], rule: str = "paper", unit: str = "fp32") -
 
 
 def append_rows(rows: list[dict], path: Path) -> None:
+    """Append the client rows of `rows` (one per transfer) to comm.csv."""
     path = Path(path)
     new = not path.exists()
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(FIELDS))
         if new:
             w.writeheader()
-        for r in rows:
+        for r in client_rows(rows):
             w.writerow({k: r[k] for k in FIELDS})
 
 

@@ -204,10 +204,11 @@ def _shards(labels, num_clients, classes_per_client, rng):
 # ---------------------------------------------------------------- reports
 
 def client_table(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> list[dict]:
-    """One row per client: size, share of all samples, class histogram."""
+    """One row per client (numbered 1..K, as the client ranks): size, share of all
+    samples, class histogram."""
     labels = np.asarray(labels)
     total = sum(len(p) for p in parts) or 1
-    return [{"client": i, "size": int(len(p)), "share": len(p) / total,
+    return [{"client": i + 1, "size": int(len(p)), "share": len(p) / total,
              "histogram": np.bincount(labels[p], minlength=num_classes).astype(int).tolist()}
             for i, p in enumerate(parts)]
 

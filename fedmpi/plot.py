@@ -136,16 +136,16 @@ def load_run(path: str | Path) -> Run:
     run.eval_rows = list(last.values())
 
     try:
-        comm = _read_csv(path / "comm.csv")
-        run.comm_rows = [dict(r, round=int(r["round"]), client=int(r["client"]),
-                              bytes=int(r["bytes"])) for r in comm if int(r["client"]) >= 0]
+        from .ledger import read_csv as read_ledger  # clients 1..K, older layouts converted
+        comm = path / "comm.csv"
+        run.comm_rows = read_ledger(comm) if comm.is_file() else []
     except (KeyError, ValueError) as e:
         raise RunError(f"{path}/comm.csv: unexpected content ({e})") from None
 
     if not centralized:
         k = cfg.split.num_clients
         if k is None and run.comm_rows:
-            k = max(r["client"] for r in run.comm_rows) + 1
+            k = max(r["client"] for r in run.comm_rows)
         if k is None and rows and isinstance(rows[0].get("client_loss"), list):
             k = len(rows[0]["client_loss"])
         run.num_clients = k
@@ -433,9 +433,9 @@ def plot_split(run: Run, path: Path) -> Optional[Path]:
         label = f"{j} {names[j]}" if j < len(names) else str(j)
         ax.bar(x, hist[:, j], bottom=bottom, color=cmap(j % cmap.N), label=label)
         bottom += hist[:, j]
-    # clients numbered 1..K as in eval.csv and the per-client plots
+    # clients numbered 1..K (their ranks) as in every file of a run
     step = max(1, len(rows) // 25)
-    ax.set_xticks(x[::step], [str(r["client"] + 1) for r in rows][::step])
+    ax.set_xticks(x[::step], [str(r["client"]) for r in rows][::step])
     ax.set_xlabel("client")
     ax.set_ylabel("training images")
     ax.set_title(f"client split: {run.label}\n{desc}", fontsize="medium")

@@ -90,13 +90,15 @@ def test_usplit_odd_k_rows_follow_the_plan(k):
     r0 = [x for x in rows if x["round"] == 0]
     assert all(x["direction"] == "down" for x in r0)
     assert sum(x["params"] for x in r0) == k * P
-    assert {x["client"] for x in rows} == set(range(k))
-    assert all(x["rank"] == x["client"] + 1 for x in rows)
+    # clients numbered 1..K (their ranks); each row names both ends, 0 = the federator
+    assert {x["client"] for x in rows} == set(range(1, k + 1))
+    assert all((x["src"], x["dst"]) == ((x["client"], 0) if x["direction"] == "up"
+                                        else (0, x["client"])) for x in rows)
 
 
 def test_summary_per_client_and_round():
     res = summarize(analytical_rows("ulatdec", 4, 3, SIZES, 0), 3)
-    assert set(res["per_client"]) == set(range(4))
+    assert set(res["per_client"]) == {1, 2, 3, 4}
     assert set(res["per_round"]) == {0, 1, 2, 3}
     for c in res["per_client"].values():
         assert c["up_params"] == 3 * (B + D)
@@ -106,8 +108,7 @@ def test_summary_per_client_and_round():
     assert total == res["moved"]["params"]
     # federator rows (client -1) are not counted twice
     rows = analytical_rows("ulatdec", 4, 3, SIZES, 0)
-    rows.append(dict(round=1, rank=0, client=-1, region="decoder", direction="up",
-                     params=D, bytes=4 * D))
+    rows.append(ledger.transfer(1, -1, "decoder", "up", D, 4 * D))
     assert summarize(rows, 3)["moved"] == res["moved"]
 
 
@@ -121,9 +122,10 @@ def test_ledger_record_sizes():
     assert led.round_bytes(1) == 4 * 1001 + 4 * 1000
     assert led.round_bytes(2) == 4 * 8
     assert led.round_bytes(3) == 0
-    d = led.dicts()[0]
-    assert d == {"round": 1, "rank": 3, "client": 2, "region": "decoder", "direction": "up",
-                 "params": 1000, "bytes": 4004}
+    d = led.dicts()[0]  # World.client 2 is client 3, rank 3
+    assert d == {"round": 1, "client": 3, "src": 3, "dst": 0, "region": "decoder",
+                 "direction": "up", "params": 1000, "bytes": 4004}
+    assert led.dicts()[1]["src"] == 0 and led.dicts()[1]["dst"] == 3
     assert ledger.upload_bytes(0) == 4 and ledger.download_bytes(0) == 0
 
 
@@ -131,6 +133,33 @@ def test_csv_round_trip(tmp_path):
     rows = analytical_rows("usplit", 3, 2, SIZES, 1)
     ledger.write_csv(rows, tmp_path / "comm.csv")
     assert ledger.read_csv(tmp_path / "comm.csv") == rows
+
+
+def test_comm_csv_one_row_per_transfer(tmp_path):
+    """What the federator appends per round: every rank's rows; the federator's mirror
+    records (client -1, one per client, identical) are not written."""
+    fed, c1, c2 = Ledger(rank=0), Ledger(rank=1), Ledger(rank=2)
+    for led, client in ((c1, 0), (c2, 1)):
+        led.record(1, client, "decoder", "up", 10)
+        led.record(1, client, "decoder", "down", 10)
+    for _ in range(2):
+        fed.record(1, -1, "decoder", "up", 10)
+        fed.record(1, -1, "decoder", "down", 10)
+    ledger.append_rows(fed.pop_round(1) + c1.pop_round(1) + c2.pop_round(1), tmp_path / "c.csv")
+    lines = (tmp_path / "c.csv").read_text().splitlines()
+    assert lines == ["round,client,src,dst,region,direction,params,bytes",
+                     "1,1,1,0,decoder,up,10,44", "1,1,0,1,decoder,down,10,40",
+                     "1,2,2,0,decoder,up,10,44", "1,2,0,2,decoder,down,10,40"]
+
+
+def test_old_comm_csv_layout_is_read_as_the_new(tmp_path):
+    """Run folders written before (rank + 0-based client columns, federator rows)."""
+    old = tmp_path / "old.csv"
+    old.write_text("round,rank,client,region,direction,params,bytes\n"
+                   "0,1,0,encoder,down,5,20\n0,0,-1,encoder,down,5,20\n"
+                   "1,2,1,decoder,up,3,16\n1,0,-1,decoder,up,3,16\n")
+    assert ledger.read_csv(old) == [ledger.transfer(0, 1, "encoder", "down", 5, 20),
+                                    ledger.transfer(1, 2, "decoder", "up", 3, 16)]
 
 
 def test_comm_cli_prints_paper_table():
