@@ -258,6 +258,9 @@ class World:
         # one (0: forever). Rank 0 gives up first so that it, not a client, reports.
         self.timeout = 0.0
         self.phase = "set-up"
+        # Called about every 0.1 s while this rank waits in `_wait` (the federator: the
+        # live progress display of the round, fed by a ProgressRelay).
+        self.waiting_hook = None
 
     def start_backend(self, device) -> None:
         if self.backend_name == "torch":
@@ -313,12 +316,16 @@ class World:
             self.phase = phase
         limit = self.timeout + (0 if self.rank == 0 else 5.0) if self.timeout > 0 else None
         start = time.monotonic()
+        next_hook = start
         while not req.Test():
             if limit is not None and time.monotonic() - start > limit:
                 raise StallError(
                     f"waited {time.monotonic() - start:.0f} s in phase '{self.phase}' for the "
                     f"slowest rank (fed.round_timeout={self.timeout:g}); a rank is stuck or "
                     f"much slower than the others: stopping the job")
+            if self.waiting_hook is not None and time.monotonic() >= next_hook:
+                self.waiting_hook()
+                next_hook = time.monotonic() + 0.1
             time.sleep(0.002)
 
     def flags(self, values: Sequence[int], phase: Optional[str] = None) -> np.ndarray:
@@ -390,6 +397,104 @@ class World:
     def describe(self) -> str:
         version = self.MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0]
         return f"{version} | backend {self.backend.name if self.backend else self.backend_name}"
+
+
+class ProgressRelay:
+    """Clients' progress of local training, relayed to the federator while it waits.
+
+    A client calls `report(...)` as often as it likes (every optimizer step): at most
+    every `interval` seconds it posts a non-blocking send (Isend) of five int64 numbers
+    (round, steps done, steps in its round, images done, final 0/1) and goes on
+    training; it never waits for the federator. After its training it posts one final
+    report (`finish`). The federator calls `poll()` from its waiting loop
+    (`World.waiting_hook`): Iprobe + Recv of whatever has arrived, never blocking. After
+    the round's first collective the federator `drain`s until it holds the final report
+    of every client, and every client completes its sends (`end_round`), so no
+    message outlives its round. Receives name their source and stop at that client's
+    final report: messages from one sender arrive in order, so a client already in the
+    next round can never have its reports counted in this one. The relay has its own
+    communicator (a Dup of the world), so its messages can never be matched by any
+    other receive. `interval` 0 turns it off on every rank (no messages at all).
+    """
+
+    TAG = 1
+    FIELDS = 5
+
+    def __init__(self, world, interval: float):
+        self.enabled = interval > 0 and world.size > 1
+        self.interval = interval
+        self.rank, self.clients = world.rank, world.size - 1
+        self.MPI = world.MPI
+        # collective over the world: every rank constructs the relay at the same point
+        self.comm = world.comm.Dup() if self.enabled else None
+        self._pending: list = []  # (request, buffer): a buffer must live until its send completes
+        self._next = 0.0
+        self.sent = 0  # messages posted by this client in this run (the benchmark reads it)
+        self._open = set(range(1, world.size))  # federator: clients whose final report is due
+
+    # client side -------------------------------------------------------------------
+    def report(self, round_index: int, done: int, total: int, images: int,
+               final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not final and now < self._next:
+            return
+        self._next = now + self.interval
+        msg = np.array([round_index, done, total, images, int(final)], dtype=np.int64)
+        self._pending.append((self.comm.Isend(msg, dest=0, tag=self.TAG), msg))
+        self.sent += 1
+        # release the buffers of sends already delivered (Test never blocks)
+        self._pending = [(req, buf) for req, buf in self._pending if not req.Test()]
+
+    def finish(self, round_index: int, done: int, total: int, images: int) -> None:
+        """The client's last report of the round (always sent when the relay is on)."""
+        self.report(round_index, done, total, images, final=True)
+
+    def end_round(self) -> None:
+        """Client: complete this round's sends. Call after the round's first collective:
+        the federator is then draining them, so this returns at once."""
+        for req, _ in self._pending:
+            req.Wait()
+        self._pending.clear()
+        self._next = 0.0
+
+    # federator side ----------------------------------------------------------------
+    def poll(self) -> list[tuple[int, np.ndarray]]:
+        """(client rank, report) of every message that has arrived; never blocks."""
+        out = []
+        if not self.enabled:
+            return out
+        for rank in sorted(self._open):
+            while rank in self._open and self.comm.Iprobe(source=rank, tag=self.TAG):
+                out.append(self._recv(rank))
+        return out
+
+    def drain(self) -> list[tuple[int, np.ndarray]]:
+        """Receive until every client's final report of the round is in (blocking: call it
+        after the round's first collective, when every client has posted it)."""
+        out = []
+        if not self.enabled:
+            return out
+        for rank in sorted(self._open):
+            while rank in self._open:
+                out.append(self._recv(rank))
+        self._open = set(range(1, self.clients + 1))  # the next round
+        return out
+
+    def _recv(self, source: int) -> tuple[int, np.ndarray]:
+        buf = np.empty(self.FIELDS, dtype=np.int64)
+        self.comm.Recv(buf, source=source, tag=self.TAG)
+        if buf[4]:
+            self._open.discard(source)
+        return source, buf
+
+    def close(self) -> None:
+        if self.comm is not None:
+            self.end_round()
+            self.comm.Free()
+            self.comm = None
+            self.enabled = False
 
 
 def main(argv=None) -> int:

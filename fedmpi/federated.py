@@ -244,7 +244,9 @@ def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log
         # in federator.pt (FULL / USPLIT clients write no weights at all).
         obj = {"round": round_index, "client": world.rank,
                "model": own_entries(model.state_dict(), cfg.fed.method), "optimizer": opt}
-    if ema is not None:
+    # the global model's EMA (FULL, USPLIT) is the same on every rank: stored once, by the
+    # federator; a personal-model client's EMA of its local training is its own
+    if ema is not None and (world.is_federator or personal_regions(cfg.fed.method)):
         obj["ema"] = ema.state_dict()
     mine = {"name": name, "sha256": None, "error": None, "finite": all_finite(model)}
     if mine["finite"]:
@@ -343,6 +345,8 @@ def _restore(world, run_dir: Path, round_index: int, model, trainer, device,
         state, ckpt = client_state(d, name, device)
         model.load_state_dict(state)
     if ema is not None:
+        if trainer is not None and trainer.ema is None:  # a global model's EMA: federator.pt
+            name, ckpt = "federator.pt", load_checkpoint(d / "federator.pt", device)
         if ckpt.get("ema") is None:
             raise CheckpointError(f"{d / name} holds no EMA weights but train.ema_decay is "
                                   f"{ema.decay}: resume with --train.ema_decay=0 (as the run "

@@ -78,3 +78,120 @@ def test_cli_missing_data_is_a_clear_error(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "dataset-fashion-mnist" in res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------- short-run recipe
+
+def test_lr_schedule_warmup_and_cosine():
+    from fedmpi.trainer import LRSchedule
+    s = LRSchedule(1e-3, warmup=4, kind="cosine", total=104, lr_min=1e-4)
+    assert [s(i) for i in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert s(4) == pytest.approx(1e-3)  # the peak, then a half cosine
+    assert s(54) == pytest.approx(0.5 * (1e-3 + 1e-4))
+    assert s(104) == pytest.approx(1e-4) and s(500) == pytest.approx(1e-4)
+    assert all(s(i) >= s(i + 1) for i in range(4, 110))
+    flat = LRSchedule(1e-3, warmup=0, kind="constant", total=104)
+    assert not flat.active and flat(0) == flat(103) == 1e-3
+    assert LRSchedule(1e-3, warmup=2).active and LRSchedule(1e-3, warmup=2)(50) == 1e-3
+
+
+def test_ema_math_state_and_swap():
+    from fedmpi.regions import bind_flat
+    from fedmpi.trainer import EMA
+    from fedmpi.unet import UNet
+    torch.manual_seed(0)
+    model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
+    bind_flat(model)
+    p = next(model.parameters())
+    start = p.detach().clone()
+    ema = EMA(model, 0.9)
+    # warm-up: d_n = min(decay, (1 + n) / (10 + n)): 0.1, 2/11, ... then 0.9
+    assert ema.decay_for(1) == pytest.approx(0.1)
+    assert ema.decay_for(2) == pytest.approx(0.1 * 2 / 11)
+    with torch.no_grad():
+        p.add_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.shadow[_name(model, p)], 0.1 * start + 0.9 * (start + 1))
+    # one update standing for 3 steps = 3 updates with the same weights
+    twin = EMA(model, 0.9)
+    twin.load_state_dict(ema.state_dict())
+    ema.update(model, steps=3)
+    for _ in range(3):
+        twin.update(model)
+    assert ema.updates == twin.updates == 4
+    assert all(torch.allclose(ema.shadow[k], twin.shadow[k]) for k in ema.shadow)
+    # far past the warm-up the decay is the configured one
+    ema.updates = 1000
+    assert ema.decay_for(1) == pytest.approx(0.9)
+    # applied(): the averaged weights inside, the raw ones after, in the same storage
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    ptr = p.data_ptr()
+    with ema.applied(model):
+        assert torch.equal(p, ema.shadow[_name(model, p)]) and p.data_ptr() == ptr
+    assert all(torch.equal(raw[k], v) for k, v in model.state_dict().items())
+    # mark / rollback (an abandoned round)
+    ema.mark()
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    ema.update(model, steps=5)
+    ema.rollback()
+    assert ema.updates == 1000 and all(torch.equal(before[k], ema.shadow[k]) for k in before)
+    with pytest.raises(ValueError, match="ema_decay"):
+        EMA(model, 1.0)
+
+
+def _name(model, param):
+    return next(n for n, q in model.named_parameters() if q is param)
+
+
+def test_centralized_ema_and_schedule_resume_bit_exact(tmp_path):
+    over = {"eval.grid": 0, "train.ema_decay": 0.95, "train.lr_schedule": "cosine",
+            "train.warmup_steps": 10, "train.lr_min": 1e-5}
+    full, part = tmp_path / "full", tmp_path / "part"
+    for d in (full, part):
+        d.mkdir()
+    run_centralized(tiny_cfg(tmp_path, **over), full, log=quiet)
+    # stop after epoch 1 by keeping only its checkpoint, then resume with the same config
+    run_centralized(tiny_cfg(tmp_path, **over), part, log=quiet)
+    import shutil
+    shutil.rmtree(checkpoint_dir(part, 2))
+    run_centralized(tiny_cfg(tmp_path, **over), part, resume=True, log=quiet)
+    a = torch.load(checkpoint_dir(full, 2) / "model.pt", weights_only=True)
+    b = torch.load(checkpoint_dir(part, 2) / "model.pt", weights_only=True)
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 80
+    for key in ("model", "ema"):
+        x, y = (a[key], b[key]) if key == "model" else (a[key]["shadow"], b[key]["shadow"])
+        assert all(torch.equal(x[k], y[k]) for k in x), key
+    assert any(not torch.equal(a["model"][k], a["ema"]["shadow"][k]) for k in a["model"])
+
+
+def test_print_config_lists_every_key_and_loads_back(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "fedmpi.train", "--print-config", "--config",
+                          "tests/configs/tiny.yaml", "--train.ema_decay=0.999"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    text = res.stdout
+    (tmp_path / "printed.yaml").write_text(text)
+    expected = load_config(ROOT / "tests/configs/tiny.yaml", ["--train.ema_decay=0.999"])
+    assert load_config(tmp_path / "printed.yaml") == expected  # the resolved config itself
+    for section, part in expected.to_dict().items():
+        for key in part:
+            assert f"\n  {key}: " in text, f"{section}.{key} missing"
+    # the schema's comments come along: choices, ranges and meanings
+    assert "  lr_schedule: constant  # constant | cosine" in text
+    assert "  ema_decay: 0.999  # in [0, 1)" in text
+    assert "# EMA of the weights for sampling" in text
+    help_text = subprocess.run([sys.executable, "-m", "fedmpi.train", "--help"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60).stdout
+    assert "--print-config" in help_text and "--section.key=value" in help_text
+    bad = subprocess.run([sys.executable, "-m", "fedmpi.train", "--print-config",
+                          "--train.lr_min=1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "train.lr_min" in bad.stderr
+
+
+def test_split_report_numbers_clients_from_one():
+    import numpy as np
+    from fedmpi.partition import client_table, format_table
+    rows = client_table(np.arange(12) % 3, [np.arange(6), np.arange(6, 12)], 3)
+    assert [r["client"] for r in rows] == [1, 2]
+    assert [l.split()[0] for l in format_table(rows).splitlines()[2:4]] == ["1", "2"]

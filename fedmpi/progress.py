@@ -1,0 +1,167 @@
+"""Live progress displays: a federated round seen from the federator, a centralized epoch.
+
+`Progress` shows one unit of work (steps done out of a total, images/s, elapsed, ETA and
+a note). On an interactive terminal it is a tqdm bar; in a batch log (Slurm, nohup, a
+pipe: no tty) it prints a plain line at most every `every_s` seconds (30) or each time
+another `every_fraction` (10%) of the work is done, so a log shows the job is alive
+without filling up. Under mpirun the ranks' stderr is a pipe even when mpirun runs in a
+terminal; `launch/local.sh` then sets FEDMPI_PROGRESS=bar. FEDMPI_PROGRESS=lines or
+off forces the other modes.
+
+`RoundProgress` is the federator's view of a round: the latest report of every client
+(steps done of its steps in the round, images done), relayed by
+`fedmpi.comm.ProgressRelay` while the federator waits; it shows the steps of all clients
+together, their images/s, and the slowest client, whose pace sets the ETA.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Callable, Optional
+
+
+def display_mode() -> str:
+    """'bar' on a terminal, 'lines' in a batch log, or what FEDMPI_PROGRESS says."""
+    forced = os.environ.get("FEDMPI_PROGRESS", "").strip().lower()
+    if forced in ("bar", "lines", "off"):
+        return forced
+    return "bar" if sys.stderr.isatty() else "lines"
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """Steps done out of `total` for one unit of work called `desc`."""
+
+    def __init__(self, total: int, desc: str, log: Callable[[str], None] = print,
+                 mode: Optional[str] = None, every_s: float = 30.0,
+                 every_fraction: float = 0.1, clock=time.monotonic):
+        self.total, self.desc, self.log = max(int(total), 1), desc, log
+        self.mode = mode or display_mode()
+        self.every_s, self.every_fraction = every_s, every_fraction
+        self.clock = clock
+        self.start = clock()
+        self.done, self.note = 0, ""
+        self.eta: Optional[float] = None  # seconds; None: extrapolate from done / elapsed
+        self.lines = 0  # plain lines printed (tests, and the benchmark)
+        self._last_line = self.start
+        self._last_done = 0
+        self._bar = None
+        if self.mode == "bar":
+            try:
+                from tqdm import tqdm
+                self._bar = tqdm(total=self.total, desc=desc, unit="step", leave=False,
+                                 dynamic_ncols=True, file=sys.stderr)
+            except ImportError:  # pragma: no cover - tqdm is a dependency
+                self.mode = "lines"
+
+    @property
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def update(self, done: int, note: str = "", eta: Optional[float] = None) -> None:
+        """Set the steps done so far (absolute), the note and the ETA in seconds (None:
+        from the pace so far); may print a line."""
+        done = min(int(done), self.total)
+        self.note, self.eta = note, eta
+        if self._bar is not None:
+            self._bar.update(done - self.done)
+            self.done = done
+            if note:
+                self._bar.set_postfix_str(note, refresh=False)
+            return
+        self.done = done
+        self.tick()
+
+    def tick(self) -> None:
+        """Print a line in batch mode when it is due (call it often; it is cheap)."""
+        if self.mode != "lines" or self.done >= self.total:
+            return
+        now = self.clock()
+        if (now - self._last_line >= self.every_s
+                or self.done - self._last_done >= self.every_fraction * self.total):
+            self._last_line, self._last_done = now, self.done
+            self.log(self.line())
+            self.lines += 1
+
+    def line(self) -> str:
+        elapsed = self.elapsed
+        eta = ""
+        if self.eta is not None:
+            eta = f", ETA {_clock(self.eta)}"
+        elif 0 < self.done < self.total:
+            eta = f", ETA {_clock(elapsed * (self.total - self.done) / self.done)}"
+        return (f"{self.desc}: {100 * self.done / self.total:3.0f}% | {self.done}/{self.total} "
+                f"steps | elapsed {_clock(elapsed)}{eta}" + (f" | {self.note}" if self.note else ""))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class RoundProgress:
+    """The federator's display of one round from the clients' relayed reports."""
+
+    def __init__(self, round_index: int, rounds: int, clients: int,
+                 log: Callable[[str], None] = print, mode: Optional[str] = None,
+                 clock=time.monotonic, **kwargs):
+        self.clients = clients
+        self.clock = clock
+        self.start = clock()
+        self.desc = f"round {round_index}/{rounds}"
+        self.reports: dict[int, tuple[int, int, int]] = {}  # rank -> (done, total, images)
+        self.log, self.mode, self.kwargs = log, mode, kwargs
+        self.progress: Optional[Progress] = None
+
+    def add(self, rank: int, done: int, total: int, images: int) -> None:
+        self.reports[rank] = (done, total, images)
+
+    def show(self) -> None:
+        """Redraw from the latest reports (and print a line when one is due)."""
+        if not self.reports:
+            return
+        # every client's steps in the round are known once it has reported; until then
+        # assume it has as many as the average reporter
+        known = [t for _, t, _ in self.reports.values()]
+        total = sum(known) + (self.clients - len(known)) * (sum(known) // len(known))
+        done = sum(d for d, _, _ in self.reports.values())
+        if self.progress is None:
+            self.progress = Progress(total, self.desc, self.log, self.mode, clock=self.clock,
+                                     **self.kwargs)
+            self.progress.start = self.start
+            self.progress._last_line = self.start
+        self.progress.total = max(total, 1)
+        self.progress.update(done, self.note(), self.eta())
+
+    def eta(self) -> Optional[float]:
+        """Seconds until the slowest client is done at its pace so far (None: unknown)."""
+        elapsed = self.clock() - self.start
+        if len(self.reports) < self.clients or elapsed <= 0:
+            return None
+        left = [(t - d) * elapsed / d for d, t, _ in self.reports.values() if d > 0]
+        if len(left) < self.clients:
+            return None
+        return max(left)
+
+    def note(self) -> str:
+        elapsed = max(self.clock() - self.start, 1e-9)
+        images = sum(i for _, _, i in self.reports.values())
+        rank, (done, total, _) = min(self.reports.items(),
+                                     key=lambda kv: (kv[1][0] / max(kv[1][1], 1), kv[0]))
+        return (f"{images / elapsed:.0f} img/s over {len(self.reports)}/{self.clients} clients"
+                f" | slowest client {rank} ({100 * done / max(total, 1):.0f}%)")
+
+    @property
+    def lines(self) -> int:
+        return self.progress.lines if self.progress else 0
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
