@@ -144,8 +144,8 @@ def test_cli_prints_reference_sizes(labels, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "rng=numpy_legacy" in out and "seed=2023" in out
-    sizes = [int(line.split()[1]) for line in out.splitlines() if line.split()[:1] in
-             (["0"], ["1"], ["2"], ["3"], ["4"])]
+    sizes = [int(line.split()[1]) for line in out.splitlines()  # clients numbered 1..K
+             if line.split()[:1] in (["1"], ["2"], ["3"], ["4"], ["5"])]
     assert sizes == REFERENCE_K5_QUANTITY
 
 
