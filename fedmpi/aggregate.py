@@ -18,11 +18,12 @@ call. The ledger records the bytes of the buffers actually handed to the collect
 Two options change the upload, never the plan or the broadcast (`Aggregator(..., cfg)`):
 
 - `fed.secure` (fedmpi.secure): the same [n_k * theta_k, n_k] is encoded in fixed point
-  as uint64 and masked with the other reporters of this region in this round; one
-  integer SUM Reduce (`World.reduce_sum_u64`) over the same subgroup; the federator
-  decodes only the sum (float64), divides and broadcasts float32 as usual. The pair
-  keys are agreed once, when the Aggregator is built (a collective on every rank). The
-  work is on host memory: a GPU model pays one copy of each region each way.
+  as uint64 and masked with the other reporters of this region in this round (all of a
+  client's regions first, then one sleeping barrier); one integer SUM Reduce per region
+  (`World.reduce_sum_u64`) over the same subgroup; the federator decodes only the sum,
+  divides and broadcasts float32 as usual. The pair keys are agreed once, when the
+  Aggregator is built (a collective on every rank). The work is on host memory: a GPU
+  model pays one copy of each region each way.
 - `privacy.dp` (fedmpi.privacy): before the uploads, each client replaces the regions
   it uploads by start + clip(theta - start) (+ its distributed noise share), with
   uniform weight 1; in central mode the federator adds the noise to its own zero
@@ -158,6 +159,8 @@ class Aggregator:
             n_k = 1.0 if n_k > 0 else 0.0  # uniform weights; 0 keeps a skipped client out
             if not world.is_federator:
                 stats = self._privatize(plan, start)
+        if self.secure is not None:
+            self._mask_uploads(plan, n_k, round_index)
         for region in REGIONS:
             ups, downs = plan.uploaders(region), plan.receivers(region)
             up_group = world.group(ups) if ups else None
@@ -169,7 +172,7 @@ class Aggregator:
             with torch.no_grad():
                 if up_group is not None and up_group.is_member:
                     if self.secure is not None:
-                        self._reduce_secure(up_group, ups, region, theta, n_k, round_index)
+                        self._reduce_secure(up_group, ups, region, theta, round_index)
                     else:
                         self._reduce_plain(up_group, ups, region, theta, n_k, round_index)
                 if down_group is not None and down_group.is_member:
@@ -203,18 +206,32 @@ class Aggregator:
                     f"round {round_index}: the average of region '{region}' is not "
                     f"finite although every upload was (float32 overflow)")
 
-    def _reduce_secure(self, group, ups, region: str, theta: torch.Tensor, n_k: float,
+    def _mask_uploads(self, plan, n_k: float, round_index: int) -> None:
+        """Secure: every client encodes and masks all the regions it uploads this round,
+        then all ranks meet in a barrier that sleeps while it waits. Masking takes CPU
+        time that differs between clients; ranks that finished would otherwise busy-poll
+        inside the Reduce, taking the cores of those still masking when ranks share them."""
+        world, sec = self.world, self.secure
+        if not world.is_federator:
+            for region in REGIONS:
+                ups = plan.uploaders(region)
+                if world.client in ups:
+                    theta = self.flat[region]
+                    sec.client.upload_fedavg(_host(theta), n_k, round_index, region, ups,
+                                             out=sec.buffer(region, theta.numel()),
+                                             neighbors=sec.neighbors)
+        world.wait_all(f"round {round_index}: secure aggregation (masking)")
+
+    def _reduce_secure(self, group, ups, region: str, theta: torch.Tensor,
                        round_index: int) -> None:
-        """The secure twin of `_reduce_plain`: masked uint64 upload, integer SUM, the
-        federator decodes the sum only. A decoded sum of finite uploads is finite."""
+        """The secure twin of `_reduce_plain`: the masked uint64 upload (`_mask_uploads`),
+        integer SUM, the federator decodes the sum only (finite uploads: a finite sum)."""
         from .secure import decode_average
         world, sec = self.world, self.secure
         buf = sec.buffer(region, theta.numel())
         if world.is_federator:
             buf.fill(0)
         else:
-            sec.client.upload_fedavg(_host(theta), n_k, round_index, region, ups, out=buf,
-                                     neighbors=sec.neighbors)
             self.ledger.record(round_index, world.client, region, "up", theta.numel(), buf.nbytes)
         world.reduce_sum_u64(group, buf)
         if world.is_federator:
