@@ -1,26 +1,37 @@
-"""Aggregation cost of fedmpi per method against the raw MPI floor, plus a byte check.
+"""Aggregation cost of fedmpi per method against the raw MPI floor, secure aggregation
+against plain, plus a byte check.
 
 What it measures (one launch = one world size W = 1 federator + K clients):
 for each method (full, usplit, udec, ulatdec) it runs R real aggregation rounds of
-`fedmpi.federated._exchange` on the configured UNet (default: the paper's model,
-configs/paper/fmnist_full.yaml, 2,996,315 parameters) and reports per round
+`fedmpi.aggregate.Aggregator.exchange` (the code a run calls, not a copy) on the
+configured UNet (default: the paper's model, configs/paper/fmnist_full.yaml, 2,996,315
+parameters) and reports per round
 
 - the parameters and bytes moved, read from fedmpi's `Ledger` (client side, the rows a
   run writes to comm.csv), checked against `fedmpi.ledger.analytical_rows` for every
   method: `bytes check: PASS|FAIL`;
-- agg ms: wall time of the whole `_exchange` call (what a run logs as agg_s: sub-
-  communicator creation, flatten / scale / unflatten, Reduce + Bcast, ledger, Free);
+- agg ms: wall time of the whole `exchange` call (what a run logs as agg_s: sub-
+  communicator look-up, pack_upload / average_into, Reduce + Bcast, ledger);
 - floor ms: in the same run, on communicators created the same way for the same member
   sets (`World.group`), the bare backend collectives on preallocated buffers of exactly
   the same sizes (Reduce of P+1 floats to the federator, Bcast of P floats, per region),
   i.e. the least any implementation of this plan can spend on the wire;
 - setup ms (creating + freeing the per-region subcommunicators; MPI_Comm_split on the mpi
   backend, cached new_group on torch) and agg excl. setup ms (fedmpi's own per-region
-  timing hook, `_exchange(..., timings=)`), so the ratio can be attributed.
+  timing hook, `exchange(..., timings=)`), so the ratio can be attributed;
+- with --secure, in the same run on the same weights: secure ms, the `exchange` of an
+  Aggregator with fed.secure (fixed-point encoding, pairwise AES-CTR masks, one uint64
+  SUM Reduce, decoding), its ratio to agg ms, its bytes checked against the analytical
+  rows at 8 bytes per uploaded value, and secure host ms: the encoding + masking (clients)
+  and decoding (federator) alone, in CPU time, slowest rank and summed over ranks. On a
+  machine with fewer cores than ranks the clients' masking runs one after another, so the
+  secure time is bounded below by that sum / cores; with a core (or node) per rank the
+  masking runs in parallel and adds about the slowest rank's time.
+  Methods fed.secure refuses at this K (USPLIT at K = 2 or 3) are reported as such.
 
 Each time is the slowest rank's (MAX over ranks after a barrier); every measurement is
-repeated (--warmup discarded, then --repeats kept, exchange and floor interleaved, order
-alternating) and the median is reported. Local training between rounds is skipped by
+repeated (--warmup discarded, then --repeats kept, exchange, floor and secure exchange
+interleaved, order alternating) and the median is reported. Local training between rounds is skipped by
 default (--local-steps N runs N real LocalTrainer steps per client per round first).
 
 Outputs (rank 0): per-round and summary markdown tables, bench/results/comm_<backend>_W<W>
@@ -31,6 +42,7 @@ Laptop / workstation (Open MPI from the venv, root needs OMPI_ALLOW_RUN_AS_ROOT=
 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1):
     mpirun -n 3 --oversubscribe --bind-to none python bench/comm.py --quick
     mpirun -n 11 --oversubscribe --bind-to none python bench/comm.py --backend torch
+    mpirun -n 11 --oversubscribe --bind-to none python bench/comm.py --quick --secure
     python bench/comm.py --quick --sweep 3,5,11 --backend mpi,torch
 Slurm (inside an allocation of enough tasks, or as the body of an sbatch script):
     srun --mpi=pmix -n 11 python bench/comm.py --config configs/paper/fmnist_full.yaml
@@ -70,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the config's run.device)")
     p.add_argument("--out-dir", default=str(C.RESULTS), help="where CSV / PNG / MD files go")
     p.add_argument("--quick", action="store_true", help="small repeat counts (1-2 min at W=11 on 2 cores)")
+    p.add_argument("--secure", action="store_true",
+                   help="also time the fed.secure exchange on the same weights (with "
+                        "--fed.secure_neighbors=k etc. as config overrides)")
     p.add_argument("--profile", action="store_true",
                    help="cProfile the exchange calls on ranks 0 and 1 and print the top entries "
                         "(distorts the timings of that run)")
@@ -138,7 +153,7 @@ class RawCollectives:
 
 
 def _groups(world, plan, regions):
-    """Per region (up_group, down_group), created exactly as `_exchange` creates them."""
+    """Per region (up_group, down_group), created exactly as `Aggregator.exchange` does."""
     out = []
     for region in regions:
         ups, downs = plan.uploaders(region), plan.receivers(region)
@@ -179,45 +194,105 @@ def floor_once(world, plan, raw) -> tuple[float, float]:
     return t_coll, t_create + t_release
 
 
-def host_once(world, plan, model, sizes, n_k) -> float:
-    """The local (non-communication) steps `_exchange` performs on this rank for this plan:
-    the clients' scaling by n_k into the send buffer, the federator's division into its
-    weights (plus copies where the model is not bound to flat buffers). The federator's
-    reduced buffer is faked with ones (values do not matter for timing). Seconds."""
-    import numpy as np
-    from fedmpi.regions import REGIONS, region_array, unflatten
+def host_once(world, plan, agg, n_k) -> float:
+    """The local (non-communication) steps of `Aggregator.exchange` on this rank for this
+    plan, on the aggregator's own buffers: the clients' `pack_upload` (n_k * theta into
+    the send buffer), the federator's `average_into` (into a scratch copy of its weights,
+    so the model is left alone). The reduced buffer is the federator's upload buffer as it
+    is (values do not matter for timing). Seconds."""
+    import torch
+    from fedmpi.methods import average_into, pack_upload
+    from fedmpi.regions import REGIONS
     me, fed = world.client, world.is_federator
     world.comm.Barrier()
     t0 = time.perf_counter()
-    for region in REGIONS:
-        ups, downs, n = plan.uploaders(region), plan.receivers(region), sizes[region]
-        if ups and (fed or me in ups):
-            send = world.scratch(f"send-{region}", n + 1)
-            theta, is_view = region_array(model, region)
+    with torch.no_grad():
+        for region in REGIONS:
+            ups = plan.uploaders(region)
+            if not ups or not (fed or me in ups):
+                continue
+            buf, theta = agg.upload_buffer(region), agg.flat[region]
             if fed:
-                total = world.scratch(f"host-{region}", n + 1)
-                total.fill(1.0)  # stands for the Reduce output
-                np.divide(total[:n], total[n], out=theta)
-                if not is_view:
-                    unflatten(model, region, theta)
+                buf[-1] = 1.0  # a positive total weight, as after a Reduce
+                average_into(buf, _scratch_like(theta))
             else:
-                np.multiply(theta, np.float32(n_k), out=send[:n])
-                send[n] = n_k
-        if downs and (fed or me in downs):
-            theta, is_view = region_array(model, region)
-            if not fed and not is_view:
-                unflatten(model, region, theta)
+                pack_upload(theta, n_k, buf)
     return time.perf_counter() - t0
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch_like(t):
+    key = (t.numel(), t.dtype, str(t.device))
+    if key not in _SCRATCH:
+        _SCRATCH[key] = t.clone()
+    return _SCRATCH[key]
+
+
+def secure_host_once(world, plan, sagg, n_k, round_index) -> float:
+    """The local steps of the secure exchange on this rank (no communication): a client's
+    fixed-point encoding and masking of every region it uploads (`upload_fedavg` with all
+    its pair masks), the federator's decoding of every region's sum into a scratch copy of
+    its weights. CPU seconds of this process (wall time would count the waits for a core
+    when ranks outnumber cores)."""
+    import numpy as np
+    from fedmpi.regions import REGIONS
+    from fedmpi.secure import decode_average
+    me, fed, sec = world.client, world.is_federator, sagg.secure
+    world.comm.Barrier()
+    t0 = time.process_time()
+    for region in REGIONS:
+        ups = plan.uploaders(region)
+        if not ups or not (fed or me in ups):
+            continue
+        theta = sagg.flat[region]
+        buf = sec.buffer(region, theta.numel())
+        if fed:
+            buf[-1] = np.uint64(1 << sec.frac_bits)  # a total weight of 1
+            decode_average(buf, sec.frac_bits, _scratch_like(theta).numpy())
+        else:
+            sec.client.upload_fedavg(theta.numpy(), n_k, round_index, region, ups, out=buf,
+                                     neighbors=sec.neighbors)
+    return time.process_time() - t0
+
+
+def secure_refusal(method: str, K: int, rounds: int, seed: int, min_reporters: int):
+    """Why fed.secure refuses this method at K clients (a region with one reporter), or None."""
+    from fedmpi.methods import make_plan
+    from fedmpi.regions import REGIONS
+    from fedmpi.secure import SecureAggError, check_reporters
+    try:
+        for r in range(1, rounds + 1):
+            plan = make_plan(method, r, K, seed)
+            for region in REGIONS:
+                check_reporters(region, r, plan.uploaders(region), min_reporters)
+    except SecureAggError:
+        return f"a region has one reporter at K={K}"
+    return None
+
+
+def ledger_check(world, ledger, method, K, rounds, sizes, seed, value_bytes):
+    """(client rows gathered on rank 0, analytical rows, equal?) for this method's ledger."""
+    from fedmpi.ledger import FIELDS, analytical_rows, client_rows
+    gathered = world.gather(ledger.dicts())
+    if not world.is_federator:
+        return None, None, True
+    got = client_rows([row for rows in gathered for row in rows])
+    want = analytical_rows(method, K, rounds, sizes, seed, value_bytes)
+    ok = sorted(tuple(x[k] for k in FIELDS) for x in got) == \
+        sorted(tuple(x[k] for k in FIELDS) for x in want)
+    return got, want, ok
 
 
 def measure(args, overrides) -> int:
     import numpy as np
     import torch
 
+    from fedmpi.aggregate import Aggregator
     from fedmpi.comm import World
     from fedmpi.config import load_config
-    from fedmpi.federated import _exchange, _initial_broadcast
-    from fedmpi.ledger import Ledger, analytical_rows
+    from fedmpi.ledger import FLOAT_BYTES, SECURE_VALUE_BYTES, Ledger
     from fedmpi.methods import make_plan
     from fedmpi.regions import bind_flat, region_sizes
     from fedmpi.summary import model_shape
@@ -226,7 +301,7 @@ def measure(args, overrides) -> int:
 
     world = World(args.backends[0])
     W, K = world.size, world.num_clients
-    MAX = world.MPI.MAX
+    MAX, SUM = world.MPI.MAX, world.MPI.SUM
     if W < 2:
         print("bench/comm.py needs at least 2 ranks (1 federator + 1 client): "
               "mpirun -n 3 ... or --sweep 3,5,11", file=sys.stderr)
@@ -254,6 +329,15 @@ def measure(args, overrides) -> int:
         if world.is_federator:
             n_k = 0.0
         world.start_backend(device)
+        # The aggregation a run uses; with --secure a second one on the same weights, whose
+        # construction runs the key agreement (a collective, timed once).
+        agg = Aggregator(world, model, Ledger(world.rank))
+        sagg, t_keys = None, 0.0
+        if args.secure:
+            world.comm.Barrier()
+            t0 = time.perf_counter()
+            sagg = Aggregator(world, model, Ledger(world.rank), cfg.replace({"fed.secure": True}))
+            t_keys = world.comm.allreduce(time.perf_counter() - t0, op=MAX)
         if world.is_federator:
             C.print_environment("bench/comm.py", C.environment(W, world.backend.name, device))
             print(f"# model {args.config} {' '.join(overrides)}: "
@@ -261,6 +345,11 @@ def measure(args, overrides) -> int:
                   + f", total {sum(sizes.values()):,} parameters")
             print(f"# K={K} clients, R={args.rounds} rounds/method, warm-up {args.warmup} + "
                   f"{args.repeats} timed repeats (median), local steps {args.local_steps}", flush=True)
+            if sagg is not None:
+                nb = cfg.fed.secure_neighbors
+                print(f"# secure: fed.secure_frac_bits {cfg.fed.secure_frac_bits}, masks with "
+                      f"{'every other reporter' if nb is None else f'{nb} ring neighbours each side'}; "
+                      f"key agreement {1e3 * t_keys:.1f} ms (once per run)", flush=True)
         raw = RawCollectives(world, sizes)
 
         profiler = None
@@ -268,57 +357,82 @@ def measure(args, overrides) -> int:
             import cProfile
             profiler = cProfile.Profile()
 
+        def timed(fn):
+            world.comm.Barrier()
+            if profiler is not None:
+                profiler.enable()
+            t0 = time.perf_counter()
+            out = fn()
+            dt = time.perf_counter() - t0
+            if profiler is not None:
+                profiler.disable()
+            return dt, out
+
+        keys = ("agg", "inner", "floor", "setup", "host", "secure", "secure_inner", "secure_host",
+                "secure_host_sum")
         round_rows, summary_rows, all_ok = [], [], True
         for method in args.methods:
-            ledger = Ledger(world.rank)
-            _initial_broadcast(world, model, ledger, sizes)
-            samples = {"agg": [], "floor": [], "setup": [], "inner": [], "host": []}
+            ledger, sledger = Ledger(world.rank), Ledger(world.rank)
+            agg.ledger = ledger
+            agg.initial_broadcast()
+            refused = secure_refusal(method, K, args.rounds, seed, cfg.fed.secure_min_reporters) \
+                if sagg is not None else "not measured (--secure)"
+            if refused is None:  # round 0 of the secure ledger: the same broadcast
+                sagg.ledger = sledger
+                sagg.initial_broadcast()
+            samples = {k: [] for k in keys}
             for r in range(1, args.rounds + 1):
                 plan = make_plan(method, r, K, seed)
                 if trainer is not None:
                     trainer.new_optimizer()
                     trainer.run(seed=derive_seed(seed, r, world.client), steps=args.local_steps)
-                per = {"agg": [], "floor": [], "setup": [], "inner": [], "host": []}
+                per = {k: [] for k in keys}
                 for rep in range(args.warmup + args.repeats):
-                    # rep 0 writes the ledger (one real round); the others a scratch one
-                    led = ledger if rep == 0 else Ledger(world.rank)
-
-                    def exchange():
-                        timings = {}
-                        world.comm.Barrier()
-                        if profiler is not None:
-                            profiler.enable()
-                        t0 = time.perf_counter()
-                        _exchange(world, plan, model, n_k, led, sizes, r, timings=timings)
-                        dt = time.perf_counter() - t0
-                        if profiler is not None:
-                            profiler.disable()
-                        return dt, sum(timings.values())
-
-                    if rep % 2 == 0:
-                        (t_agg, t_inner), (t_floor, t_setup) = exchange(), floor_once(world, plan, raw)
-                    else:
-                        (t_floor, t_setup), (t_agg, t_inner) = floor_once(world, plan, raw), exchange()
-                    t_host = host_once(world, plan, model, sizes, n_k)
-                    t = np.empty(5)
-                    world.comm.Allreduce(np.array([t_agg, t_inner, t_floor, t_setup, t_host]), t,
-                                         op=MAX)
+                    # rep 0 writes the ledgers (one real round); the others scratch ones
+                    agg.ledger = ledger if rep == 0 else Ledger(world.rank)
+                    timings: dict = {}
+                    stimings: dict = {}  # the secure exchange's region loop (after masking)
+                    runs = [("agg", lambda: agg.exchange(plan, n_k, r, timings=timings)),
+                            ("floor", lambda: floor_once(world, plan, raw))]
+                    if refused is None:
+                        sagg.ledger = sledger if rep == 0 else Ledger(world.rank)
+                        runs.append(("secure", lambda: sagg.exchange(plan, n_k, r, timings=stimings)))
+                    t = dict.fromkeys(keys, float("nan"))
+                    for name, fn in (runs if rep % 2 == 0 else runs[::-1]):  # alternate order
+                        dt, out = timed(fn)
+                        if name == "floor":
+                            t["floor"], t["setup"] = out
+                        else:
+                            t[name] = dt
+                    t["inner"] = sum(timings.values())
+                    if refused is None:
+                        t["secure_inner"] = sum(stimings.values())
+                    t["host"] = host_once(world, plan, agg, n_k)
+                    if refused is None:
+                        t["secure_host"] = t["secure_host_sum"] = \
+                            secure_host_once(world, plan, sagg, n_k, r)
+                    vals = np.array([t[k] for k in keys])
+                    mx, tot = np.empty_like(vals), np.empty_like(vals)
+                    world.comm.Allreduce(vals, mx, op=MAX)
+                    world.comm.Allreduce(vals, tot, op=SUM)
+                    mx[keys.index("secure_host_sum")] = tot[keys.index("secure_host_sum")]
                     if rep >= args.warmup:
-                        for key, v in zip(("agg", "inner", "floor", "setup", "host"), t):
+                        for key, v in zip(keys, mx):
                             per[key].append(float(v))
                             samples[key].append(float(v))
                 if world.is_federator:
-                    round_rows.append(dict(backend=world.backend.name.split(" (")[0], W=W, K=K, method=method,
-                                           round=r, **{f"{k}_ms": 1e3 * C.median(v) for k, v in per.items()}))
-            # ---- bytes: this method's ledger against the analytical rows
-            gathered = world.gather(ledger.dicts())
+                    round_rows.append(dict(backend=world.backend.name.split(" (")[0], W=W, K=K,
+                                           method=method, round=r,
+                                           **{f"{k}_ms": 1e3 * C.median(v) for k, v in per.items()}))
+            # ---- bytes: this method's ledgers against the analytical rows
+            got, want, ok = ledger_check(world, ledger, method, K, args.rounds, sizes, seed,
+                                         FLOAT_BYTES)
+            sok, sgot = True, None
+            if refused is None:
+                sgot, _, sok = ledger_check(world, sledger, method, K, args.rounds, sizes, seed,
+                                            SECURE_VALUE_BYTES)
             if world.is_federator:
-                got = [row for rows in gathered for row in rows if row["client"] >= 0]
-                want = analytical_rows(method, K, args.rounds, sizes, seed)
-                key = ("round", "client", "src", "dst", "region", "direction", "params", "bytes")
-                ok = sorted(tuple(x[k] for k in key) for x in got) == \
-                    sorted(tuple(x[k] for k in key) for x in want)
-                all_ok &= ok
+                all_ok &= ok and sok
                 per_round = []
                 for row in round_rows:
                     if row["method"] != method:
@@ -329,20 +443,35 @@ def measure(args, overrides) -> int:
                     row["expected_bytes"] = sum(x["bytes"] for x in want if x["round"] == r)
                     row["bytes_ok"] = row["bytes"] == row["expected_bytes"]
                     row["ratio"] = row["agg_ms"] / row["floor_ms"]
+                    row["secure_bytes"] = (sum(x["bytes"] for x in sgot if x["round"] == r)
+                                           if sgot is not None else float("nan"))
+                    row["secure_ratio"] = row["secure_ms"] / row["agg_ms"]
                     per_round.append(row)
-                agg, floor = C.median(samples["agg"]), C.median(samples["floor"])
-                inner = C.median(samples["inner"])
+                med = {k: C.median(v) for k, v in samples.items()}
+                n = len(per_round)
                 summary_rows.append(dict(
-                    backend=world.backend.name.split(" (")[0], W=W, K=K, method=method, rounds=args.rounds,
-                    repeats=args.repeats,
-                    params_per_round=sum(x["params"] for x in per_round) / len(per_round),
-                    bytes_per_round=sum(x["bytes"] for x in per_round) / len(per_round),
-                    expected_bytes_per_round=sum(x["expected_bytes"] for x in per_round) / len(per_round),
+                    backend=world.backend.name.split(" (")[0], W=W, K=K, method=method,
+                    rounds=args.rounds, repeats=args.repeats,
+                    params_per_round=sum(x["params"] for x in per_round) / n,
+                    bytes_per_round=sum(x["bytes"] for x in per_round) / n,
+                    expected_bytes_per_round=sum(x["expected_bytes"] for x in per_round) / n,
                     bytes_check="PASS" if ok else "FAIL",
-                    agg_ms=1e3 * agg, floor_ms=1e3 * floor, ratio=agg / floor,
-                    setup_ms=1e3 * C.median(samples["setup"]), agg_excl_setup_ms=1e3 * inner,
-                    ratio_excl_setup=inner / floor, host_ms=1e3 * C.median(samples["host"]),
-                    round0_bytes=sum(x["bytes"] for x in got if x["round"] == 0)))
+                    agg_ms=1e3 * med["agg"], floor_ms=1e3 * med["floor"],
+                    ratio=med["agg"] / med["floor"], setup_ms=1e3 * med["setup"],
+                    agg_excl_setup_ms=1e3 * med["inner"], ratio_excl_setup=med["inner"] / med["floor"],
+                    host_ms=1e3 * med["host"],
+                    round0_bytes=sum(x["bytes"] for x in got if x["round"] == 0),
+                    secure=refused or "measured",
+                    secure_ms=1e3 * med["secure"], secure_ratio=med["secure"] / med["agg"],
+                    secure_comm_ms=1e3 * med["secure_inner"],
+                    # one core (or node) per rank: the clients mask in parallel, so the round
+                    # costs the reduces + broadcasts plus the slowest rank's masking
+                    secure_core_per_rank_ratio=(med["secure_inner"] + med["secure_host"]) / med["agg"],
+                    secure_host_ms=1e3 * med["secure_host"],
+                    secure_host_sum_ms=1e3 * med["secure_host_sum"],
+                    secure_bytes_per_round=(sum(x["secure_bytes"] for x in per_round) / n),
+                    secure_bytes_check=("PASS" if sok else "FAIL") if refused is None else "-",
+                    key_agreement_ms=1e3 * t_keys))
         if world.is_federator:
             report(args, world.backend_name, W, round_rows, summary_rows, all_ok)
         if args.profile:
@@ -365,7 +494,7 @@ def _print_profile(world, profiler):
         if world.rank == rank and profiler is not None:
             s = io.StringIO()
             pstats.Stats(profiler, stream=s).sort_stats("tottime").print_stats(15)
-            print(f"\n## cProfile of _exchange on rank {rank} (sorted by own time)\n{s.getvalue()}",
+            print(f"\n## cProfile of the exchange calls on rank {rank} (sorted by own time)\n{s.getvalue()}",
                   flush=True)
         world.comm.Barrier()
 
@@ -402,11 +531,66 @@ def verdict(rows: list[dict]) -> str:
         lines.append(
             f"  worst: {r['method']} W={r['W']}: agg {float(r['agg_ms']):.1f} ms = floor "
             f"{float(r['floor_ms']):.1f} + {gap:.1f} ms, of which communicator setup "
-            f"{float(r['setup_ms']):.1f} ms; host copies alone (flatten / scale / divide / "
-            f"unflatten / buffer allocation, slowest rank) take {float(r['host_ms']):.1f} ms "
-            f"and they run serially around each collective (client flatten -> Reduce -> "
-            f"federator unflatten + flatten -> Bcast -> client unflatten), so up to about "
-            f"twice that lies on the critical path")
+            f"{float(r['setup_ms']):.1f} ms; the local steps alone (clients' pack_upload, "
+            f"the federator's average_into; slowest rank) take {float(r['host_ms']):.1f} ms "
+            f"and they run serially around each collective (client pack -> Reduce -> "
+            f"federator average -> Bcast)")
+    return "\n".join(lines)
+
+
+SECURE_TARGET = 2.5  # secure aggregation time / plain aggregation time (issue 13)
+
+
+def _measured(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("secure") == "measured"]
+
+
+def secure_table(rows: list[dict]) -> str:
+    headers = ["method", "backend", "W", "plain ms", "secure ms", "secure / plain",
+               "secure reduce+bcast ms", "encode+mask CPU ms (slowest rank)",
+               "encode+mask CPU ms (all ranks)", "projected secure / plain, a core per rank",
+               "secure bytes/round", "plain bytes/round", "secure bytes check"]
+    body = []
+    for r in rows:
+        if r.get("secure") != "measured":
+            body.append([r["method"], r["backend"], r["W"], f"{float(r['agg_ms']):.2f}",
+                         r.get("secure", "-")] + ["-"] * (len(headers) - 5))
+            continue
+        body.append([r["method"], r["backend"], r["W"], f"{float(r['agg_ms']):.2f}",
+                     f"{float(r['secure_ms']):.2f}", f"{float(r['secure_ratio']):.2f}",
+                     f"{float(r['secure_comm_ms']):.2f}",
+                     f"{float(r['secure_host_ms']):.1f}", f"{float(r['secure_host_sum_ms']):.1f}",
+                     f"{float(r['secure_core_per_rank_ratio']):.2f}",
+                     _fmt_bytes(float(r["secure_bytes_per_round"])),
+                     _fmt_bytes(float(r["bytes_per_round"])), r["secure_bytes_check"]])
+    return C.markdown_table(headers, body, align="ll" + "r" * (len(headers) - 3) + "l")
+
+
+def secure_verdict(rows: list[dict]) -> str:
+    """The secure aggregation target, and what bounds the secure time on this machine."""
+    rows = _measured(rows)
+    if not rows:
+        return "secure aggregation: no method measured"
+    worst = max(rows, key=lambda r: float(r["secure_ratio"]))
+    met = all(float(r["secure_ratio"]) <= SECURE_TARGET for r in rows)
+    cores = C.environment(None, None)["cpu_cores"]
+    W = int(worst["W"])
+    lines = [f"secure aggregation target (secure <= {SECURE_TARGET}x plain): "
+             f"{'MET' if met else 'NOT MET'} (ratios "
+             f"{min(float(r['secure_ratio']) for r in rows):.2f}..{float(worst['secure_ratio']):.2f})"]
+    serial = float(worst["secure_host_sum_ms"]) / max(1, min(cores, W))
+    lines.append(
+        f"  worst: {worst['method']} W={W}: secure {float(worst['secure_ms']):.1f} ms vs plain "
+        f"{float(worst['agg_ms']):.1f} ms; encoding + masking take {float(worst['secure_host_ms']):.1f} "
+        f"ms of CPU on the slowest rank and {float(worst['secure_host_sum_ms']):.1f} ms summed over "
+        f"the {W} ranks, i.e. >= {serial:.1f} ms of wall time on this machine's {cores} cores"
+        + (" (more ranks than cores: the clients' masking runs one after another; with a core "
+           "per rank it runs in parallel)" if W > cores else ""))
+    lines.append(
+        f"  its reduces + broadcasts (after masking) take {float(worst['secure_comm_ms']):.1f} ms: "
+        f"with a core per rank, the round would cost that plus the slowest rank's masking, "
+        f"{float(worst['secure_core_per_rank_ratio']):.2f}x plain (a projection from this "
+        f"run's parts, not a measurement)")
     return "\n".join(lines)
 
 
@@ -456,11 +640,17 @@ def report(args, backend, W, round_rows, summary_rows, all_ok) -> None:
     print(rounds_table(round_rows))
     print(f"\n## summary (W={W}, backend {backend}; median over all rounds x repeats)\n")
     print(summary_table(summary_rows))
+    if args.secure:
+        print(f"\n## secure vs plain aggregation (W={W}, backend {backend}; median over all "
+              f"rounds x repeats)\n")
+        print(secure_table(summary_rows))
     C.write_csv(round_rows, Path(f"{stem}_rounds.csv"))
     C.write_csv(summary_rows, Path(f"{stem}.csv"))
     plot(summary_rows, Path(f"{stem}.png"), f"fedmpi aggregation vs raw MPI floor, {backend}, "
          f"{args.config}, W={W}")
     print("\n" + verdict(summary_rows))
+    if args.secure:
+        print(secure_verdict(summary_rows))
     n = len(summary_rows)
     print(f"\nbytes check: {'PASS' if all_ok else 'FAIL'} (ledger == analytical_rows for "
           f"{n} method{'s' if n != 1 else ''}, W={W}, rounds 0..{args.rounds})")
@@ -483,6 +673,8 @@ def sweep(args, overrides) -> int:
         child += ["--device", args.device]
     if args.profile:
         child.append("--profile")
+    if args.secure:
+        child.append("--secure")
     child += overrides
     failures, ok = [], True
     for backend in args.backends:
@@ -499,9 +691,13 @@ def sweep(args, overrides) -> int:
             merged += C.read_csv(path)
         if not merged:
             continue
-        ok &= all(r["bytes_check"] == "PASS" for r in merged)
+        ok &= all(r["bytes_check"] == "PASS" and r.get("secure_bytes_check", "-") != "FAIL"
+                  for r in merged)
         merged.sort(key=lambda r: (METHOD_NAMES.index(r["method"]), int(r["W"])))
         table = summary_table(merged)
+        if args.secure:
+            table += (f"\n\n## secure vs plain aggregation\n\n{secure_table(merged)}\n\n"
+                      f"{secure_verdict(merged)}")
         stem = out / f"comm_{backend}_sweep"
         C.write_csv(merged, Path(f"{stem}.csv"))
         Path(f"{stem}.md").write_text(table + "\n")
