@@ -4,9 +4,14 @@
 a note). On an interactive terminal it is a tqdm bar; in a batch log (Slurm, nohup, a
 pipe: no tty) it prints a plain line at most every `every_s` seconds (30) or each time
 another `every_fraction` (10%) of the work is done, so a log shows the job is alive
-without filling up. Under mpirun the ranks' stderr is a pipe even when mpirun runs in a
+without filling up. Under mpirun the ranks' output is a pipe even when mpirun runs in a
 terminal; `launch/local.sh` then sets FEDMPI_PROGRESS=bar. FEDMPI_PROGRESS=lines or
 off forces the other modes.
+
+The bar is tqdm's (`tqdm.format_meter`), redrawn at most 5 times a second as a whole
+line on stdout that first moves the cursor back up over the previous one (ANSI
+"previous line, erase line"): mpirun forwards a rank's output a line at a time, so a
+bar drawn with carriage returns only would appear at the end of the round.
 
 `RoundProgress` is the federator's view of a round: the latest report of every client
 (steps done of its steps in the round, images done), relayed by
@@ -52,14 +57,8 @@ class Progress:
         self.lines = 0  # plain lines printed (tests, and the benchmark)
         self._last_line = self.start
         self._last_done = 0
-        self._bar = None
-        if self.mode == "bar":
-            try:
-                from tqdm import tqdm
-                self._bar = tqdm(total=self.total, desc=desc, unit="step", leave=False,
-                                 dynamic_ncols=True, file=sys.stderr)
-            except ImportError:  # pragma: no cover - tqdm is a dependency
-                self.mode = "lines"
+        self._drawn = False  # bar mode: a bar line is on screen (redraws replace it)
+        self._next_draw = self.start
 
     @property
     def elapsed(self) -> float:
@@ -70,14 +69,24 @@ class Progress:
         from the pace so far); may print a line."""
         done = min(int(done), self.total)
         self.note, self.eta = note, eta
-        if self._bar is not None:
-            self._bar.update(done - self.done)
-            self.done = done
-            if note:
-                self._bar.set_postfix_str(note, refresh=False)
-            return
         self.done = done
+        if self.mode == "bar":
+            if self.clock() >= self._next_draw:
+                self._draw()
+            return
         self.tick()
+
+    def _draw(self) -> None:
+        import shutil
+
+        from tqdm import tqdm
+        self._next_draw = self.clock() + 0.2
+        bar = tqdm.format_meter(self.done, self.total, self.elapsed, prefix=self.desc,
+                                postfix=self.note or None, unit="step",
+                                ncols=shutil.get_terminal_size((100, 24)).columns - 1)
+        sys.stdout.write(("\x1b[F\x1b[K" if self._drawn else "") + bar + "\n")
+        sys.stdout.flush()
+        self._drawn = True
 
     def tick(self) -> None:
         """Print a line in batch mode when it is due (call it often; it is cheap)."""
@@ -101,9 +110,9 @@ class Progress:
                 f"steps | elapsed {_clock(elapsed)}{eta}" + (f" | {self.note}" if self.note else ""))
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        if self.mode == "bar" and self._drawn:
+            self._draw()  # the final state stays on screen
+            self._drawn = False
 
 
 class RoundProgress:
@@ -155,8 +164,10 @@ class RoundProgress:
         images = sum(i for _, _, i in self.reports.values())
         rank, (done, total, _) = min(self.reports.items(),
                                      key=lambda kv: (kv[1][0] / max(kv[1][1], 1), kv[0]))
-        return (f"{images / elapsed:.0f} img/s over {len(self.reports)}/{self.clients} clients"
-                f" | slowest client {rank} ({100 * done / max(total, 1):.0f}%)")
+        waiting = (f" | {len(self.reports)}/{self.clients} clients reporting"
+                   if len(self.reports) < self.clients else "")
+        return (f"{images / elapsed:.0f} img/s | slowest client {rank} "
+                f"({100 * done / max(total, 1):.0f}%){waiting}")
 
     @property
     def lines(self) -> int:

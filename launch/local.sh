@@ -7,6 +7,12 @@ cd "$(dirname "$0")/.."
 NP=${1:?usage: launch/local.sh NPROCS CONFIG [overrides]}; CONFIG=${2:?config file}; shift 2
 [ -d .venv/bin ] && export PATH="$PWD/.venv/bin:$PATH"
 MPIRUN=${MPIRUN:-mpirun}
+# The ranks' output reaches this terminal through mpirun's pipes, so they cannot see it
+# is one: ask for the live progress bar (not batch-log lines) when it is.
+if [ -t 2 ]; then
+  export FEDMPI_PROGRESS=${FEDMPI_PROGRESS:-bar}
+  export COLUMNS=${COLUMNS:-$(tput cols 2>/dev/null || echo 100)}
+fi
 PY=${PY:-python}
 flags=()
 if "$MPIRUN" --version 2>&1 | grep -qi "open mpi\|openrte\|prte"; then

@@ -60,11 +60,29 @@ def test_round_progress_totals_slowest_client_and_eta():
     rp.add(2, 40, 100, 1280)
     rp.show()
     assert rp.progress.total == 500 and rp.progress.done == 190
-    assert rp.note() == "304 img/s over 3/3 clients | slowest client 3 (25%)"
+    assert rp.note() == "304 img/s | slowest client 3 (25%)"
     assert rp.eta() == pytest.approx(60.0)  # client 3: 150 steps left at 2.5 steps/s
     assert rp.progress.line() == ("round 2/5:  38% | 190/500 steps | elapsed 0:20, ETA 1:00 | "
-                                  "304 img/s over 3/3 clients | slowest client 3 (25%)")
+                                  "304 img/s | slowest client 3 (25%)")
     assert len(lines) == 1  # 25% at the first report; 38% is not 10% of the round later
+    assert lines[0].endswith("slowest client 3 (25%) | 2/3 clients reporting"), lines
+
+
+def test_bar_redraws_one_line_that_survives_mpirun_forwarding(capsys):
+    """Bar mode: whole lines (mpirun forwards line by line), each redraw first moving
+    back up over the previous bar; at most 5 draws a second."""
+    clock = FakeClock()
+    p = Progress(100, "epoch 1/2", mode="bar", clock=clock)
+    for done in range(1, 101):
+        clock.t += 0.05
+        p.update(done, "9 img/s")
+    p.close()
+    out = capsys.readouterr().out
+    draws = out.split("\n")[:-1]
+    assert 20 <= len(draws) <= 27, len(draws)  # 5 s of updates: one draw per 0.2 s (+ close)
+    assert draws[0].startswith("epoch 1/2:") and not draws[0].startswith("\x1b")
+    assert all(d.startswith("\x1b[F\x1b[Kepoch 1/2:") for d in draws[1:])
+    assert "100/100" in draws[-1] and "9 img/s" in draws[-1]
 
 
 # ---------------------------------------------------------------- the relay under mpirun
