@@ -139,5 +139,9 @@ def test_comm_bench_secure_vs_plain(tmp_path):
         r = rows[method]
         assert r["secure"] == "measured" and r["secure_bytes_check"] == "PASS"
         assert float(r["secure_ms"]) > 0 and float(r["secure_ratio"]) > 0
-        # uploads twice as wide, downloads the same: secure - plain = the plain upload bytes
-        assert float(r["secure_bytes_per_round"]) > float(r["bytes_per_round"])
+        # uploads twice as wide, downloads the same. These methods download what they
+        # upload (P values down, P + 1 up per transfer), so the plain upload bytes are
+        # (plain + 4 * transfers up) / 2, and secure = plain + that
+        plain, secure = float(r["bytes_per_round"]), float(r["secure_bytes_per_round"])
+        ups = 2 * {"full": 3, "udec": 1, "ulatdec": 2}[method]  # K = 2 clients x regions
+        assert secure == plain + (plain + 4 * ups) / 2, (method, plain, secure)
