@@ -287,13 +287,14 @@ def test_checkpoint_signal_requeue_resume(preempted: dict, launcher: str):
     assert second, out
     assert f"fedmpi: job {jid} restart 0 " in first and f"launcher {launcher}" in out.replace(
         _mpirun(), "mpirun")
-    assert "USR1 received, forwarding to the ranks" in first
+    assert "USR1 received: asking the ranks to checkpoint and stop" in first
     assert f"fedmpi: job {jid} requeued" in first
-    abandoned = [l for l in first.splitlines() if l.startswith("preempted: round ")]
+    abandoned = [l for l in first.splitlines() if l.startswith("preempted (SIGUSR1): round ")]
     assert len(abandoned) == 1, first
-    done = int(abandoned[0].split()[2]) - 1
+    done = int(abandoned[0].split()[3]) - 1
     assert done in (1, 2), abandoned
-    assert f"resume continues after round {done}" in abandoned[0]
+    assert f"checkpoint of round {done} kept" in abandoned[0]
+    assert f"(continues after round {done})" in abandoned[0]
     # second start (same job id, same run folder): resumed after that round
     assert f"run {run} " in second
     assert f"resume: continuing after round {done} " in second, second
