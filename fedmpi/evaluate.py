@@ -88,12 +88,32 @@ class Evaluator:
         channels = model.channels
         size = self.cfg.model.image_size or dataset_info(self.cfg.data.dataset)[1]
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        net = self._sampling_net(model)
         done = 0
         while done < n:
             b = min(e.batch_size, n - done)
-            yield self.diffusion.sample(model, (b, channels, size, size), self.device,
-                                        e.sampler, e.ddim_steps, e.eta, generator=gen)
+            with self._autocast():
+                x = self.diffusion.sample(net, (b, channels, size, size), self.device,
+                                          e.sampler, e.ddim_steps, e.eta, generator=gen)
+            yield x.float()
             done += b
+
+    def _autocast(self):
+        """Sampling runs under the training precision (train.precision): bf16 / fp16
+        activations, the sampler's own arithmetic in float32."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _sampling_net(self, model):
+        """The model as sampling calls it: compiled once per model object when
+        train.compile is on (the weights are read at each call, so the in-place updates
+        of later rounds and the EMA swap need no recompilation)."""
+        if not self.cfg.train.compile:
+            return model
+        nets = self.__dict__.setdefault("_compiled", {})
+        if id(model) not in nets:
+            nets[id(model)] = (model, torch.compile(model))
+        return nets[id(model)][1]
 
     def _score_local(self, model, n: int, seed: int, keep: int):
         """Stats, class histogram and the first `keep` images of n local samples."""

@@ -55,3 +55,23 @@ def test_bad_precision_is_refused():
                      torch.device("cpu"))
     with pytest.raises(ValueError, match="precision"):
         t.set_speed("fp8")
+
+
+def _samples(precision):
+    import dataclasses
+    from fedmpi.evaluate import Evaluator
+    cfg = load_config("tests/configs/tiny.yaml", ["--eval.extractor=none", "--eval.ddim_steps=5",
+                                                  f"--train.precision={precision}"])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=8, dim_mults=(1, 2)))
+    torch.manual_seed(0)
+    model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
+    ev = Evaluator(cfg, None, "unused", torch.device("cpu"))
+    return torch.cat(list(ev._generate(model, 8, seed=5)))
+
+
+def test_sampling_runs_under_the_training_precision():
+    ref, bf16 = _samples("fp32"), _samples("bf16")
+    assert ref.dtype == bf16.dtype == torch.float32
+    assert torch.isfinite(bf16).all()
+    assert not torch.equal(ref, bf16)  # the UNet really ran in bf16
+    assert (ref - bf16).abs().mean() < 0.05, (ref - bf16).abs().mean()
