@@ -62,8 +62,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50, help="timed optimizer steps per variant")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--ddim-steps", type=int, default=100)
-    p.add_argument("--variants", default="fp32,bf16,bf16+compile")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--variants", default="fp32,fp32+cl,bf16,bf16+compile,bf16+cl+compile",
+                   help="comma-separated; each joins with + a precision (fp32 | bf16 | fp16), "
+                        "'compile' (train.compile) and 'cl' (train.channels_last)")
+    p.add_argument("--channels-last", action="store_true", help="add 'cl' to every variant")
     p.add_argument("--peak-tflops", type=float, default=None)
     args = p.parse_args(argv)
 
@@ -91,10 +93,8 @@ def main(argv=None) -> int:
         precision = "bf16" if "bf16" in variant else "fp16" if "fp16" in variant else "fp32"
         torch.manual_seed(0)
         model = build_unet(cfg.model, channels, size).to(device)
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         t = LocalTrainer(model, diffusion, images, args.batch, cfg.train.lr, device)
-        t.set_speed(precision, "compile" in variant)
+        t.set_speed(precision, "compile" in variant, args.channels_last or "cl" in variant.split("+"))
         t.new_optimizer()
         t.run(seed=1, steps=3)  # warm-up (and compilation)
         res = t.run(seed=2, steps=args.steps)

@@ -90,6 +90,7 @@ class TrainCfg:
     num_workers: int = 0
     precision: str = "fp32"         # fp32 | bf16 | fp16: autocast of forward/backward (weights stay fp32)
     compile: bool = False           # torch.compile the UNet for training
+    channels_last: bool = False     # NHWC activations: faster convolutions (CPU oneDNN, tensor cores)
     # centralized: Adam re-created at every epoch, as the reference's baseline (FULL with
     # K = 1, E = 1 per round) does
     reset_optimizer_every_epoch: bool = False

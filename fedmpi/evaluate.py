@@ -347,6 +347,7 @@ def rescore(run_dir: Path, index: Optional[int], cfg: Config, device=None, log=p
     device = device or pick_device(cfg.run.device)
     channels, size = model_shape(cfg)
     model = build_unet(cfg.model, channels, size).to(device)
+    model.channels_last = cfg.train.channels_last  # sampling as the run trained
     e = cfg.eval
     log(f"re-scoring {run_dir}: {method.upper() if method != 'centralized' else method}, "
         f"checkpoint of {'epoch' if kind == 'centralized' else 'round'} {index}, "

@@ -231,12 +231,16 @@ class LocalTrainer:
         self.optimizer = torch.optim.Adam(params, lr=self.lr)
         return self.optimizer
 
-    def set_speed(self, precision: str = "fp32", compile: bool = False) -> None:
+    def set_speed(self, precision: str = "fp32", compile: bool = False,
+                  channels_last: bool = False) -> None:
         """Mixed precision for the forward / backward pass (`bf16`, `fp16` with a gradient
-        scaler) and torch.compile of the UNet. The weights, the optimizer state and every
-        communicated region stay float32; only activations are computed in low precision."""
+        scaler), torch.compile of the UNet and channels-last activations. The weights, the
+        optimizer state and every communicated region stay float32 in their own layout;
+        only activations are computed in low precision / stored NHWC."""
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"unknown precision '{precision}' (fp32 | bf16 | fp16)")
+        if hasattr(self.model, "channels_last"):
+            self.model.channels_last = channels_last
         self.precision = precision
         self.scaler = (torch.amp.GradScaler(self.device.type) if precision == "fp16" else None)
         self.net = torch.compile(self.model) if compile else self.model

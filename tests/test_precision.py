@@ -75,3 +75,20 @@ def test_sampling_runs_under_the_training_precision():
     assert torch.isfinite(bf16).all()
     assert not torch.equal(ref, bf16)  # the UNet really ran in bf16
     assert (ref - bf16).abs().mean() < 0.05, (ref - bf16).abs().mean()
+
+
+def test_channels_last_activations_give_the_same_output():
+    torch.manual_seed(0)
+    model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
+    x, t = torch.randn(4, 1, 28, 28), torch.randint(0, 1000, (4,))
+    layouts = []
+    conv = model.encoder.levels[0].block1.ds_conv
+    conv.register_forward_hook(lambda m, i, o: layouts.append(
+        not i[0].is_contiguous() and i[0].is_contiguous(memory_format=torch.channels_last)))
+    ref = model(x, t)
+    trainer = LocalTrainer(model, Diffusion(timesteps=10), np.zeros((4, 1, 28, 28), np.uint8), 2,
+                           1e-3, torch.device("cpu"))
+    trainer.set_speed("fp32", channels_last=True)
+    out = model(x, t)
+    assert layouts == [False, True]  # NHWC activations only after set_speed(channels_last=True)
+    assert torch.allclose(ref, out, atol=1e-5), (ref - out).abs().max()
