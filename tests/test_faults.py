@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,9 +89,24 @@ def _evil_checkpoint(path, marker):
     torch.save({"round": 1, "model": Evil()}, path)
 
 
-def test_checkpoint_that_runs_code_is_refused(tmp_path):
-    run, marker = tmp_path / "run", tmp_path / "pwned"
-    assert train(3, run, "--fed.rounds=1").returncode == 0
+@pytest.fixture(scope="module")
+def one_round_run(tmp_path_factory):
+    """A finished tiny 1-round run (3 ranks), trained once for the module: the tests that
+    start from such a run work on their own copy (run folders are relocatable)."""
+    run = tmp_path_factory.mktemp("one_round") / "run"
+    res = train(3, run, "--fed.rounds=1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    return run
+
+
+def copy_run(src, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path, one_round_run):
+    run, marker = copy_run(one_round_run, tmp_path), tmp_path / "pwned"
     target = checkpoint_dir(run, 1) / "federator.pt"
     _evil_checkpoint(target, marker)
     # an attacker who can write the file can also fix the recorded hash
@@ -110,9 +126,8 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_resume_with_another_world_size_or_model_is_refused(tmp_path):
-    run = tmp_path / "run"
-    assert train(3, run, "--fed.rounds=1").returncode == 0
+def test_resume_with_another_world_size_or_model_is_refused(tmp_path, one_round_run):
+    run = copy_run(one_round_run, tmp_path)
     res = train(4, run, "--fed.rounds=2")
     assert res.returncode == 2, res.stdout + res.stderr
     assert "K=2 clients" in res.stdout and "mpirun -n 3" in res.stdout
@@ -125,8 +140,8 @@ def test_resume_with_another_world_size_or_model_is_refused(tmp_path):
 
 def test_corrupt_checkpoint_and_partial_log_lines_fall_back(tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
-    assert train(3, ref, "--checkpoint.keep=2").returncode == 0
     assert train(3, run, "--checkpoint.keep=2").returncode == 0
+    shutil.copytree(run, ref)  # the uninterrupted run, kept before the damage below
     victim = checkpoint_dir(run, 2) / "client_002.pt"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     with (run / "metrics.jsonl").open("a") as f:
@@ -142,9 +157,8 @@ def test_corrupt_checkpoint_and_partial_log_lines_fall_back(tmp_path):
     assert [r["round"] for r in strict_rows(run / "metrics.jsonl") if r["kind"] == "round"] == [1, 2]
 
 
-def test_disk_full_while_checkpointing(tmp_path):
-    run = tmp_path / "run"
-    assert train(3, run, "--fed.rounds=1").returncode == 0
+def test_disk_full_while_checkpointing(tmp_path, one_round_run):
+    run = copy_run(one_round_run, tmp_path)
     size_kb = (checkpoint_dir(run, 1) / "federator.pt").stat().st_size // 1024
     cmd = [mpirun_path(), "-n", "3", "--oversubscribe", "--bind-to", "none", sys.executable,
            "-m", "fedmpi.train", "--config", TINY, "--run-dir", str(run), "--fed.rounds=2"]
@@ -231,12 +245,14 @@ def test_stalled_rank_times_out(tmp_path):
     ("train:\n  lr: .inf\n", "train.lr"),
     ("checkpoint:\n  keep: -1\n", "checkpoint.keep"),
 ])
-def test_bad_config_file_is_refused_before_any_work(tmp_path, text, message):
+def test_bad_config_file_is_refused_before_any_work(tmp_path, capsys, text, message):
+    # the CLI's main() in this process (no MPI launcher: rank 0's own config check, what
+    # `python -m fedmpi.train` runs and exits with), not a fresh interpreter per case
+    from fedmpi.train import main
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
-    res = subprocess.run([sys.executable, "-m", "fedmpi.train", "--config", str(cfg),
-                          "--run-dir", str(tmp_path / "run")], cwd=ROOT, env=mpi_env(),
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2, res.stdout + res.stderr
-    assert message in res.stdout + res.stderr
+    rc = main(["--config", str(cfg), "--run-dir", str(tmp_path / "run")])
+    out = capsys.readouterr()
+    assert rc == 2, out.out + out.err
+    assert message in out.out + out.err
     assert not (tmp_path / "run" / "checkpoints").exists()

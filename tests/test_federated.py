@@ -85,14 +85,25 @@ def test_resume_matches_uninterrupted(tmp_path):
     assert rows == read_csv(full / "comm.csv")  # no round counted twice
 
 
+PREEMPT_OPTS = ["--fed.rounds=3", "--fed.local_steps=15", "--fed.method=full"]
+
+
+@pytest.fixture(scope="module")
+def preempt_reference(tmp_path_factory):
+    """The uninterrupted run both preemption tests compare with (same config: one job)."""
+    ref = tmp_path_factory.mktemp("preempt") / "ref"
+    res = train(3, ref, *PREEMPT_OPTS)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return ref
+
+
 @pytest.mark.parametrize("how", ["signal", "file"])
-def test_preemption_checkpoints_and_resumes(how, tmp_path):
+def test_preemption_checkpoints_and_resumes(how, tmp_path, preempt_reference):
     """SIGUSR1 to mpirun (or the RUN_DIR/PREEMPT file) mid-run: every rank stops
     consistently with exit 75 and a resumed run ends with the same weights as an
     uninterrupted one."""
-    opts = ["--fed.rounds=3", "--fed.local_steps=15", "--fed.method=full"]
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    assert train(3, ref, *opts).returncode == 0
+    opts = PREEMPT_OPTS
+    ref, run = preempt_reference, tmp_path / "run"
     cmd = [mpirun_path(), "-n", "3", "--oversubscribe", "--bind-to", "none", sys.executable,
            "-m", "fedmpi.train", "--config", "tests/configs/tiny.yaml", "--run-dir", str(run), *opts]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(), stdout=subprocess.PIPE,
