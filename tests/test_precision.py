@@ -37,15 +37,23 @@ def _close(a, b):
     return np.allclose(wa, wb, rtol=0.10), (wa, wb)
 
 
-def test_bf16_follows_the_fp32_loss_curve():
-    ref, bf16 = _curve(), _curve("bf16")
+@pytest.fixture(scope="module")
+def fp32_curve():
+    """The fp32 eager reference curve both comparisons use (computed once)."""
+    curve = _curve()
+    curve.setflags(write=False)
+    return curve
+
+
+def test_bf16_follows_the_fp32_loss_curve(fp32_curve):
+    ref, bf16 = fp32_curve, _curve("bf16")
     ok, detail = _close(ref, bf16)
     assert ok, detail
     assert not np.array_equal(ref, bf16)  # autocast really ran in bf16
 
 
-def test_compiled_follows_the_eager_loss_curve():
-    ok, detail = _close(_curve(), _curve(compile=True))
+def test_compiled_follows_the_eager_loss_curve(fp32_curve):
+    ok, detail = _close(fp32_curve, _curve(compile=True))
     assert ok, detail
 
 
