@@ -30,7 +30,8 @@ class Diffusion:
     """Schedule, forward process, loss and samplers (no learnable state)."""
 
     def __init__(self, timesteps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02, loss: str = "huber"):
+                 beta_end: float = 0.02, loss: str = "huber", weighting: str = "none",
+                 snr_gamma: float = 5.0):
         if schedule == "linear":
             betas = linear_betas(timesteps, beta_start, beta_end)
         elif schedule == "cosine":
@@ -39,8 +40,11 @@ class Diffusion:
             raise ValueError(f"unknown schedule '{schedule}' (linear | cosine)")
         if loss not in ("huber", "mse"):
             raise ValueError(f"unknown loss '{loss}' (huber | mse)")
+        if weighting not in ("none", "min_snr"):
+            raise ValueError(f"unknown loss weighting '{weighting}' (none | min_snr)")
         self.T = timesteps
         self.loss_type = loss
+        self.weighting = weighting
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(self.alphas)
@@ -52,10 +56,14 @@ class Diffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = ((1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas)
                                      / (1.0 - self.alphas_cumprod))
+        # Min-SNR-gamma weight of each timestep's epsilon loss: min(SNR_t, gamma) / SNR_t
+        snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+        self.loss_weight = np.minimum(snr, snr_gamma) / snr
 
     @classmethod
     def from_config(cls, d) -> "Diffusion":
-        return cls(d.timesteps, d.schedule, d.beta_start, d.beta_end, d.loss)
+        return cls(d.timesteps, d.schedule, d.beta_start, d.beta_end, d.loss, d.weighting,
+                   d.snr_gamma)
 
     def _at(self, arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """arr[t] shaped (B, 1, 1, 1) on like's device and dtype, gathered on the device
@@ -84,14 +92,17 @@ class Diffusion:
     # training --------------------------------------------------------------------
     def loss(self, model, x0: torch.Tensor, generator: Optional[torch.Generator] = None
              ) -> torch.Tensor:
-        """Epsilon-prediction loss at t ~ U{0..T-1} (Huber or MSE)."""
+        """Epsilon-prediction loss at t ~ U{0..T-1} (Huber or MSE), each image's loss
+        weighted by `loss_weight[t]` when `weighting` is min_snr."""
         b = x0.shape[0]
         t = torch.randint(0, self.T, (b,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         pred = model(self.q_sample(x0, t, noise), t)
-        if self.loss_type == "huber":
-            return F.smooth_l1_loss(pred, noise)
-        return F.mse_loss(pred, noise)
+        fn = F.smooth_l1_loss if self.loss_type == "huber" else F.mse_loss
+        if self.weighting == "none":
+            return fn(pred, noise)
+        per_image = fn(pred.float(), noise, reduction="none").mean(dim=tuple(range(1, x0.dim())))
+        return (self._at(self.loss_weight, t, per_image).reshape(-1) * per_image).mean()
 
     # sampling --------------------------------------------------------------------
     @torch.no_grad()

@@ -274,3 +274,22 @@ def test_bad_schedule_or_loss():
         Diffusion(10, schedule="quadratic")
     with pytest.raises(ValueError):
         Diffusion(10, loss="l1")
+
+
+def test_min_snr_weighting():
+    plain, weighted = Diffusion(1000, loss="mse"), Diffusion(1000, loss="mse", weighting="min_snr",
+                                                              snr_gamma=5.0)
+    snr = plain.alphas_cumprod / (1 - plain.alphas_cumprod)
+    w = weighted.loss_weight
+    # weight 1 where SNR <= gamma (the noisy steps), gamma / SNR below 1 where it is larger
+    assert np.allclose(w[snr <= 5], 1.0) and np.allclose(w[snr > 5], 5 / snr[snr > 5])
+    assert w[0] < 0.01 and (snr > 5).any() and (snr <= 5).any()
+    x0 = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    loss = weighted.loss(Recorder(0.7), x0, generator=torch.Generator().manual_seed(11))
+    t, noise = _replay(x0, 1000, 11)
+    per_image = ((0.7 - noise).double() ** 2).mean(dim=(1, 2, 3))
+    expect = (torch.tensor(w)[t] * per_image).mean()
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
+    assert loss.item() < plain.loss(Recorder(0.7), x0, generator=torch.Generator().manual_seed(11)).item()
+    with pytest.raises(ValueError, match="weighting"):
+        Diffusion(10, weighting="p2")
