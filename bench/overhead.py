@@ -15,6 +15,11 @@ split of a real federated round's time.
 2. Round time split: `mpirun -n 3 python -m fedmpi.train` on the same model with tiny
    settings (or --run-dir of an existing run), reading metrics.jsonl: local training
    (slowest client), aggregation, evaluation, checkpoint, and the rest of the round.
+3. Progress relay: under 2 ranks (federator + one client), client rounds through
+   `LocalTrainer` with the live-progress relay off, on as configured (a report every
+   run.progress_every = 2 s) and on at a stress interval (every 10 ms), alternated; the
+   federator polls it from its waiting loop as `run_federated` does. The ratio of median
+   images/s (relay / off) shows what the relay costs training (target >= 0.99).
 
 Run (laptop):
     python bench/overhead.py --quick
@@ -73,6 +78,8 @@ def parse_args(argv=None):
                    help=C.LAUNCHER_HELP)
     p.add_argument("--out-dir", default=str(C.RESULTS))
     p.add_argument("--quick", action="store_true", help="sizes for 2 CPU cores, about a minute")
+    p.add_argument("--no-relay", action="store_true", help="skip the progress-relay part")
+    p.add_argument("--relay-worker", action="store_true", help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args(argv)
     q = args.quick
     args.steps = args.steps or (4 if q else 20)
@@ -305,6 +312,120 @@ def explain(args, fed, bare, trainer, med, device) -> dict:
     return dict(snapshot_s=t_snap, new_optimizer_s=t_opt, bare_round_s=round_bare, text=text)
 
 
+# ====================================================================== progress relay
+
+RELAY_MODES = (("off", 0.0), ("on", 2.0), ("stress", 0.01))  # run.progress_every per mode
+
+
+def _client_trainer(args, cfg, device):
+    """A LocalTrainer on the images and model the throughput part uses."""
+    import numpy as np
+    import torch
+
+    from fedmpi.data import load_arrays
+    from fedmpi.diffusion import Diffusion
+    from fedmpi.summary import model_shape
+    from fedmpi.trainer import LocalTrainer, derive_seed
+    from fedmpi.unet import build_unet
+    channels, size = model_shape(cfg)
+    if args.synthetic:
+        images = np.random.default_rng(0).integers(0, 256, (args.images, channels, size, size),
+                                                   dtype=np.uint8)
+    else:
+        images = np.ascontiguousarray(load_arrays(cfg.data, "train")[0][:args.images])
+    torch.manual_seed(derive_seed(cfg.run.seed, 0xC0FFEE))
+    model = build_unet(cfg.model, channels, size).to(device)
+    return LocalTrainer(model, Diffusion.from_config(cfg.diffusion), images,
+                        args.batch_size or cfg.train.batch_size, cfg.train.lr, device)
+
+
+def relay_worker(args, cfg, device) -> int:
+    """Under mpirun -n 2: rank 1 trains rounds with each relay mode, rank 0 receives."""
+    from fedmpi.comm import ProgressRelay, World
+    world = World()
+    relays = {name: ProgressRelay(world, every) for name, every in RELAY_MODES}
+    trainer = _client_trainer(args, cfg, device) if world.rank == 1 else None
+    rows, received = [], 0
+    for trial in range(args.trials + 1):
+        order = [RELAY_MODES[(i + trial) % len(RELAY_MODES)][0] for i in range(len(RELAY_MODES))]
+        for mode in order:
+            relay = relays[mode]
+            if trial == 0 and world.rank == 1 and mode == order[0]:
+                trainer.run(seed=99, steps=1)  # warm-up (first-step allocations)
+            if world.rank == 1:
+                batch = trainer.batch_size
+
+                def on_step(step, loss):
+                    relay.report(trial, step + 1, args.steps, (step + 1) * batch)
+                c0 = time.process_time()
+                stats = trainer.run(seed=trial, steps=args.steps, on_step=on_step)
+                cpu = time.process_time() - c0
+                relay.finish(trial, stats["steps"], args.steps, stats["images"])
+                world.flags([0])
+                relay.end_round()
+                row = dict(trial=trial, mode=mode, images=stats["images"],
+                           seconds=stats["train_s"], images_per_s=stats["images_per_s"],
+                           images_per_cpu_s=stats["images"] / cpu, messages=relay.sent)
+            else:
+                def hook():
+                    nonlocal received
+                    received += len(relay.poll())
+                world.waiting_hook = hook
+                world.flags([0])
+                world.waiting_hook = None
+                received += len(relay.drain())
+                row = None
+            row = world.allgather(row)[1]  # the client's row, on both ranks
+            if trial > 0:
+                rows.append(row)
+    if world.rank == 0:
+        print("RELAY_RESULT " + json.dumps({"rows": rows, "received": received}), flush=True)
+    for relay in relays.values():
+        relay.close()
+    world.close()
+    return 0
+
+
+def relay_throughput(args, overrides) -> dict:
+    """Launch the relay worker on 2 ranks and compare images/s of the modes."""
+    forward = ["--config", args.config, "--steps", str(args.steps), "--trials", str(args.trials),
+               "--images", str(args.images)]
+    for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads),
+                        ("--device", args.device)):
+        if value is not None:
+            forward += [flag, str(value)]
+    if args.synthetic:
+        forward.append("--synthetic")
+    proc = C.run_ranks(args.launcher, 2, [str(Path(__file__).resolve()), "--relay-worker",
+                                          *forward, *overrides],
+                       log_path=Path(args.out_dir) / "overhead_relay.log", timeout=3600,
+                       echo=False)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RELAY_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"the relay benchmark failed (exit {proc.returncode}):\n"
+                         f"{proc.stdout[-3000:]}")
+    data = json.loads(lines[-1].split(" ", 1)[1])
+    rows = data["rows"]
+    med = {m: C.median(r["images_per_s"] for r in rows if r["mode"] == m) for m, _ in RELAY_MODES}
+    cpu = {m: C.median(r["images_per_cpu_s"] for r in rows if r["mode"] == m)
+           for m, _ in RELAY_MODES}
+    sent = {m: max(r["messages"] for r in rows if r["mode"] == m) for m, _ in RELAY_MODES}
+    print(f"\n## progress relay: client rounds of {args.steps} steps, {args.trials} trials per "
+          f"mode after a warm-up, alternated; the federator polls while it waits\n")
+    print(C.markdown_table(
+        ["relay", "report every", "messages (run)", "median images/s", "ratio to off",
+         "images per CPU-s", "CPU ratio"],
+        [[m, f"{every:g} s" if every else "-", str(sent[m]), f"{med[m]:.1f}",
+          f"{med[m] / med['off']:.3f}", f"{cpu[m]:.1f}", f"{cpu[m] / cpu['off']:.3f}"]
+         for m, every in RELAY_MODES]))
+    ratio = med["on"] / med["off"]
+    print(f"\nrelay (as configured) / off: {ratio:.3f} images/s; messages received by the "
+          f"federator: {data['received']} (= sent: {sum(sent.values())})", flush=True)
+    return dict(rows=rows, median_images_per_s=med, ratio_on=ratio,
+                ratio_stress=med["stress"] / med["off"], cpu_ratio_on=cpu["on"] / cpu["off"],
+                messages=sent, received=data["received"])
+
+
 # ====================================================================== round split
 
 def short_run(args, overrides) -> Path:
@@ -383,12 +504,16 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config, overrides)
     device = pick_device(args.device or cfg.run.device)
+    if args.relay_worker:
+        return relay_worker(args, cfg, device)
     C.print_environment("bench/overhead.py", C.environment(
         f"1 (throughput); {args.ranks} (round split)", f"{cfg.fed.backend} (round split)", device))
     print(f"# config {args.config} {' '.join(overrides)}", flush=True)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {"throughput": throughput(args, cfg, device)}
+    if not args.no_relay:
+        result["relay"] = relay_throughput(args, overrides)
     if args.run_dir or not args.no_run:
         run_dir = Path(args.run_dir) if args.run_dir else short_run(args, overrides)
         result["split"] = round_split(run_dir)
