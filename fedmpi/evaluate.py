@@ -30,7 +30,7 @@ from .diffusion import Diffusion
 from .fid import FeatureStats, class_distribution, frechet_distance
 from .checkpoint import CheckpointError
 from .metrics import append_csv, save_grid, write_csv
-from .trainer import derive_seed
+from .trainer import autocast_for, derive_seed
 
 
 def _share(n: int, parts: int, index: int) -> int:
@@ -47,6 +47,7 @@ class Evaluator:
         self.diffusion = Diffusion.from_config(cfg.diffusion)
         self.num_classes = dataset_info(cfg.data.dataset)[2]
         self.extractor = None
+        self._compiled = {}  # id(model) -> (model, compiled model) for train.compile
         self.ref_mu = self.ref_sigma = None
         if cfg.eval.extractor == "none":
             return
@@ -92,17 +93,13 @@ class Evaluator:
         done = 0
         while done < n:
             b = min(e.batch_size, n - done)
-            with self._autocast():
+            # under the training precision: bf16 / fp16 activations, the sampler's own
+            # arithmetic in float32
+            with autocast_for(self.cfg.train.precision, self.device):
                 x = self.diffusion.sample(net, (b, channels, size, size), self.device,
                                           e.sampler, e.ddim_steps, e.eta, generator=gen)
             yield x.float()
             done += b
-
-    def _autocast(self):
-        """Sampling runs under the training precision (train.precision): bf16 / fp16
-        activations, the sampler's own arithmetic in float32."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def _sampling_net(self, model):
         """The model as sampling calls it: compiled once per model object when
@@ -110,10 +107,9 @@ class Evaluator:
         of later rounds and the EMA swap need no recompilation)."""
         if not self.cfg.train.compile:
             return model
-        nets = self.__dict__.setdefault("_compiled", {})
-        if id(model) not in nets:
-            nets[id(model)] = (model, torch.compile(model))
-        return nets[id(model)][1]
+        if id(model) not in self._compiled:  # the model is kept so its id stays its own
+            self._compiled[id(model)] = (model, torch.compile(model))
+        return self._compiled[id(model)][1]
 
     def _score_local(self, model, n: int, seed: int, keep: int):
         """Stats, class histogram and the first `keep` images of n local samples."""

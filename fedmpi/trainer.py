@@ -52,6 +52,12 @@ def share_cpu_threads(ranks_on_node: int) -> None:
         torch.set_num_threads(max(1, (cores or 1) // ranks_on_node))
 
 
+def autocast_for(precision: str, device: torch.device):
+    """The autocast context of `train.precision` on `device` (a no-op for fp32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 @dataclass(frozen=True)
 class LRSchedule:
     """The learning rate at optimizer step `step` (0-based, counted over the whole run):
@@ -247,8 +253,7 @@ class LocalTrainer:
 
     def autocast(self):
         """The autocast context of this trainer's precision (a no-op for fp32)."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(self, "precision", "fp32"))
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return autocast_for(getattr(self, "precision", "fp32"), self.device)
 
     def reset_optimizer(self) -> torch.optim.Optimizer:
         """Adam as if newly created (moments and step zeroed), in place: the same numbers
