@@ -16,6 +16,7 @@ re-scores a finished run's checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from .diffusion import Diffusion
 from .fid import FeatureStats, class_distribution, frechet_distance
 from .checkpoint import CheckpointError
 from .metrics import append_csv, save_grid, write_csv
-from .trainer import autocast_for, derive_seed
+from .trainer import all_cpu_threads, autocast_for, derive_seed
 
 
 def _share(n: int, parts: int, index: int) -> int:
@@ -64,11 +65,14 @@ class Evaluator:
         # first and fills the cache; the other ranks then receive its weights and read
         # no data for evaluation at all.
         if self.rank == 0:
-            self.extractor = build_extractor(cfg.eval, cfg.data.dataset, load_test_split,
-                                             device)
-            test_x, _ = load_test_data(cfg)
-            ref = reference_stats(self.extractor, to_float(test_x), default_cache_dir(cfg.eval),
-                                  f"{cfg.data.dataset}-test{len(test_x)}")
+            # in a job the other ranks sleep meanwhile: this rank may use every core
+            with all_cpu_threads() if world is not None else contextlib.nullcontext():
+                self.extractor = build_extractor(cfg.eval, cfg.data.dataset, load_test_split,
+                                                 device)
+                test_x, _ = load_test_data(cfg)
+                ref = reference_stats(self.extractor, to_float(test_x),
+                                      default_cache_dir(cfg.eval),
+                                      f"{cfg.data.dataset}-test{len(test_x)}")
             self.ref_mu, self.ref_sigma = ref.mean(), ref.cov()
         if world is not None:
             world.wait_all()

@@ -18,7 +18,9 @@ default, and off in the paper configs):
 from __future__ import annotations
 
 import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -43,13 +45,29 @@ def pick_device(setting: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def _node_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def share_cpu_threads(ranks_on_node: int) -> None:
     """Split the node's cores between the ranks on it, unless OMP_NUM_THREADS decides:
     oversubscribed torch thread pools slow every rank down."""
-    import os
     if "OMP_NUM_THREADS" not in os.environ and ranks_on_node > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, (cores or 1) // ranks_on_node))
+        torch.set_num_threads(max(1, _node_cores() // ranks_on_node))
+
+
+@contextmanager
+def all_cpu_threads():
+    """Every core of the node for this rank while the others wait asleep (the federator
+    training the offline classifier at a job's start), then the thread count as before;
+    OMP_NUM_THREADS, when set, still decides."""
+    before = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(_node_cores())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def autocast_for(precision: str, device: torch.device):

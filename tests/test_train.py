@@ -95,6 +95,27 @@ def test_lr_schedule_warmup_and_cosine():
     assert LRSchedule(1e-3, warmup=2).active and LRSchedule(1e-3, warmup=2)(50) == 1e-3
 
 
+def test_thread_sharing_and_all_cores_for_the_waiting_federator(monkeypatch):
+    import os
+    from fedmpi.trainer import all_cpu_threads, share_cpu_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    before = torch.get_num_threads()
+    try:
+        share_cpu_threads(4)  # 8 cores, 4 ranks on the node
+        assert torch.get_num_threads() == 2
+        with all_cpu_threads():
+            assert torch.get_num_threads() == 8
+        assert torch.get_num_threads() == 2  # given back
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting decides
+        torch.set_num_threads(3)
+        share_cpu_threads(4)
+        with all_cpu_threads():
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ema_math_state_and_swap():
     from fedmpi.regions import bind_flat
     from fedmpi.trainer import EMA
