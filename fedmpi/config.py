@@ -110,6 +110,9 @@ class TrainCfg:
     # Federated: every rank averages the global model after each aggregation (FULL,
     # USPLIT), or each client its local training (UDEC, ULATDEC); never communicated.
     ema_decay: float = 0.0
+    # Clip each step's gradient to this L2 norm (0: off), for high learning rates.
+    # Not DP: client-level DP clips each client's round update (privacy.clip).
+    grad_clip: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,7 @@ RANGES = {
     "train.warmup_steps": NON_NEGATIVE,
     "train.lr_min": NON_NEGATIVE,             # must also be <= train.lr (_validate)
     "train.ema_decay": Range(0, 1, hi_open=True),  # 0: off
+    "train.grad_clip": NON_NEGATIVE,          # 0: off
     "fed.rounds": POSITIVE,
     "fed.local_epochs": NON_NEGATIVE,         # 0 only together with fed.local_steps
     "fed.local_steps": POSITIVE,

@@ -216,7 +216,8 @@ def _setup(cfg: Config, world, device) -> dict:
         images, _ = load_client_data(cfg, world.client, K)
         trainer = state["trainer"] = LocalTrainer(
             model, Diffusion.from_config(cfg.diffusion), images, cfg.train.batch_size,
-            cfg.train.lr, device, ema=state["ema"] if personal else None)
+            cfg.train.lr, device, ema=state["ema"] if personal else None,
+            grad_clip=cfg.train.grad_clip)
         state["per_round"] = trainer.steps_for(cfg.fed.local_epochs, cfg.fed.local_steps)
         trainer.schedule = schedule_for(cfg.train, cfg.fed.rounds * state["per_round"])
         trainer.set_speed(cfg.train.precision, cfg.train.compile, cfg.train.channels_last)

@@ -226,11 +226,14 @@ class LocalTrainer:
 
     `schedule` (an `LRSchedule`): the learning rate of each step, looked up at the step's
     run-wide index (`run(start_step=...)`). `ema` (an `EMA`): updated after every
-    optimizer step when given."""
+    optimizer step when given. `grad_clip` (`train.grad_clip`, 0: off): each step's
+    gradient is scaled to L2 norm at most this before Adam sees it (what lets the
+    quickstart train at a high learning rate without its early spikes)."""
 
     def __init__(self, model: torch.nn.Module, diffusion: Diffusion, images: np.ndarray,
                  batch_size: int, lr: float, device: torch.device,
-                 schedule: Optional[LRSchedule] = None, ema: Optional[EMA] = None):
+                 schedule: Optional[LRSchedule] = None, ema: Optional[EMA] = None,
+                 grad_clip: float = 0.0):
         if len(images) == 0:
             raise ValueError("this client has no training images")
         self.model = model.to(device)
@@ -240,6 +243,7 @@ class LocalTrainer:
         self.lr = lr
         self.schedule = schedule if schedule is not None and schedule.active else None
         self.ema = ema
+        self.grad_clip = float(grad_clip)
         self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
@@ -298,6 +302,11 @@ class LocalTrainer:
                 yield perm[i:i + self.batch_size]
                 done += 1
 
+    def _clip(self) -> None:
+        # foreach: one fused pass; the norm stays on the device (no host sync)
+        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
+                                       self.grad_clip, foreach=True)
+
     def steps_for(self, epochs: Optional[int] = None, steps: Optional[int] = None) -> int:
         """Optimizer steps that run(epochs=..., steps=...) takes."""
         return steps if steps is not None else epochs * self.steps_per_epoch()
@@ -330,10 +339,15 @@ class LocalTrainer:
             scaler = getattr(self, "scaler", None)
             if scaler is not None:  # fp16: scale the loss so small gradients survive
                 scaler.scale(loss).backward()
+                if self.grad_clip > 0:
+                    scaler.unscale_(self.optimizer)  # clip the true gradient
+                    self._clip()
                 scaler.step(self.optimizer)
                 scaler.update()
             else:
                 loss.backward()
+                if self.grad_clip > 0:
+                    self._clip()
                 self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(self.model)

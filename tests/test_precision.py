@@ -65,6 +65,28 @@ def test_bad_precision_is_refused():
         t.set_speed("fp8")
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_grad_clip_bounds_every_step_gradient(precision):
+    """train.grad_clip: the gradient Adam sees has L2 norm <= the bound (fp16: after
+    unscaling), and the unclipped gradient of the same step is larger."""
+    images = np.random.default_rng(0).integers(0, 256, (8, 1, 28, 28), dtype=np.uint8)
+
+    def step_grad_norm(clip):
+        torch.manual_seed(0)
+        model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
+        t = LocalTrainer(model, Diffusion(timesteps=10), images, 8, 1e-3, torch.device("cpu"),
+                         grad_clip=clip)
+        t.set_speed(precision)
+        t.run(seed=1, steps=1)  # the gradients stay on the parameters after the step
+        norm = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+        return float(norm)
+
+    if precision == "fp32":  # (fp16 leaves unclipped gradients multiplied by the scale)
+        assert step_grad_norm(0.0) > 0.05
+    assert 0.009 < step_grad_norm(0.01) <= 0.01 * (1 + 1e-5)
+
+
 def _samples(precision):
     import dataclasses
     from fedmpi.evaluate import Evaluator
