@@ -57,7 +57,7 @@ def test_paper_settings(path):
     assert cfg.model.dim == 28 and cfg.model.dim_mults == (1, 2, 4)
     assert cfg.data.dataset == "fashion_mnist"
     # the quickstart recipe stays out of the paper's settings
-    assert cfg.train.ema_decay == 0 and cfg.train.warmup_steps == 0
+    assert cfg.train.ema_decay == 0 and cfg.train.warmup_steps == 0 and cfg.train.grad_clip == 0
     assert cfg.train.lr_schedule == "constant" and cfg.diffusion.weighting == "none"
 
 
