@@ -304,8 +304,8 @@ class LocalTrainer:
 
     def _clip(self) -> None:
         # foreach: one fused pass; the norm stays on the device (no host sync)
-        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
-                                       self.grad_clip, foreach=True)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
 
     def steps_for(self, epochs: Optional[int] = None, steps: Optional[int] = None) -> int:
         """Optimizer steps that run(epochs=..., steps=...) takes."""
