@@ -6,8 +6,9 @@ is no DataLoader worker overhead). Randomness (shuffling, timesteps, noise) come
 generators seeded from (run seed, round or epoch, client), never from global state, so
 a resumed run replays exactly the same batches as an uninterrupted one.
 
-It also owns the two recipe pieces that make short runs sample well (both off by
-default, and off in the paper configs):
+It also owns the recipe pieces that make short runs sample well (all off by default,
+and off in the paper configs): gradient clipping (`train.grad_clip`, what makes a high
+learning rate safe) and
 
 - `LRSchedule` (`train.warmup_steps`, `train.lr_schedule`, `train.lr_min`): the learning
   rate as a pure function of the optimizer step counted over the whole run, so a
