@@ -164,7 +164,9 @@ class FedmpiClientRound:
         return stats["images"], time.perf_counter() - start, stats
 
 
-def throughput(args, cfg, device) -> dict:
+def client_trainer(args, cfg, device):
+    """A LocalTrainer on `args.images` training images (or synthetic ones) and a freshly
+    seeded UNet: the client of the throughput and progress-relay parts."""
     import numpy as np
     import torch
 
@@ -173,23 +175,28 @@ def throughput(args, cfg, device) -> dict:
     from fedmpi.summary import model_shape
     from fedmpi.trainer import LocalTrainer, derive_seed
     from fedmpi.unet import build_unet
-
     channels, size = model_shape(cfg)
     if args.synthetic:
         images = np.random.default_rng(0).integers(0, 256, (args.images, channels, size, size),
                                                    dtype=np.uint8)
     else:
-        images, _ = load_arrays(cfg.data, "train")
-        images = np.ascontiguousarray(images[:args.images])
+        images = np.ascontiguousarray(load_arrays(cfg.data, "train")[0][:args.images])
     torch.manual_seed(derive_seed(cfg.run.seed, 0xC0FFEE))
-    model_f = build_unet(cfg.model, channels, size).to(device)
+    model = build_unet(cfg.model, channels, size).to(device)
+    return LocalTrainer(model, Diffusion.from_config(cfg.diffusion), images,
+                        args.batch_size or cfg.train.batch_size, cfg.train.lr, device)
+
+
+def throughput(args, cfg, device) -> dict:
+    import torch
+
+    trainer = client_trainer(args, cfg, device)
+    model_f, diffusion, images, bs = trainer.model, trainer.diffusion, trainer.images, \
+        trainer.batch_size
     model_b = copy.deepcopy(model_f)
-    diffusion = Diffusion.from_config(cfg.diffusion)
-    bs = args.batch_size or cfg.train.batch_size
-    trainer = LocalTrainer(model_f, diffusion, images, bs, cfg.train.lr, device)
     fed = FedmpiClientRound(trainer, cfg)
     torch.manual_seed(1)
-    bare = BareLoop(model_b, torch.from_numpy(images).to(device), diffusion, bs, cfg.train.lr, device)
+    bare = BareLoop(model_b, images, diffusion, bs, cfg.train.lr, device)
     params = sum(p.numel() for p in model_f.parameters())
     print(f"\n## throughput: {params:,}-parameter UNet, batch {bs}, {args.steps} steps per "
           f"trial (one client round), {len(images)} images on {device}, torch threads "
@@ -304,9 +311,10 @@ def explain(args, fed, bare, trainer, med, device) -> dict:
     lines.append(
         f"\nFixed per-round costs explain {100 * amortize:.1f}% of the bare round time; the gap "
         f"shrinks as 1/steps per round (the paper's E=5 local epochs are hundreds of steps). "
-        f"Per step, LocalTrainer adds a host round-trip per batch (the schedule coefficients "
-        f"are gathered with t.cpu().numpy() in Diffusion._at, a device sync on GPUs) and a "
-        f"losses.append(); on a CPU the model's compute dominates.")
+        f"Per step, LocalTrainer adds host-side bookkeeping only (the learning-rate lookup, "
+        f"the EMA when on, losses kept on the device and read once at the end; the schedule "
+        f"coefficients are gathered on the device, no sync); on a CPU the model's compute "
+        f"dominates.")
     text = "\n".join(lines)
     print("\n## profile / explanation\n\n" + text, flush=True)
     return dict(snapshot_s=t_snap, new_optimizer_s=t_opt, bare_round_s=round_bare, text=text)
@@ -317,34 +325,12 @@ def explain(args, fed, bare, trainer, med, device) -> dict:
 RELAY_MODES = (("off", 0.0), ("on", 2.0), ("stress", 0.01))  # run.progress_every per mode
 
 
-def _client_trainer(args, cfg, device):
-    """A LocalTrainer on the images and model the throughput part uses."""
-    import numpy as np
-    import torch
-
-    from fedmpi.data import load_arrays
-    from fedmpi.diffusion import Diffusion
-    from fedmpi.summary import model_shape
-    from fedmpi.trainer import LocalTrainer, derive_seed
-    from fedmpi.unet import build_unet
-    channels, size = model_shape(cfg)
-    if args.synthetic:
-        images = np.random.default_rng(0).integers(0, 256, (args.images, channels, size, size),
-                                                   dtype=np.uint8)
-    else:
-        images = np.ascontiguousarray(load_arrays(cfg.data, "train")[0][:args.images])
-    torch.manual_seed(derive_seed(cfg.run.seed, 0xC0FFEE))
-    model = build_unet(cfg.model, channels, size).to(device)
-    return LocalTrainer(model, Diffusion.from_config(cfg.diffusion), images,
-                        args.batch_size or cfg.train.batch_size, cfg.train.lr, device)
-
-
 def relay_worker(args, cfg, device) -> int:
     """Under mpirun -n 2: rank 1 trains rounds with each relay mode, rank 0 receives."""
     from fedmpi.comm import ProgressRelay, World
     world = World()
     relays = {name: ProgressRelay(world, every) for name, every in RELAY_MODES}
-    trainer = _client_trainer(args, cfg, device) if world.rank == 1 else None
+    trainer = client_trainer(args, cfg, device) if world.rank == 1 else None
     rows, received = [], 0
     for trial in range(args.trials + 1):
         order = [RELAY_MODES[(i + trial) % len(RELAY_MODES)][0] for i in range(len(RELAY_MODES))]

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         peak, why = peak_tflops(device, precision, args.peak_tflops)
         achieved = ips * flops / 1e12
         # sampling with the trained weights, same precision / compilation
-        net = getattr(t, "net", model)
+        net = t.net
         net.eval()
         gen = torch.Generator(device=device).manual_seed(0)
         n, done, t0 = args.samples, 0, time.perf_counter()

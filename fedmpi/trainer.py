@@ -7,9 +7,10 @@ generators seeded from (run seed, round or epoch, client), never from global sta
 a resumed run replays exactly the same batches as an uninterrupted one.
 
 It also owns the recipe pieces that make short runs sample well (all off by default,
-and off in the paper configs): gradient clipping (`train.grad_clip`, what makes a high
-learning rate safe) and
+and off in the paper configs):
 
+- gradient clipping (`train.grad_clip`, in `LocalTrainer.run`): what makes a high
+  learning rate safe.
 - `LRSchedule` (`train.warmup_steps`, `train.lr_schedule`, `train.lr_min`): the learning
   rate as a pure function of the optimizer step counted over the whole run, so a
   resumed run, a preempted round replayed, and every client agree on it.
@@ -245,6 +246,8 @@ class LocalTrainer:
         self.schedule = schedule if schedule is not None and schedule.active else None
         self.ema = ema
         self.grad_clip = float(grad_clip)
+        # what set_speed changes: fp32, no gradient scaler, the eager model
+        self.precision, self.scaler, self.net = "fp32", None, self.model
         self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
@@ -276,7 +279,7 @@ class LocalTrainer:
 
     def autocast(self):
         """The autocast context of this trainer's precision (a no-op for fp32)."""
-        return autocast_for(getattr(self, "precision", "fp32"), self.device)
+        return autocast_for(self.precision, self.device)
 
     def reset_optimizer(self) -> torch.optim.Optimizer:
         """Adam as if newly created (moments and step zeroed), in place: the same numbers
@@ -335,9 +338,9 @@ class LocalTrainer:
                     group["lr"] = lr
             x0 = self.images[idx].float().div_(127.5).sub_(1.0)
             with self.autocast():
-                loss = self.diffusion.loss(getattr(self, "net", self.model), x0, generator=dev_gen)
+                loss = self.diffusion.loss(self.net, x0, generator=dev_gen)
             self.optimizer.zero_grad(set_to_none=True)
-            scaler = getattr(self, "scaler", None)
+            scaler = self.scaler
             if scaler is not None:  # fp16: scale the loss so small gradients survive
                 scaler.scale(loss).backward()
                 if self.grad_clip > 0:
