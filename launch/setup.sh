@@ -13,7 +13,7 @@ VENV=${VENV:-.venv}
 # for torch's 5.3 GB where pip takes 86 s on a 2-core VM) with the same package indexes
 # pip is configured with; plain pip where uv cannot be had (FEDMPI_PIP=1 forces pip).
 install() {
-  if [ -x "$VENV/bin/uv" ]; then
+  if [ "${FEDMPI_PIP:-0}" != 1 ] && [ -x "$VENV/bin/uv" ]; then
     local idx=() url
     for url in ${PIP_INDEX_URL:-} $("$VENV/bin/python" -m pip config get global.index-url \
         2>/dev/null || true); do idx+=(--default-index "$url"); done
@@ -22,10 +22,11 @@ install() {
     # pip picks the best version over all its indexes; with extra indexes uv needs the
     # same strategy (its default takes a package from the first index that has it).
     [ ${#idx[@]} -gt 0 ] && idx+=(--index-strategy unsafe-best-match)
-    "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --compile-bytecode "${idx[@]}" "$@"
-  else
-    "$VENV/bin/python" -m pip install -q "$@"
+    "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --compile-bytecode "${idx[@]}" "$@" \
+      && return
+    echo "fedmpi setup: uv could not install $*; trying pip"
   fi
+  "$VENV/bin/python" -m pip install -q "$@"
 }
 if [ "${FEDMPI_PIP:-0}" != 1 ] && [ ! -x "$VENV/bin/uv" ]; then
   "$VENV/bin/python" -m pip install -q uv 2>/dev/null \
