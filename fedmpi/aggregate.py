@@ -40,7 +40,7 @@ import torch
 
 from .ledger import Ledger
 from .methods import average_into, make_plan, pack_upload
-from .regions import REGIONS, bind_flat, region_tensor
+from .regions import REGIONS, bind_flat, finite, region_tensor
 
 
 class NonFiniteAverage(RuntimeError):
@@ -201,7 +201,7 @@ class Aggregator:
             for _ in ups:
                 self.ledger.record(round_index, -1, region, "up", theta.numel(),
                                    buf.numel() * buf.element_size())
-            if average_into(buf, theta) and not bool(torch.isfinite(theta).all()):
+            if average_into(buf, theta) and not finite(theta):
                 raise NonFiniteAverage(
                     f"round {round_index}: the average of region '{region}' is not "
                     f"finite although every upload was (float32 overflow)")

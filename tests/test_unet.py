@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedmpi import regions
-from fedmpi.regions import REGIONS, region_params, region_sizes
+from fedmpi.regions import REGIONS, all_finite, finite, region_params, region_sizes
 from fedmpi.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,3 +237,28 @@ def test_bind_flat_keeps_values_and_aliases_weights():
     opt.step()
     arr, _ = region_array(model, "decoder")
     assert not np.all(arr == 0.5)
+
+
+def test_finite_matches_the_elementwise_test():
+    """`finite` decides by one sum per tensor, falling back to the element-wise test: it
+    must agree with isfinite().all() for NaN, +/-inf, and finite values whose sum overflows."""
+    big = torch.full((8,), 3e38)  # every value finite, their float32 sum is inf
+    ok = torch.randn(1000)
+    cases = {"finite": [ok], "overflowing sum": [big], "overflow both signs": [torch.cat([big, -big])]}
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = ok.clone()
+        t[123] = bad
+        cases[f"{bad}"] = [t]
+        cases[f"{bad} in the second tensor"] = [ok, t]
+    both = ok.clone()
+    both[1], both[2] = float("inf"), -float("inf")  # sums to NaN
+    cases["inf and -inf"] = [both]
+    for name, tensors in cases.items():
+        expected = all(bool(torch.isfinite(t).all()) for t in tensors)
+        assert finite(*tensors) == expected, name
+    assert finite(big) and finite(torch.cat([big, -big]))  # the fallback, not the sum, decided
+    model = UNet(dim=8, dim_mults=(1, 2))
+    assert all_finite(model)
+    with torch.no_grad():
+        next(model.decoder.parameters())[0].fill_(float("nan"))
+    assert not all_finite(model)
