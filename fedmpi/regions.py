@@ -133,6 +133,8 @@ def finite(*tensors: torch.Tensor) -> bool:
     the element-wise test runs only when a sum is not finite (NaN / inf, or a sum of
     finite values that overflowed). The sum reads the tensor once; `isfinite().all()`
     takes 12 ms for the paper UNet's 3 M weights on one CPU core, the sum 0.5 ms."""
+    if not tensors:
+        return True
     with torch.no_grad():
         sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])
         if bool(torch.isfinite(sums).all()):
