@@ -317,6 +317,7 @@ class World:
         limit = self.timeout + (0 if self.rank == 0 else 5.0) if self.timeout > 0 else None
         start = time.monotonic()
         next_hook = start
+        nap = 5e-5  # grows to 2 ms: a short wait ends at once, a long one costs no CPU
         while not req.Test():
             if limit is not None and time.monotonic() - start > limit:
                 raise StallError(
@@ -326,7 +327,8 @@ class World:
             if self.waiting_hook is not None and time.monotonic() >= next_hook:
                 self.waiting_hook()
                 next_hook = time.monotonic() + 0.1
-            time.sleep(0.002)
+            time.sleep(nap)
+            nap = min(nap * 1.5, 0.002)
 
     def flags(self, values: Sequence[int], phase: Optional[str] = None) -> np.ndarray:
         """Allgather a few small integers per rank: an array (world size, len(values))."""

@@ -174,6 +174,9 @@ class PrivacyCfg:
 class CheckpointCfg:
     every: int = 1                  # rounds (federated) or epochs (centralized); 0: only at the end
     keep: int = 2                   # most recent checkpoints kept (0: keep all)
+    # federated: the federator's file and the marker written by a thread while the next
+    # round runs (fedmpi.checkpoint.BackgroundWriter); the last round's always at once
+    background: bool = True
 
 
 @dataclass(frozen=True)

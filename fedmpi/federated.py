@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from .atomic import EXIT_DISK, DiskError
-from .checkpoint import (CheckpointError, atomic_save, checkpoint_dir, client_state,
-                         latest_complete, load_checkpoint, mark_complete, marker_files, newest_verified)
+from .checkpoint import (BackgroundWriter, CheckpointError, atomic_save, checkpoint_dir,
+                         client_state, latest_complete, load_checkpoint, mark_complete,
+                         marker_files, newest_verified)
 from .config import Config, ConfigError
 from .data import load_client_data
 from .diffusion import Diffusion
@@ -227,10 +228,16 @@ def _setup(cfg: Config, world, device) -> dict:
 
 
 def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log,
-                ema: Optional[EMA] = None) -> None:
+                ema: Optional[EMA] = None, writer: Optional[BackgroundWriter] = None,
+                final: bool = True) -> None:
     """Every rank writes its file; the federator marks the round COMPLETE (with each
     file's sha256) only when every rank wrote a finite model, then prunes older rounds.
-    A write error on any rank stops every rank together with the OS message."""
+    A write error on any rank stops every rank together with the OS message.
+
+    With a background `writer` and `final=False`, the federator's own file and then the
+    marker are written by the writer's thread after this returns; the caller must not
+    change the federator's model before `writer.join()` (the round loop joins at the
+    start of the next round). A failure is reported by the next call, or at the end."""
     d = checkpoint_dir(run_dir, round_index)
     if world.is_federator:
         name = "federator.pt"
@@ -249,8 +256,11 @@ def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log
     # federator; a personal-model client's EMA of its local training is its own
     if ema is not None and (world.is_federator or personal_regions(cfg.fed.method)):
         obj["ema"] = ema.state_dict()
+    background = world.is_federator and writer is not None and writer.enabled and not final
     mine = {"name": name, "sha256": None, "error": None, "finite": all_finite(model)}
-    if mine["finite"]:
+    if writer is not None:
+        mine["error"] = writer.wait()  # the previous round's background write
+    if mine["finite"] and not mine["error"] and not background:
         try:
             mine["sha256"] = atomic_save(obj, d / name)
         except DiskError as e:
@@ -259,9 +269,8 @@ def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log
     results = world.allgather(mine)
     errors = [f"rank {rank}: {r['error']}" for rank, r in enumerate(results) if r["error"]]
     if errors:
-        log(f"error: could not write the checkpoint of round {round_index}: {'; '.join(errors)}. "
-            f"Earlier checkpoints are intact; free space (or fix the folder) and resume with "
-            f"--resume {run_dir}")
+        log(f"error: could not write a checkpoint: {'; '.join(errors)}. Earlier checkpoints "
+            f"are intact; free space (or fix the folder) and resume with --resume {run_dir}")
         raise CheckpointWriteError(errors[0])
     bad = [rank for rank, r in enumerate(results) if not r["finite"]]
     if bad:  # never mark (and so never prune for) a checkpoint holding NaN / inf
@@ -269,8 +278,16 @@ def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log
             f"checkpoint not written, earlier checkpoints kept")
         raise NonFiniteError(f"non-finite model at checkpoint of round {round_index}")
     if world.is_federator:
-        mark_complete(run_dir, round_index, cfg.checkpoint.keep,
-                      {r["name"]: r["sha256"] for r in results})
+        files = {r["name"]: r["sha256"] for r in results}
+
+        def finish():
+            if background:
+                files[name] = atomic_save(obj, d / name)
+            mark_complete(run_dir, round_index, cfg.checkpoint.keep, files)
+        if background:
+            writer.submit(finish)
+        else:
+            finish()
 
 
 # What must not change between a checkpoint and the job that resumes it.
@@ -413,171 +430,178 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
     metrics = JsonlWriter(run_dir / "metrics.jsonl") if world.is_federator else None
     evaluator = evaluator_factory(cfg, world, run_dir, device) if evaluator_factory else None
 
-    start = 1
-    if resume and done is None and world.is_federator:
-        log(f"resume: no usable checkpoint in {run_dir}; starting from round 1")
-    if done is not None:
-        start = done + 1
-        preempt.note = f"the last complete checkpoint is round {done}; resume with --resume {run_dir}"
-        if world.is_federator:
-            _truncate_logs(run_dir, done)
-            log(f"resume: continuing after round {done} (checkpoint {checkpoint_dir(run_dir, done)})")
-    if start == 1:
-        if world.is_federator:
-            _truncate_logs(run_dir, 0)
-        aggregator.initial_broadcast()
-        _gather_round(world, ledger, run_dir, 0)
-        if world.is_federator:
-            log(f"fedmpi: {method.upper()} | K={K} clients | R={R} rounds | {world.describe()} "
-                f"| device {device} | run {run_dir}" + _privacy_text(cfg))
+    # The federator's checkpoint files are written by a thread (checkpoint.background);
+    # leaving this block, however, waits for it: no write is ever left in flight.
+    with BackgroundWriter(cfg.checkpoint.background) as writer:
+        start = 1
+        if resume and done is None and world.is_federator:
+            log(f"resume: no usable checkpoint in {run_dir}; starting from round 1")
+        if done is not None:
+            start = done + 1
+            preempt.note = f"the last complete checkpoint is round {done}; resume with --resume {run_dir}"
+            if world.is_federator:
+                _truncate_logs(run_dir, done)
+                log(f"resume: continuing after round {done} (checkpoint {checkpoint_dir(run_dir, done)})")
+        if start == 1:
+            if world.is_federator:
+                _truncate_logs(run_dir, 0)
+            aggregator.initial_broadcast()
+            _gather_round(world, ledger, run_dir, 0)
+            if world.is_federator:
+                log(f"fedmpi: {method.upper()} | K={K} clients | R={R} rounds | {world.describe()} "
+                    f"| device {device} | run {run_dir}" + _privacy_text(cfg))
 
-    for r in range(start, R + 1):
-        t_round = time.perf_counter()
-        plan = make_plan(method, r, K, cfg.run.seed)
-        stats = {}
-        if trainer is not None:
-            round_start.save(trainer)
-            if cfg.fed.freeze_unshared:
-                set_trainable(model, plan.uploads[world.client])
-                trainer.new_optimizer()
-            elif cfg.fed.reset_optimizer or trainer.optimizer is None:
-                trainer.reset_optimizer()
-
-            def stop_early(step, loss):
-                relay.report(r, step + 1, per_round, (step + 1) * cfg.train.batch_size)
-                if preempt.requested:
-                    raise _StopTraining
-
-            try:
-                stats = trainer.run(seed=derive_seed(cfg.run.seed, r, world.client),
-                                    epochs=cfg.fed.local_epochs, steps=cfg.fed.local_steps,
-                                    on_step=stop_early, start_step=(r - 1) * per_round,
-                                    log_every=cfg.train.log_every)
-            except _StopTraining:
-                stats = {}
-            relay.finish(r, stats.get("steps", 0), per_round, stats.get("images", 0))
-        # One small collective per round carries both the stop request and whether each
-        # client's model is finite, before anything is reduced.
-        finite = trainer is None or all_finite(model)
-        display = _watch_round(world, relay, r, R, log)  # federator: live progress while waiting
-        flags = world.flags([int(preempt.requested), int(not finite), stats.get("steps", 0)],
-                            phase=f"round {r}: local training")
-        _end_watch(world, relay, display)  # every progress message of the round delivered
-        t_wait = time.perf_counter() - t_round  # local training incl. waiting for the slowest
-        if flags[:, 0].any():
-            # Abandon round r on every rank: roll back to the state after round r - 1.
+        for r in range(start, R + 1):
+            t_round = time.perf_counter()
+            writer.join()  # federator: the last checkpoint's file is written (see _checkpoint)
+            plan = make_plan(method, r, K, cfg.run.seed)
+            stats = {}
             if trainer is not None:
-                round_start.restore(trainer)
-            if r - 1 >= 1 and latest_complete_bcast(world, run_dir) != r - 1:
-                _checkpoint(cfg, world, run_dir, r - 1, model, trainer, log, ema)
-            if world.is_federator:
-                why = f" ({preempt.signal_name})" if preempt.signal_name else ""
-                log(f"preempted{why}: round {r} abandoned; checkpoint of round {r - 1} kept; "
-                    f"resume with --resume {run_dir} (continues after round {r - 1})")
-            raise Preempted(r - 1)
+                round_start.save(trainer)
+                if cfg.fed.freeze_unshared:
+                    set_trainable(model, plan.uploads[world.client])
+                    trainer.new_optimizer()
+                elif cfg.fed.reset_optimizer or trainer.optimizer is None:
+                    trainer.reset_optimizer()
 
-        nonfinite = [rank for rank in range(1, world.size) if flags[rank, 1]]
-        weight = n_k
-        if nonfinite:
-            who = ", ".join(f"client {rank}" for rank in nonfinite)
-            if cfg.fed.on_nonfinite == "abort":
+                def stop_early(step, loss):
+                    relay.report(r, step + 1, per_round, (step + 1) * cfg.train.batch_size)
+                    if preempt.requested:
+                        raise _StopTraining
+
+                try:
+                    stats = trainer.run(seed=derive_seed(cfg.run.seed, r, world.client),
+                                        epochs=cfg.fed.local_epochs, steps=cfg.fed.local_steps,
+                                        on_step=stop_early, start_step=(r - 1) * per_round,
+                                        log_every=cfg.train.log_every)
+                except _StopTraining:
+                    stats = {}
+                relay.finish(r, stats.get("steps", 0), per_round, stats.get("images", 0))
+            # One small collective per round carries both the stop request and whether each
+            # client's model is finite, before anything is reduced.
+            finite = trainer is None or all_finite(model)
+            display = _watch_round(world, relay, r, R, log)  # federator: live progress while waiting
+            flags = world.flags([int(preempt.requested), int(not finite), stats.get("steps", 0)],
+                                phase=f"round {r}: local training")
+            _end_watch(world, relay, display)  # every progress message of the round delivered
+            t_wait = time.perf_counter() - t_round  # local training incl. waiting for the slowest
+            if flags[:, 0].any():
+                # Abandon round r on every rank: roll back to the state after round r - 1.
+                if trainer is not None:
+                    round_start.restore(trainer)
+                if r - 1 >= 1 and latest_complete_bcast(world, run_dir, writer, log) != r - 1:
+                    _checkpoint(cfg, world, run_dir, r - 1, model, trainer, log, ema, writer)
                 if world.is_federator:
-                    kept = latest_complete(run_dir)
-                    log(f"error: round {r}: the model of {who} is not finite (NaN / inf: "
-                        f"diverged? lower train.lr). Stopped before aggregation; "
-                        + (f"the last good checkpoint is round {kept} (--resume {run_dir})"
-                           if kept else "no checkpoint was written yet")
-                        + ". fed.on_nonfinite=skip leaves such clients out of a round instead.")
-                raise NonFiniteError(f"round {r}: non-finite update from {who}")
-            if world.is_federator:
-                log(f"warning: round {r}: {who} not finite: left out of this round's averages "
-                    f"(fed.on_nonfinite=skip); their models restart from the round's start")
-            if world.rank in nonfinite:  # upload with weight 0, restart from round start
-                round_start.restore(trainer)
-                weight = 0.0
+                    why = f" ({preempt.signal_name})" if preempt.signal_name else ""
+                    log(f"preempted{why}: round {r} abandoned; checkpoint of round {r - 1} kept; "
+                        f"resume with --resume {run_dir} (continues after round {r - 1})")
+                raise Preempted(r - 1)
 
-        personal = bool(personal_regions(method))
-        evaluate = evaluator is not None and ((cfg.eval.every and r % cfg.eval.every == 0) or r == R)
-        scores, t_eval = None, 0.0
-        if evaluate and personal and cfg.eval.personal == "local":
-            t0 = time.perf_counter()  # each client's own model, before the aggregation
-            with ema_applied(ema, model):
-                scores = evaluator.run(r, model, personal=True)
-            t_eval = time.perf_counter() - t0
+            nonfinite = [rank for rank in range(1, world.size) if flags[rank, 1]]
+            weight = n_k
+            if nonfinite:
+                who = ", ".join(f"client {rank}" for rank in nonfinite)
+                if cfg.fed.on_nonfinite == "abort":
+                    if world.is_federator:
+                        writer.wait()  # the round before may still be being written
+                        kept = latest_complete(run_dir)
+                        log(f"error: round {r}: the model of {who} is not finite (NaN / inf: "
+                            f"diverged? lower train.lr). Stopped before aggregation; "
+                            + (f"the last good checkpoint is round {kept} (--resume {run_dir})"
+                               if kept else "no checkpoint was written yet")
+                            + ". fed.on_nonfinite=skip leaves such clients out of a round instead.")
+                    raise NonFiniteError(f"round {r}: non-finite update from {who}")
+                if world.is_federator:
+                    log(f"warning: round {r}: {who} not finite: left out of this round's averages "
+                        f"(fed.on_nonfinite=skip); their models restart from the round's start")
+                if world.rank in nonfinite:  # upload with weight 0, restart from round start
+                    round_start.restore(trainer)
+                    weight = 0.0
 
-        t0 = time.perf_counter()
-        try:
-            stats.update(aggregator.exchange(
-                plan, weight, r, start=round_start.weights if round_start else None))
-        except NonFiniteAverage as e:  # the federator alone: it must take the job down
-            raise NonFiniteError(f"{e}; no checkpoint written for this round",
-                                 collective=False) from None
-        t_agg = time.perf_counter() - t0
-        if ema is not None and not personal:  # the global model's EMA, identical on every rank
-            ema.update(model, steps=max(1, round(float(flags[1:, 2].mean()))))
+            personal = bool(personal_regions(method))
+            evaluate = evaluator is not None and ((cfg.eval.every and r % cfg.eval.every == 0) or r == R)
+            scores, t_eval = None, 0.0
+            if evaluate and personal and cfg.eval.personal == "local":
+                t0 = time.perf_counter()  # each client's own model, before the aggregation
+                with ema_applied(ema, model):
+                    scores = evaluator.run(r, model, personal=True)
+                t_eval = time.perf_counter() - t0
 
-        if evaluate and not (personal and cfg.eval.personal == "local"):
             t0 = time.perf_counter()
-            with ema_applied(ema, model):
-                scores = evaluator.run(r, model, personal=personal)
-            t_eval = time.perf_counter() - t0
+            try:
+                stats.update(aggregator.exchange(
+                    plan, weight, r, start=round_start.weights if round_start else None))
+            except NonFiniteAverage as e:  # the federator alone: it must take the job down
+                raise NonFiniteError(f"{e}; no checkpoint written for this round",
+                                     collective=False) from None
+            t_agg = time.perf_counter() - t0
+            if ema is not None and not personal:  # the global model's EMA, identical on every rank
+                ema.update(model, steps=max(1, round(float(flags[1:, 2].mean()))))
 
-        t0 = time.perf_counter()
-        if (cfg.checkpoint.every and r % cfg.checkpoint.every == 0) or r == R:
-            _checkpoint(cfg, world, run_dir, r, model, trainer, log, ema)
-            preempt.note = (f"the last complete checkpoint is round {r}; resume with "
-                            f"--resume {run_dir}")
-        t_ckpt = time.perf_counter() - t0
+            if evaluate and not (personal and cfg.eval.personal == "local"):
+                t0 = time.perf_counter()
+                with ema_applied(ema, model):
+                    scores = evaluator.run(r, model, personal=personal)
+                t_eval = time.perf_counter() - t0
 
-        gathered = _gather_round(world, ledger, run_dir, r, dict(stats, client=world.rank, n=n_k))
+            t0 = time.perf_counter()
+            if (cfg.checkpoint.every and r % cfg.checkpoint.every == 0) or r == R:
+                _checkpoint(cfg, world, run_dir, r, model, trainer, log, ema, writer,
+                            final=r == R)
+                preempt.note = (f"the last complete checkpoint is round {r}; resume with "
+                                f"--resume {run_dir}")
+            t_ckpt = time.perf_counter() - t0
+
+            gathered = _gather_round(world, ledger, run_dir, r, dict(stats, client=world.rank, n=n_k))
+            if world.is_federator:
+                client_stats, round_bytes = gathered
+                rows = [s for s in client_stats if s["client"] > 0]  # clients 1..K = their ranks
+                losses = [s.get("loss", float("nan")) for s in rows]
+                good = [x for x in losses if np.isfinite(x)]
+                t_train = max((s.get("train_s", 0.0) for s in rows), default=0.0)
+                row = dict(kind="round", round=r, method=method,
+                           loss=float(np.mean(good)) if good else float("nan"),
+                           client_loss=losses, nonfinite_clients=nonfinite, train_s=t_train, wait_s=t_wait, agg_s=t_agg,
+                           eval_s=t_eval, ckpt_s=t_ckpt, round_s=time.perf_counter() - t_round,
+                           bytes=round_bytes, images_per_s=[s.get("images_per_s") for s in rows])
+                if scores:
+                    row.update(scores)
+                epsilon = aggregator.epsilon(r)  # privacy.dp: the guarantee after round r
+                if epsilon is not None:
+                    row.update(epsilon=epsilon, dp_delta=cfg.privacy.delta)
+                metrics.write(**row)
+                for s in rows:
+                    for step, loss in s.pop("step_losses", ()):  # train.log_every
+                        metrics.write(kind="step", round=r, client=s["client"], step=step, loss=loss)
+                    metrics.write(kind="client", round=r, **s)
+                score_txt = _score_text(scores) + (f" | eps {epsilon:.3g}" if epsilon is not None else "")
+                span = f"clients {min(good):.4f}..{max(good):.4f}" if good else "no finite client"
+                nan_txt = (f" | NaN: client{'s' if len(nonfinite) > 1 else ''} "
+                           f"{', '.join(map(str, nonfinite))} skipped" if nonfinite else "")
+                log(f"[round {r}/{R}] loss {row['loss']:.4f} ({span}){nan_txt} | train {t_train:.1f}s "
+                    f"agg {t_agg:.2f}s eval {t_eval:.1f}s ckpt {t_ckpt:.1f}s | "
+                    f"{round_bytes / 1e6:.2f} MB{score_txt}")
+            writer.start()  # the federator's checkpoint file, while the next round trains
+
+        summary = {}
         if world.is_federator:
-            client_stats, round_bytes = gathered
-            rows = [s for s in client_stats if s["client"] > 0]  # clients 1..K = their ranks
-            losses = [s.get("loss", float("nan")) for s in rows]
-            good = [x for x in losses if np.isfinite(x)]
-            t_train = max((s.get("train_s", 0.0) for s in rows), default=0.0)
-            row = dict(kind="round", round=r, method=method,
-                       loss=float(np.mean(good)) if good else float("nan"),
-                       client_loss=losses, nonfinite_clients=nonfinite, train_s=t_train, wait_s=t_wait, agg_s=t_agg,
-                       eval_s=t_eval, ckpt_s=t_ckpt, round_s=time.perf_counter() - t_round,
-                       bytes=round_bytes, images_per_s=[s.get("images_per_s") for s in rows])
-            if scores:
-                row.update(scores)
-            epsilon = aggregator.epsilon(r)  # privacy.dp: the guarantee after round r
-            if epsilon is not None:
-                row.update(epsilon=epsilon, dp_delta=cfg.privacy.delta)
-            metrics.write(**row)
-            for s in rows:
-                for step, loss in s.pop("step_losses", ()):  # train.log_every
-                    metrics.write(kind="step", round=r, client=s["client"], step=step, loss=loss)
-                metrics.write(kind="client", round=r, **s)
-            score_txt = _score_text(scores) + (f" | eps {epsilon:.3g}" if epsilon is not None else "")
-            span = f"clients {min(good):.4f}..{max(good):.4f}" if good else "no finite client"
-            nan_txt = (f" | NaN: client{'s' if len(nonfinite) > 1 else ''} "
-                       f"{', '.join(map(str, nonfinite))} skipped" if nonfinite else "")
-            log(f"[round {r}/{R}] loss {row['loss']:.4f} ({span}){nan_txt} | train {t_train:.1f}s "
-                f"agg {t_agg:.2f}s eval {t_eval:.1f}s ckpt {t_ckpt:.1f}s | "
-                f"{round_bytes / 1e6:.2f} MB{score_txt}")
-
-    summary = {}
-    if world.is_federator:
-        from .ledger import write_summary
-        extra = {"secure": cfg.fed.secure}
-        if cfg.privacy.dp:
-            extra["privacy"] = dict(cfg.to_dict()["privacy"], rounds=R, epsilon=aggregator.epsilon(R))
-        summary = write_summary(run_dir, method, K, R, sizes, cfg.run.seed,
-                                aggregator.upload_value_bytes, extra)
-        moved = summary["measured"]["moved"]
-        log(f"done: moved {moved['params']:,} parameters ({moved['bytes'] / 1e6:.1f} MB), "
-            f"{100 * summary['moved']['reduction_vs_full']:.1f}% less than FULL would; "
-            f"ledger matches the analytical table: {summary['matches_analytical']}")
-        grids = sorted((Path(run_dir) / "samples").glob(f"round_{R:04d}*.png"))
-        log((f"samples: {grids[0]}" + (f" (+{len(grids) - 1} more)" if len(grids) > 1 else "")
-             + " | " if grids else "") + f"run folder: {run_dir}")
-    if evaluator is not None:
-        evaluator.close()
-    relay.close()
-    return summary
+            from .ledger import write_summary
+            extra = {"secure": cfg.fed.secure}
+            if cfg.privacy.dp:
+                extra["privacy"] = dict(cfg.to_dict()["privacy"], rounds=R, epsilon=aggregator.epsilon(R))
+            summary = write_summary(run_dir, method, K, R, sizes, cfg.run.seed,
+                                    aggregator.upload_value_bytes, extra)
+            moved = summary["measured"]["moved"]
+            log(f"done: moved {moved['params']:,} parameters ({moved['bytes'] / 1e6:.1f} MB), "
+                f"{100 * summary['moved']['reduction_vs_full']:.1f}% less than FULL would; "
+                f"ledger matches the analytical table: {summary['matches_analytical']}")
+            grids = sorted((Path(run_dir) / "samples").glob(f"round_{R:04d}*.png"))
+            log((f"samples: {grids[0]}" + (f" (+{len(grids) - 1} more)" if len(grids) > 1 else "")
+                 + " | " if grids else "") + f"run folder: {run_dir}")
+        if evaluator is not None:
+            evaluator.close()
+        relay.close()
+        return summary
 
 
 def _privacy_text(cfg: Config) -> str:
@@ -637,7 +661,14 @@ def _end_watch(world, relay: ProgressRelay, display: Optional[RoundProgress]) ->
         relay.end_round()
 
 
-def latest_complete_bcast(world, run_dir: Path):
+def latest_complete_bcast(world, run_dir: Path, writer: Optional[BackgroundWriter] = None,
+                          log=print):
+    """The newest complete checkpoint, on every rank (after any write in flight; a failed
+    one leaves the round incomplete, so the caller writes it again)."""
+    if world.is_federator and writer is not None:
+        error = writer.wait()
+        if error:
+            log(f"warning: {error}; writing that checkpoint again")
     return world.bcast_obj(latest_complete(run_dir) if world.is_federator else None)
 
 

@@ -83,12 +83,13 @@ def bind_flat(model: nn.Module) -> dict[str, torch.Tensor]:
     Parameters stay the same `nn.Parameter` objects (optimizers and state dicts are
     unaffected); only their storage moves. Call after moving the model to its device.
     """
-    flats = {}
+    flats, firsts = {}, {}
     with torch.no_grad():
         for region in REGIONS:
             params = region_params(model, region)
             if not params:
                 continue
+            firsts[region] = params[0]
             flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype,
                                device=params[0].device)
             offset = 0
@@ -99,6 +100,7 @@ def bind_flat(model: nn.Module) -> dict[str, torch.Tensor]:
                 offset += k
             flats[region] = flat
     model._fedmpi_flat = flats
+    model._fedmpi_first = firsts  # the check of _bound_flat without walking the model
     return flats
 
 
@@ -107,7 +109,7 @@ def _bound_flat(model: nn.Module, region: str):
     flat = getattr(model, "_fedmpi_flat", {}).get(region)
     if flat is None:
         return None
-    first = region_params(model, region)[0]
+    first = model._fedmpi_first[region]  # its first parameter, kept by bind_flat
     return flat if first.data_ptr() == flat.data_ptr() else None
 
 

@@ -289,11 +289,11 @@ class LocalTrainer:
         as a new optimizer without allocating its state again every round."""
         if self.optimizer is None:
             return self.new_optimizer()
-        with torch.no_grad():
-            for state in self.optimizer.state.values():
-                for value in state.values():
-                    if torch.is_tensor(value):
-                        value.zero_()
+        tensors = [v for state in self.optimizer.state.values() for v in state.values()
+                   if torch.is_tensor(v)]
+        if tensors:
+            with torch.no_grad():
+                torch._foreach_zero_(tensors)  # one call for every moment and step count
         return self.optimizer
 
     def _batches(self, epochs: Optional[int], steps: Optional[int], gen: torch.Generator

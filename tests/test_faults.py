@@ -192,6 +192,29 @@ def _rank_pids(run_dir) -> list[int]:
     return pids
 
 
+def test_disk_full_in_a_background_checkpoint_write(tmp_path, one_round_run):
+    """Round 2's federator.pt is written by the background thread (checkpoint.background)
+    and fails; the next checkpoint (round 3's) reports it on every rank: exit 4, the OS
+    message and the path, round 2 never marked, round 1 intact and resumable."""
+    run = copy_run(one_round_run, tmp_path)
+    size_kb = (checkpoint_dir(run, 1) / "federator.pt").stat().st_size // 1024
+    cmd = [mpirun_path(), "-n", "3", "--oversubscribe", "--bind-to", "none", sys.executable,
+           "-m", "fedmpi.train", "--config", TINY, "--run-dir", str(run), "--fed.rounds=3"]
+    limit = f"ulimit -f {max(64, size_kb // 2)}; exec \"$@\""
+    res = subprocess.run(["bash", "-c", limit, "bash", *cmd], cwd=ROOT, env=mpi_env(),
+                         capture_output=True, text=True, timeout=180)
+    out = res.stdout + res.stderr
+    assert res.returncode == 4, out
+    assert "[round 2/3]" in out and "[round 3/3]" not in out  # found at round 3's checkpoint
+    assert "File too large while writing" in out and "round_000002" in out
+    assert not (checkpoint_dir(run, 2) / MARKER).exists()
+    assert not list(run.rglob(".*.tmp*"))
+    assert latest_complete(run) == 1 and verify(run, 1) is None
+    again = train(3, run, "--fed.rounds=2")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "continuing after round 1" in again.stdout
+
+
 @pytest.mark.parametrize("target", ["ranks", "mpirun"])
 def test_sigterm_stops_with_a_resumable_checkpoint(tmp_path, target):
     """SIGTERM to every rank (what Slurm does to srun tasks, with KillWait to act):
