@@ -39,7 +39,7 @@ from .comm import ProgressRelay
 from .metrics import JsonlWriter
 from .progress import RoundProgress
 from .aggregate import Aggregator, NonFiniteAverage, check_secure_plans
-from .regions import REGIONS, all_finite, bind_flat, region_sizes, set_trainable
+from .regions import REGIONS, all_finite, bind_flat, finite, region_sizes, set_trainable
 from .summary import model_shape
 from .trainer import (EMA, LocalTrainer, derive_seed, ema_applied, pick_device, schedule_for,
                       share_cpu_threads)
@@ -144,7 +144,13 @@ class RoundStart:
     """A client's weights (and its Adam state, when kept across rounds) at the start of a
     round, copied into buffers allocated once per run: an abandoned (preempted) round is
     rolled back from it, and a non-finite client restarts from it. One memcpy per region
-    per round instead of deep copies of the state dicts."""
+    per round instead of deep copies of the state dicts.
+
+    `flat`: the regions to keep. The round loop keeps only those the client never gets
+    back (its personal regions) unless DP, secure aggregation or on_nonfinite=skip need
+    them all: every other region is overwritten by the round's broadcast, and after an
+    abandoned round the client's file holds no shared weights (they come from
+    federator.pt), so FULL and USPLIT clients copy nothing."""
 
     def __init__(self, flat: dict, keep_optimizer: bool):
         self.flat = flat
@@ -257,7 +263,11 @@ def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log
     if ema is not None and (world.is_federator or personal_regions(cfg.fed.method)):
         obj["ema"] = ema.state_dict()
     background = world.is_federator and writer is not None and writer.enabled and not final
-    mine = {"name": name, "sha256": None, "error": None, "finite": all_finite(model)}
+    # the federator's whole model; a client's own entries (after an abandoned round its
+    # shared regions hold that round's training, which is not written)
+    finite_now = all_finite(model) if world.is_federator else \
+        finite(*[t for t in obj["model"].values() if t.is_floating_point()])
+    mine = {"name": name, "sha256": None, "error": None, "finite": finite_now}
     if writer is not None:
         mine["error"] = writer.wait()  # the previous round's background write
     if mine["finite"] and not mine["error"] and not background:
@@ -425,7 +435,13 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
     sizes = region_sizes(model)
     ledger = Ledger(world.rank)
     aggregator = Aggregator(world, model, ledger, cfg)  # fed.secure: key agreement here
-    round_start = RoundStart(aggregator.flat, keep_optimizer=not (
+    # A client's weights at the round's start: the regions it never gets back from the
+    # federator (its personal ones); all of them with DP (the update is clipped against
+    # them), secure aggregation (a left-out client's upload is encoded from them) or
+    # fed.on_nonfinite=skip (a left-out client is evaluated and trains on from them).
+    kept = REGIONS if (cfg.privacy.dp or cfg.fed.secure or cfg.fed.on_nonfinite == "skip") \
+        else personal_regions(method)
+    round_start = RoundStart({r: aggregator.flat[r] for r in kept}, keep_optimizer=not (
         cfg.fed.reset_optimizer or cfg.fed.freeze_unshared)) if trainer is not None else None
     metrics = JsonlWriter(run_dir / "metrics.jsonl") if world.is_federator else None
     evaluator = evaluator_factory(cfg, world, run_dir, device) if evaluator_factory else None

@@ -77,7 +77,10 @@ def personal_regions(method: str) -> tuple[str, ...]:
 
 def pack_upload(theta: torch.Tensor, n_k: float, out: torch.Tensor) -> torch.Tensor:
     """A client's FedAvg upload of one region, [n_k * theta_k, n_k], written into `out`
-    (theta.numel() + 1 values): summed over the reporters it holds numerator and weight."""
+    (theta.numel() + 1 values): summed over the reporters it holds numerator and weight.
+    n_k = 0 (a client left out of the round) uploads zeros, whatever theta holds."""
+    if n_k == 0:  # left out of the round: nothing of its weights (they may be NaN)
+        return out.zero_()
     torch.mul(theta, n_k, out=out[:-1])
     out[-1] = n_k
     return out

@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from fedmpi.methods import fedavg, make_plan, personal_regions, usplit_assignment
+from fedmpi.methods import average_into, fedavg, make_plan, pack_upload, personal_regions, usplit_assignment
 from fedmpi.regions import REGIONS
 
 ALL = frozenset(REGIONS)
@@ -177,3 +177,16 @@ def test_fedavg_errors():
         fedavg([], [])
     with pytest.raises(ValueError):
         fedavg(_rng_bufs(2, 3), [0, 0])
+
+
+def test_a_left_out_client_uploads_zeros_whatever_its_weights_hold():
+    """fed.on_nonfinite=skip: weight 0 and no trace of NaN / inf in the sum (a FULL client
+    no longer restores the regions it gets back before it uploads)."""
+    import torch
+    theta = torch.tensor([1.0, float("nan"), float("inf"), -2.0])
+    out = torch.full((5,), 7.0)
+    pack_upload(theta, 0.0, out)
+    assert torch.equal(out, torch.zeros(5))
+    good = pack_upload(torch.tensor([2.0, 4.0, 6.0, 8.0]), 3.0, torch.empty(5))
+    total, avg = good + out, torch.empty(4)
+    assert average_into(total, avg) and torch.equal(avg, torch.tensor([2.0, 4.0, 6.0, 8.0]))
