@@ -245,24 +245,28 @@ def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log
     change the federator's model before `writer.join()` (the round loop joins at the
     start of the next round). A failure is reported by the next call, or at the end."""
     d = checkpoint_dir(run_dir, round_index)
-    if world.is_federator:
-        name = "federator.pt"
-        obj = {"round": round_index, "clients": world.num_clients, "model": model.state_dict(),
-               "config": cfg.to_dict()}
-    else:
-        name = f"client_{world.client + 1:03d}.pt"
-        opt = trainer.optimizer.state_dict() if (trainer.optimizer is not None
-                                                 and not cfg.fed.reset_optimizer) else None
-        # Only what is this client's own: its personal regions (UDEC / ULATDEC). The
-        # shared regions equal the federator's after the exchange and are stored once,
-        # in federator.pt (FULL / USPLIT clients write no weights at all).
-        obj = {"round": round_index, "client": world.rank,
-               "model": own_entries(model.state_dict(), cfg.fed.method), "optimizer": opt}
-    # the global model's EMA (FULL, USPLIT) is the same on every rank: stored once, by the
-    # federator; a personal-model client's EMA of its local training is its own
-    if ema is not None and (world.is_federator or personal_regions(cfg.fed.method)):
-        obj["ema"] = ema.state_dict()
+    name = "federator.pt" if world.is_federator else f"client_{world.client + 1:03d}.pt"
+
+    def contents() -> dict:
+        if world.is_federator:
+            obj = {"round": round_index, "clients": world.num_clients,
+                   "model": model.state_dict(), "config": cfg.to_dict()}
+        else:
+            opt = trainer.optimizer.state_dict() if (trainer.optimizer is not None
+                                                     and not cfg.fed.reset_optimizer) else None
+            # Only what is this client's own: its personal regions (UDEC / ULATDEC). The
+            # shared regions equal the federator's after the exchange and are stored once,
+            # in federator.pt (FULL / USPLIT clients write no weights at all).
+            obj = {"round": round_index, "client": world.rank,
+                   "model": own_entries(model.state_dict(), cfg.fed.method), "optimizer": opt}
+        # the global model's EMA (FULL, USPLIT) is the same on every rank: stored once, by
+        # the federator; a personal-model client's EMA of its local training is its own
+        if ema is not None and (world.is_federator or personal_regions(cfg.fed.method)):
+            obj["ema"] = ema.state_dict()
+        return obj
+
     background = world.is_federator and writer is not None and writer.enabled and not final
+    obj = None if background else contents()  # background: built by the thread
     # the federator's whole model; a client's own entries (after an abandoned round its
     # shared regions hold that round's training, which is not written)
     finite_now = all_finite(model) if world.is_federator else \
@@ -292,7 +296,7 @@ def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log
 
         def finish():
             if background:
-                files[name] = atomic_save(obj, d / name)
+                files[name] = atomic_save(contents(), d / name)
             mark_complete(run_dir, round_index, cfg.checkpoint.keep, files)
         if background:
             writer.submit(finish)
@@ -495,9 +499,9 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
                 relay.finish(r, stats.get("steps", 0), per_round, stats.get("images", 0))
             # One small collective per round carries both the stop request and whether each
             # client's model is finite, before anything is reduced.
-            finite = trainer is None or all_finite(model)
+            model_ok = trainer is None or all_finite(model)
             display = _watch_round(world, relay, r, R, log)  # federator: live progress while waiting
-            flags = world.flags([int(preempt.requested), int(not finite), stats.get("steps", 0)],
+            flags = world.flags([int(preempt.requested), int(not model_ok), stats.get("steps", 0)],
                                 phase=f"round {r}: local training")
             _end_watch(world, relay, display)  # every progress message of the round delivered
             t_wait = time.perf_counter() - t_round  # local training incl. waiting for the slowest
