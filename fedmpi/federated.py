@@ -235,7 +235,7 @@ def _setup(cfg: Config, world, device) -> dict:
 
 def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log,
                 ema: Optional[EMA] = None, writer: Optional[BackgroundWriter] = None,
-                final: bool = True) -> None:
+                final: bool = True, on_complete=None) -> None:
     """Every rank writes its file; the federator marks the round COMPLETE (with each
     file's sha256) only when every rank wrote a finite model, then prunes older rounds.
     A write error on any rank stops every rank together with the OS message.
@@ -243,7 +243,8 @@ def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log
     With a background `writer` and `final=False`, the federator's own file and then the
     marker are written by the writer's thread after this returns; the caller must not
     change the federator's model before `writer.join()` (the round loop joins at the
-    start of the next round). A failure is reported by the next call, or at the end."""
+    start of the next round). A failure is reported by the next call, or at the end.
+    `on_complete`: called on the federator once the marker is written (the SIGTERM note)."""
     d = checkpoint_dir(run_dir, round_index)
     name = "federator.pt" if world.is_federator else f"client_{world.client + 1:03d}.pt"
 
@@ -298,6 +299,8 @@ def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log
             if background:
                 files[name] = atomic_save(contents(), d / name)
             mark_complete(run_dir, round_index, cfg.checkpoint.keep, files)
+            if on_complete is not None:
+                on_complete()
         if background:
             writer.submit(finish)
         else:
@@ -523,7 +526,9 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
                 who = ", ".join(f"client {rank}" for rank in nonfinite)
                 if cfg.fed.on_nonfinite == "abort":
                     if world.is_federator:
-                        writer.wait()  # the round before may still be being written
+                        failed = writer.wait()  # the round before may still be being written
+                        if failed:
+                            log(f"error: a background checkpoint write failed: {failed}")
                         kept = latest_complete(run_dir)
                         log(f"error: round {r}: the model of {who} is not finite (NaN / inf: "
                             f"diverged? lower train.lr). Stopped before aggregation; "
@@ -566,10 +571,9 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
 
             t0 = time.perf_counter()
             if (cfg.checkpoint.every and r % cfg.checkpoint.every == 0) or r == R:
+                note = f"the last complete checkpoint is round {r}; resume with --resume {run_dir}"
                 _checkpoint(cfg, world, run_dir, r, model, trainer, log, ema, writer,
-                            final=r == R)
-                preempt.note = (f"the last complete checkpoint is round {r}; resume with "
-                                f"--resume {run_dir}")
+                            final=r == R, on_complete=lambda note=note: setattr(preempt, "note", note))
             t_ckpt = time.perf_counter() - t0
 
             gathered = _gather_round(world, ledger, run_dir, r, dict(stats, client=world.rank, n=n_k))
@@ -688,7 +692,8 @@ def latest_complete_bcast(world, run_dir: Path, writer: Optional[BackgroundWrite
     if world.is_federator and writer is not None:
         error = writer.wait()
         if error:
-            log(f"warning: {error}; writing that checkpoint again")
+            log(f"warning: a background checkpoint write failed ({error}); the round to keep "
+                f"is written again if it was that one")
     return world.bcast_obj(latest_complete(run_dir) if world.is_federator else None)
 
 
