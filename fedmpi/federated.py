@@ -526,10 +526,7 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
                 who = ", ".join(f"client {rank}" for rank in nonfinite)
                 if cfg.fed.on_nonfinite == "abort":
                     if world.is_federator:
-                        failed = writer.wait()  # the round before may still be being written
-                        if failed:
-                            log(f"error: a background checkpoint write failed: {failed}")
-                        kept = latest_complete(run_dir)
+                        kept = settled_latest(run_dir, writer, log)
                         log(f"error: round {r}: the model of {who} is not finite (NaN / inf: "
                             f"diverged? lower train.lr). Stopped before aggregation; "
                             + (f"the last good checkpoint is round {kept} (--resume {run_dir})"
@@ -685,16 +682,19 @@ def _end_watch(world, relay: ProgressRelay, display: Optional[RoundProgress]) ->
         relay.end_round()
 
 
+def settled_latest(run_dir: Path, writer: Optional[BackgroundWriter] = None, log=print):
+    """The federator's newest complete checkpoint once any write in flight has finished
+    (a failed one is logged and leaves its round incomplete)."""
+    error = writer.wait() if writer is not None else None
+    if error:
+        log(f"warning: a background checkpoint write failed ({error})")
+    return latest_complete(run_dir)
+
+
 def latest_complete_bcast(world, run_dir: Path, writer: Optional[BackgroundWriter] = None,
                           log=print):
-    """The newest complete checkpoint, on every rank (after any write in flight; a failed
-    one leaves the round incomplete, so the caller writes it again)."""
-    if world.is_federator and writer is not None:
-        error = writer.wait()
-        if error:
-            log(f"warning: a background checkpoint write failed ({error}); the round to keep "
-                f"is written again if it was that one")
-    return world.bcast_obj(latest_complete(run_dir) if world.is_federator else None)
+    """`settled_latest` on every rank (the caller writes that round again if it failed)."""
+    return world.bcast_obj(settled_latest(run_dir, writer, log) if world.is_federator else None)
 
 
 def _gather_round(world, ledger: Ledger, run_dir: Path, round_index: int, stats=None):
