@@ -88,6 +88,10 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="cProfile the exchange calls on ranks 0 and 1 and print the top entries "
                         "(distorts the timings of that run)")
+    p.add_argument("--count-copies", action="store_true",
+                   help="CUDA: count host<->device copies of one exchange per method on every "
+                        "rank with torch.profiler (0 with NCCL or a CUDA-aware MPI; one each "
+                        "way per collective call with a host-only MPI)")
     p.add_argument("--sweep", default=None, metavar="W1,W2,...",
                    help="driver mode (run without mpirun): launch one job per world size and merge")
     p.add_argument("--launcher", "--mpirun", dest="launcher", default=C.DEFAULT_LAUNCHER,
@@ -424,6 +428,15 @@ def measure(args, overrides) -> int:
                     round_rows.append(dict(backend=world.backend.name.split(" (")[0], W=W, K=K,
                                            method=method, round=r,
                                            **{f"{k}_ms": 1e3 * C.median(v) for k, v in per.items()}))
+            if args.count_copies and device.type == "cuda":
+                copies = count_host_copies(world, lambda: agg.exchange(plan, n_k, r))
+                rows = world.comm.gather(copies, root=0)
+                if world.is_federator:
+                    print(f"\n# {method}, round {r}: host<->device copies in one exchange "
+                          f"(torch.profiler CUDA memcpy events; {world.backend.name}; "
+                          f"{len(frozenset().union(*plan.uploads))} region(s) uploaded)")
+                    print(C.markdown_table(["rank", "device->host", "host->device"],
+                                           [[i, c["DtoH"], c["HtoD"]] for i, c in enumerate(rows)]))
             # ---- bytes: this method's ledgers against the analytical rows
             got, want, ok = ledger_check(world, ledger, method, K, args.rounds, sizes, seed,
                                          FLOAT_BYTES)
@@ -485,6 +498,19 @@ def measure(args, overrides) -> int:
         sys.stderr.flush()
         world.abort(1)
         return 1
+
+
+def count_host_copies(world, fn) -> dict:
+    """Host<->device memcpy events (CUDA) while fn() runs on this rank (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    world.comm.Barrier()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    return {"DtoH": sum("Memcpy DtoH" in n for n in names),
+            "HtoD": sum("Memcpy HtoD" in n for n in names)}
 
 
 def _print_profile(world, profiler):

@@ -11,10 +11,16 @@ Sampling: DDIM-`--ddim-steps` images/s for `--samples` images in batches.
 
     python bench/speed.py --device cuda                      # H100: paper UNet, batch 128
     python bench/speed.py --device cpu --batch 16 --steps 5 --samples 32   # this laptop
+    python bench/speed.py --fedmpi-src /tmp/old --variants fp32   # an older checkout's code
+
+`--fedmpi-src DIR` imports fedmpi from DIR (e.g. `git worktree add /tmp/old a45e1b2`), so
+a baseline is measured by the same script in the same run (fp32 eager only where that
+code has no `set_speed`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -67,7 +73,13 @@ def main(argv=None) -> int:
                         "'compile' (train.compile) and 'cl' (train.channels_last)")
     p.add_argument("--channels-last", action="store_true", help="add 'cl' to every variant")
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--sample-batch", type=int, default=None,
+                   help="images per sampling call (default: the config's eval.batch_size)")
+    p.add_argument("--fedmpi-src", default=None,
+                   help="import fedmpi from this checkout instead (a baseline's code)")
     args = p.parse_args(argv)
+    if args.fedmpi_src:
+        sys.path.insert(0, str(Path(args.fedmpi_src).resolve()))
 
     from fedmpi.config import load_config
     from fedmpi.data import load_arrays
@@ -86,6 +98,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     flops = flops_per_image(build_unet(cfg.model, channels, size).to(device), diffusion, images,
                             min(args.batch, len(images)), device)
+    import fedmpi
+    print(f"# fedmpi from {Path(fedmpi.__file__).resolve().parent}", flush=True)
     print(f"# {args.config}: {flops / 1e9:.2f} GFLOP per training image (fwd + bwd), batch "
           f"{args.batch}", flush=True)
     rows = []
@@ -94,7 +108,11 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         model = build_unet(cfg.model, channels, size).to(device)
         t = LocalTrainer(model, diffusion, images, args.batch, cfg.train.lr, device)
-        t.set_speed(precision, "compile" in variant, args.channels_last or "cl" in variant.split("+"))
+        if hasattr(t, "set_speed"):
+            t.set_speed(precision, "compile" in variant,
+                        args.channels_last or "cl" in variant.split("+"))
+        elif variant != "fp32":
+            raise SystemExit(f"{fedmpi.__file__}: this fedmpi has fp32 eager only, not {variant}")
         t.new_optimizer()
         t.run(seed=1, steps=3)  # warm-up (and compilation)
         res = t.run(seed=2, steps=args.steps)
@@ -102,13 +120,20 @@ def main(argv=None) -> int:
         peak, why = peak_tflops(device, precision, args.peak_tflops)
         achieved = ips * flops / 1e12
         # sampling with the trained weights, same precision / compilation
-        net = t.net
+        net = getattr(t, "net", t.model)
         net.eval()
         gen = torch.Generator(device=device).manual_seed(0)
+        sample_batch = args.sample_batch or cfg.eval.batch_size
+        autocast = t.autocast() if hasattr(t, "autocast") else contextlib.nullcontext()
+        with torch.no_grad(), autocast:  # warm-up (and the sampling graph's compilation)
+            t0 = time.perf_counter()
+            diffusion.sample(net, (min(sample_batch, args.samples), channels, size, size),
+                             device, "ddim", 2, generator=gen)
+            warm_s = time.perf_counter() - t0
         n, done, t0 = args.samples, 0, time.perf_counter()
-        with torch.no_grad(), t.autocast():
+        with torch.no_grad(), autocast:
             while done < n:
-                b = min(250, n - done)
+                b = min(sample_batch, n - done)
                 diffusion.sample(net, (b, channels, size, size), device, "ddim", args.ddim_steps,
                                  generator=gen)
                 done += b
@@ -118,8 +143,8 @@ def main(argv=None) -> int:
         rows.append([variant, f"{ips:.0f}", f"{achieved:.2f}",
                      f"{achieved / peak:.1%}" if np.isfinite(peak) else "-", why,
                      f"{sample_ips:.1f}"])
-        print(f"{variant}: {ips:.0f} img/s train, {sample_ips:.1f} img/s DDIM-{args.ddim_steps}",
-              flush=True)
+        print(f"{variant}: {ips:.0f} img/s train, {sample_ips:.1f} img/s DDIM-{args.ddim_steps} "
+              f"(batch {sample_batch}; sampling warm-up {warm_s:.1f} s)", flush=True)
     print()
     print(C.markdown_table(["variant", "train img/s", "TFLOP/s", "of peak", "peak assumed",
                             f"DDIM-{args.ddim_steps} img/s"], rows))
