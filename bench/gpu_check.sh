@@ -8,15 +8,16 @@
 # 1. environment: GPU, torch, MPI, whether that MPI is CUDA-aware (fedmpi.comm's answer);
 # 2. one rank's training images/s and DDIM-100 sampling images/s (1,000 images) of the
 #    baseline (fp32 eager) and of this checkout (fp32, bf16, bf16 + compile, bf16 +
-#    channels_last + compile), with the fraction of the device's peak (bench/speed.py);
+#    channels_last + compile), with the fraction of the device's peak and the GPU's busy
+#    share of a few steps (bench/speed.py --profile);
 # 3. a real round of the paper config with 6 ranks sharing the GPU (K = 5, E = 5,
-#    fed.backend mpi), baseline vs this checkout with the fastest compiled variant of 2.,
+#    fed.backend mpi), baseline vs this checkout with its fastest variant of 2.,
 #    from metrics.jsonl (round 1 includes compilation; round 2 is the steady state);
 # 4. host<->device copies of one aggregation per method, counted with torch.profiler
 #    (bench/comm.py --count-copies, 3 ranks on the GPU, fed.backend mpi);
 # 5. if time is left: the same 6-rank round under CUDA MPS (nvidia-cuda-mps-control).
 #
-# Each part has its own time limit (GPU_CHECK_BUDGET seconds in all, default 540) and
+# Each part has its own time limit (GPU_CHECK_BUDGET seconds in all, default 720) and
 # writes its log to OUT; OUT/summary.md collects the tables. PYTHON (python3) and
 # MPIRUN (mpirun) may be set; as root, Open MPI's run-as-root variables are set here.
 # GPU_CHECK_DRY=1 runs the same parts tiny on the CPU (a check of this script, no figures).
@@ -27,14 +28,13 @@ BASE=${2:-}
 PY=$(command -v "${PYTHON:-python3}") || { echo "no python: set PYTHON"; exit 2; }
 PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
 MPIRUN=${MPIRUN:-mpirun}
-BUDGET=${GPU_CHECK_BUDGET:-540}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+BUDGET=${GPU_CHECK_BUDGET:-720}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) && rm -f "$OUT"/*.log
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
 DEV=cuda SPEED_SIZE=(--batch 128 --steps 100 --samples 1000 --ddim-steps 100)
-ROUND_EXTRA="" VARIANTS=fp32,bf16,bf16+compile,bf16+cl+compile COMPILE=true
+ROUND_EXTRA="" VARIANTS=fp32,bf16,bf16+compile,bf16+cl+compile
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then  # compilation takes minutes on a small CPU
   DEV=cpu SPEED_SIZE=(--batch 8 --steps 2 --samples 4 --ddim-steps 2) VARIANTS=fp32,bf16
-  COMPILE=false
   ROUND_EXTRA="--data.train_subset=200 --fed.local_steps=2 --checkpoint.every=1"
 fi
 export OUT PY MPIRUN DEV ROUND_EXTRA
@@ -90,30 +90,32 @@ if [ -n "$BASE" ]; then
   part speed_base 120 "$PY" "${SPEED[@]}" --variants fp32 --fedmpi-src "$BASE" \
     --config "$BASE/configs/paper/fmnist_full.yaml"
 fi
-part speed 240 "$PY" "${SPEED[@]}" --variants "$VARIANTS"
-# the faster compiled variant of this checkout for the round (channels_last or not)
-CL=$("$PY" - "$OUT/speed.log" <<'EOF'
+part speed 360 "$PY" "${SPEED[@]}" --variants "$VARIANTS" --profile
+# this checkout's fastest variant of 2. (as train.* overrides) for the rounds
+BEST=$("$PY" - "$OUT/speed.log" <<'EOF'
 import re, sys
-best = {}
+speed = {}
 for line in open(sys.argv[1]):
-    m = re.match(r"(bf16\+(?:cl\+)?compile): (\d+) img/s", line)
+    m = re.match(r"([a-z0-9+]+): (\d+) img/s train", line)
     if m:
-        best[m.group(1)] = int(m.group(2))
-print("true" if best and max(best, key=best.get) == "bf16+cl+compile" else "false")
+        speed[m.group(1)] = int(m.group(2))
+v = max(speed, key=speed.get) if speed else "fp32"
+parts = v.split("+")
+print(f"--train.precision={parts[0]} --train.compile={str('compile' in parts).lower()} "
+      f"--train.channels_last={str('cl' in parts).lower()}")
 EOF
 )
+echo "rounds of this checkout with: $BEST"
 if [ "$MPI_OK" = 0 ]; then
   part copies 90 "${MPI[@]}" -n 3 "$PY" bench/comm.py --quick --count-copies --device "$DEV" \
     --rounds 1 --out-dir "$OUT"
   [ -n "$BASE" ] && part round_base 200 rounds base "$BASE" 1
-  part round_new 240 rounds new . 2 --train.precision=bf16 --train.compile=$COMPILE \
-    --train.channels_last="$CL"
+  part round_new 240 rounds new . 2 $BEST
   if command -v nvidia-cuda-mps-control >/dev/null && [ "$(left)" -gt 150 ]; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
     if nvidia-cuda-mps-control -d; then
-      part round_mps 200 rounds mps . 2 --train.precision=bf16 --train.compile=$COMPILE \
-        --train.channels_last="$CL"
+      part round_mps 200 rounds mps . 2 $BEST
       echo quit | nvidia-cuda-mps-control
     fi
   fi
@@ -125,7 +127,7 @@ fi
     [ -f "$OUT/$f.log" ] || continue
     echo; echo "## $f"; echo '```'
     if [ "$f" = env ]; then head -c 4000 "$OUT/$f.log"; else
-      grep -aE "^(\||# (fedmpi from|.*GFLOP|[a-z]+, round)|(fp32|bf16)[a-z+]*: |round [0-9]+: |fedmpi: )|Error" \
+      grep -aE "^(\||# (fedmpi from|.*GFLOP|[a-z]+, round|profile)|(fp32|bf16)[a-z+]*: |round [0-9]+: |fedmpi: )|Error" \
         "$OUT/$f.log" | grep -v "^| *--" | tail -n 40; fi
     echo '```'
   done

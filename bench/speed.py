@@ -60,6 +60,26 @@ def flops_per_image(model, diffusion, images, batch, device) -> float:
     return counter.get_total_flops() / batch
 
 
+def profile_steps(trainer, variant: str, steps: int = 3) -> None:
+    """Print the top CUDA kernels of `steps` training steps and the GPU's busy share."""
+    from torch.profiler import ProfilerActivity, profile
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        trainer.run(seed=3, steps=steps)
+    wall_us = 1e6 * (time.perf_counter() - t0)
+    from torch.autograd import DeviceType
+    # the device's own events (kernels, copies) only: an operator's device time repeats
+    # the kernels it launched
+    dev = [(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)), e)
+           for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    busy = sum(us for us, _ in dev)
+    print(f"# profile {variant}: GPU busy {busy / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall "
+          f"({busy / wall_us:.0%}) over {steps} steps; top kernels (ms, calls):")
+    for us, e in sorted(dev, key=lambda x: -x[0])[:12]:
+        print(f"#   {us / 1e3:8.2f} {e.count:6d}  {e.key[:110]}")
+    sys.stdout.flush()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench/speed.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/paper/fmnist_full.yaml")
@@ -70,9 +90,13 @@ def main(argv=None) -> int:
     p.add_argument("--ddim-steps", type=int, default=100)
     p.add_argument("--variants", default="fp32,fp32+cl,bf16,bf16+compile,bf16+cl+compile",
                    help="comma-separated; each joins with + a precision (fp32 | bf16 | fp16), "
-                        "'compile' (train.compile) and 'cl' (train.channels_last)")
+                        "'compile' (train.compile), 'cl' (train.channels_last) and 'tf32' "
+                        "(TF32 tensor cores for float32 matrix products)")
     p.add_argument("--channels-last", action="store_true", help="add 'cl' to every variant")
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="per variant: the top CUDA kernels of 3 training steps (torch.profiler) "
+                        "and the GPU's busy share of those steps")
     p.add_argument("--sample-batch", type=int, default=None,
                    help="images per sampling call (default: the config's eval.batch_size)")
     p.add_argument("--fedmpi-src", default=None,
@@ -113,9 +137,12 @@ def main(argv=None) -> int:
                         args.channels_last or "cl" in variant.split("+"))
         elif variant != "fp32":
             raise SystemExit(f"{fedmpi.__file__}: this fedmpi has fp32 eager only, not {variant}")
+        torch.backends.cuda.matmul.allow_tf32 = "tf32" in variant.split("+")
         t.new_optimizer()
         t.run(seed=1, steps=3)  # warm-up (and compilation)
         res = t.run(seed=2, steps=args.steps)
+        if args.profile and device.type == "cuda":
+            profile_steps(t, variant)
         ips = res["images_per_s"]
         peak, why = peak_tflops(device, precision, args.peak_tflops)
         achieved = ips * flops / 1e12

@@ -78,7 +78,9 @@ class MPIBackend:
     """Collectives of mpi4py on torch tensors. CPU tensors are passed as numpy views of
     their memory (no copy). CUDA tensors are passed as they are (through
     __cuda_array_interface__) when the MPI library is CUDA-aware; otherwise each call
-    makes exactly one device-to-host copy before and one host-to-device copy after."""
+    stages through host memory, copying only what travels: a sender's values device to
+    host before the call, a receiver's result host to device after it (a client's upload
+    and download: one copy each; nothing is read back that the call overwrites)."""
     name = "mpi"
 
     def __init__(self, world, device=None):
@@ -117,14 +119,16 @@ class MPIBackend:
             group.handle.Free()
         group.handle = None
 
-    def _buffer(self, t):
-        """(object MPI can read/write, host staging tensor or None)."""
+    def _buffer(self, t, sends: bool = True):
+        """(object MPI can read/write, host staging tensor or None); `sends`: the call
+        reads this rank's values (else the host buffer is only written by MPI)."""
         if t.device.type == "cpu":
             return t.numpy(), None
         if self.device_buffers:
             return t, None
         host = self.world.host_scratch(t.numel(), t.dtype)
-        host.copy_(t)
+        if sends:
+            host.copy_(t)
         return host.numpy(), host
 
     def reduce_sum(self, group: Group, t) -> None:
@@ -138,7 +142,7 @@ class MPIBackend:
             group.handle.Reduce(buf, None, op=self.MPI.SUM, root=0)
 
     def bcast(self, group: Group, t) -> None:
-        buf, host = self._buffer(t)
+        buf, host = self._buffer(t, sends=self.world.rank == 0)
         group.handle.Bcast(buf, root=0)
         if host is not None and self.world.rank != 0:
             t.copy_(host)
@@ -201,11 +205,13 @@ class TorchBackend:
     def release(self, group: Group) -> None:
         pass  # cached for later rounds
 
-    def _staged(self, t):
+    def _staged(self, t, sends: bool = True):
+        """(tensor the backend takes, host staging tensor or None); as MPIBackend._buffer."""
         if t.device == self.device or (t.device.type == "cpu" and self.device.type == "cpu"):
             return t, None
         host = self.world.host_scratch(t.numel(), t.dtype)
-        host.copy_(t)
+        if sends:
+            host.copy_(t)
         return host, host
 
     def reduce_sum(self, group: Group, t) -> None:
@@ -215,7 +221,7 @@ class TorchBackend:
             t.copy_(host)
 
     def bcast(self, group: Group, t) -> None:
-        buf, host = self._staged(t)
+        buf, host = self._staged(t, sends=self.world.rank == 0)
         self.dist.broadcast(buf, src=0, group=group.handle)
         if host is not None and self.world.rank != 0:
             t.copy_(host)

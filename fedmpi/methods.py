@@ -82,7 +82,7 @@ def pack_upload(theta: torch.Tensor, n_k: float, out: torch.Tensor) -> torch.Ten
     if n_k == 0:  # left out of the round: nothing of its weights (they may be NaN)
         return out.zero_()
     torch.mul(theta, n_k, out=out[:-1])
-    out[-1] = n_k
+    out[-1:].fill_(n_k)  # a fill, not a host-to-device copy of a scalar, on a GPU
     return out
 
 
