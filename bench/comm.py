@@ -90,8 +90,8 @@ def parse_args(argv=None):
                         "(distorts the timings of that run)")
     p.add_argument("--count-copies", action="store_true",
                    help="CUDA: count host<->device copies of one exchange per method on every "
-                        "rank with torch.profiler (0 with NCCL or a CUDA-aware MPI; one each "
-                        "way per collective call with a host-only MPI)")
+                        "rank with torch.profiler (0 with NCCL or a CUDA-aware MPI; with a "
+                        "host-only MPI, a sender's values to the host and a receiver's back)")
     p.add_argument("--sweep", default=None, metavar="W1,W2,...",
                    help="driver mode (run without mpirun): launch one job per world size and merge")
     p.add_argument("--launcher", "--mpirun", dest="launcher", default=C.DEFAULT_LAUNCHER,

@@ -37,9 +37,9 @@ if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then  # compilation takes minutes on a small C
   DEV=cpu SPEED_SIZE=(--batch 8 --steps 2 --samples 4 --ddim-steps 2) VARIANTS=fp32,bf16
   ROUND_EXTRA="--data.train_subset=200 --fed.local_steps=2 --checkpoint.every=1"
 fi
-export OUT PY MPIRUN DEV ROUND_EXTRA
+MPI_FLAGS="--oversubscribe --bind-to none"  # more ranks than cores is fine for a check
+export OUT PY MPIRUN MPI_FLAGS DEV ROUND_EXTRA
 START=$(date +%s)
-MPI=("$MPIRUN" --oversubscribe --bind-to none)
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 # part NAME LIMIT CMD...: run CMD with at most LIMIT seconds (less if the budget is short)
@@ -60,13 +60,13 @@ env_probe() {
   "$PY" -c 'import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())'
   "$MPIRUN" --version | head -1
   "$PY" -c 'from fedmpi.comm import cuda_aware_mpi; print("fedmpi cuda_aware_mpi:", cuda_aware_mpi())'
-  "$MPIRUN" --oversubscribe --bind-to none -n 2 "$PY" -c \
+  "$MPIRUN" $MPI_FLAGS -n 2 "$PY" -c \
     'from mpi4py import MPI; print(MPI.COMM_WORLD.rank, MPI.Get_library_version().splitlines()[0])'
 }
 rounds() {  # rounds NAME SRC_DIR NROUNDS [overrides...]: a 6-rank job, its metrics
   local name=$1 src=$2 n=$3; shift 3
   rm -rf "$OUT/run_$name"
-  (cd "$src" && "$MPIRUN" --oversubscribe --bind-to none -n 6 "$PY" -m fedmpi.train \
+  (cd "$src" && "$MPIRUN" $MPI_FLAGS -n 6 "$PY" -m fedmpi.train \
      --config configs/paper/fmnist_full.yaml --fed.local_epochs=5 --fed.rounds="$n" \
      --eval.extractor=none --eval.grid=0 --run.device="$DEV" --run-dir "$OUT/run_$name" \
      $ROUND_EXTRA "$@") \
@@ -107,7 +107,7 @@ EOF
 )
 echo "rounds of this checkout with: $BEST"
 if [ "$MPI_OK" = 0 ]; then
-  part copies 90 "${MPI[@]}" -n 3 "$PY" bench/comm.py --quick --count-copies --device "$DEV" \
+  part copies 90 "$MPIRUN" $MPI_FLAGS -n 3 "$PY" bench/comm.py --quick --count-copies --device "$DEV" \
     --rounds 1 --out-dir "$OUT"
   [ -n "$BASE" ] && part round_base 200 rounds base "$BASE" 1
   part round_new 240 rounds new . 2 $BEST

@@ -62,12 +62,12 @@ def flops_per_image(model, diffusion, images, batch, device) -> float:
 
 def profile_steps(trainer, variant: str, steps: int = 3) -> None:
     """Print the top CUDA kernels of `steps` training steps and the GPU's busy share."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         trainer.run(seed=3, steps=steps)
     wall_us = 1e6 * (time.perf_counter() - t0)
-    from torch.autograd import DeviceType
     # the device's own events (kernels, copies) only: an operator's device time repeats
     # the kernels it launched
     dev = [(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)), e)
