@@ -11,7 +11,8 @@ parameters) and reports per round
   run writes to comm.csv), checked against `fedmpi.ledger.analytical_rows` for every
   method: `bytes check: PASS|FAIL`;
 - agg ms: wall time of the whole `exchange` call (what a run logs as agg_s: sub-
-  communicator look-up, pack_upload / average_into, Reduce + Bcast, ledger);
+  communicator look-up, pack_upload, Reduce + Bcast, the federator's finiteness check,
+  ledger);
 - floor ms: in the same run, on communicators created the same way for the same member
   sets (`World.group`), the bare backend collectives on preallocated buffers of exactly
   the same sizes (Reduce of P+1 floats to the federator, Bcast of P floats, per region),
@@ -198,15 +199,15 @@ def floor_once(world, plan, raw) -> tuple[float, float]:
     return t_coll, t_create + t_release
 
 
-def host_once(world, plan, agg, n_k) -> float:
+def host_once(world, plan, agg, sizes) -> float:
     """The local (non-communication) steps of `Aggregator.exchange` on this rank for this
-    plan, on the aggregator's own buffers: the clients' `pack_upload` (n_k * theta into
-    the send buffer), the federator's `average_into` (into a scratch copy of its weights,
-    so the model is left alone). The reduced buffer is the federator's upload buffer as it
-    is (values do not matter for timing). Seconds."""
+    plan: the clients' `pack_upload` (w_k * theta; into the aggregator's scratch buffer
+    here, so the model is left alone, where the job packs in place: the same one pass),
+    the federator's finiteness check of the average. `sizes`: every client's n_k.
+    Seconds."""
     import torch
-    from fedmpi.methods import average_into, pack_upload
-    from fedmpi.regions import REGIONS
+    from fedmpi.methods import fedavg_weights, pack_upload
+    from fedmpi.regions import REGIONS, finite
     me, fed = world.client, world.is_federator
     world.comm.Barrier()
     t0 = time.perf_counter()
@@ -215,12 +216,12 @@ def host_once(world, plan, agg, n_k) -> float:
             ups = plan.uploaders(region)
             if not ups or not (fed or me in ups):
                 continue
-            buf, theta = agg.upload_buffer(region), agg.flat[region]
+            theta = agg.flat[region]
             if fed:
-                buf[-1] = 1.0  # a positive total weight, as after a Reduce
-                average_into(buf, _scratch_like(theta))
+                finite(theta)
             else:
-                pack_upload(theta, n_k, buf)
+                w = fedavg_weights([sizes[k] for k in ups])[ups.index(me)]
+                pack_upload(theta, w, agg.upload_buffer(region))
     return time.perf_counter() - t0
 
 
@@ -332,6 +333,7 @@ def measure(args, overrides) -> int:
             n_k = float(len(images))
         if world.is_federator:
             n_k = 0.0
+        sizes_all = world.allgather(n_k)[1:]  # every client's n_k, as the round's flags carry it
         world.start_backend(device)
         # The aggregation a run uses; with --secure a second one on the same weights, whose
         # construction runs the key agreement (a collective, timed once).
@@ -396,11 +398,11 @@ def measure(args, overrides) -> int:
                     agg.ledger = ledger if rep == 0 else Ledger(world.rank)
                     timings: dict = {}
                     stimings: dict = {}  # the secure exchange's region loop (after masking)
-                    runs = [("agg", lambda: agg.exchange(plan, n_k, r, timings=timings)),
+                    runs = [("agg", lambda: agg.exchange(plan, sizes_all, r, timings=timings)),
                             ("floor", lambda: floor_once(world, plan, raw))]
                     if refused is None:
                         sagg.ledger = sledger if rep == 0 else Ledger(world.rank)
-                        runs.append(("secure", lambda: sagg.exchange(plan, n_k, r, timings=stimings)))
+                        runs.append(("secure", lambda: sagg.exchange(plan, sizes_all, r, timings=stimings)))
                     t = dict.fromkeys(keys, float("nan"))
                     for name, fn in (runs if rep % 2 == 0 else runs[::-1]):  # alternate order
                         dt, out = timed(fn)
@@ -411,7 +413,7 @@ def measure(args, overrides) -> int:
                     t["inner"] = sum(timings.values())
                     if refused is None:
                         t["secure_inner"] = sum(stimings.values())
-                    t["host"] = host_once(world, plan, agg, n_k)
+                    t["host"] = host_once(world, plan, agg, sizes_all)
                     if refused is None:
                         t["secure_host"] = t["secure_host_sum"] = \
                             secure_host_once(world, plan, sagg, n_k, r)
@@ -429,7 +431,7 @@ def measure(args, overrides) -> int:
                                            method=method, round=r,
                                            **{f"{k}_ms": 1e3 * C.median(v) for k, v in per.items()}))
             if args.count_copies and device.type == "cuda":
-                copies = count_host_copies(world, lambda: agg.exchange(plan, n_k, r))
+                copies = count_host_copies(world, lambda: agg.exchange(plan, sizes_all, r))
                 rows = world.comm.gather(copies, root=0)
                 if world.is_federator:
                     print(f"\n# {method}, round {r}: host<->device copies in one exchange "
@@ -558,9 +560,9 @@ def verdict(rows: list[dict]) -> str:
             f"  worst: {r['method']} W={r['W']}: agg {float(r['agg_ms']):.1f} ms = floor "
             f"{float(r['floor_ms']):.1f} + {gap:.1f} ms, of which communicator setup "
             f"{float(r['setup_ms']):.1f} ms; the local steps alone (clients' pack_upload, "
-            f"the federator's average_into; slowest rank) take {float(r['host_ms']):.1f} ms "
+            f"the federator's finiteness check; slowest rank) take {float(r['host_ms']):.1f} ms "
             f"and they run serially around each collective (client pack -> Reduce -> "
-            f"federator average -> Bcast)")
+            f"federator check -> Bcast)")
     return "\n".join(lines)
 
 

@@ -1,12 +1,19 @@
 """Aggregation: the initial broadcast and the per-region FedAvg exchange of each round.
 
 Every rank holds its model's regions as one flat tensor each (`regions.bind_flat`), on
-its training device. For each region shared in a round (the plan, identical on every
-rank, says who reports and who receives it):
+its training device, followed by one spare value (the region's send buffer). Every
+rank knows every client's size n_k before the exchange (the round's flag collective
+carries it), so the weights w_k = n_k / sum n over a region's reporters are known
+everywhere (`methods.fedavg_weights`). For each region shared in a round (the plan,
+identical on every rank, says who reports and who receives it):
 
-    reporters:  pack_upload(theta_k, n_k) -> [n_k * theta_k, n_k]   (methods.py, pure)
-    Reduce(SUM) of that buffer to the federator over the subgroup of the reporters
-    federator:  average_into(sum) -> theta = sum n_k theta_k / sum n_k  (methods.py, pure)
+    reporters:  pack_upload(theta_k, w_k) -> [w_k * theta_k, w_k], in place over the
+                client's own weights (methods.py, pure; the plan returns every region
+                a client uploads to it in the same round)
+    Reduce(SUM) of those buffers over the subgroup of the reporters, straight into the
+                federator's send buffer: its weights become sum_k w_k theta_k, the
+                average (the federator adds zeros, or central DP's noise / m)
+    federator:  one finiteness check of the average (float32 overflow)
     Bcast of theta, in place into every receiver's weights, over the receivers' subgroup
 
 Communication works on torch tensors in place (`World.reduce_sum` / `World.bcast`):
@@ -39,8 +46,8 @@ import numpy as np
 import torch
 
 from .ledger import Ledger
-from .methods import average_into, make_plan, pack_upload
-from .regions import REGIONS, bind_flat, finite, region_tensor
+from .methods import fedavg_weights, make_plan, pack_upload
+from .regions import REGIONS, bind_flat, finite, region_send_buffer, region_tensor
 
 
 class NonFiniteAverage(RuntimeError):
@@ -113,8 +120,10 @@ class Aggregator:
         if not all(region_tensor(model, r, required=False) is not None for r in REGIONS):
             bind_flat(model)
         self.flat = {r: region_tensor(model, r) for r in REGIONS}
+        self.send = {r: region_send_buffer(model, r) for r in REGIONS}  # flat + 1 spare value
         self.sizes = {r: t.numel() for r, t in self.flat.items()}
         self._upload: dict[str, torch.Tensor] = {}
+        self._zeros: Optional[torch.Tensor] = None  # the federator's summand, allocated once
         self.secure = _SecureUploads(world, cfg.fed) if cfg is not None and cfg.fed.secure else None
         self.dp = cfg.privacy if cfg is not None and cfg.privacy.dp else None
         self._rng = None
@@ -128,12 +137,22 @@ class Aggregator:
         return 8 if self.secure is not None else 4
 
     def upload_buffer(self, region: str) -> torch.Tensor:
-        """[n + 1] values on the region's device, allocated once per run."""
+        """[n + 1] scratch values on the region's device, allocated once per run (the
+        federator's: central DP's noise summand, or a sum it must not keep)."""
         buf = self._upload.get(region)
         if buf is None:
             t = self.flat[region]
             buf = self._upload[region] = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
         return buf
+
+    def zeros(self, region: str) -> torch.Tensor:
+        """[n + 1] zeros: the federator's own summand in a plain Reduce (one buffer, the
+        largest region's size, shared by all regions)."""
+        n = self.sizes[region] + 1
+        if self._zeros is None:
+            t = self.flat[region]
+            self._zeros = torch.zeros(max(self.sizes.values()) + 1, dtype=t.dtype, device=t.device)
+        return self._zeros[:n]
 
     def initial_broadcast(self) -> None:
         """The federator's full model to every client (round 0 of the ledger)."""
@@ -146,21 +165,27 @@ class Aggregator:
             self._record_down(0, region, t, range(world.num_clients))
         world.release(group)
 
-    def exchange(self, plan, n_k: float, round_index: int, timings: Optional[dict] = None,
+    def exchange(self, plan, sizes, round_index: int, timings: Optional[dict] = None,
                  start: Optional[dict] = None) -> dict:
         """Aggregate every region shared in this round (every rank calls this).
 
-        `start`: with privacy.dp, a client's weights at the start of the round, per
-        region (federated.RoundStart.weights). Returns this rank's DP statistics (a
-        client's update norm before and after clipping), else {}."""
+        `sizes`: every client's FedAvg size n_k (K values, client 0 first), the same on
+        every rank; 0 leaves a client out of this round's averages. `start`: with
+        privacy.dp, a client's weights at the start of the round, per region
+        (federated.RoundStart.weights). Returns this rank's DP statistics (a client's
+        update norm before and after clipping), else {}."""
         world = self.world
         stats = {}
+        sizes = [float(n) for n in sizes]
+        if len(sizes) != world.num_clients:
+            raise ValueError(f"exchange needs {world.num_clients} client sizes, got {len(sizes)}")
         if self.dp is not None:
-            n_k = 1.0 if n_k > 0 else 0.0  # uniform weights; 0 keeps a skipped client out
+            sizes = [1.0 if n > 0 else 0.0 for n in sizes]  # uniform; 0 keeps a skipped client out
             if not world.is_federator:
                 stats = self._privatize(plan, start)
         if self.secure is not None:
-            self._mask_uploads(plan, n_k, round_index)
+            self._mask_uploads(plan, 0.0 if world.is_federator else sizes[world.client],
+                               round_index)
         for region in REGIONS:
             ups, downs = plan.uploaders(region), plan.receivers(region)
             up_group = world.group(ups) if ups else None
@@ -174,7 +199,7 @@ class Aggregator:
                     if self.secure is not None:
                         self._reduce_secure(up_group, ups, region, theta, round_index)
                     else:
-                        self._reduce_plain(up_group, ups, region, theta, n_k, round_index)
+                        self._reduce_plain(up_group, ups, region, sizes, round_index)
                 if down_group is not None and down_group.is_member:
                     world.bcast(down_group, theta)
                     self._record_down(round_index, region, theta, downs)
@@ -184,27 +209,27 @@ class Aggregator:
                 world.release(g)
         return stats
 
-    def _reduce_plain(self, group, ups, region: str, theta: torch.Tensor, n_k: float,
-                      round_index: int) -> None:
-        world = self.world
-        buf = self.upload_buffer(region)
-        if world.is_federator:
-            buf.zero_()  # the root's own contribution to the sum
-            if self.dp is not None and self.dp.mode == "central":
-                self._central_noise(buf[:-1])
-        else:
-            pack_upload(theta, n_k, buf)
-            self.ledger.record(round_index, world.client, region, "up",
-                               theta.numel(), buf.numel() * buf.element_size())
-        world.reduce_sum(group, buf)
-        if world.is_federator:
-            for _ in ups:
-                self.ledger.record(round_index, -1, region, "up", theta.numel(),
-                                   buf.numel() * buf.element_size())
-            if average_into(buf, theta) and not finite(theta):
-                raise NonFiniteAverage(
-                    f"round {round_index}: the average of region '{region}' is not "
-                    f"finite although every upload was (float32 overflow)")
+    def _reduce_plain(self, group, ups, region: str, sizes: list, round_index: int) -> None:
+        world, theta, send = self.world, self.flat[region], self.send[region]
+        weights = fedavg_weights([sizes[k] for k in ups])
+        nbytes = send.numel() * send.element_size()
+        if not world.is_federator:
+            pack_upload(theta, weights[ups.index(world.client)], send)  # in place
+            self.ledger.record(round_index, world.client, region, "up", theta.numel(), nbytes)
+            world.reduce_sum(group, send)
+            return
+        averaged = sum(weights) > 0  # else every reporter was left out: theta is kept
+        summand = self.zeros(region)
+        if averaged and self.dp is not None and self.dp.mode == "central":
+            summand = self.upload_buffer(region).zero_()
+            self._central_noise(summand[:-1], reporters=sum(sizes[k] for k in ups))
+        world.reduce_sum(group, send if averaged else self.upload_buffer(region), root_send=summand)
+        for _ in ups:
+            self.ledger.record(round_index, -1, region, "up", theta.numel(), nbytes)
+        if averaged and not finite(theta):
+            raise NonFiniteAverage(
+                f"round {round_index}: the average of region '{region}' is not "
+                f"finite although every upload was (float32 overflow)")
 
     def _mask_uploads(self, plan, n_k: float, round_index: int) -> None:
         """Secure: every client encodes and masks all the regions it uploads this round,
@@ -261,10 +286,11 @@ class Aggregator:
             _write_back(self.flat[r], host)
         return {"dp_update_norm": norm, "dp_clipped_norm": clipped}
 
-    def _central_noise(self, t: torch.Tensor) -> None:
-        """Central DP: N(0, (z C)^2) per coordinate into the federator's contribution."""
+    def _central_noise(self, t: torch.Tensor, reporters: float) -> None:
+        """Central DP: N(0, (z C)^2) per coordinate on the sum of the clipped uploads,
+        i.e. N(0, (z C / m)^2) on the average of m reporters: the federator's summand."""
         from .privacy import add_noise, noise_std
-        std = noise_std(self.dp.noise_multiplier, self.dp.clip, "central", 1)
+        std = noise_std(self.dp.noise_multiplier, self.dp.clip, "central", 1) / reporters
         host = _host(t)
         add_noise(host, std, self._rng)
         _write_back(t, host)

@@ -131,15 +131,22 @@ class MPIBackend:
             host.copy_(t)
         return host.numpy(), host
 
-    def reduce_sum(self, group: Group, t) -> None:
-        """Sum of `t` over the group into the root's `t` (the root's own `t` is added)."""
-        buf, host = self._buffer(t)
-        if self.world.rank == 0:
-            group.handle.Reduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM, root=0)
-            if host is not None:
-                t.copy_(host)
-        else:
-            group.handle.Reduce(buf, None, op=self.MPI.SUM, root=0)
+    def reduce_sum(self, group: Group, t, root_send=None) -> None:
+        """Sum over the group into the root's `t`; the root adds `root_send`, or its own
+        `t` when None (see World.reduce_sum)."""
+        if self.world.rank != 0:
+            group.handle.Reduce(self._buffer(t)[0], None, op=self.MPI.SUM, root=0)
+            return
+        if root_send is not None and (t.device.type == "cpu" or self.device_buffers):
+            group.handle.Reduce(self._buffer(root_send)[0], self._buffer(t, sends=False)[0],
+                                op=self.MPI.SUM, root=0)
+            return
+        buf, host = self._buffer(t, sends=root_send is None)
+        if root_send is not None:
+            host.copy_(root_send)  # host staging: the root's summand travels once
+        group.handle.Reduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM, root=0)
+        if host is not None:
+            t.copy_(host)
 
     def bcast(self, group: Group, t) -> None:
         buf, host = self._buffer(t, sends=self.world.rank == 0)
@@ -214,7 +221,9 @@ class TorchBackend:
             host.copy_(t)
         return host, host
 
-    def reduce_sum(self, group: Group, t) -> None:
+    def reduce_sum(self, group: Group, t, root_send=None) -> None:
+        if root_send is not None and self.world.rank == 0:
+            t.copy_(root_send)  # torch.distributed reduces in place: the root's summand
         buf, host = self._staged(t)
         self.dist.reduce(buf, dst=0, op=self.dist.ReduceOp.SUM, group=group.handle)
         if host is not None and self.world.rank == 0:
@@ -296,10 +305,11 @@ class World:
     def release(self, group: Group) -> None:
         self.backend.release(group)
 
-    def reduce_sum(self, group: Group, t) -> None:
+    def reduce_sum(self, group: Group, t, root_send=None) -> None:
         """In place on torch tensors: the root's `t` becomes the sum over the group of
-        every member's `t` (the root's own included: zero it to sum the others)."""
-        self.backend.reduce_sum(group, t)
+        every member's `t`, where the root's own summand is `root_send` if given (e.g.
+        zeros: `t` is then only written, never read, on the mpi backend) and else its `t`."""
+        self.backend.reduce_sum(group, t, root_send)
 
     def bcast(self, group: Group, t) -> None:
         """In place on torch tensors: every member's `t` becomes the root's."""

@@ -6,9 +6,10 @@ Every rank runs `run_federated` and walks through the same sequence of collectiv
     for each round r = 1..R:
         plan = make_plan(method, r, K, seed)          # pure, identical on every rank
         clients: local training (E epochs or N steps) through `LocalTrainer`
-        preemption check (one allreduce): abandon the round consistently if signalled
-        aggregation: per region, Reduce n_k * theta_k to the federator over the
-                     subgroup of its reporters, Bcast the average to its receivers
+        flag collective (one allgather): stop request, finite model, steps and n_k of
+                     every rank; abandon the round consistently if signalled
+        aggregation: per region, Reduce (n_k / sum n) * theta_k to the federator over
+                     the subgroup of its reporters, Bcast the average to its receivers
         evaluation / checkpoint / one metrics row per round on the federator
 
 Personal regions (UDEC: encoder + bottleneck, ULATDEC: encoder) never leave their
@@ -259,7 +260,7 @@ def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log
             # shared regions equal the federator's after the exchange and are stored once,
             # in federator.pt (FULL / USPLIT clients write no weights at all).
             obj = {"round": round_index, "client": world.rank,
-                   "model": own_entries(model.state_dict(), cfg.fed.method), "optimizer": opt}
+                   "model": own_entries(model, cfg.fed.method), "optimizer": opt}
         # the global model's EMA (FULL, USPLIT) is the same on every rank: stored once, by
         # the federator; a personal-model client's EMA of its local training is its own
         if ema is not None and (world.is_federator or personal_regions(cfg.fed.method)):
@@ -312,11 +313,17 @@ RESUME_KEYS = ("fed.method", "data.dataset", "data.train_subset", "data.shards",
                "split.beta", "split.min_size", "split.classes_per_client", "split.rng")
 
 
-def own_entries(state: dict, method: str) -> dict:
-    """The state-dict entries a client does not share with the federator."""
+def own_entries(model: torch.nn.Module, method: str) -> dict:
+    """The state-dict entries a client does not share with the federator: those of its
+    personal regions' submodules (and of any child outside the regions), built from those
+    submodules alone (FULL / USPLIT: nothing, without walking the model; the UNet has
+    no parameters of its own outside its children)."""
     personal = set(personal_regions(method))
-    return {k: v for k, v in state.items()
-            if k.split(".", 1)[0] in personal or k.split(".", 1)[0] not in REGIONS}
+    out: dict = {}
+    for name, child in model.named_children():
+        if name in personal or name not in REGIONS:
+            child.state_dict(destination=out, prefix=f"{name}.")
+    return out
 
 
 def _resume_mismatch(cfg: Config, saved: dict, saved_clients: int, world_size: int,
@@ -500,12 +507,13 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
                 except _StopTraining:
                     stats = {}
                 relay.finish(r, stats.get("steps", 0), per_round, stats.get("images", 0))
-            # One small collective per round carries both the stop request and whether each
-            # client's model is finite, before anything is reduced.
+            # One small collective per round carries the stop request, whether each
+            # client's model is finite, its steps and its FedAvg size n_k (every rank then
+            # knows every weight of the averages), before anything is reduced.
             model_ok = trainer is None or all_finite(model)
             display = _watch_round(world, relay, r, R, log)  # federator: live progress while waiting
-            flags = world.flags([int(preempt.requested), int(not model_ok), stats.get("steps", 0)],
-                                phase=f"round {r}: local training")
+            flags = world.flags([int(preempt.requested), int(not model_ok), stats.get("steps", 0),
+                                 int(n_k)], phase=f"round {r}: local training")
             _end_watch(world, relay, display)  # every progress message of the round delivered
             t_wait = time.perf_counter() - t_round  # local training incl. waiting for the slowest
             if flags[:, 0].any():
@@ -521,7 +529,7 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
                 raise Preempted(r - 1)
 
             nonfinite = [rank for rank in range(1, world.size) if flags[rank, 1]]
-            weight = n_k
+            n_clients = [0 if rank in nonfinite else int(flags[rank, 3]) for rank in range(1, world.size)]
             if nonfinite:
                 who = ", ".join(f"client {rank}" for rank in nonfinite)
                 if cfg.fed.on_nonfinite == "abort":
@@ -536,9 +544,8 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
                 if world.is_federator:
                     log(f"warning: round {r}: {who} not finite: left out of this round's averages "
                         f"(fed.on_nonfinite=skip); their models restart from the round's start")
-                if world.rank in nonfinite:  # upload with weight 0, restart from round start
+                if world.rank in nonfinite:  # uploads with weight 0, restarts from round start
                     round_start.restore(trainer)
-                    weight = 0.0
 
             personal = bool(personal_regions(method))
             evaluate = evaluator is not None and ((cfg.eval.every and r % cfg.eval.every == 0) or r == R)
@@ -552,7 +559,7 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
             t0 = time.perf_counter()
             try:
                 stats.update(aggregator.exchange(
-                    plan, weight, r, start=round_start.weights if round_start else None))
+                    plan, n_clients, r, start=round_start.weights if round_start else None))
             except NonFiniteAverage as e:  # the federator alone: it must take the job down
                 raise NonFiniteError(f"{e}; no checkpoint written for this round",
                                      collective=False) from None

@@ -1,4 +1,4 @@
-"""FULL / USPLIT / UDEC / ULATDEC as pure plans, and FedAvg as a pure function.
+"""FULL / USPLIT / UDEC / ULATDEC as pure plans, and FedAvg as pure functions.
 
 A `Plan` says, for one round, which regions each client uploads and which it receives
 back. Plans depend only on (method, round, number of clients, run seed), so every rank
@@ -23,6 +23,14 @@ class Plan:
     round: int
     uploads: tuple[frozenset, ...]     # uploads[k]: regions client k reports
     downloads: tuple[frozenset, ...]   # downloads[k]: regions client k receives back
+
+    def __post_init__(self):
+        # A client packs its upload in place, over its own weights (Aggregator.exchange):
+        # every region it uploads must come back to it in the same round's broadcast.
+        for k, (up, down) in enumerate(zip(self.uploads, self.downloads)):
+            if not up <= down:
+                raise ValueError(f"plan of round {self.round}: client {k} uploads "
+                                 f"{sorted(up - down)} but does not receive it back")
 
     @property
     def num_clients(self) -> int:
@@ -75,31 +83,30 @@ def personal_regions(method: str) -> tuple[str, ...]:
     return tuple(r for r in REGIONS if r not in SHARED[method])
 
 
-def pack_upload(theta: torch.Tensor, n_k: float, out: torch.Tensor) -> torch.Tensor:
-    """A client's FedAvg upload of one region, [n_k * theta_k, n_k], written into `out`
-    (theta.numel() + 1 values): summed over the reporters it holds numerator and weight.
-    n_k = 0 (a client left out of the round) uploads zeros, whatever theta holds."""
-    if n_k == 0:  # left out of the round: nothing of its weights (they may be NaN)
+def fedavg_weights(sizes) -> list[float]:
+    """Each reporter's FedAvg weight w_k = n_k / sum n (computed in float64); all 0 when
+    the sizes sum to 0 (every reporter left out of the round)."""
+    total = float(sum(sizes))
+    return [float(n) / total if total > 0 else 0.0 for n in sizes]
+
+
+def pack_upload(theta: torch.Tensor, w: float, out: torch.Tensor) -> torch.Tensor:
+    """A client's FedAvg upload of one region, [w_k * theta_k, w_k] with w_k from
+    `fedavg_weights`, written into `out` (theta.numel() + 1 values; `out[:-1]` may be
+    `theta` itself: packed in place). Summed over the region's reporters it is
+    [sum_k w_k theta_k, 1]: the average itself, which the federator's Reduce writes
+    straight into its weights. w = 0 (a client left out of the round) uploads zeros,
+    whatever theta holds (it may be NaN)."""
+    if w == 0:
         return out.zero_()
-    torch.mul(theta, n_k, out=out[:-1])
-    out[-1:].fill_(n_k)  # a fill, not a host-to-device copy of a scalar, on a GPU
+    torch.mul(theta, w, out=out[:-1])
+    out[-1:].fill_(w)  # a fill, not a host-to-device copy of a scalar, on a GPU
     return out
-
-
-def average_into(total: torch.Tensor, out: torch.Tensor) -> bool:
-    """The federator's step: sum_k n_k theta_k / sum_k n_k from the summed uploads, into
-    `out`. Returns False (out untouched) when the reporters' weights sum to 0 (every
-    reporter left out of the round)."""
-    weight = float(total[-1])
-    if weight <= 0:
-        return False
-    torch.div(total[:-1], weight, out=out)
-    return True
 
 
 def fedavg(buffers: list[np.ndarray], sizes: list[float]) -> np.ndarray:
     """Size-weighted average sum_k n_k theta_k / sum_k n_k, accumulated in float64, by
-    the same `pack_upload` / `average_into` that the aggregation runs."""
+    the same `fedavg_weights` / `pack_upload` that the aggregation runs."""
     if not buffers:
         raise ValueError("nothing to average")
     if float(sum(sizes)) <= 0:
@@ -107,9 +114,7 @@ def fedavg(buffers: list[np.ndarray], sizes: list[float]) -> np.ndarray:
     n = buffers[0].size
     acc = torch.zeros(n + 1, dtype=torch.float64)
     one = torch.empty(n + 1, dtype=torch.float64)
-    for buf, n_k in zip(buffers, sizes):
+    for buf, w in zip(buffers, fedavg_weights(sizes)):
         acc += pack_upload(torch.from_numpy(np.asarray(buf, dtype=np.float64)).reshape(-1),
-                           float(n_k), one)
-    out = torch.empty(n, dtype=torch.float64)
-    average_into(acc, out)
-    return out.reshape(buffers[0].shape).float().numpy()
+                           w, one)
+    return acc[:-1].reshape(buffers[0].shape).float().numpy()

@@ -5,10 +5,12 @@ parameters are exactly those whose names start with ``"<region>."``. Aggregation
 one contiguous float32 buffer per region, laid out in `named_parameters()` order so
 every rank lays a region out identically.
 
-`bind_flat(model)` makes each region's parameters views of one contiguous tensor. On
-the CPU, `region_array` then returns that memory itself as a numpy array, so MPI
-reduces from and broadcasts straight into the model's weights with no copies; on a
-GPU (or an unbound model) it returns a host copy and `unflatten` writes it back.
+`bind_flat(model)` makes each region's parameters views of one contiguous tensor,
+followed by one spare value: the region's send buffer (`region_send_buffer`), so a
+FedAvg upload [w_k * theta_k, w_k] is packed in place and the federator's Reduce lands
+the average straight in its weights. On the CPU, `region_array` returns that memory
+itself as a numpy array; on a GPU (or an unbound model) it returns a host copy and
+`unflatten` writes it back.
 """
 from __future__ import annotations
 
@@ -82,16 +84,19 @@ def bind_flat(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Parameters stay the same `nn.Parameter` objects (optimizers and state dicts are
     unaffected); only their storage moves. Call after moving the model to its device.
+    Each region's storage holds one value more than its parameters (see
+    `region_send_buffer`).
     """
-    flats, firsts = {}, {}
+    flats, firsts, sends = {}, {}, {}
     with torch.no_grad():
         for region in REGIONS:
             params = region_params(model, region)
             if not params:
                 continue
             firsts[region] = params[0]
-            flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype,
-                               device=params[0].device)
+            n = sum(p.numel() for p in params)
+            sends[region] = torch.zeros(n + 1, dtype=params[0].dtype, device=params[0].device)
+            flat = sends[region][:n]
             offset = 0
             for p in params:
                 k = p.numel()
@@ -100,6 +105,7 @@ def bind_flat(model: nn.Module) -> dict[str, torch.Tensor]:
                 offset += k
             flats[region] = flat
     model._fedmpi_flat = flats
+    model._fedmpi_send = sends
     model._fedmpi_first = firsts  # the check of _bound_flat without walking the model
     return flats
 
@@ -152,6 +158,13 @@ def all_finite(model: nn.Module) -> bool:
         flat = _bound_flat(model, region)
         tensors += [flat] if flat is not None else region_params(model, region)
     return finite(*tensors)
+
+
+def region_send_buffer(model: nn.Module, region: str) -> torch.Tensor:
+    """The region's weights followed by one spare value, as one tensor of n + 1 values
+    (its first n are `region_tensor`'s memory): a FedAvg upload packed in place."""
+    region_tensor(model, region)  # raises if the region is not bound
+    return model._fedmpi_send[region]
 
 
 def region_tensor(model: nn.Module, region: str, required: bool = True):

@@ -4,7 +4,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from fedmpi.methods import average_into, fedavg, make_plan, pack_upload, personal_regions, usplit_assignment
+from fedmpi.methods import (METHODS, Plan, fedavg, fedavg_weights, make_plan, pack_upload,
+                            personal_regions, usplit_assignment)
 from fedmpi.regions import REGIONS
 
 ALL = frozenset(REGIONS)
@@ -187,6 +188,38 @@ def test_a_left_out_client_uploads_zeros_whatever_its_weights_hold():
     out = torch.full((5,), 7.0)
     pack_upload(theta, 0.0, out)
     assert torch.equal(out, torch.zeros(5))
-    good = pack_upload(torch.tensor([2.0, 4.0, 6.0, 8.0]), 3.0, torch.empty(5))
-    total, avg = good + out, torch.empty(4)
-    assert average_into(total, avg) and torch.equal(avg, torch.tensor([2.0, 4.0, 6.0, 8.0]))
+    w = fedavg_weights([3.0, 0.0])
+    assert w == [1.0, 0.0]
+    good = pack_upload(torch.tensor([2.0, 4.0, 6.0, 8.0]), w[0], torch.empty(5))
+    total = good + out  # the Reduce: [the average, sum of weights]
+    assert torch.equal(total, torch.tensor([2.0, 4.0, 6.0, 8.0, 1.0]))
+    assert fedavg_weights([0, 0]) == [0.0, 0.0]  # every reporter left out: nothing averaged
+
+
+def test_pack_upload_in_place_sums_to_the_average():
+    """The job packs [w_k theta_k, w_k] over the client's own weights (theta is the send
+    buffer's head, `regions.region_send_buffer`); the uploads' sum is the average."""
+    import torch
+    rng = np.random.default_rng(5)
+    sizes = [529, 14, 46087]
+    thetas = [rng.normal(size=50).astype(np.float32) for _ in sizes]
+    total = torch.zeros(51)
+    for theta, w in zip(thetas, fedavg_weights(sizes)):
+        send = torch.empty(51)
+        send[:-1] = torch.from_numpy(theta)
+        assert pack_upload(send[:-1], w, send) is send
+        np.testing.assert_allclose(send[:-1].numpy(), w * theta, rtol=1e-6)
+        total += send
+    np.testing.assert_allclose(total[:-1].numpy(), fedavg(thetas, sizes), rtol=1e-5, atol=1e-7)
+    assert abs(float(total[-1]) - 1.0) < 1e-6
+
+
+def test_every_plan_returns_what_a_client_uploads():
+    """In-place packing relies on it: a client's uploaded regions come back the same round."""
+    for method in METHODS:
+        for K in (1, 2, 3, 5):
+            for r in (1, 2, 7):
+                plan = make_plan(method, r, K, seed=3)
+                assert all(up <= down for up, down in zip(plan.uploads, plan.downloads))
+    with pytest.raises(ValueError, match="does not receive it back"):
+        Plan(1, (frozenset({"encoder"}),), (frozenset(),))

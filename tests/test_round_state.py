@@ -67,3 +67,34 @@ def test_round_start_before_the_first_step_forgets_later_state():
     for t in (a, ref):
         t.run(seed=9, steps=2)
     assert torch.equal(_weights(a), _weights(ref))
+
+
+def test_client_checkpoint_entries_are_its_personal_regions():
+    """own_entries builds a client's file from its personal submodules alone: the same
+    entries as filtering the whole state dict, the same tensors (no copies)."""
+    from fedmpi.federated import own_entries
+    from fedmpi.methods import METHODS, personal_regions
+    model = _trainer().model
+    full = model.state_dict()
+    for method in METHODS:
+        mine = own_entries(model, method)
+        want = {k for k in full if k.split(".", 1)[0] in personal_regions(method)}
+        assert set(mine) == want, method
+        assert all(mine[k].data_ptr() == full[k].data_ptr() for k in mine)
+    assert own_entries(model, "full") == {} and own_entries(model, "udec")
+
+
+def test_region_send_buffer_is_the_weights_plus_one_value():
+    """The in-place upload: packing the send buffer scales the model's own weights."""
+    from fedmpi.methods import pack_upload
+    from fedmpi.regions import REGIONS, region_send_buffer, region_tensor
+    model = _trainer().model
+    for region in REGIONS:
+        flat, send = region_tensor(model, region), region_send_buffer(model, region)
+        assert send.numel() == flat.numel() + 1 and send.data_ptr() == flat.data_ptr()
+        before = flat.clone()
+        with torch.no_grad():
+            pack_upload(flat, 0.25, send)
+        assert torch.equal(flat, before * 0.25) and float(send[-1]) == 0.25
+    first = next(model.encoder.parameters())
+    assert first.data_ptr() == region_tensor(model, "encoder").data_ptr()

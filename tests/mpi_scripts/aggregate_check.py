@@ -29,8 +29,8 @@ for m_index, method in enumerate(METHODS):
     fed_before = world.comm.bcast(before if world.is_federator else None, root=0)
     uploads = world.comm.gather((before, n_k), root=0)
     ledger = Ledger(world.rank)
-    Aggregator(world, model, ledger).exchange(plan, n_k, 3)
-    # the ledger holds exactly the bytes handed to the collectives: [n_k theta, n_k] up
+    Aggregator(world, model, ledger).exchange(plan, [10 + 7 * (k + 1) for k in range(K)], 3)
+    # the ledger holds exactly the bytes handed to the collectives: [w_k theta, w_k] up
     # (float32, + 1 value) and theta down, for the regions this rank takes part in
     mine = ledger.pop_round(3)
     expect = 0

@@ -73,17 +73,18 @@ for m_index, method in enumerate(METHODS):
         continue
     seed = 1000 * m_index + world.rank  # every rank a different model
     n_k = 0.0 if world.is_federator else float(10 + 7 * world.rank)
+    sizes = [float(10 + 7 * (k + 1)) for k in range(K)]  # every client's n_k, on every rank
     plain_model, secure_model = fresh_model(seed), fresh_model(seed)
     before = {r: flatten(plain_model, r) for r in REGIONS}
     uploads = world.comm.gather((before, n_k), root=0)
-    Aggregator(world, plain_model, Ledger(world.rank)).exchange(plan, n_k, ROUND)
+    Aggregator(world, plain_model, Ledger(world.rank)).exchange(plan, sizes, ROUND)
     ledger = Ledger(world.rank)
     agg = Aggregator(world, secure_model, ledger, secure_cfg)  # key agreement: collective
-    agg.exchange(plan, n_k, ROUND)
+    agg.exchange(plan, sizes, ROUND)
     if method == "full":  # a ring of 1 neighbour each side: other masks, the same integer sum
         ring_model = fresh_model(seed)
         Aggregator(world, ring_model, Ledger(world.rank),
-                   secure_cfg.replace({"fed.secure_neighbors": 1})).exchange(plan, n_k, ROUND)
+                   secure_cfg.replace({"fed.secure_neighbors": 1})).exchange(plan, sizes, ROUND)
         if not all(np.array_equal(flatten(ring_model, r), flatten(secure_model, r)) for r in REGIONS):
             fail(f"rank {world.rank}: secure_neighbors=1 gave another average than all pairs")
 
@@ -167,7 +168,7 @@ for mode, sec in (("central", False), ("distributed", True)):
             for r, t in agg.flat.items():
                 t.add_(torch.randn(t.shape, generator=torch.Generator().manual_seed(world.rank)))
     updates = {r: (agg.flat[r] - start[r]).numpy().astype(np.float64) for r in REGIONS}
-    dp = agg.exchange(plan, 123.0, 1, start=start)
+    dp = agg.exchange(plan, [123.0] * K, 1, start=start)
     reports = world.comm.gather((dp, updates), root=0)
     if world.is_federator:
         norms = [reports[k + 1][0] for k in range(K)]
