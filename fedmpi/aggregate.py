@@ -13,8 +13,9 @@ identical on every rank, says who reports and who receives it):
     Reduce(SUM) of those buffers over the subgroup of the reporters, straight into the
                 federator's send buffer: its weights become sum_k w_k theta_k, the
                 average (the federator adds zeros, or central DP's noise / m)
-    federator:  one finiteness check of the average (float32 overflow)
     Bcast of theta, in place into every receiver's weights, over the receivers' subgroup
+    federator:  one finiteness check of the average (float32 overflow), after the Bcast
+                (off the critical path; a failure stops the job before any checkpoint)
 
 Communication works on torch tensors in place (`World.reduce_sum` / `World.bcast`):
 on the CPU no copies at all; on GPUs with NCCL (or a CUDA-aware MPI) none either; with
@@ -194,22 +195,31 @@ class Aggregator:
                 down_group = up_group if downs == ups else world.group(downs)
             t0 = time.perf_counter()
             theta = self.flat[region]
+            averaged = False  # the federator reduced a plain average into theta
             with torch.no_grad():
                 if up_group is not None and up_group.is_member:
                     if self.secure is not None:
                         self._reduce_secure(up_group, ups, region, theta, round_index)
                     else:
-                        self._reduce_plain(up_group, ups, region, sizes, round_index)
+                        averaged = self._reduce_plain(up_group, ups, region, sizes, round_index)
                 if down_group is not None and down_group.is_member:
                     world.bcast(down_group, theta)
                     self._record_down(round_index, region, theta, downs)
+            # Checked after the broadcast, while the clients pack their next region: a
+            # non-finite average stops the job (the federator raises, no checkpoint marks it).
+            if averaged and not finite(theta):
+                raise NonFiniteAverage(
+                    f"round {round_index}: the average of region '{region}' is not "
+                    f"finite although every upload was (float32 overflow)")
             if timings is not None:
                 timings[region] = timings.get(region, 0.0) + time.perf_counter() - t0
             for g in {id(g): g for g in (up_group, down_group) if g is not None}.values():
                 world.release(g)
         return stats
 
-    def _reduce_plain(self, group, ups, region: str, sizes: list, round_index: int) -> None:
+    def _reduce_plain(self, group, ups, region: str, sizes: list, round_index: int) -> bool:
+        """A client's upload, or the federator's Reduce of the average into its weights;
+        True on the federator when it averaged (some reporter had weight > 0)."""
         world, theta, send = self.world, self.flat[region], self.send[region]
         weights = fedavg_weights([sizes[k] for k in ups])
         nbytes = send.numel() * send.element_size()
@@ -217,7 +227,7 @@ class Aggregator:
             pack_upload(theta, weights[ups.index(world.client)], send)  # in place
             self.ledger.record(round_index, world.client, region, "up", theta.numel(), nbytes)
             world.reduce_sum(group, send)
-            return
+            return False
         averaged = sum(weights) > 0  # else every reporter was left out: theta is kept
         summand = self.zeros(region)
         if averaged and self.dp is not None and self.dp.mode == "central":
@@ -226,10 +236,7 @@ class Aggregator:
         world.reduce_sum(group, send if averaged else self.upload_buffer(region), root_send=summand)
         for _ in ups:
             self.ledger.record(round_index, -1, region, "up", theta.numel(), nbytes)
-        if averaged and not finite(theta):
-            raise NonFiniteAverage(
-                f"round {round_index}: the average of region '{region}' is not "
-                f"finite although every upload was (float32 overflow)")
+        return averaged
 
     def _mask_uploads(self, plan, n_k: float, round_index: int) -> None:
         """Secure: every client encodes and masks all the regions it uploads this round,
