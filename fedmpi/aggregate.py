@@ -14,8 +14,8 @@ identical on every rank, says who reports and who receives it):
                 federator's send buffer: its weights become sum_k w_k theta_k, the
                 average (the federator adds zeros, or central DP's noise / m)
     Bcast of theta, in place into every receiver's weights, over the receivers' subgroup
-    federator:  one finiteness check of the average (float32 overflow), after the Bcast
-                (off the critical path; a failure stops the job before any checkpoint)
+    federator:  one finiteness check of the averages (float32 overflow), after the
+                broadcasts (one host sync; a failure stops the job before any checkpoint)
 
 Communication works on torch tensors in place (`World.reduce_sum` / `World.bcast`):
 on the CPU no copies at all; on GPUs with NCCL (or a CUDA-aware MPI) none either; with
@@ -187,6 +187,7 @@ class Aggregator:
         if self.secure is not None:
             self._mask_uploads(plan, 0.0 if world.is_federator else sizes[world.client],
                                round_index)
+        averaged = []  # regions whose plain average the federator reduced into its weights
         for region in REGIONS:
             ups, downs = plan.uploaders(region), plan.receivers(region)
             up_group = world.group(ups) if ups else None
@@ -195,26 +196,26 @@ class Aggregator:
                 down_group = up_group if downs == ups else world.group(downs)
             t0 = time.perf_counter()
             theta = self.flat[region]
-            averaged = False  # the federator reduced a plain average into theta
             with torch.no_grad():
                 if up_group is not None and up_group.is_member:
                     if self.secure is not None:
                         self._reduce_secure(up_group, ups, region, theta, round_index)
-                    else:
-                        averaged = self._reduce_plain(up_group, ups, region, sizes, round_index)
+                    elif self._reduce_plain(up_group, ups, region, sizes, round_index):
+                        averaged.append(region)
                 if down_group is not None and down_group.is_member:
                     world.bcast(down_group, theta)
                     self._record_down(round_index, region, theta, downs)
-            # Checked after the broadcast, while the clients pack their next region: a
-            # non-finite average stops the job (the federator raises, no checkpoint marks it).
-            if averaged and not finite(theta):
-                raise NonFiniteAverage(
-                    f"round {round_index}: the average of region '{region}' is not "
-                    f"finite although every upload was (float32 overflow)")
             if timings is not None:
                 timings[region] = timings.get(region, 0.0) + time.perf_counter() - t0
             for g in {id(g): g for g in (up_group, down_group) if g is not None}.values():
                 world.release(g)
+        # Checked once, after the broadcasts (one host sync on a GPU): a non-finite average
+        # stops the job (the federator raises; no checkpoint ever marks this round).
+        if averaged and not finite(*[self.flat[r] for r in averaged]):
+            bad = [r for r in averaged if not finite(self.flat[r])]
+            raise NonFiniteAverage(
+                f"round {round_index}: the average of region(s) {', '.join(bad)} is not "
+                f"finite although every upload was (float32 overflow)")
         return stats
 
     def _reduce_plain(self, group, ups, region: str, sizes: list, round_index: int) -> bool:

@@ -32,6 +32,7 @@ def test_aggregation_equals_numpy_fedavg(backend, world):
     assert res.returncode == 0, res.stdout + res.stderr
     for method in ("full", "usplit", "udec", "ulatdec"):
         assert f"AGGREGATE OK {method}" in res.stdout
+    assert "NONFINITE OK" in res.stdout  # the federator's check of the averages
 
 
 @pytest.mark.parametrize("world", [3, 4])

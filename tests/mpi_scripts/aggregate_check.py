@@ -61,4 +61,26 @@ for m_index, method in enumerate(METHODS):
                     print(f"MISMATCH {method} client {k} region {region}", flush=True)
                     world.abort(3)
         print(f"AGGREGATE OK {method}", flush=True)
+
+# A non-finite average (in a job: float32 overflow of finite uploads; here client 1 uploads
+# inf in its decoder) is broadcast, then found by the federator's one check, which names
+# the region; the clients are not held up by it.
+from fedmpi.aggregate import NonFiniteAverage  # noqa: E402
+model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
+agg = Aggregator(world, model, Ledger(world.rank))
+if world.rank == 1:
+    agg.flat["decoder"].fill_(float("inf"))
+try:
+    agg.exchange(make_plan("full", 1, K, seed=11), [1] * K, 1)
+    outcome = "no error"
+except NonFiniteAverage as e:
+    outcome = str(e)
+if world.is_federator:
+    if "region(s) decoder is not finite" not in outcome:
+        print(f"NONFINITE CHECK FAILED: {outcome}", flush=True)
+        world.abort(5)
+    print("NONFINITE OK", flush=True)
+elif outcome != "no error" or torch.isfinite(agg.flat["decoder"]).all():
+    print(f"NONFINITE CLIENT FAILED rank {world.rank}: {outcome}", flush=True)
+    world.abort(6)
 world.close()
