@@ -1,5 +1,5 @@
 """Training and sampling speed of one rank against the hardware limit: fp32 eager, bf16,
-bf16 + torch.compile (and channels_last), through the real `LocalTrainer` and
+bf16 + torch.compile (default or CUDA-graph mode, and channels_last), through the real `LocalTrainer` and
 `Diffusion.sample`. One prepared script for a GPU node (or the CPU, smaller).
 
 For each variant it reports images/s and the achieved FLOP/s as a fraction of the
@@ -90,8 +90,10 @@ def main(argv=None) -> int:
     p.add_argument("--ddim-steps", type=int, default=100)
     p.add_argument("--variants", default="fp32,fp32+cl,bf16,bf16+compile,bf16+cl+compile",
                    help="comma-separated; each joins with + a precision (fp32 | bf16 | fp16), "
-                        "'compile' (train.compile), 'cl' (train.channels_last) and 'tf32' "
-                        "(TF32 tensor cores for float32 matrix products)")
+                        "'compile' (train.compile), 'graphs' (train.compile with "
+                        "train.compile_mode: reduce-overhead, CUDA graphs), 'cl' "
+                        "(train.channels_last) and 'tf32' (TF32 tensor cores for float32 "
+                        "matrix products)")
     p.add_argument("--channels-last", action="store_true", help="add 'cl' to every variant")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--profile", action="store_true",
@@ -132,9 +134,11 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         model = build_unet(cfg.model, channels, size).to(device)
         t = LocalTrainer(model, diffusion, images, args.batch, cfg.train.lr, device)
-        if hasattr(t, "set_speed"):
-            t.set_speed(precision, "compile" in variant,
-                        args.channels_last or "cl" in variant.split("+"))
+        tokens = variant.split("+")
+        if "graphs" in tokens:  # torch.compile in CUDA-graph mode
+            t.set_speed(precision, True, args.channels_last or "cl" in tokens, "reduce-overhead")
+        elif hasattr(t, "set_speed"):
+            t.set_speed(precision, "compile" in tokens, args.channels_last or "cl" in tokens)
         elif variant != "fp32":
             raise SystemExit(f"{fedmpi.__file__}: this fedmpi has fp32 eager only, not {variant}")
         torch.backends.cuda.matmul.allow_tf32 = "tf32" in variant.split("+")

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .unet import cudagraph_step
+
 
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
     return np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
@@ -109,6 +111,7 @@ class Diffusion:
     def p_sample(self, model, xt, t_int: int, generator=None):
         """One ancestral step x_t -> x_{t-1} with the fixed-small posterior variance."""
         t = torch.full((xt.shape[0],), t_int, device=xt.device, dtype=torch.long)
+        cudagraph_step(model)
         eps = model(xt, t)
         # Ho et al.'s mean: 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps)
         coef = self.betas[t_int] / self.sqrt_one_minus_alphas_cumprod[t_int]
@@ -143,6 +146,7 @@ class Diffusion:
         pairs = list(zip(ts, list(ts[1:]) + [-1]))
         for t_int, t_prev in (progress(pairs) if progress else pairs):
             t = torch.full((shape[0],), int(t_int), device=device, dtype=torch.long)
+            cudagraph_step(model)
             eps = model(x, t)
             a_t = self.alphas_cumprod[t_int]
             a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else 1.0

@@ -30,6 +30,7 @@ from .data import DataError, dataset_info, load_arrays, load_test_data, to_float
 from .diffusion import Diffusion
 from .fid import FeatureStats, class_distribution, frechet_distance
 from .checkpoint import CheckpointError
+from .unet import compile_unet
 from .metrics import append_csv, save_grid, write_csv
 from .trainer import all_cpu_threads, autocast_for, derive_seed
 
@@ -112,7 +113,7 @@ class Evaluator:
         if not self.cfg.train.compile:
             return model
         if id(model) not in self._compiled:  # the model is kept so its id stays its own
-            self._compiled[id(model)] = (model, torch.compile(model))
+            self._compiled[id(model)] = (model, compile_unet(model, self.cfg.train.compile_mode))
         return self._compiled[id(model)][1]
 
     def _score_local(self, model, n: int, seed: int, keep: int):

@@ -228,7 +228,7 @@ def _setup(cfg: Config, world, device) -> dict:
             grad_clip=cfg.train.grad_clip)
         state["per_round"] = trainer.steps_for(cfg.fed.local_epochs, cfg.fed.local_steps)
         trainer.schedule = schedule_for(cfg.train, cfg.fed.rounds * state["per_round"])
-        trainer.set_speed(cfg.train.precision, cfg.train.compile, cfg.train.channels_last)
+        trainer.speed_from(cfg.train)
         trainer.new_optimizer()  # first Adam imports torch._dynamo: not in round 1
         state["n_k"] = float(len(images))
     return state

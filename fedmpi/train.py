@@ -48,7 +48,7 @@ def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     trainer = LocalTrainer(model, diffusion, images, cfg.train.batch_size, cfg.train.lr, device,
                            ema=ema, grad_clip=cfg.train.grad_clip)
-    trainer.set_speed(cfg.train.precision, cfg.train.compile, cfg.train.channels_last)
+    trainer.speed_from(cfg.train)
     trainer.new_optimizer()
     metrics = JsonlWriter(run_dir / "metrics.jsonl")
     evaluator = evaluator_factory(cfg, None, run_dir, device) if evaluator_factory else None

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .diffusion import Diffusion
+from .unet import compile_unet
 
 
 def derive_seed(*parts: int) -> int:
@@ -267,7 +268,7 @@ class LocalTrainer:
         return self.optimizer
 
     def set_speed(self, precision: str = "fp32", compile: bool = False,
-                  channels_last: bool = False) -> None:
+                  channels_last: bool = False, compile_mode: str = "default") -> None:
         """Mixed precision for the forward / backward pass (`bf16`, `fp16` with a gradient
         scaler), torch.compile of the UNet and channels-last activations. The weights, the
         optimizer state and every communicated region stay float32 in their own layout;
@@ -278,7 +279,13 @@ class LocalTrainer:
             self.model.channels_last = channels_last
         self.precision = precision
         self.scaler = (torch.amp.GradScaler(self.device.type) if precision == "fp16" else None)
-        self.net = torch.compile(self.model) if compile else self.model
+        self.net = compile_unet(self.model, compile_mode) if compile else self.model
+
+    def speed_from(self, train_cfg) -> None:
+        """`set_speed` from a config's train section (precision, compile, channels_last,
+        compile_mode)."""
+        self.set_speed(train_cfg.precision, train_cfg.compile, train_cfg.channels_last,
+                       train_cfg.compile_mode)
 
     def autocast(self):
         """The autocast context of this trainer's precision (a no-op for fp32)."""

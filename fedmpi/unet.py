@@ -14,6 +14,7 @@ input channel this gives exactly the paper's 1,280,642 / 999,376 / 716,297 param
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -219,3 +220,29 @@ def build_unet(model_cfg, channels: int, image_size: int) -> UNet:
         raise ValueError(f"image size {image_size} is not divisible by "
                          f"2^(len(model.dim_mults)-1) = {net.downsample_factor}")
     return net
+
+
+# The modules compile_unet returned in "reduce-overhead" mode (the compiled wrappers
+# themselves: an attribute set on a wrapper would land on the wrapped UNet).
+_CUDAGRAPH_MODULES: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def compile_unet(model: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+    """torch.compile of the UNet (train.compile, train.compile_mode), for training and
+    sampling alike. "reduce-overhead" replays each call's kernels as CUDA graphs: at batch
+    128 the paper UNet's step is mostly kernel launches on an H100 (bench/speed.py); on a
+    CPU it is the default mode. Samplers begin a new graph step before each call of such a
+    module (`cudagraph_step`)."""
+    if mode not in ("default", "reduce-overhead", "max-autotune"):
+        raise ValueError(f"unknown compile mode '{mode}' (default | reduce-overhead | max-autotune)")
+    net = torch.compile(model, mode=None if mode == "default" else mode)
+    if mode == "reduce-overhead":
+        _CUDAGRAPH_MODULES.add(net)
+    return net
+
+
+def cudagraph_step(model) -> None:
+    """Before each call of a sampling loop: a CUDA-graph compiled model may then overwrite
+    its previous output (the loop has consumed it) instead of keeping it alive."""
+    if model in _CUDAGRAPH_MODULES:
+        torch.compiler.cudagraph_mark_step_begin()

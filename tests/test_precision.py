@@ -122,3 +122,39 @@ def test_channels_last_activations_give_the_same_output():
     out = model(x, t)
     assert layouts == [False, True]  # NHWC activations only after set_speed(channels_last=True)
     assert torch.allclose(ref, out, atol=1e-5), (ref - out).abs().max()
+
+
+def test_cuda_graph_compile_mode_marks_the_model_for_samplers(monkeypatch):
+    """train.compile_mode: reduce-overhead compiles the UNet with CUDA graphs; the
+    samplers then begin a new graph step before each call (and only for such a model)."""
+    from fedmpi.config import ConfigError
+    from fedmpi.unet import _CUDAGRAPH_MODULES, compile_unet, cudagraph_step
+    model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
+    steps = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    graphs, plain = compile_unet(model, "reduce-overhead"), compile_unet(model)
+    for net in (graphs, plain, model):
+        cudagraph_step(net)
+    assert steps == [1]
+    d = Diffusion(timesteps=10)
+    d.sample_ddim(graphs_free := _Counting(model, steps), (1, 1, 28, 28), "cpu", steps=3)
+    assert steps == [1]  # an uncompiled model: no graph steps
+    _CUDAGRAPH_MODULES.add(graphs_free)  # as compile_unet marks its reduce-overhead wrappers
+    d.sample_ddim(graphs_free, (1, 1, 28, 28), "cpu", steps=3)
+    assert steps == [1, 1, 1, 1] and graphs_free.calls == 6  # one step before each call
+    with pytest.raises(ValueError, match="compile mode"):
+        compile_unet(model, "fast")
+    with pytest.raises(ConfigError, match="compile_mode"):
+        load_config("tests/configs/tiny.yaml", {"train.compile_mode": "fast"})
+
+
+class _Counting(torch.nn.Module):
+    """The model, counting its calls (the test marks it as a CUDA-graph module)."""
+
+    def __init__(self, model, steps):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        return self.model(x, t)
