@@ -126,9 +126,7 @@ class MPIBackend:
             return t.numpy(), None
         if self.device_buffers:
             return t, None
-        host = self.world.host_scratch(t.numel(), t.dtype)
-        if sends:
-            host.copy_(t)
+        host = self.world.staged(t, sends)
         return host.numpy(), host
 
     def reduce_sum(self, group: Group, t, root_send=None) -> None:
@@ -216,9 +214,7 @@ class TorchBackend:
         """(tensor the backend takes, host staging tensor or None); as MPIBackend._buffer."""
         if t.device == self.device or (t.device.type == "cpu" and self.device.type == "cpu"):
             return t, None
-        host = self.world.host_scratch(t.numel(), t.dtype)
-        if sends:
-            host.copy_(t)
+        host = self.world.staged(t, sends)
         return host, host
 
     def reduce_sum(self, group: Group, t, root_send=None) -> None:
@@ -367,15 +363,19 @@ class World:
     def allgather(self, obj):
         return self.comm.allgather(obj)
 
-    def host_scratch(self, n: int, dtype):
-        """A host (pinned where CUDA is up) torch buffer reused across calls, for staging."""
+    def staged(self, t, sends: bool):
+        """The host copy of device tensor `t` that a host-only transport hands to its
+        collective: a buffer reused across calls (pinned where CUDA is up), holding t's
+        values if `sends` (the call reads them), else left for the call to write."""
         import torch
-        key = ("host", n, dtype)
-        buf = self._scratch.get(key)
-        if buf is None:
+        key = ("host", t.numel(), t.dtype)
+        host = self._scratch.get(key)
+        if host is None:
             pin = torch.cuda.is_available() and torch.cuda.is_initialized()
-            buf = self._scratch[key] = torch.empty(n, dtype=dtype, pin_memory=pin)
-        return buf
+            host = self._scratch[key] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=pin)
+        if sends:
+            host.copy_(t)
+        return host
 
     def bcast_array(self, arr: np.ndarray) -> None:
         """Broadcast a numpy array from the federator over the whole world, in place."""

@@ -13,7 +13,7 @@ from fedmpi.comm import World
 from fedmpi.aggregate import Aggregator
 from fedmpi.ledger import Ledger
 from fedmpi.methods import METHODS, fedavg, make_plan
-from fedmpi.regions import REGIONS, bind_flat, flatten, region_sizes
+from fedmpi.regions import REGIONS, flatten, region_sizes
 from fedmpi.unet import UNet
 
 world = World(sys.argv[1])
