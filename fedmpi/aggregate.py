@@ -187,7 +187,7 @@ class Aggregator:
         if self.secure is not None:
             self._mask_uploads(plan, 0.0 if world.is_federator else sizes[world.client],
                                round_index)
-        averaged = []  # regions whose plain average the federator reduced into its weights
+        averaged, sums = [], []  # regions the federator averaged into its weights; their sums
         for region in REGIONS:
             ups, downs = plan.uploaders(region), plan.receivers(region)
             up_group = world.group(ups) if ups else None
@@ -205,13 +205,15 @@ class Aggregator:
                 if down_group is not None and down_group.is_member:
                     world.bcast(down_group, theta)
                     self._record_down(round_index, region, theta, downs)
+                if averaged and averaged[-1] == region:  # while the clients pack the next region
+                    sums.append(theta.sum(dtype=torch.float32))
             if timings is not None:
                 timings[region] = timings.get(region, 0.0) + time.perf_counter() - t0
             for g in {id(g): g for g in (up_group, down_group) if g is not None}.values():
                 world.release(g)
-        # Checked once, after the broadcasts (one host sync on a GPU): a non-finite average
+        # Decided once, after the broadcasts (one host sync on a GPU): a non-finite average
         # stops the job (the federator raises; no checkpoint ever marks this round).
-        if averaged and not finite(*[self.flat[r] for r in averaged]):
+        if averaged and not finite(*[self.flat[r] for r in averaged], sums=sums):
             bad = [r for r in averaged if not finite(self.flat[r])]
             raise NonFiniteAverage(
                 f"round {round_index}: the average of region(s) {', '.join(bad)} is not "

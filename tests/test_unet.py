@@ -256,6 +256,8 @@ def test_finite_matches_the_elementwise_test():
     for name, tensors in cases.items():
         expected = all(bool(torch.isfinite(t).all()) for t in tensors)
         assert finite(*tensors) == expected, name
+        # the sums taken earlier (the federator's, one per region as it is broadcast)
+        assert finite(*tensors, sums=[t.sum(dtype=torch.float32) for t in tensors]) == expected, name
     assert finite(big)  # its sum is inf: the element-wise fallback decided
     assert finite()  # nothing to check
     model = UNet(dim=8, dim_mults=(1, 2))
