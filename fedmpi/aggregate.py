@@ -196,16 +196,18 @@ class Aggregator:
                 down_group = up_group if downs == ups else world.group(downs)
             t0 = time.perf_counter()
             theta = self.flat[region]
+            plain_average = False  # the federator reduced this region's average into theta
             with torch.no_grad():
                 if up_group is not None and up_group.is_member:
                     if self.secure is not None:
                         self._reduce_secure(up_group, ups, region, theta, round_index)
-                    elif self._reduce_plain(up_group, ups, region, sizes, round_index):
-                        averaged.append(region)
+                    else:
+                        plain_average = self._reduce_plain(up_group, ups, region, sizes, round_index)
                 if down_group is not None and down_group.is_member:
                     world.bcast(down_group, theta)
                     self._record_down(round_index, region, theta, downs)
-                if averaged and averaged[-1] == region:  # while the clients pack the next region
+                if plain_average:  # summed while the clients pack the next region
+                    averaged.append(region)
                     sums.append(theta.sum(dtype=torch.float32))
             if timings is not None:
                 timings[region] = timings.get(region, 0.0) + time.perf_counter() - t0

@@ -95,7 +95,8 @@ def bind_flat(model: nn.Module) -> dict[str, torch.Tensor]:
                 continue
             firsts[region] = params[0]
             n = sum(p.numel() for p in params)
-            sends[region] = torch.zeros(n + 1, dtype=params[0].dtype, device=params[0].device)
+            sends[region] = torch.empty(n + 1, dtype=params[0].dtype, device=params[0].device)
+            sends[region][n:].zero_()  # the spare value; the weights are copied in below
             flat = sends[region][:n]
             offset = 0
             for p in params:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import CHOICES
+
 
 class SinusoidalTimeEmbedding(nn.Module):
     def __init__(self, dim: int):
@@ -233,8 +235,9 @@ def compile_unet(model: torch.nn.Module, mode: str = "default") -> torch.nn.Modu
     128 the paper UNet's step is mostly kernel launches on an H100 (bench/speed.py); on a
     CPU it is the default mode. Samplers begin a new graph step before each call of such a
     module (`cudagraph_step`)."""
-    if mode not in ("default", "reduce-overhead", "max-autotune"):
-        raise ValueError(f"unknown compile mode '{mode}' (default | reduce-overhead | max-autotune)")
+    modes = CHOICES["train.compile_mode"]
+    if mode not in modes:
+        raise ValueError(f"unknown compile mode '{mode}' ({' | '.join(modes)})")
     net = torch.compile(model, mode=None if mode == "default" else mode)
     if mode == "reduce-overhead":
         _CUDAGRAPH_MODULES.add(net)
