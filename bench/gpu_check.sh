@@ -7,14 +7,15 @@
 #
 # 1. environment: GPU, torch, MPI, whether that MPI is CUDA-aware (fedmpi.comm's answer);
 # 2. one rank's training images/s and DDIM-100 sampling images/s (1,000 images) of the
-#    baseline (fp32 eager) and of this checkout (fp32, bf16, bf16 + compile, and fp32 /
-#    bf16 with CUDA graphs: train.compile_mode reduce-overhead), with the fraction of the
-#    device's peak and the GPU's busy share of a few steps (bench/speed.py --profile);
+#    baseline (fp32 eager) and of this checkout (GPU_CHECK_VARIANTS, default bf16 and
+#    fp32 with CUDA graphs (train.compile_mode reduce-overhead), fp32 eager, bf16 +
+#    compile, in that order), with the fraction of the device's peak and the GPU's busy
+#    share of a few steps (bench/speed.py --profile);
 # 3. a real round of the paper config with 6 ranks sharing the GPU (K = 5, E = 5,
 #    fed.backend mpi), baseline vs this checkout with its fastest variant of 2.,
 #    from metrics.jsonl (round 1 includes compilation; round 2 is the steady state);
 # 4. host<->device copies of one aggregation per method, counted with torch.profiler
-#    (bench/comm.py --count-copies, 3 ranks on the GPU, fed.backend mpi);
+#    (bench/comm.py --count-copies, 3 ranks on the GPU, fed.backend mpi), after 3.;
 # 5. if time is left: the same 6-rank round under CUDA MPS (nvidia-cuda-mps-control).
 #
 # Each part has its own time limit (GPU_CHECK_BUDGET seconds in all, default 720) and
@@ -32,7 +33,7 @@ BUDGET=${GPU_CHECK_BUDGET:-720}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) && rm -f "$OUT"/*.log
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
 DEV=cuda SPEED_SIZE=(--batch 128 --steps 100 --samples 1000 --ddim-steps 100)
-ROUND_EXTRA="" VARIANTS=fp32,bf16+graphs,fp32+graphs,bf16+compile,bf16  # new first
+ROUND_EXTRA="" VARIANTS=${GPU_CHECK_VARIANTS:-bf16+graphs,fp32,fp32+graphs,bf16+compile}
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then  # compilation takes minutes on a small CPU
   DEV=cpu SPEED_SIZE=(--batch 8 --steps 2 --samples 4 --ddim-steps 2) VARIANTS=fp32,bf16
   ROUND_EXTRA="--data.train_subset=200 --fed.local_steps=2 --checkpoint.every=1"
@@ -90,7 +91,7 @@ if [ -n "$BASE" ]; then
   part speed_base 120 "$PY" "${SPEED[@]}" --variants fp32 --fedmpi-src "$BASE" \
     --config "$BASE/configs/paper/fmnist_full.yaml"
 fi
-part speed 360 "$PY" "${SPEED[@]}" --variants "$VARIANTS" --profile
+part speed 300 "$PY" "${SPEED[@]}" --variants "$VARIANTS" --profile
 # this checkout's fastest variant of 2. (as train.* overrides) for the rounds
 BEST=$("$PY" - "$OUT/speed.log" <<'EOF'
 import re, sys
@@ -109,13 +110,13 @@ EOF
 )
 echo "rounds of this checkout with: $BEST"
 if [ "$MPI_OK" = 0 ]; then
-  part copies 90 "$MPIRUN" $MPI_FLAGS -n 3 "$PY" bench/comm.py --quick --count-copies --device "$DEV" \
-    --rounds 1 --out-dir "$OUT"
-  [ -n "$BASE" ] && part round_base 200 rounds base "$BASE" 1
+  [ -n "$BASE" ] && part round_base 150 rounds base "$BASE" 1
   # a compiled variant's round failed in 2026-11 (CUDNN_STATUS_INTERNAL_ERROR, 5 ranks
   # compiling at once): then the same round eager, for the several-ranks figure
   part round_new 240 rounds new . 2 $BEST \
     || { [[ "$BEST" == *compile=true* ]] && part round_eager 200 rounds eager . 2; }
+  part copies 90 "$MPIRUN" $MPI_FLAGS -n 3 "$PY" bench/comm.py --quick --count-copies --device "$DEV" \
+    --rounds 1 --out-dir "$OUT"
   if command -v nvidia-cuda-mps-control >/dev/null && [ "$(left)" -gt 150 ]; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"

@@ -348,8 +348,11 @@ class LocalTrainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
             x0 = self.images[idx].float().div_(127.5).sub_(1.0)
+            # An epoch's last, smaller batch runs eager: compiling (and graph-capturing) a
+            # second batch shape costs minutes for one step per epoch.
+            net = self.net if len(idx) == self.batch_size else self.model
             with self.autocast():
-                loss = self.diffusion.loss(self.net, x0, generator=dev_gen)
+                loss = self.diffusion.loss(net, x0, generator=dev_gen)
             self.optimizer.zero_grad(set_to_none=True)
             scaler = self.scaler
             if scaler is not None:  # fp16: scale the loss so small gradients survive

@@ -57,6 +57,21 @@ def test_compiled_follows_the_eager_loss_curve(fp32_curve):
     assert ok, detail
 
 
+def test_compiled_net_sees_only_full_batches():
+    """An epoch's last, smaller batch goes through the eager model, so a compiled UNet
+    is compiled (and CUDA-graph captured) for one batch shape only."""
+    torch.manual_seed(0)
+    model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
+    images = np.random.default_rng(0).integers(0, 255, (10, 1, 8, 8), dtype=np.uint8)
+    t = LocalTrainer(model, Diffusion(timesteps=10), images, 4, 1e-3, torch.device("cpu"))
+    seen = {"net": [], "model": []}
+    t.net = lambda x, t_: seen["net"].append(len(x)) or model(x, t_)
+    model.register_forward_hook(lambda m, args, out: seen["model"].append(len(args[0])))
+    t.run(seed=0, epochs=2)
+    assert seen["net"] == [4, 4, 4, 4]
+    assert seen["model"] == [4, 4, 2, 4, 4, 2]  # the net's calls reach it too
+
+
 def test_bad_precision_is_refused():
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     t = LocalTrainer(model, Diffusion(timesteps=10), np.zeros((4, 1, 28, 28), np.uint8), 2, 1e-3,
