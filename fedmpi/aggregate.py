@@ -148,11 +148,13 @@ class Aggregator:
 
     def zeros(self, region: str) -> torch.Tensor:
         """[n + 1] zeros: the federator's own summand in a plain Reduce (one buffer, the
-        largest region's size, shared by all regions)."""
+        largest region's size, shared by all regions), where the transport reads it (host
+        memory when it stages device tensors through the host: no copy to stage zeros)."""
         n = self.sizes[region] + 1
         if self._zeros is None:
             t = self.flat[region]
-            self._zeros = torch.zeros(max(self.sizes.values()) + 1, dtype=t.dtype, device=t.device)
+            self._zeros = torch.zeros(max(self.sizes.values()) + 1, dtype=t.dtype,
+                                      device=self.world.summand_device(t))
         return self._zeros[:n]
 
     def initial_broadcast(self) -> None:

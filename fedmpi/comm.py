@@ -135,16 +135,20 @@ class MPIBackend:
         if self.world.rank != 0:
             group.handle.Reduce(self._buffer(t)[0], None, op=self.MPI.SUM, root=0)
             return
-        if root_send is not None and (t.device.type == "cpu" or self.device_buffers):
-            group.handle.Reduce(self._buffer(root_send)[0], self._buffer(t, sends=False)[0],
-                                op=self.MPI.SUM, root=0)
-            return
         buf, host = self._buffer(t, sends=root_send is None)
-        if root_send is not None:
-            host.copy_(root_send)  # host staging: the root's summand travels once
-        group.handle.Reduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM, root=0)
+        on_host = host is not None or t.device.type == "cpu"  # where MPI reads and writes
+        if root_send is not None and (root_send.device.type == "cpu") == on_host:
+            # the summand is already where MPI reads: handed over as is, no copy
+            group.handle.Reduce(self._buffer(root_send)[0], buf, op=self.MPI.SUM, root=0)
+        else:
+            if root_send is not None:  # e.g. central DP's noise, drawn on the device
+                (t if host is None else host).copy_(root_send)
+            group.handle.Reduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM, root=0)
         if host is not None:
             t.copy_(host)
+
+    def stages_on_host(self, t) -> bool:
+        return t.device.type != "cpu" and not self.device_buffers
 
     def bcast(self, group: Group, t) -> None:
         buf, host = self._buffer(t, sends=self.world.rank == 0)
@@ -212,15 +216,20 @@ class TorchBackend:
 
     def _staged(self, t, sends: bool = True):
         """(tensor the backend takes, host staging tensor or None); as MPIBackend._buffer."""
-        if t.device == self.device or (t.device.type == "cpu" and self.device.type == "cpu"):
+        if not self.stages_on_host(t):
             return t, None
         host = self.world.staged(t, sends)
         return host, host
 
+    def stages_on_host(self, t) -> bool:
+        return not (t.device == self.device
+                    or (t.device.type == "cpu" and self.device.type == "cpu"))
+
     def reduce_sum(self, group: Group, t, root_send=None) -> None:
-        if root_send is not None and self.world.rank == 0:
-            t.copy_(root_send)  # torch.distributed reduces in place: the root's summand
-        buf, host = self._staged(t)
+        root_adds = root_send is not None and self.world.rank == 0
+        buf, host = self._staged(t, sends=not root_adds)
+        if root_adds:
+            buf.copy_(root_send)  # torch.distributed reduces in place: the root's summand
         self.dist.reduce(buf, dst=0, op=self.dist.ReduceOp.SUM, group=group.handle)
         if host is not None and self.world.rank == 0:
             t.copy_(host)
@@ -306,6 +315,13 @@ class World:
         every member's `t`, where the root's own summand is `root_send` if given (e.g.
         zeros: `t` is then only written, never read, on the mpi backend) and else its `t`."""
         self.backend.reduce_sum(group, t, root_send)
+
+    def summand_device(self, t):
+        """Where the root's `root_send` for reduce_sum(t) costs least: the host when the
+        transport stages `t` through host memory (then it is handed over without a
+        device-to-host copy), else t's own device."""
+        import torch
+        return torch.device("cpu") if self.backend.stages_on_host(t) else t.device
 
     def bcast(self, group: Group, t) -> None:
         """In place on torch tensors: every member's `t` becomes the root's."""
