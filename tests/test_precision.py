@@ -139,6 +139,21 @@ def test_channels_last_activations_give_the_same_output():
     assert torch.allclose(ref, out, atol=1e-5), (ref - out).abs().max()
 
 
+def test_compile_options_follow_mode_and_channels_last():
+    """compile_unet hands torch.compile its mode's inductor options, plus the forced
+    channels-last layout when the model computes NHWC (inductor's heuristic would keep
+    this UNet NCHW: a transpose around every convolution on a GPU)."""
+    from fedmpi.unet import compile_unet
+    model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
+    plain = compile_unet(model).get_compiler_config()
+    graphs = compile_unet(model, "reduce-overhead").get_compiler_config()
+    model.channels_last = True
+    nhwc = compile_unet(model, "reduce-overhead").get_compiler_config()
+    assert not plain["triton.cudagraphs"] and graphs["triton.cudagraphs"]
+    assert nhwc["triton.cudagraphs"] and nhwc["force_layout_optimization"]
+    assert not plain["force_layout_optimization"] and not graphs["force_layout_optimization"]
+
+
 def test_cuda_graph_compile_mode_marks_the_model_for_samplers(monkeypatch):
     """train.compile_mode: reduce-overhead compiles the UNet with CUDA graphs; the
     samplers then begin a new graph step before each call (and only for such a model)."""
