@@ -7,10 +7,10 @@
 #
 # 1. environment: GPU, torch, MPI, whether that MPI is CUDA-aware (fedmpi.comm's answer);
 # 2. one rank's training images/s and DDIM-100 sampling images/s (1,000 images) of the
-#    baseline (fp32 eager) and of this checkout (GPU_CHECK_VARIANTS, default bf16 and
-#    fp32 with CUDA graphs (train.compile_mode reduce-overhead), fp32 eager, bf16 +
-#    compile, in that order), with the fraction of the device's peak and the GPU's busy
-#    share of a few steps (bench/speed.py --profile);
+#    baseline (fp32 eager) and of this checkout (GPU_CHECK_VARIANTS, default: bf16 with
+#    CUDA graphs (train.compile_mode reduce-overhead) with and without channels_last, fp32
+#    eager, fp32 with CUDA graphs, in that order), with the fraction of the device's peak
+#    and the GPU's busy share of a few steps (bench/speed.py --profile);
 # 3. a real round of the paper config with 6 ranks sharing the GPU (K = 5, E = 5,
 #    fed.backend mpi), baseline vs this checkout with its fastest variant of 2.,
 #    from metrics.jsonl (round 1 includes compilation; round 2 is the steady state);
@@ -33,7 +33,7 @@ BUDGET=${GPU_CHECK_BUDGET:-720}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) && rm -f "$OUT"/*.log
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
 DEV=cuda SPEED_SIZE=(--batch 128 --steps 100 --samples 1000 --ddim-steps 100)
-ROUND_EXTRA="" VARIANTS=${GPU_CHECK_VARIANTS:-bf16+graphs,fp32,fp32+graphs,bf16+compile}
+ROUND_EXTRA="" VARIANTS=${GPU_CHECK_VARIANTS:-bf16+graphs+cl,bf16+graphs,fp32,fp32+graphs}
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then  # compilation takes minutes on a small CPU
   DEV=cpu SPEED_SIZE=(--batch 8 --steps 2 --samples 4 --ddim-steps 2) VARIANTS=fp32,bf16
   ROUND_EXTRA="--data.train_subset=200 --fed.local_steps=2 --checkpoint.every=1"
