@@ -28,6 +28,8 @@
 #   PYTHON        python of the environment that has fedmpi (default: python from PATH)
 #   REQUEUE       1 (default): requeue the job after a checkpoint signal if this start wrote
 #                 a new checkpoint; 0: just exit 75 (the job ends FAILED, exit code 75)
+#   TORCHINDUCTOR_CACHE_DIR  torch.compile's cache (default: .compile_cache beside the run
+#                 folder, shared by the jobs of a sweep: a warm cache compiles in seconds)
 #   MPS           1: start the CUDA Multi-Process Service on this node for the job (several
 #                 ranks sharing one GPU run their kernels concurrently instead of
 #                 time-slicing); single-node jobs; 0 (default): no MPS
@@ -119,6 +121,15 @@ MPIRUN=${MPIRUN:-mpirun}
 SRUN_MPI=${SRUN_MPI:-pmix}
 PYTHON=${PYTHON:-python}
 EXIT_PREEMPTED=75
+# torch.compile's cache (train.compile): compiled kernels kept next to the runs, shared by
+# the ranks, a requeued job and the other jobs of a sweep (a compute node's /tmp, torch's
+# default, is often per job; a cold compilation costs minutes per process, a warm one
+# seconds). Set TORCHINDUCTOR_CACHE_DIR yourself to put it elsewhere.
+if [ -z "${TORCHINDUCTOR_CACHE_DIR:-}" ]; then
+  TORCHINDUCTOR_CACHE_DIR=$(dirname "$RUN_DIR")/.compile_cache
+  [[ "$TORCHINDUCTOR_CACHE_DIR" == /* ]] || TORCHINDUCTOR_CACHE_DIR=$PWD/$TORCHINDUCTOR_CACHE_DIR
+fi
+export TORCHINDUCTOR_CACHE_DIR
 read -r -a mpirun_flags <<< "${MPIRUN_FLAGS:-}"
 read -r -a srun_flags <<< "${SRUN_FLAGS:-}"
 
@@ -134,6 +145,7 @@ case "$LAUNCHER" in
   mpirun) launch=("$MPIRUN" -n "$NTASKS")
           if "$MPIRUN" --version 2>&1 | grep -qi "open mpi\|openrte\|prte"; then
             [ "$(id -u)" = 0 ] && launch+=(--allow-run-as-root)
+            launch+=(-x TORCHINDUCTOR_CACHE_DIR)  # Open MPI passes on only what it is told
           fi
           launch+=(${mpirun_flags[@]+"${mpirun_flags[@]}"}) ;;
   *) echo "fedmpi: LAUNCHER must be srun or mpirun, got '$LAUNCHER'" >&2; exit 2 ;;

@@ -15,11 +15,13 @@ RUN_SH = ROOT / "slurm" / "run.sh"
 
 # Knobs run.sh reads; cleared so that the caller's environment cannot change the outcome.
 KNOBS = ("CONFIG", "RUN_NAME", "RUN_DIR", "OUT_DIR", "CLIENTS", "LAUNCHER", "MPIRUN",
-         "MPIRUN_FLAGS", "SRUN_MPI", "SRUN_FLAGS", "SRUN_WAIT", "PYTHON", "REQUEUE")
+         "MPIRUN_FLAGS", "SRUN_MPI", "SRUN_FLAGS", "SRUN_WAIT", "PYTHON", "REQUEUE",
+         "TORCHINDUCTOR_CACHE_DIR")
 
 FAKE_MPIRUN = """#!/bin/bash
 # Records each call; for a launch, creates the --run-dir like fedmpi.train would.
 echo "$*" >> "{calls}"
+echo "${{TORCHINDUCTOR_CACHE_DIR:-unset}}" > "{calls}.cache"
 [ "$1" = --version ] && {{ echo "fake launcher"; exit 0; }}
 while [ $# -gt 0 ]; do
   [ "$1" = --run-dir ] && mkdir -p "$2"
@@ -103,7 +105,8 @@ def test_good_knobs_reach_the_launcher_inside_out_dir(box):
     assert launch[2:] == ["python", "-m", "fedmpi.train", "--config", "tests/configs/tiny.yaml",
                           "--run-dir", str(run_dir), "--fed.rounds=1"]
     assert run_dir.is_dir()
-    assert tree(box["root"]) - before == {Path("calls.txt"), Path("out"), Path("out/my-run_1.b")}
+    assert tree(box["root"]) - before == {Path("calls.txt"), Path("calls.txt.cache"), Path("out"),
+                                          Path("out/my-run_1.b")}
 
 
 def test_run_dir_may_be_any_path(box):
@@ -113,3 +116,16 @@ def test_run_dir_may_be_any_path(box):
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"--run-dir {run_dir}" in box["calls"].read_text()
     assert run_dir.is_dir()
+
+
+def test_compile_cache_is_shared_beside_the_runs(box):
+    """torch.compile's cache goes next to the run folders (absolute, so every rank finds
+    it), unless the user chose one."""
+    cache = Path(str(box["calls"]) + ".cache")
+    res = run_sh(box, RUN_NAME="r1", OUT_DIR="rel_out")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert cache.read_text().strip() == str(box["cwd"] / "rel_out" / ".compile_cache")
+    assert not (box["cwd"] / "rel_out" / ".compile_cache").exists()  # torch makes it if used
+    res = run_sh(box, RUN_NAME="r2", TORCHINDUCTOR_CACHE_DIR="/scratch/mine")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert cache.read_text().strip() == "/scratch/mine"
