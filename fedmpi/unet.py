@@ -224,8 +224,9 @@ def build_unet(model_cfg, channels: int, image_size: int) -> UNet:
     return net
 
 
-# The modules compile_unet returned in "reduce-overhead" mode (the compiled wrappers
-# themselves: an attribute set on a wrapper would land on the wrapped UNet).
+# The modules compile_unet returned with CUDA graphs ("reduce-overhead", "max-autotune";
+# the compiled wrappers themselves: an attribute set on a wrapper would land on the
+# wrapped UNet).
 _CUDAGRAPH_MODULES: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
@@ -249,7 +250,7 @@ def compile_unet(model: torch.nn.Module, mode: str = "default") -> torch.nn.Modu
     if getattr(model, "channels_last", False):
         options["force_layout_optimization"] = True
     net = torch.compile(model, options=options or None)
-    if mode == "reduce-overhead":
+    if options.get("triton.cudagraphs"):
         _CUDAGRAPH_MODULES.add(net)
     return net
 

@@ -155,8 +155,8 @@ def test_compile_options_follow_mode_and_channels_last():
 
 
 def test_cuda_graph_compile_mode_marks_the_model_for_samplers(monkeypatch):
-    """train.compile_mode: reduce-overhead compiles the UNet with CUDA graphs; the
-    samplers then begin a new graph step before each call (and only for such a model)."""
+    """train.compile_mode: reduce-overhead (and max-autotune) compile the UNet with CUDA
+    graphs; the samplers then begin a new graph step before each call (and only for such a model)."""
     from fedmpi.config import ConfigError
     from fedmpi.unet import _CUDAGRAPH_MODULES, compile_unet, cudagraph_step
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
@@ -172,6 +172,8 @@ def test_cuda_graph_compile_mode_marks_the_model_for_samplers(monkeypatch):
     _CUDAGRAPH_MODULES.add(graphs_free)  # as compile_unet marks its reduce-overhead wrappers
     d.sample_ddim(graphs_free, (1, 1, 28, 28), "cpu", steps=3)
     assert steps == [1, 1, 1, 1] and graphs_free.calls == 6  # one step before each call
+    cudagraph_step(compile_unet(model, "max-autotune"))  # CUDA graphs too
+    assert steps == [1, 1, 1, 1, 1]
     with pytest.raises(ValueError, match="compile mode"):
         compile_unet(model, "fast")
     with pytest.raises(ConfigError, match="compile_mode"):
