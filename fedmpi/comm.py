@@ -122,12 +122,10 @@ class MPIBackend:
     def _buffer(self, t, sends: bool = True):
         """(object MPI can read/write, host staging tensor or None); `sends`: the call
         reads this rank's values (else the host buffer is only written by MPI)."""
-        if t.device.type == "cpu":
-            return t.numpy(), None
-        if self.device_buffers:
-            return t, None
-        host = self.world.staged(t, sends)
-        return host.numpy(), host
+        if self.stages_on_host(t):
+            host = self.world.staged(t, sends)
+            return host.numpy(), host
+        return (t.numpy() if t.device.type == "cpu" else t), None
 
     def reduce_sum(self, group: Group, t, root_send=None) -> None:
         """Sum over the group into the root's `t`; the root adds `root_send`, or its own
