@@ -90,13 +90,15 @@ def measure(variant, args, cfg, device, diffusion, images, channels, size, flops
     model = build_unet(cfg.model, channels, size).to(device)
     t = LocalTrainer(model, diffusion, images, args.batch, cfg.train.lr, device)
     tokens = variant.split("+")
-    if "graphs" in tokens:  # torch.compile in CUDA-graph mode
-        t.set_speed(precision, True, args.channels_last or "cl" in tokens, "reduce-overhead")
-    elif hasattr(t, "set_speed"):
-        t.set_speed(precision, "compile" in tokens, args.channels_last or "cl" in tokens)
+    if hasattr(t, "set_speed"):
+        speed = [precision, "compile" in tokens or "graphs" in tokens,
+                 args.channels_last or "cl" in tokens]
+        if "graphs" in tokens:  # torch.compile in CUDA-graph mode (older code: no such mode)
+            speed.append("reduce-overhead")
+        t.set_speed(*speed)
     elif variant != "fp32":
         raise SystemExit(f"{fedmpi.__file__}: this fedmpi has fp32 eager only, not {variant}")
-    torch.backends.cuda.matmul.allow_tf32 = "tf32" in variant.split("+")
+    torch.backends.cuda.matmul.allow_tf32 = "tf32" in tokens
     t.new_optimizer()
     t.run(seed=1, steps=3)  # warm-up (and compilation)
     res = t.run(seed=2, steps=args.steps)
