@@ -100,11 +100,18 @@ class PreemptFlag:
         self.announce = announce  # this rank prints the note on SIGTERM (the federator)
         self.note = "no checkpoint has been written yet"
         self._next_check = 0.0
+        self._before = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
-                signal.signal(sig, self._handler)
+                self._before[sig] = signal.signal(sig, self._handler)
             except (ValueError, AttributeError):  # not the main thread / no such signal
                 pass
+
+    def restore(self) -> None:
+        """The signal handlers as they were before (a job run inside a longer process)."""
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._before = {}
 
     TERM_GRACE = 10.0  # seconds a rank may take to stop cleanly after SIGTERM
 
@@ -158,10 +165,13 @@ class RoundStart:
         self.weights = {r: torch.empty_like(t) for r, t in flat.items()}
         self.keep_optimizer = keep_optimizer
         self.opt_state: dict = {}
+        self.scaler_state: Optional[dict] = None  # fp16: the loss scale and its tracker
 
     def save(self, trainer) -> None:
         if trainer.ema is not None:  # UDEC / ULATDEC clients' EMA of their local training
             trainer.ema.mark()
+        if trainer.scaler is not None:
+            self.scaler_state = trainer.scaler.state_dict()
         with torch.no_grad():
             for r, t in self.flat.items():
                 self.weights[r].copy_(t)
@@ -183,6 +193,8 @@ class RoundStart:
     def restore(self, trainer) -> None:
         if trainer.ema is not None:
             trainer.ema.rollback()
+        if trainer.scaler is not None and self.scaler_state:
+            trainer.scaler.load_state_dict(self.scaler_state)
         with torch.no_grad():
             for r, t in self.flat.items():
                 t.copy_(self.weights[r])
@@ -212,6 +224,7 @@ def _setup(cfg: Config, world, device) -> dict:
     torch.manual_seed(derive_seed(cfg.run.seed, 0xC0FFEE))
     model = build_unet(cfg.model, channels, size).to(device)
     bind_flat(model)  # each region one contiguous buffer: collectives work in place
+    model.channels_last = cfg.train.channels_last  # the federator samples in it too
     state = {"model": model, "trainer": None, "n_k": 0.0, "ema": None, "per_round": 0}
     # train.ema_decay: the EMA of the model this rank evaluates. Global models (FULL,
     # USPLIT): every rank holds the global model after each aggregation and folds it into
@@ -260,7 +273,8 @@ def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log
             # shared regions equal the federator's after the exchange and are stored once,
             # in federator.pt (FULL / USPLIT clients write no weights at all).
             obj = {"round": round_index, "client": world.rank,
-                   "model": own_entries(model, cfg.fed.method), "optimizer": opt}
+                   "model": own_entries(model, cfg.fed.method), "optimizer": opt,
+                   "scaler": trainer.scaler.state_dict() if trainer.scaler else None}
         # the global model's EMA (FULL, USPLIT) is the same on every rank: stored once, by
         # the federator; a personal-model client's EMA of its local training is its own
         if ema is not None and (world.is_federator or personal_regions(cfg.fed.method)):
@@ -396,6 +410,8 @@ def _restore(world, run_dir: Path, round_index: int, model, trainer, device,
         ema.load_state_dict(ckpt["ema"])
     if trainer is not None and ckpt.get("optimizer") is not None:
         trainer.new_optimizer().load_state_dict(ckpt["optimizer"])
+    if trainer is not None and trainer.scaler is not None and ckpt.get("scaler"):
+        trainer.scaler.load_state_dict(ckpt["scaler"])  # fp16: the loss scale goes on
 
 
 def _report_errors(world, error: Optional[str], log) -> None:

@@ -10,6 +10,7 @@ a preemption signal exits 75 after a checkpoint so that a requeue resumes.
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 import sys
 import time
@@ -25,9 +26,9 @@ from .checkpoint import (CheckpointError, atomic_save, checkpoint_dir, load_chec
 from .config import Config, ConfigError, from_dict, load_config, save_config
 from .data import DataError, load_arrays
 from .diffusion import Diffusion
-from .federated import NonFiniteError
+from .federated import STOP_FILE, NonFiniteError, PreemptFlag, Preempted
 from .metrics import JsonlWriter, truncate_logs
-from .regions import all_finite
+from .regions import finite
 from .summary import model_shape
 from .progress import Progress
 from .trainer import EMA, LocalTrainer, derive_seed, ema_applied, pick_device, schedule_for
@@ -43,7 +44,7 @@ def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
     images, _ = load_arrays(cfg.data, "train")
     channels, size = model_shape(cfg)
     torch.manual_seed(derive_seed(cfg.run.seed, 0xC0FFEE))
-    model = build_unet(cfg.model, channels, size)
+    model = build_unet(cfg.model, channels, size).to(device)
     diffusion = Diffusion.from_config(cfg.diffusion)
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     trainer = LocalTrainer(model, diffusion, images, cfg.train.batch_size, cfg.train.lr, device,
@@ -63,6 +64,8 @@ def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
             raise ConfigError(f"cannot resume {run_dir}: its checkpoint does not fit this model "
                               f"(model.* changed?): {detail}") from None
         trainer.optimizer.load_state_dict(ckpt["optimizer"])
+        if trainer.scaler is not None and ckpt.get("scaler"):
+            trainer.scaler.load_state_dict(ckpt["scaler"])  # fp16: the loss scale goes on
         if ema is not None:
             if ckpt.get("ema") is None:
                 raise ConfigError(f"cannot resume {run_dir}: its checkpoint holds no EMA weights "
@@ -80,58 +83,98 @@ def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
     trainer.schedule = schedule_for(cfg.train, total_steps)
     log(f"fedmpi centralized: {len(images)} images | {epochs} epochs x {steps_per_epoch} steps "
         f"| device {device} | run {run_dir}")
-    for epoch in range(start, epochs + 1):
-        t0 = time.perf_counter()
-        steps = steps_per_epoch
-        if cfg.train.max_steps:
-            steps = min(steps, cfg.train.max_steps - step)
-        bar = Progress(steps, f"epoch {epoch}/{epochs}", log)
-        window = []
-        t_epoch = time.perf_counter()
 
-        def on_step(i, loss):
-            window.append(loss)
-            rate = (i + 1) * cfg.train.batch_size / max(time.perf_counter() - t_epoch, 1e-9)
-            bar.update(i + 1, f"{rate:.0f} img/s")
-            if (step + i + 1) % cfg.train.log_every == 0:
-                metrics.write(kind="step", epoch=epoch, step=step + i + 1,
-                              loss=float(torch.stack(window).mean()))
-                window.clear()
+    def state(epoch: int) -> dict:
+        obj = {"epoch": epoch, "step": step, "model": model.state_dict(),
+               "optimizer": trainer.optimizer.state_dict(), "config": cfg.to_dict(),
+               "rng": torch.get_rng_state(),
+               "scaler": trainer.scaler.state_dict() if trainer.scaler else None}
+        if ema is not None:
+            obj["ema"] = ema.state_dict()
+        return obj
 
-        if cfg.train.reset_optimizer_every_epoch:
-            trainer.reset_optimizer()
-        stats = trainer.run(seed=derive_seed(cfg.run.seed, epoch), steps=steps, on_step=on_step,
-                            start_step=step)
-        bar.close()
-        step += stats["steps"]
-        t_eval = time.perf_counter()
-        scores = {}
-        last = epoch == epochs
-        if evaluator is not None and ((cfg.eval.every and epoch % cfg.eval.every == 0) or last):
-            with ema_applied(ema, model):  # train.ema_decay: sample from the average
-                scores = evaluator.run(epoch, model, personal=False) or {}
-        t_eval = time.perf_counter() - t_eval
-        if (cfg.checkpoint.every and epoch % cfg.checkpoint.every == 0) or last:
-            if not all_finite(model):
-                raise NonFiniteError(f"epoch {epoch}: the model is not finite (NaN / inf: "
-                                     f"diverged? lower train.lr); checkpoint not written, "
-                                     f"earlier checkpoints kept", collective=False)
-            obj = {"epoch": epoch, "step": step, "model": model.state_dict(),
-                   "optimizer": trainer.optimizer.state_dict(), "config": cfg.to_dict(),
-                   "rng": torch.get_rng_state()}
-            if ema is not None:
-                obj["ema"] = ema.state_dict()
-            digest = atomic_save(obj, checkpoint_dir(run_dir, epoch) / "model.pt")
-            mark_complete(run_dir, epoch, cfg.checkpoint.keep, {"model.pt": digest})
-        metrics.write(kind="epoch", epoch=epoch, step=step, loss=stats["loss"],
-                      images_per_s=stats["images_per_s"], train_s=stats["train_s"],
-                      eval_s=t_eval, epoch_s=time.perf_counter() - t0, **scores)
-        score_txt = "".join(f" | {k} {v:.2f}" for k, v in scores.items() if isinstance(v, float))
-        log(f"[epoch {epoch}/{epochs}] step {step} loss {stats['loss']:.4f} | "
-            f"{stats['images_per_s']:.0f} img/s | {time.perf_counter() - t0:.1f}s{score_txt}")
+    def save(obj: dict) -> None:
+        if not finite(*[v for v in obj["model"].values() if v.is_floating_point()]):
+            raise NonFiniteError(f"epoch {obj['epoch']}: the model is not finite (NaN / inf: "
+                                 f"diverged? lower train.lr); checkpoint not written, "
+                                 f"earlier checkpoints kept", collective=False)
+        digest = atomic_save(obj, checkpoint_dir(run_dir, obj["epoch"]) / "model.pt")
+        mark_complete(run_dir, obj["epoch"], cfg.checkpoint.keep, {"model.pt": digest})
+
+    # SIGUSR1, SIGTERM or RUN_DIR/PREEMPT (slurm/run.sh at the time limit) as in a federated
+    # job: the epoch under way is abandoned, the last complete one checkpointed, exit 75.
+    preempt = PreemptFlag(Path(run_dir) / STOP_FILE, announce=True)
+    saved = start - 1  # the newest epoch whose checkpoint is on disk (0: none)
+    try:
+        for epoch in range(start, epochs + 1):
+            t0 = time.perf_counter()
+            # the state after epoch - 1, kept in memory while it is not on disk
+            kept = copy.deepcopy(state(epoch - 1)) if saved < epoch - 1 else None
+            preempt.note = (f"checkpoint of epoch {saved}: --resume {run_dir}" if saved
+                            else "no checkpoint has been written yet")
+            steps = steps_per_epoch
+            if cfg.train.max_steps:
+                steps = min(steps, cfg.train.max_steps - step)
+            bar = Progress(steps, f"epoch {epoch}/{epochs}", log)
+            window = []
+            t_epoch = time.perf_counter()
+
+            def on_step(i, loss):
+                if preempt.requested:
+                    raise _StopRequest
+                window.append(loss)
+                rate = (i + 1) * cfg.train.batch_size / max(time.perf_counter() - t_epoch, 1e-9)
+                bar.update(i + 1, f"{rate:.0f} img/s")
+                if (step + i + 1) % cfg.train.log_every == 0:
+                    metrics.write(kind="step", epoch=epoch, step=step + i + 1,
+                                  loss=float(torch.stack(window).mean()))
+                    window.clear()
+
+            if cfg.train.reset_optimizer_every_epoch:
+                trainer.reset_optimizer()
+            try:
+                stats = trainer.run(seed=derive_seed(cfg.run.seed, epoch), steps=steps,
+                                    on_step=on_step, start_step=step)
+            except _StopRequest:
+                bar.close()
+                if kept is not None:
+                    save(kept)
+                    saved = epoch - 1
+                why = f" ({preempt.signal_name})" if preempt.signal_name else ""
+                log(f"preempted{why}: epoch {epoch} abandoned; "
+                    + (f"checkpoint of epoch {saved} kept; resume with --resume {run_dir} "
+                       f"(continues after epoch {saved})" if saved else
+                       f"no epoch was complete: --resume {run_dir} starts from the beginning"))
+                raise Preempted(saved) from None
+            bar.close()
+            step += stats["steps"]
+            t_eval = time.perf_counter()
+            scores = {}
+            last = epoch == epochs
+            if evaluator is not None and ((cfg.eval.every and epoch % cfg.eval.every == 0)
+                                          or last):
+                with ema_applied(ema, model):  # train.ema_decay: sample from the average
+                    scores = evaluator.run(epoch, model, personal=False) or {}
+            t_eval = time.perf_counter() - t_eval
+            if (cfg.checkpoint.every and epoch % cfg.checkpoint.every == 0) or last:
+                save(state(epoch))
+                saved = epoch
+            metrics.write(kind="epoch", epoch=epoch, step=step, loss=stats["loss"],
+                          images_per_s=stats["images_per_s"], train_s=stats["train_s"],
+                          eval_s=t_eval, epoch_s=time.perf_counter() - t0, **scores)
+            score_txt = "".join(f" | {k} {v:.2f}" for k, v in scores.items()
+                                if isinstance(v, float))
+            log(f"[epoch {epoch}/{epochs}] step {step} loss {stats['loss']:.4f} | "
+                f"{stats['images_per_s']:.0f} img/s | {time.perf_counter() - t0:.1f}s{score_txt}")
+    finally:
+        preempt.restore()
     grids = sorted((Path(run_dir) / "samples").glob(f"round_{epochs:04d}*.png"))
     log((f"samples: {grids[0]} | " if grids else "") + f"run folder: {run_dir}")
     return {"loss": stats["loss"] if epochs >= start else None, "run_dir": str(run_dir)}
+
+
+class _StopRequest(Exception):
+    """A checkpoint-and-stop request seen at a step of the centralized baseline."""
 
 
 def _evaluator_factory(cfg: Config):

@@ -177,6 +177,15 @@ class EMA:
         (copies in place, so weights bound to flat communication buffers stay bound)."""
         return _Swap(self, model)
 
+    def to(self, device: torch.device) -> "EMA":
+        """The average on `device` (the model's: LocalTrainer moves both)."""
+        self.shadow = {k: t.to(device) for k, t in self.shadow.items()}
+        for name in ("_mark", "_backup"):
+            kept = getattr(self, name, None)
+            if kept is not None:
+                setattr(self, name, {k: t.to(device) for k, t in kept.items()})
+        return self
+
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
 
@@ -245,7 +254,7 @@ class LocalTrainer:
         self.batch_size = batch_size
         self.lr = lr
         self.schedule = schedule if schedule is not None and schedule.active else None
-        self.ema = ema
+        self.ema = ema.to(device) if ema is not None else None
         self.grad_clip = float(grad_clip)
         # what set_speed changes: fp32, no gradient scaler, the eager model
         self.precision, self.scaler, self.net = "fp32", None, self.model

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from fedmpi.checkpoint import latest_complete
+from fedmpi.checkpoint import checkpoint_dir, latest_complete
 from fedmpi.ledger import analytical_rows, read_csv, summarize
 from fedmpi.regions import REGIONS
 
@@ -68,8 +68,9 @@ def test_method_run(method, world, tmp_path):
 
 def test_resume_matches_uninterrupted(tmp_path):
     """Stop after round 1, resume to round 2: same weights as one uninterrupted run
-    (UDEC keeps personal regions on clients; Adam state kept across rounds)."""
-    opts = ["--fed.method=udec", "--fed.reset_optimizer=false"]
+    (UDEC keeps personal regions on clients; Adam state kept across rounds; fp16, whose
+    loss scale and its growth count are part of a client's state)."""
+    opts = ["--fed.method=udec", "--fed.reset_optimizer=false", "--train.precision=fp16"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert train(3, full, *opts).returncode == 0
     first = train(3, part, *opts, "--fed.rounds=1")
@@ -82,6 +83,11 @@ def test_resume_matches_uninterrupted(tmp_path):
     fb, cb = load_states(part, 2, 2)
     for a, b in zip([fa, *ca], [fb, *cb]):
         assert all(torch.equal(a[k], b[k]) for k in a)
+    for k in (1, 2):
+        name = f"client_{k:03d}.pt"
+        sa, sb = (torch.load(checkpoint_dir(run, 2) / name, weights_only=True)["scaler"]
+                  for run in (full, part))
+        assert sa["_growth_tracker"] == 4 and sa == sb  # 2 rounds x 2 steps, none skipped
     rows = read_csv(part / "comm.csv")
     assert rows == read_csv(full / "comm.csv")  # no round counted twice
 

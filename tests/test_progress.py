@@ -15,7 +15,7 @@ from fedmpi.checkpoint import checkpoint_dir
 from fedmpi.progress import Progress, RoundProgress
 from fedmpi.trainer import LRSchedule
 
-from mpihelp import load_states, mpirun, train
+from mpihelp import mpirun, train
 
 
 class FakeClock:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import yaml
 
 from fedmpi.checkpoint import checkpoint_dir, latest_complete
 from fedmpi.config import load_config
+from fedmpi.federated import Preempted
 from fedmpi.train import main, run_centralized
 
 from mpihelp import ROOT
@@ -49,16 +52,43 @@ def test_centralized_loss_decreases_and_writes_run_folder(tmp_path):
     assert png.stat().st_size > 500
 
 
-def test_centralized_resume_matches_uninterrupted(tmp_path):
+def test_centralized_preempted_then_resumed_matches_uninterrupted(tmp_path):
+    """SIGUSR1 (what slurm/run.sh forwards at the time limit) during epoch 2 of a run
+    that checkpoints every 2 epochs: epoch 2 is abandoned, epoch 1 is checkpointed from the
+    copy kept in memory, Preempted (exit 75); the resumed run ends bit-identical to an
+    uninterrupted one, fp16's loss scale included."""
     full, part = tmp_path / "full", tmp_path / "part"
     for d in (full, part):
         d.mkdir()
-    run_centralized(tiny_cfg(tmp_path, **{"eval.grid": 0}), full, log=quiet)
-    run_centralized(tiny_cfg(tmp_path, **{"eval.grid": 0, "train.epochs": 1}), part, log=quiet)
-    run_centralized(tiny_cfg(tmp_path, **{"eval.grid": 0}), part, resume=True, log=quiet)
-    a = torch.load(checkpoint_dir(full, 2) / "model.pt", weights_only=True)["model"]
-    b = torch.load(checkpoint_dir(part, 2) / "model.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # fp16 (CPU autocast + GradScaler): the loss scale is part of the state to resume
+    opts = {"eval.grid": 0, "train.epochs": 3, "checkpoint.every": 2, "data.train_subset": 320,
+            "train.precision": "fp16"}
+    run_centralized(tiny_cfg(tmp_path, **opts), full, log=quiet)
+    assert latest_complete(full) == 3 and not (checkpoint_dir(full, 1) / "COMPLETE").exists()
+    lines = []
+
+    def stop_after_epoch_1(msg):  # the signal lands before epoch 2's first step ends
+        lines.append(msg)
+        if msg.startswith("[epoch 1/3]"):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    handler = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(Preempted) as stop:
+        run_centralized(tiny_cfg(tmp_path, **opts), part, log=stop_after_epoch_1)
+    assert stop.value.exit_code == 75 and signal.getsignal(signal.SIGUSR1) == handler
+    assert latest_complete(part) == 1
+    assert any(l.startswith("preempted (SIGUSR1): epoch 2 abandoned; checkpoint of epoch 1 kept")
+               for l in lines), lines
+    run_centralized(tiny_cfg(tmp_path, **opts), part, resume=True, log=lines.append)
+    assert "resume: continuing after epoch 1" in lines
+    a = torch.load(checkpoint_dir(full, 3) / "model.pt", weights_only=True)
+    b = torch.load(checkpoint_dir(part, 3) / "model.pt", weights_only=True)
+    assert a["step"] == b["step"] == 3 * 20
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["scaler"]["_growth_tracker"] > 20 and a["scaler"] == b["scaler"]  # scale, tracker
+    epochs = [json.loads(l)["epoch"] for l in (part / "metrics.jsonl").read_text().splitlines()
+              if json.loads(l)["kind"] == "epoch"]
+    assert epochs == [1, 2, 3]  # the abandoned epoch's step lines dropped on resume
 
 
 def test_cli_writes_resolved_config(tmp_path):
@@ -158,6 +188,24 @@ def test_ema_math_state_and_swap():
     assert ema.updates == 1000 and all(torch.equal(before[k], ema.shadow[k]) for k in before)
     with pytest.raises(ValueError, match="ema_decay"):
         EMA(model, 1.0)
+
+
+def test_ema_follows_the_model_to_the_training_device():
+    """An EMA made while the model is still on the host moves with it to the trainer's
+    device (the meta device stands in for a GPU): its update would otherwise mix devices."""
+    import numpy as np
+
+    from fedmpi.diffusion import Diffusion
+    from fedmpi.trainer import EMA, LocalTrainer
+    from fedmpi.unet import UNet
+    model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
+    ema = EMA(model, 0.9)
+    ema.mark()
+    trainer = LocalTrainer(model, Diffusion(timesteps=10), np.zeros((4, 1, 8, 8), np.uint8), 2,
+                           1e-3, torch.device("meta"), ema=ema)
+    assert trainer.ema is ema
+    assert {t.device.type for t in [*ema.shadow.values(), *ema._mark.values()]} == {"meta"}
+    ema.update(model)  # same device as the weights: no error
 
 
 def _name(model, param):
