@@ -430,6 +430,10 @@ def _validate(cfg: Config, source: str) -> None:
                           f"federator would add the noise to a sum it sees noise-free; set "
                           f"--privacy.mode=distributed (each client adds its share of the "
                           f"noise before masking)")
+    if cfg.train.compile_mode != "default" and not cfg.train.compile:
+        raise ConfigError(f"{source}: 'train.compile_mode' is {cfg.train.compile_mode!r} but "
+                          f"'train.compile' is false, so nothing is compiled; set "
+                          f"--train.compile=true (or leave compile_mode at 'default')")
     if cfg.fed.local_steps is None and cfg.fed.local_epochs == 0:
         raise ConfigError(f"{source}: set 'fed.local_epochs' > 0 or 'fed.local_steps'")
     if cfg.eval.extractor == "inception" and cfg.eval.inception_weights is not None \

@@ -178,6 +178,10 @@ def test_cuda_graph_compile_mode_marks_the_model_for_samplers(monkeypatch):
         compile_unet(model, "fast")
     with pytest.raises(ConfigError, match="compile_mode"):
         load_config("tests/configs/tiny.yaml", {"train.compile_mode": "fast"})
+    with pytest.raises(ConfigError, match="set --train.compile=true"):  # silently unused
+        load_config("tests/configs/tiny.yaml", {"train.compile_mode": "reduce-overhead"})
+    assert load_config("tests/configs/tiny.yaml", {"train.compile_mode": "reduce-overhead",
+                                                   "train.compile": True}).train.compile
 
 
 class _Counting(torch.nn.Module):
