@@ -2,9 +2,10 @@
 split of a real federated round's time.
 
 1. Throughput (one process, no MPI): images/s of one client round through
-   `fedmpi.trainer.LocalTrainer` exactly as `run_federated` drives it on a client (deep-copy
-   snapshot of the model and optimizer state, Adam re-created per round, the trainer's
-   shuffled on-device batching, uint8 -> [-1, 1] scaling, seeded generators, loss
+   `fedmpi.trainer.LocalTrainer` exactly as `run_federated` drives it on a client (the
+   round-start copy of the regions it never gets back (`federated.RoundStart`; none for
+   FULL), Adam zeroed in place when fed.reset_optimizer, the trainer's shuffled on-device
+   batching, uint8 -> [-1, 1] scaling, seeded generators, loss
    bookkeeping, the per-step callback) against a bare loop in the same process: same UNet
    (a copy with the same initial weights), batch size, data on the same device as uint8,
    same Adam (created once), same DDPM loss (t ~ U{0..T-1}, q_sample, Huber/MSE). The two
@@ -141,15 +142,21 @@ class BareLoop:
 
 
 class FedmpiClientRound:
-    """One client round as `run_federated` performs it (reset_optimizer as configured)."""
+    """One client round as `run_federated` performs it: the round-start copy a preempted
+    round rolls back to (the method's personal regions, with the Adam state when it is
+    kept across rounds), Adam zeroed in place when fed.reset_optimizer."""
 
     def __init__(self, trainer, cfg):
+        from fedmpi.federated import RoundStart
+        from fedmpi.methods import personal_regions
+        from fedmpi.regions import bind_flat
         self.trainer, self.cfg, self.round = trainer, cfg, 0
+        flat = bind_flat(trainer.model)  # as the Aggregator binds a client's model
+        self.start = RoundStart({r: flat[r] for r in personal_regions(cfg.fed.method)},
+                                keep_optimizer=not cfg.fed.reset_optimizer)
 
     def snapshot(self):
-        t = self.trainer
-        return (copy.deepcopy(t.model.state_dict()),
-                copy.deepcopy(t.optimizer.state_dict()) if t.optimizer else None)
+        self.start.save(self.trainer)
 
     def run(self, steps: int) -> tuple[int, float, dict]:
         from fedmpi.trainer import derive_seed
@@ -158,7 +165,7 @@ class FedmpiClientRound:
         start = time.perf_counter()
         self.snapshot()  # run_federated keeps it for a preemption rollback
         if self.cfg.fed.reset_optimizer or t.optimizer is None:
-            t.new_optimizer()
+            t.reset_optimizer()
         stats = t.run(seed=derive_seed(self.cfg.run.seed, self.round, 0), steps=steps,
                       on_step=lambda step, loss: None)
         return stats["images"], time.perf_counter() - start, stats
@@ -274,16 +281,16 @@ def explain(args, fed, bare, trainer, med, device) -> dict:
     import torch
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     t_snap = _median_time(lambda: (fed.snapshot(), sync()))
-    t_opt = _median_time(lambda: (trainer.new_optimizer(), sync()))
+    t_opt = _median_time(lambda: (trainer.reset_optimizer(), sync()))
     step_bare = 1.0 / med["bare"] * (args.batch_size or trainer.batch_size)
     round_bare = args.steps * step_bare
     lines = [
         f"per-round fixed costs of a fedmpi client round ({args.steps} steps, bare round "
         f"{1e3 * round_bare:.1f} ms):",
-        f"  snapshot deepcopy(model + optimizer state) {1e3 * t_snap:8.2f} ms "
+        f"  round-start copy (RoundStart.save)     {1e3 * t_snap:8.2f} ms "
         f"({100 * t_snap / round_bare:.1f}% of a round)",
-        f"  Adam re-creation (reset_optimizer)          {1e3 * t_opt:8.2f} ms "
-        f"({100 * t_opt / round_bare:.1f}%); Adam's state is also re-allocated at its first step",
+        f"  Adam zeroed in place (reset_optimizer) {1e3 * t_opt:8.2f} ms "
+        f"({100 * t_opt / round_bare:.1f}%)",
     ]
     profiles = {}
     for name, fn in (("fedmpi", lambda: fed.run(args.steps)), ("bare", lambda: bare.run(args.steps))):

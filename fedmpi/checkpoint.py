@@ -6,7 +6,7 @@ Layout of a run folder::
     RUN_DIR/metrics.jsonl, eval.csv, comm.csv, comm_summary.json, samples/*.png
     RUN_DIR/checkpoints/round_000004/   federator.pt, client_001.pt, ..., COMPLETE
 
-Every file goes through `atomic.atomic_write` (temporary name, fsync, rename), so a
+Every file goes through `atomic.atomic_write` (temporary name, then rename), so a
 crash never leaves a half-written checkpoint. A checkpoint folder counts only once its
 COMPLETE marker exists; rank 0 writes the marker after every rank has saved its file,
 and the marker records the sha256 of every file (JSON). `verified_checkpoints` lists

@@ -4,10 +4,13 @@ This is the only module that imports mpi4py or torch.distributed. `World` owns t
 world communicator, the rank's role (rank 0 federator, ranks 1..K clients), the
 node-local rank (from a shared-memory split, used to pick the GPU) and one backend:
 
-- `mpi` (default): a subgroup is `COMM_WORLD.Split(color)`; `Reduce` to the
-  federator and `Bcast` back on numpy float32 buffers (no pickling). Freed after use.
-- `torch`: `torch.distributed` initialised from the MPI ranks (gloo on CPU, nccl on
-  GPU); subgroups from `new_group`, cached because NCCL communicators are expensive.
+- `mpi` (default): a subgroup is `COMM_WORLD.Split(color)`, cached for later rounds
+  (up to 32); `Reduce` to the federator and `Bcast` back in place on the regions' flat
+  torch tensors (no pickling): device memory itself where MPI is CUDA-aware, else one
+  host copy each way.
+- `torch`: `torch.distributed` initialised from the MPI ranks: nccl on the regions'
+  device tensors when every rank has a GPU of its own, else gloo on host buffers (ranks
+  sharing a GPU, CPU); subgroups from `new_group`, cached.
 
 Creating a subgroup is collective over the whole world, so every rank calls
 `World.group(members)` for every group of a round in the same order; the plan (pure,

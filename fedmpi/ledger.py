@@ -3,9 +3,10 @@
 Counting rule (the payload, independent of how the MPI library routes it):
 - round 0: the federator sends the full initial model to every client;
 - round r = 1..R: each client uploads the regions its plan reports, as one float32
-  buffer per region with its weight n_k appended (4 * (P + 1) bytes), and receives the
+  buffer per region with its weight w_k appended (4 * (P + 1) bytes), and receives the
   regions its plan gives back (4 * P bytes). With `fed.secure` an upload is a uint64
-  fixed-point buffer, 8 * (P + 1) bytes (`upload_value_bytes=8`; downloads stay float32).
+  fixed-point buffer with n_k appended, 8 * (P + 1) bytes (`upload_value_bytes=8`;
+  downloads stay float32).
 
 The paper counts the initial model plus R uploads and R - 1 downloads: its last
 download would start a round R + 1 that never runs. fedmpi does perform that final

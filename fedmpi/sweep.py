@@ -300,7 +300,7 @@ def dry_run_text(sweep: Sweep) -> str:
             f"{table}\n"
             f"W = world size (K + 1 ranks; 1 = centralized baseline, one process). Parameters "
             f"and MB: what each run moves by the analytical table (initial model + R uploads + "
-            f"R downloads, float32, n_k included): {total / 1e6:,.1f} MB in all; largest world "
+            f"R downloads, float32, the weight w_k included): {total / 1e6:,.1f} MB in all; largest world "
             f"{max((e['world'] for e in est), default=0)} ranks.")
 
 
@@ -482,7 +482,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("spec", metavar="SPEC.yaml")
-    p.add_argument("--out", help="sweep folder (default: the spec's 'out', else runs/<name>)")
+    p.add_argument("--out", help="sweep folder (default: the spec's 'out', else <base run.out_dir>/<name>)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the runs, world sizes and estimated bytes; launch nothing")
     p.add_argument("--launcher", choices=("local", "slurm"))

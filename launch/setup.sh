@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up on a fresh machine: a venv in .venv, torch, fedmpi with a bundled Open MPI, and
-# Fashion-MNIST (Debian package when root + apt are there, else torchvision's downloader,
-# else an existing data root given as FEDMPI_DATA_ROOT / data.root). Safe to run again.
+# Fashion-MNIST (files fedmpi already finds, else the Debian package when root + apt are
+# there, else torchvision's downloader into ./data). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
