@@ -126,6 +126,7 @@ class Aggregator:
         self._upload: dict[str, torch.Tensor] = {}
         self._zeros: Optional[torch.Tensor] = None  # the federator's summand, allocated once
         self.secure = _SecureUploads(world, cfg.fed) if cfg is not None and cfg.fed.secure else None
+        self.min_reporters = cfg.fed.secure_min_reporters if self.secure is not None else 0
         self.dp = cfg.privacy if cfg is not None and cfg.privacy.dp else None
         self._rng = None
         if self.dp is not None:
@@ -179,16 +180,11 @@ class Aggregator:
         update norm before and after clipping), else {}."""
         world = self.world
         stats = {}
-        sizes = [float(n) for n in sizes]
-        if len(sizes) != world.num_clients:
-            raise ValueError(f"exchange needs {world.num_clients} client sizes, got {len(sizes)}")
-        if self.dp is not None:
-            sizes = [1.0 if n > 0 else 0.0 for n in sizes]  # uniform; 0 keeps a skipped client out
-            if not world.is_federator:
-                stats = self._privatize(plan, start)
+        reporting = self.reporting(plan, sizes)
+        if self.dp is not None and not world.is_federator:
+            stats = self._privatize(plan, start, reporting)
         if self.secure is not None:
-            self._mask_uploads(plan, 0.0 if world.is_federator else sizes[world.client],
-                               round_index)
+            self._mask_uploads(plan, reporting, round_index)
         averaged, sums = [], []  # regions the federator averaged into its weights; their sums
         for region in REGIONS:
             ups, downs = plan.uploaders(region), plan.receivers(region)
@@ -204,7 +200,8 @@ class Aggregator:
                     if self.secure is not None:
                         self._reduce_secure(up_group, ups, region, theta, round_index)
                     else:
-                        plain_average = self._reduce_plain(up_group, ups, region, sizes, round_index)
+                        plain_average = self._reduce_plain(up_group, ups, region,
+                                                           reporting[region], round_index)
                 if down_group is not None and down_group.is_member:
                     world.bcast(down_group, theta)
                     self._record_down(round_index, region, theta, downs)
@@ -224,11 +221,40 @@ class Aggregator:
                 f"finite although every upload was (float32 overflow)")
         return stats
 
+    def reporting(self, plan, sizes) -> dict[str, list[float]]:
+        """Per region shared this round, the FedAvg sizes of its uploaders in plan order
+        (pure: the same on every rank). `sizes`: every client's n_k, 0 for a client left
+        out of the round (fed.on_nonfinite: skip). With privacy.dp every size is 1 (0 stays
+        0). With fed.secure, a region left with fewer clients of size > 0 than
+        fed.secure_min_reporters gets all sizes 0: its sum would show the rest's upload in
+        the clear, so the federator keeps the region's previous average (`withheld`)."""
+        sizes = [float(n) for n in sizes]
+        if len(sizes) != self.world.num_clients:
+            raise ValueError(f"exchange needs {self.world.num_clients} client sizes, "
+                             f"got {len(sizes)}")
+        if self.dp is not None:
+            sizes = [1.0 if n > 0 else 0.0 for n in sizes]  # uniform; 0 keeps a skipped client out
+        out = {}
+        for region in REGIONS:
+            ups = plan.uploaders(region)
+            if ups:
+                mine = [sizes[k] for k in ups]
+                if 0 < sum(n > 0 for n in mine) < self.min_reporters:
+                    mine = [0.0] * len(ups)
+                out[region] = mine
+        return out
+
+    def withheld(self, plan, sizes) -> list[str]:
+        """The regions `reporting` leaves unaveraged because clients were left out."""
+        return [r for r, n in self.reporting(plan, sizes).items()
+                if not any(n) and any(sizes[k] > 0 for k in plan.uploaders(r))]
+
     def _reduce_plain(self, group, ups, region: str, sizes: list, round_index: int) -> bool:
         """A client's upload, or the federator's Reduce of the average into its weights;
-        True on the federator when it averaged (some reporter had weight > 0)."""
+        True on the federator when it averaged (some reporter had weight > 0). `sizes`: the
+        region's uploaders' (`reporting`)."""
         world, theta, send = self.world, self.flat[region], self.send[region]
-        weights = fedavg_weights([sizes[k] for k in ups])
+        weights = fedavg_weights(sizes)
         nbytes = send.numel() * send.element_size()
         if not world.is_federator:
             pack_upload(theta, weights[ups.index(world.client)], send)  # in place
@@ -239,23 +265,25 @@ class Aggregator:
         summand = self.zeros(region)
         if averaged and self.dp is not None and self.dp.mode == "central":
             summand = self.upload_buffer(region).zero_()
-            self._central_noise(summand[:-1], reporters=sum(sizes[k] for k in ups))
+            self._central_noise(summand[:-1], reporters=sum(sizes))
         world.reduce_sum(group, send if averaged else self.upload_buffer(region), root_send=summand)
         for _ in ups:
             self.ledger.record(round_index, -1, region, "up", theta.numel(), nbytes)
         return averaged
 
-    def _mask_uploads(self, plan, n_k: float, round_index: int) -> None:
+    def _mask_uploads(self, plan, reporting: dict, round_index: int) -> None:
         """Secure: every client encodes and masks all the regions it uploads this round,
-        then all ranks meet in a barrier that sleeps while it waits. Masking takes CPU
-        time that differs between clients; ranks that finished would otherwise busy-poll
-        inside the Reduce, taking the cores of those still masking when ranks share them."""
+        with its size n_k there (`reporting`), then all ranks meet in a barrier that sleeps
+        while it waits. Masking takes CPU time that differs between clients; ranks that
+        finished would otherwise busy-poll inside the Reduce, taking the cores of those
+        still masking when ranks share them."""
         world, sec = self.world, self.secure
         if not world.is_federator:
             for region in REGIONS:
                 ups = plan.uploaders(region)
                 if world.client in ups:
                     theta = self.flat[region]
+                    n_k = reporting[region][ups.index(world.client)]
                     sec.client.upload_fedavg(_host(theta), n_k, round_index, region, ups,
                                              out=sec.buffer(region, theta.numel()),
                                              neighbors=sec.neighbors)
@@ -280,9 +308,11 @@ class Aggregator:
             if decode_average(buf, sec.frac_bits, out=host) > 0:  # else all were left out
                 _write_back(theta, host)
 
-    def _privatize(self, plan, start: Optional[dict]) -> dict:
+    def _privatize(self, plan, start: Optional[dict], reporting: dict) -> dict:
         """Client side of DP-FedAvg: clip this client's update of the regions it uploads
-        (one L2 norm over all of them) and add its noise share (distributed mode)."""
+        (one L2 norm over all of them) and add its noise share (distributed mode: 1/sqrt(m)
+        of the noise for the m reporters of the region that are not left out, so that
+        their sum carries all of it)."""
         from .privacy import noise_std, privatize_update
         dp = self.dp
         mine = [r for r in REGIONS if r in plan.uploads[self.world.client]]
@@ -291,7 +321,8 @@ class Aggregator:
         if start is None:
             raise RuntimeError("privacy.dp needs the client's weights at the round's start "
                                "(Aggregator.exchange(..., start=RoundStart.weights))")
-        stds = [noise_std(dp.noise_multiplier, dp.clip, dp.mode, len(plan.uploaders(r)))
+        stds = [noise_std(dp.noise_multiplier, dp.clip, dp.mode,
+                          max(1, sum(n > 0 for n in reporting[r])))
                 if dp.mode == "distributed" else 0.0 for r in mine]
         thetas = [_host(self.flat[r]) for r in mine]
         norm, clipped = privatize_update(thetas, [_host(start[r]) for r in mine], dp.clip,

@@ -560,6 +560,12 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
                 if world.is_federator:
                     log(f"warning: round {r}: {who} not finite: left out of this round's averages "
                         f"(fed.on_nonfinite=skip); their models restart from the round's start")
+                    withheld = aggregator.withheld(plan, n_clients)
+                    if withheld:
+                        log(f"warning: round {r}: region(s) {', '.join(withheld)} not averaged "
+                            f"this round: without {who}, fewer than fed.secure_min_reporters="
+                            f"{cfg.fed.secure_min_reporters} clients report them, and their "
+                            f"secure sum would show the federator an upload in the clear")
                 if world.rank in nonfinite:  # uploads with weight 0, restarts from round start
                     round_start.restore(trainer)
 

@@ -36,6 +36,10 @@ def test_secure_aggregation_every_method(world, backend):
     if world == 3:  # USPLIT at K = 2: one reporter per region, refused
         assert "SECURE SKIPPED usplit" in res.stdout
     assert "DP OK central" in res.stdout and "DP OK distributed" in res.stdout
+    # client 1 left out: K - 1 reporters; at K = 2 the secure sum would be one upload
+    left = "1 reporter left: every region withheld" if world == 3 else "3 reporters; noise"
+    assert f"DP OK distributed (secure=True, {left}" in res.stdout, res.stdout
+    assert f"DP OK distributed (secure=False, {world - 2} reporter" in res.stdout, res.stdout
 
 
 def _region(state: dict, region: str):

@@ -15,7 +15,9 @@ client models (unequal n_k), rank 0 checks:
 - masking with a ring of neighbours (fed.secure_neighbors=1) gives the same average.
 Then DP-FedAvg with every client's update far outside the clip ball: the average moves
 by the mean clipped update plus noise whose std on the sum is z * C (central, plain;
-distributed, secure), within a chi-square interval.
+distributed, secure), within a chi-square interval; the same with one client left out
+(its size 0): z * C on the sum of the others, and with fed.secure below
+fed.secure_min_reporters reporters no region averaged (Aggregator.withheld).
 Prints "SECURE OK <method>" / "DP OK <mode>" on rank 0; exits non-zero on a mismatch.
 """
 import math
@@ -155,8 +157,13 @@ for m_index, method in enumerate(METHODS):
               flush=True)
 
 # ---- DP-FedAvg: clipping bound and noise on the sum, through the transport -----------
+# Then with client 1 left out (size 0, as fed.on_nonfinite=skip does): the noise on the
+# sum of the m = K - 1 others must still be z * C; with fed.secure and m below
+# fed.secure_min_reporters (K = 2) every region is withheld: the federator keeps its
+# weights instead of decoding one client's upload in the clear.
 Z, C = 0.5, 0.05
-for mode, sec in (("central", False), ("distributed", True)):
+for mode, sec, left_out in (("central", False, False), ("distributed", True, False),
+                            ("distributed", False, True), ("distributed", True, True)):
     cfg = load_config(None, {"privacy.dp": True, "privacy.clip": C, "privacy.noise_multiplier": Z,
                              "privacy.mode": mode, "fed.secure": sec})
     model = fresh_model(77)  # the same global model everywhere
@@ -168,24 +175,35 @@ for mode, sec in (("central", False), ("distributed", True)):
             for r, t in agg.flat.items():
                 t.add_(torch.randn(t.shape, generator=torch.Generator().manual_seed(world.rank)))
     updates = {r: (agg.flat[r] - start[r]).numpy().astype(np.float64) for r in REGIONS}
-    dp = agg.exchange(plan, [123.0] * K, 1, start=start)
+    sizes = [0.0 if (left_out and k == 0) else 123.0 for k in range(K)]
+    dp = agg.exchange(plan, sizes, 1, start=start)
     reports = world.comm.gather((dp, updates), root=0)
+    what = f"DP {mode}" + (" with client 1 left out" if left_out else "")
     if world.is_federator:
         norms = [reports[k + 1][0] for k in range(K)]
         if not all(d["dp_update_norm"] > C and d["dp_clipped_norm"] <= C for d in norms):
-            fail(f"DP {mode}: clipping bound violated: {norms}", 5)
+            fail(f"{what}: clipping bound violated: {norms}", 5)
+        reporters = [k for k in range(K) if sizes[k] > 0]
+        m = len(reporters)
+        if sec and m < cfg.fed.secure_min_reporters:
+            if agg.withheld(plan, sizes) != list(REGIONS) or not all(
+                    torch.equal(agg.flat[r], start[r]) for r in REGIONS):
+                fail(f"{what}, secure, {m} reporter(s): not withheld", 7)
+            print(f"DP OK {mode} (secure={sec}, {m} reporter left: every region withheld)",
+                  flush=True)
+            continue
         sum_noise = []
         for r in REGIONS:
             clipped = [reports[k + 1][1][r] * C / reports[k + 1][0]["dp_update_norm"]
-                       for k in range(K)]
-            mean_update = np.sum(clipped, axis=0) / K
-            sum_noise.append(((agg.flat[r] - start[r]).numpy().astype(np.float64) - mean_update) * K)
+                       for k in reporters]
+            mean_update = np.sum(clipped, axis=0) / m
+            sum_noise.append(((agg.flat[r] - start[r]).numpy().astype(np.float64) - mean_update) * m)
         noise = np.concatenate(sum_noise)
         ss, n = float(np.sum(noise ** 2)), noise.size
         lo = math.sqrt(ss / stats.chi2.ppf(1 - 1e-4, n))
         hi = math.sqrt(ss / stats.chi2.ppf(1e-4, n))
         if not lo <= Z * C <= hi:
-            fail(f"DP {mode}: noise std on the sum in [{lo:.4g}, {hi:.4g}], configured {Z * C}", 6)
-        print(f"DP OK {mode} (secure={sec}; noise std on the sum {math.sqrt(ss / n):.4g}, "
-              f"configured {Z * C:.4g})", flush=True)
+            fail(f"{what}: noise std on the sum in [{lo:.4g}, {hi:.4g}], configured {Z * C}", 6)
+        print(f"DP OK {mode} (secure={sec}, {m} reporters; noise std on the sum "
+              f"{math.sqrt(ss / n):.4g}, configured {Z * C:.4g})", flush=True)
 world.close()
