@@ -128,7 +128,13 @@ class MPIBackend:
         if self.stages_on_host(t):
             host = self.world.staged(t, sends)
             return host.numpy(), host
-        return (t.numpy() if t.device.type == "cpu" else t), None
+        if t.device.type == "cpu":
+            return t.numpy(), None
+        # CUDA-aware MPI reads and writes the device memory itself, outside torch's stream
+        # order: the kernels queued on it (the packing of an upload) must be done
+        import torch
+        torch.cuda.current_stream(t.device).synchronize()
+        return t, None
 
     def reduce_sum(self, group: Group, t, root_send=None) -> None:
         """Sum over the group into the root's `t`; the root adds `root_send`, or its own
@@ -138,8 +144,10 @@ class MPIBackend:
             return
         buf, host = self._buffer(t, sends=root_send is None)
         on_host = host is not None or t.device.type == "cpu"  # where MPI reads and writes
-        if root_send is not None and (root_send.device.type == "cpu") == on_host:
-            # the summand is already where MPI reads: handed over as is, no copy
+        if (root_send is not None and not self.stages_on_host(root_send)
+                and (root_send.device.type == "cpu") == on_host):
+            # the summand is already where MPI reads: handed over as is, no copy (never
+            # through the staging buffer, which is `t`'s)
             group.handle.Reduce(self._buffer(root_send)[0], buf, op=self.MPI.SUM, root=0)
         else:
             if root_send is not None:  # e.g. central DP's noise, drawn on the device
@@ -200,16 +208,26 @@ class TorchBackend:
         addr, port = world.comm.bcast((addr, port), root=0)
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}",
                                 rank=world.rank, world_size=world.size)
-        self.groups: dict[tuple, object] = {}
+        self.groups: "OrderedDict[tuple, object]" = OrderedDict()
         self.name = f"torch/{backend}"
         if device.type == "cuda" and not use_nccl:
             self.name += " (ranks share a GPU; NCCL needs one GPU per rank: gloo on host buffers)"
 
+    CACHE = MPIBackend.CACHE  # subgroups kept for later rounds (USPLIT redraws its pairs)
+
     def group(self, members: tuple[int, ...]) -> Group:
         if len(members) == self.world.size:
             return Group(members, None, True)  # None means the default (world) group
-        if members not in self.groups:
+        # new_group is collective over the world, and every rank asks for the same groups
+        # in the same order (the plan): the cache hits and evicts identically everywhere.
+        # Evicted groups are destroyed (each holds sockets / a NCCL communicator: USPLIT
+        # draws new pairs every round and would run out of file descriptors).
+        if members in self.groups:
+            self.groups.move_to_end(members)
+        else:
             self.groups[members] = self.dist.new_group(list(members))
+            if len(self.groups) > self.CACHE:
+                self.dist.destroy_process_group(self.groups.popitem(last=False)[1])
         return Group(members, self.groups[members], self.world.rank in members)
 
     def release(self, group: Group) -> None:

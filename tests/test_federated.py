@@ -33,6 +33,8 @@ def test_aggregation_equals_numpy_fedavg(backend, world):
     for method in ("full", "usplit", "udec", "ulatdec"):
         assert f"AGGREGATE OK {method}" in res.stdout
     assert "NONFINITE OK" in res.stdout  # the federator's check of the averages
+    if world == 4:  # 6 proper subgroups through a cache of 2: evicted, freed, rebuilt
+        assert "GROUP CACHE OK" in res.stdout, res.stdout
 
 
 @pytest.mark.parametrize("world", [3, 4])

@@ -83,4 +83,26 @@ if world.is_federator:
 elif outcome != "no error" or torch.isfinite(agg.flat["decoder"]).all():
     print(f"NONFINITE CLIENT FAILED rank {world.rank}: {outcome}", flush=True)
     world.abort(6)
+
+# The subgroup cache (USPLIT asks for new reporter sets every round): with room for 2,
+# every proper subgroup of the world, twice over, is built, evicted (freed) and built
+# again on every rank in the same order, and each still sums correctly.
+import itertools  # noqa: E402
+world.backend.CACHE = 2
+subsets = [(0, *c) for n in range(1, K) for c in itertools.combinations(range(1, K + 1), n)]
+for members in subsets * 2:
+    group = world.backend.group(members)
+    if group.is_member:
+        t = torch.tensor([float(world.rank)])
+        world.reduce_sum(group, t)
+        if world.is_federator and t.item() != sum(members):
+            print(f"GROUP CACHE FAILED {members}: {t.item()}", flush=True)
+            world.abort(7)
+    world.release(group)
+cached = world.backend.cache if hasattr(world.backend, "cache") else world.backend.groups
+if len(cached) > 2:
+    print(f"GROUP CACHE FAILED rank {world.rank}: {len(cached)} groups kept", flush=True)
+    world.abort(8)
+if world.is_federator:
+    print(f"GROUP CACHE OK ({len(subsets)} subgroups twice, 2 kept)", flush=True)
 world.close()
