@@ -1,5 +1,7 @@
 #!/bin/bash
-# fedmpi on a Slurm cluster: one task per rank (rank 0 federator, ranks 1..K clients).
+# fedmpi on a Slurm cluster: one task per rank (rank 0 federator, ranks 1..K clients;
+# one task: the centralized baseline on the whole training set, as in
+# configs/paper/sweeps/centralized.yaml).
 # Submit from the repository root (the job runs in the submit directory; relative CONFIG
 # and OUT_DIR paths are resolved there):
 #
@@ -14,7 +16,8 @@
 #   RUN_NAME      run folder name (default <job name>-<job id>: a requeued job keeps its id
 #                 and therefore its folder), a plain name without '/' or '..';
 #                 OUT_DIR (default runs) or RUN_DIR (full path)
-#   CLIENTS       expected number of clients K; the job must have K + 1 tasks
+#   CLIENTS       expected number of clients K; the job must have K + 1 tasks (K = 0: one
+#                 task, the centralized baseline)
 #   LAUNCHER      mpirun (default) | srun (needs an MPI built with PMIx/PMI support)
 #   MPIRUN        mpirun executable (default: mpirun from PATH)
 #   MPIRUN_FLAGS  extra mpirun flags. Open MPI binds each rank to one core by default; with
@@ -82,9 +85,9 @@ need_int() {
   fi
 }
 NTASKS=${SLURM_NTASKS:-${SLURM_NPROCS:-2}}
-need_int "NTASKS (SLURM_NTASKS: sbatch --ntasks, 1 federator + the clients)" "$NTASKS" 2
+need_int "NTASKS (SLURM_NTASKS: sbatch --ntasks, 1 federator + the clients)" "$NTASKS" 1
 CLIENTS=${CLIENTS:-$((NTASKS - 1))}
-need_int CLIENTS "$CLIENTS" 1
+need_int CLIENTS "$CLIENTS" 0
 if [ "$CLIENTS" -ne $((NTASKS - 1)) ]; then
   echo "fedmpi: CLIENTS=$CLIENTS needs --ntasks=$((CLIENTS + 1)), job has $NTASKS tasks" >&2
   exit 2
@@ -151,8 +154,10 @@ case "$LAUNCHER" in
   *) echo "fedmpi: LAUNCHER must be srun or mpirun, got '$LAUNCHER'" >&2; exit 2 ;;
 esac
 
+what="K=$CLIENTS"
+[ "$NTASKS" = 1 ] && what="the centralized baseline"
 echo "fedmpi: job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}" \
-     "| $NTASKS tasks (K=$CLIENTS) | config $CONFIG | run $RUN_DIR | launcher ${launch[*]}"
+     "| $NTASKS tasks ($what) | config $CONFIG | run $RUN_DIR | launcher ${launch[*]}"
 
 # Forward the checkpoint signal to the launcher, which passes it on to every rank
 # (Open MPI 5's mpirun and srun forward SIGUSR1 to the tasks; Open MPI 4's mpirun does

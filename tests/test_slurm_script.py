@@ -68,14 +68,15 @@ BAD = [
     ({"RUN_NAME": ".hidden"}, "RUN_NAME='.hidden'"),
     ({"RUN_NAME": "x..y"}, "RUN_NAME='x..y'"),
     ({"RUN_NAME": "<unset>", "SLURM_JOB_NAME": "../up"}, "RUN_NAME='../up-4242'"),
-    ({"CLIENTS": "two"}, "CLIENTS must be an integer >= 1, got 'two'"),
-    ({"CLIENTS": "2.0"}, "CLIENTS must be an integer >= 1, got '2.0'"),
-    ({"CLIENTS": "-2"}, "CLIENTS must be an integer >= 1, got '-2'"),
-    ({"CLIENTS": "0"}, "CLIENTS must be an integer >= 1, got '0'"),
-    ({"CLIENTS": "02"}, "CLIENTS must be an integer >= 1, got '02'"),
+    ({"CLIENTS": "two"}, "CLIENTS must be an integer >= 0, got 'two'"),
+    ({"CLIENTS": "2.0"}, "CLIENTS must be an integer >= 0, got '2.0'"),
+    ({"CLIENTS": "-2"}, "CLIENTS must be an integer >= 0, got '-2'"),
+    ({"CLIENTS": "0"}, "CLIENTS=0 needs --ntasks=1, job has 3 tasks"),
+    ({"CLIENTS": "02"}, "CLIENTS must be an integer >= 0, got '02'"),
     ({"CLIENTS": "3"}, "CLIENTS=3 needs --ntasks=4, job has 3 tasks"),
     ({"SLURM_NTASKS": "three"}, "NTASKS (SLURM_NTASKS"),
-    ({"SLURM_NTASKS": "1"}, "must be an integer >= 2, got '1'"),
+    ({"SLURM_NTASKS": "0"}, "must be an integer >= 1, got '0'"),
+    ({"SLURM_NTASKS": "1", "CLIENTS": "1"}, "CLIENTS=1 needs --ntasks=2, job has 1 tasks"),
     ({"SRUN_WAIT": "1m"}, "SRUN_WAIT must be an integer >= 0, got '1m'"),
     ({"SRUN_WAIT": "-5"}, "SRUN_WAIT must be an integer >= 0, got '-5'"),
     ({"REQUEUE": "yes"}, "REQUEUE must be 1 (requeue after a checkpoint signal) or 0, got 'yes'"),
@@ -107,6 +108,15 @@ def test_good_knobs_reach_the_launcher_inside_out_dir(box):
     assert run_dir.is_dir()
     assert tree(box["root"]) - before == {Path("calls.txt"), Path("calls.txt.cache"), Path("out"),
                                           Path("out/my-run_1.b")}
+
+
+def test_one_task_runs_the_centralized_baseline(box):
+    """--ntasks=1 (what fedmpi.sweep submits for K = 1): one rank, the centralized run."""
+    res = run_sh(box, "tests/configs/tiny.yaml", RUN_NAME="central", SLURM_NTASKS="1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 tasks (the centralized baseline)" in res.stdout
+    launch = box["calls"].read_text().splitlines()[-1].split()
+    assert launch[:2] == ["-n", "1"] and launch[2:5] == ["python", "-m", "fedmpi.train"]
 
 
 def test_run_dir_may_be_any_path(box):

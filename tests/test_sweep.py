@@ -444,6 +444,20 @@ def test_tiny_sweep_on_local_slurm(tmp_path):
         # a second submission finds every run finished
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0 and res.stdout.count("finished (2/2 rounds), skipped") == 4
+        # K = 1: the centralized baseline as a one-task job of slurm/run.sh
+        spec = write_spec(tmp_path / "central.yaml", name="central",
+                          overrides={"train.epochs": 1, "eval.extractor": "none"},
+                          grid={"clients": [1], "run.seed": [7]})
+        central = tmp_path / "central"
+        res = subprocess.run([*cmd[:3], str(spec), *cmd[4:6], "--out", str(central), *cmd[8:]],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        job = re.search(r"\(--ntasks=1\): submitted job (\d+)", res.stdout)
+        assert res.returncode == 0 and job, res.stdout + res.stderr
+        state = slurm.wait(int(job.group(1)), timeout=600)
+        text = slurm.output_path(int(job.group(1))).read_text(errors="replace")
+        assert state == "COMPLETED", text
+        assert "| 1 tasks (the centralized baseline) |" in text and "fedmpi centralized:" in text
+        assert report.run_progress(central / "K1-s7").finished
     res = cli("fedmpi.report", out, timeout=180)
     assert res.returncode == 0, res.stderr
     assert (out / "report/score_vs_params.png").is_file()
