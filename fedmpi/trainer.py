@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .diffusion import Diffusion
-from .unet import compile_unet
+from .unet import compile_unet, cudagraph_step
 
 
 def derive_seed(*parts: int) -> int:
@@ -360,6 +360,10 @@ class LocalTrainer:
             # An epoch's last, smaller batch runs eager: compiling (and graph-capturing) a
             # second batch shape costs minutes for one step per epoch.
             net = self.net if len(idx) == self.batch_size else self.model
+            # CUDA graphs: a new step, so the graphs may reuse the last step's memory. Marked
+            # explicitly, as the samplers do: once a sampler has marked a step, torch stops
+            # telling training steps apart by itself.
+            cudagraph_step(net)
             with self.autocast():
                 loss = self.diffusion.loss(net, x0, generator=dev_gen)
             self.optimizer.zero_grad(set_to_none=True)

@@ -234,8 +234,8 @@ def compile_unet(model: torch.nn.Module, mode: str = "default") -> torch.nn.Modu
     """torch.compile of the UNet (train.compile, train.compile_mode), for training and
     sampling alike. "reduce-overhead" replays each call's kernels as CUDA graphs: at batch
     128 the paper UNet's step is mostly kernel launches on an H100 (bench/speed.py); on a
-    CPU it is the default mode. Samplers begin a new graph step before each call of such a
-    module (`cudagraph_step`).
+    CPU it is the default mode. Samplers and training steps begin a new graph step before
+    each call of such a module (`cudagraph_step`).
 
     A model with `channels_last` set is compiled with inductor's channels-last layout
     forced: left to its heuristic, inductor keeps NCHW for this UNet (its decoder
@@ -256,7 +256,9 @@ def compile_unet(model: torch.nn.Module, mode: str = "default") -> torch.nn.Modu
 
 
 def cudagraph_step(model) -> None:
-    """Before each call of a sampling loop: a CUDA-graph compiled model may then overwrite
-    its previous output (the loop has consumed it) instead of keeping it alive."""
+    """Before each call of a sampling loop and each training step: a CUDA-graph compiled
+    model may then overwrite its previous outputs (consumed by then) instead of keeping
+    them alive. Once any step is marked this way, torch relies on the marks alone, so
+    every caller of such a module marks its steps."""
     if model in _CUDAGRAPH_MODULES:
         torch.compiler.cudagraph_mark_step_begin()

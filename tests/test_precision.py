@@ -57,18 +57,25 @@ def test_compiled_follows_the_eager_loss_curve(fp32_curve):
     assert ok, detail
 
 
-def test_compiled_net_sees_only_full_batches():
+def test_compiled_net_sees_only_full_batches(monkeypatch):
     """An epoch's last, smaller batch goes through the eager model, so a compiled UNet
-    is compiled (and CUDA-graph captured) for one batch shape only."""
+    is compiled (and CUDA-graph captured) for one batch shape only; each training call of
+    a CUDA-graph net begins a graph step (after a sampler has marked steps, torch no
+    longer tells training steps apart by itself)."""
+    from fedmpi.unet import _CUDAGRAPH_MODULES
     torch.manual_seed(0)
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     images = np.random.default_rng(0).integers(0, 255, (10, 1, 8, 8), dtype=np.uint8)
     t = LocalTrainer(model, Diffusion(timesteps=10), images, 4, 1e-3, torch.device("cpu"))
     seen = {"net": [], "model": []}
-    t.net = lambda x, t_: seen["net"].append(len(x)) or model(x, t_)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin",
+                        lambda: seen["net"].append("step"))
+    t.net = _Counting(model, None)
+    _CUDAGRAPH_MODULES.add(t.net)  # as compile_unet marks its reduce-overhead wrappers
+    t.net.register_forward_hook(lambda m, args, out: seen["net"].append(len(args[0])))
     model.register_forward_hook(lambda m, args, out: seen["model"].append(len(args[0])))
     t.run(seed=0, epochs=2)
-    assert seen["net"] == [4, 4, 4, 4]
+    assert seen["net"] == ["step", 4] * 4
     assert seen["model"] == [4, 4, 2, 4, 4, 2]  # the net's calls reach it too
 
 
