@@ -13,7 +13,8 @@
 #    and the GPU's busy share of a few steps (bench/speed.py --profile);
 # 3. a real round of the paper config with 6 ranks sharing the GPU (K = 5, E = 5,
 #    fed.backend mpi), baseline vs this checkout with its fastest variant of 2.,
-#    from metrics.jsonl (round 1 includes compilation; round 2 is the steady state);
+#    from metrics.jsonl (round 1 includes compilation; round 2 is the steady state, and
+#    trains after round 1's sampling: a 16-image grid every round);
 # 4. host<->device copies of one aggregation per method, counted with torch.profiler
 #    (bench/comm.py --count-copies, 3 ranks on the GPU, fed.backend mpi), after 3.;
 # 5. if time is left: the same 6-rank round under CUDA MPS (nvidia-cuda-mps-control).
@@ -69,7 +70,8 @@ rounds() {  # rounds NAME SRC_DIR NROUNDS [overrides...]: a 6-rank job, its metr
   rm -rf "$OUT/run_$name"
   (cd "$src" && "$MPIRUN" $MPI_FLAGS -n 6 "$PY" -m fedmpi.train \
      --config configs/paper/fmnist_full.yaml --fed.local_epochs=5 --fed.rounds="$n" \
-     --eval.extractor=none --eval.grid=0 --run.device="$DEV" --run-dir "$OUT/run_$name" \
+     --eval.extractor=none --eval.every=1 --eval.grid=16 --run.device="$DEV" \
+     --run-dir "$OUT/run_$name" \
      $ROUND_EXTRA "$@") \
     || return $?
   "$PY" - "$OUT/run_$name/metrics.jsonl" <<'EOF'
