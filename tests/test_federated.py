@@ -31,7 +31,8 @@ def test_aggregation_equals_numpy_fedavg(backend, world):
     res = mpirun(world, ["tests/mpi_scripts/aggregate_check.py", backend], timeout=180)
     assert res.returncode == 0, res.stdout + res.stderr
     for method in ("full", "usplit", "udec", "ulatdec"):
-        assert f"AGGREGATE OK {method}" in res.stdout
+        assert f"AGGREGATE OK {method}" in res.stdout.splitlines()
+        assert f"STAGED AGGREGATE OK {method}" in res.stdout  # through host buffers
     assert "NONFINITE OK" in res.stdout  # the federator's check of the averages
     if world == 4:  # 6 proper subgroups through a cache of 2: evicted, freed, rebuilt
         assert "GROUP CACHE OK" in res.stdout, res.stdout
