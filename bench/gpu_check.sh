@@ -13,8 +13,8 @@
 #    and the GPU's busy share of a few steps (bench/speed.py --profile);
 # 3. a real round of the paper config with 6 ranks sharing the GPU (K = 5, E = 5,
 #    fed.backend mpi), baseline vs this checkout with its fastest variant of 2.,
-#    from metrics.jsonl (round 1 includes compilation; round 2 is the steady state, and
-#    trains after round 1's sampling: a 16-image grid every round);
+#    from metrics.jsonl (round 1 includes compilation; round 2 is the steady state; as in
+#    the paper config no round samples: speed.py measures training after sampling);
 # 4. host<->device copies of one aggregation per method, counted with torch.profiler
 #    (bench/comm.py --count-copies, 3 ranks on the GPU, fed.backend mpi), after 3.;
 # 5. if time is left: the same 6-rank round under CUDA MPS (nvidia-cuda-mps-control).
@@ -29,7 +29,8 @@ OUT=${1:-bench/results/gpu}
 BASE=${2:-}
 PY=$(command -v "${PYTHON:-python3}") || { echo "no python: set PYTHON"; exit 2; }
 PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
-MPIRUN=${MPIRUN:-mpirun}
+MPIRUN=$(command -v "${MPIRUN:-mpirun}") || { echo "no mpirun: set MPIRUN"; exit 2; }
+MPIRUN=$(cd "$(dirname "$MPIRUN")" && pwd)/$(basename "$MPIRUN")  # the rounds run elsewhere
 BUDGET=${GPU_CHECK_BUDGET:-720}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) && rm -f "$OUT"/*.log
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
@@ -70,8 +71,7 @@ rounds() {  # rounds NAME SRC_DIR NROUNDS [overrides...]: a 6-rank job, its metr
   rm -rf "$OUT/run_$name"
   (cd "$src" && "$MPIRUN" $MPI_FLAGS -n 6 "$PY" -m fedmpi.train \
      --config configs/paper/fmnist_full.yaml --fed.local_epochs=5 --fed.rounds="$n" \
-     --eval.extractor=none --eval.every=1 --eval.grid=16 --run.device="$DEV" \
-     --run-dir "$OUT/run_$name" \
+     --eval.extractor=none --eval.grid=0 --run.device="$DEV" --run-dir "$OUT/run_$name" \
      $ROUND_EXTRA "$@") \
     || return $?
   "$PY" - "$OUT/run_$name/metrics.jsonl" <<'EOF'

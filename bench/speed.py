@@ -7,7 +7,8 @@ device's peak for that precision. FLOPs per image are counted once with
 `torch.utils.flop_counter` (forward + backward of the UNet at the batch used; about
 2.6 GFLOP per Fashion-MNIST training image for the paper model); the peak is taken
 from --peak-tflops or a table of known devices (printed, so you can check it).
-Sampling: DDIM-`--ddim-steps` images/s for `--samples` images in batches.
+Sampling: DDIM-`--ddim-steps` images/s for `--samples` images in batches; then training
+images/s again, after sampling (as a job's rounds after an evaluation).
 
     python bench/speed.py --device cuda                      # H100: paper UNet, batch 128
     python bench/speed.py --device cpu --batch 16 --steps 5 --samples 32   # this laptop
@@ -126,11 +127,16 @@ def measure(variant, args, cfg, device, diffusion, images, channels, size, flops
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sample_ips = n / (time.perf_counter() - t0)
-    print(f"{variant}: {ips:.0f} img/s train, {sample_ips:.1f} img/s DDIM-{args.ddim_steps} "
-          f"(batch {sample_batch}; sampling warm-up {warm_s:.1f} s)", flush=True)
     net.train()
+    # training again, as a job's rounds after an evaluation (CUDA graphs: the samplers
+    # mark graph steps, after which torch tells training steps apart only by marks)
+    after = t.run(seed=4, steps=args.steps)["images_per_s"]
+    print(f"{variant}: {ips:.0f} img/s train, {sample_ips:.1f} img/s DDIM-{args.ddim_steps} "
+          f"(batch {sample_batch}; sampling warm-up {warm_s:.1f} s); {after:.0f} img/s "
+          f"training after sampling", flush=True)
     return t, [variant, f"{ips:.0f}", f"{achieved:.2f}",
-            f"{achieved / peak:.1%}" if np.isfinite(peak) else "-", why, f"{sample_ips:.1f}"]
+            f"{achieved / peak:.1%}" if np.isfinite(peak) else "-", why, f"{sample_ips:.1f}",
+            f"{after:.0f}"]
 
 
 def main(argv=None) -> int:
@@ -189,10 +195,11 @@ def main(argv=None) -> int:
             rows.append(row)
         except Exception as e:  # one failing variant must not cost the others' figures
             print(f"{variant}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
-            rows.append([variant, "failed", "-", "-", "-", "-"])
+            rows.append([variant, "failed", "-", "-", "-", "-", "-"])
     print()
     print(C.markdown_table(["variant", "train img/s", "TFLOP/s", "of peak", "peak assumed",
-                            f"DDIM-{args.ddim_steps} img/s"], rows), flush=True)
+                            f"DDIM-{args.ddim_steps} img/s", "train img/s after sampling"],
+                           rows), flush=True)
     # profiles after every timing: the profiler leaves hooks that slow a later
     # launch-bound (eager) variant of the same process
     if args.profile and device.type == "cuda":
