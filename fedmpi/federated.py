@@ -170,8 +170,7 @@ class RoundStart:
     def save(self, trainer) -> None:
         if trainer.ema is not None:  # UDEC / ULATDEC clients' EMA of their local training
             trainer.ema.mark()
-        if trainer.scaler is not None:
-            self.scaler_state = trainer.scaler.state_dict()
+        self.scaler_state = trainer.scaler_state()
         with torch.no_grad():
             for r, t in self.flat.items():
                 self.weights[r].copy_(t)
@@ -193,8 +192,7 @@ class RoundStart:
     def restore(self, trainer) -> None:
         if trainer.ema is not None:
             trainer.ema.rollback()
-        if trainer.scaler is not None and self.scaler_state:
-            trainer.scaler.load_state_dict(self.scaler_state)
+        trainer.load_scaler_state(self.scaler_state)
         with torch.no_grad():
             for r, t in self.flat.items():
                 t.copy_(self.weights[r])
@@ -274,7 +272,7 @@ def _checkpoint(cfg, world, run_dir: Path, round_index: int, model, trainer, log
             # in federator.pt (FULL / USPLIT clients write no weights at all).
             obj = {"round": round_index, "client": world.rank,
                    "model": own_entries(model, cfg.fed.method), "optimizer": opt,
-                   "scaler": trainer.scaler.state_dict() if trainer.scaler else None}
+                   "scaler": trainer.scaler_state()}
         # the global model's EMA (FULL, USPLIT) is the same on every rank: stored once, by
         # the federator; a personal-model client's EMA of its local training is its own
         if ema is not None and (world.is_federator or personal_regions(cfg.fed.method)):
@@ -410,8 +408,8 @@ def _restore(world, run_dir: Path, round_index: int, model, trainer, device,
         ema.load_state_dict(ckpt["ema"])
     if trainer is not None and ckpt.get("optimizer") is not None:
         trainer.new_optimizer().load_state_dict(ckpt["optimizer"])
-    if trainer is not None and trainer.scaler is not None and ckpt.get("scaler"):
-        trainer.scaler.load_state_dict(ckpt["scaler"])  # fp16: the loss scale goes on
+    if trainer is not None:
+        trainer.load_scaler_state(ckpt.get("scaler"))  # fp16: the loss scale goes on
 
 
 def _report_errors(world, error: Optional[str], log) -> None:

@@ -64,8 +64,7 @@ def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
             raise ConfigError(f"cannot resume {run_dir}: its checkpoint does not fit this model "
                               f"(model.* changed?): {detail}") from None
         trainer.optimizer.load_state_dict(ckpt["optimizer"])
-        if trainer.scaler is not None and ckpt.get("scaler"):
-            trainer.scaler.load_state_dict(ckpt["scaler"])  # fp16: the loss scale goes on
+        trainer.load_scaler_state(ckpt.get("scaler"))  # fp16: the loss scale goes on
         if ema is not None:
             if ckpt.get("ema") is None:
                 raise ConfigError(f"cannot resume {run_dir}: its checkpoint holds no EMA weights "
@@ -88,7 +87,7 @@ def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
         obj = {"epoch": epoch, "step": step, "model": model.state_dict(),
                "optimizer": trainer.optimizer.state_dict(), "config": cfg.to_dict(),
                "rng": torch.get_rng_state(),
-               "scaler": trainer.scaler.state_dict() if trainer.scaler else None}
+               "scaler": trainer.scaler_state()}
         if ema is not None:
             obj["ema"] = ema.state_dict()
         return obj

@@ -296,6 +296,16 @@ class LocalTrainer:
         self.set_speed(train_cfg.precision, train_cfg.compile, train_cfg.channels_last,
                        train_cfg.compile_mode)
 
+    def scaler_state(self) -> Optional[dict]:
+        """fp16's loss scale and its growth count (None for bf16 / fp32): part of the
+        state a resumed or rolled-back run must continue from."""
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_scaler_state(self, state: Optional[dict]) -> None:
+        """Continue from `scaler_state()` (nothing to do without fp16 or a saved state)."""
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
     def autocast(self):
         """The autocast context of this trainer's precision (a no-op for fp32)."""
         return autocast_for(self.precision, self.device)

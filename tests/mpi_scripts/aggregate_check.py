@@ -90,7 +90,7 @@ if not staged:
     print(f"STAGING NOT EXERCISED rank {world.rank}", flush=True)
     world.abort(9)
 world.staged = staged_of
-world.backend.stages_on_host = type(world.backend).stages_on_host.__get__(world.backend)
+del world.backend.stages_on_host  # the backend's own method again
 Aggregator.zeros = zeros_of
 
 # A non-finite average (in a job: float32 overflow of finite uploads; here client 1 uploads
