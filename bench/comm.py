@@ -3,12 +3,12 @@ against plain, plus a byte check.
 
 What it measures (one launch = one world size W = 1 federator + K clients):
 for each method (full, usplit, udec, ulatdec) it runs R real aggregation rounds of
-`fedmpi.aggregate.Aggregator.exchange` (the code a run calls, not a copy) on the
+`fedmpi.fl.aggregate.Aggregator.exchange` (the code a run calls, not a copy) on the
 configured UNet (default: the paper's model, configs/paper/fmnist_full.yaml, 2,996,315
 parameters) and reports per round
 
 - the parameters and bytes moved, read from fedmpi's `Ledger` (client side, the rows a
-  run writes to comm.csv), checked against `fedmpi.ledger.analytical_rows` for every
+  run writes to comm.csv), checked against `fedmpi.fl.ledger.analytical_rows` for every
   method: `bytes check: PASS|FAIL`;
 - agg ms: wall time of the whole `exchange` call (what a run logs as agg_s: sub-
   communicator look-up, pack_upload, Reduce + Bcast, the federator's finiteness check,
@@ -178,7 +178,7 @@ def _release(world, specs):
 
 def floor_once(world, plan, raw) -> tuple[float, float]:
     """(raw collective seconds, communicator setup seconds) on this rank."""
-    from fedmpi.regions import REGIONS
+    from fedmpi.model.regions import REGIONS
     world.comm.Barrier()
     t0 = time.perf_counter()
     specs = _groups(world, plan, REGIONS)
@@ -206,8 +206,8 @@ def host_once(world, plan, agg, sizes) -> float:
     the federator's finiteness check of the average. `sizes`: every client's n_k.
     Seconds."""
     import torch
-    from fedmpi.methods import fedavg_weights, pack_upload
-    from fedmpi.regions import REGIONS, finite
+    from fedmpi.fl.methods import fedavg_weights, pack_upload
+    from fedmpi.model.regions import REGIONS, finite
     me, fed = world.client, world.is_federator
     world.comm.Barrier()
     t0 = time.perf_counter()
@@ -242,8 +242,8 @@ def secure_host_once(world, plan, sagg, n_k, round_index) -> float:
     its weights. CPU seconds of this process (wall time would count the waits for a core
     when ranks outnumber cores)."""
     import numpy as np
-    from fedmpi.regions import REGIONS
-    from fedmpi.secure import decode_average
+    from fedmpi.model.regions import REGIONS
+    from fedmpi.fl.secure import decode_average
     me, fed, sec = world.client, world.is_federator, sagg.secure
     world.comm.Barrier()
     t0 = time.process_time()
@@ -264,9 +264,9 @@ def secure_host_once(world, plan, sagg, n_k, round_index) -> float:
 
 def secure_refusal(method: str, K: int, rounds: int, seed: int, min_reporters: int):
     """Why fed.secure refuses this method at K clients (a region with one reporter), or None."""
-    from fedmpi.methods import make_plan
-    from fedmpi.regions import REGIONS
-    from fedmpi.secure import SecureAggError, check_reporters
+    from fedmpi.fl.methods import make_plan
+    from fedmpi.model.regions import REGIONS
+    from fedmpi.fl.secure import SecureAggError, check_reporters
     try:
         for r in range(1, rounds + 1):
             plan = make_plan(method, r, K, seed)
@@ -279,7 +279,7 @@ def secure_refusal(method: str, K: int, rounds: int, seed: int, min_reporters: i
 
 def ledger_check(world, ledger, method, K, rounds, sizes, seed, value_bytes):
     """(client rows gathered on rank 0, analytical rows, equal?) for this method's ledger."""
-    from fedmpi.ledger import FIELDS, analytical_rows, client_rows
+    from fedmpi.fl.ledger import FIELDS, analytical_rows, client_rows
     gathered = world.gather(ledger.dicts())
     if not world.is_federator:
         return None, None, True
@@ -294,15 +294,15 @@ def measure(args, overrides) -> int:
     import numpy as np
     import torch
 
-    from fedmpi.aggregate import Aggregator
-    from fedmpi.comm import World
+    from fedmpi.fl.aggregate import Aggregator
+    from fedmpi.dist.world import World
     from fedmpi.config import load_config
-    from fedmpi.ledger import FLOAT_BYTES, SECURE_VALUE_BYTES, Ledger
-    from fedmpi.methods import make_plan
-    from fedmpi.regions import bind_flat, region_sizes
-    from fedmpi.summary import model_shape
-    from fedmpi.trainer import derive_seed, pick_device, share_cpu_threads
-    from fedmpi.unet import build_unet
+    from fedmpi.fl.ledger import FLOAT_BYTES, SECURE_VALUE_BYTES, Ledger
+    from fedmpi.fl.methods import make_plan
+    from fedmpi.model.regions import bind_flat, region_sizes
+    from fedmpi.model.summary import model_shape
+    from fedmpi.train.trainer import derive_seed, pick_device, share_cpu_threads
+    from fedmpi.model.unet import build_unet
 
     world = World(args.backends[0])
     W, K = world.size, world.num_clients
@@ -319,14 +319,14 @@ def measure(args, overrides) -> int:
         channels, size = model_shape(cfg)
         torch.manual_seed(derive_seed(cfg.run.seed, 0xBE7C, world.rank))
         model = build_unet(cfg.model, channels, size).to(device)
-        bind_flat(model)  # as fedmpi.federated does
+        bind_flat(model)  # as fedmpi.train.loop does
         sizes = region_sizes(model)
         seed = cfg.run.seed
         trainer, n_k = None, float(100 + 10 * world.client)  # unequal client weights
         if args.local_steps and not world.is_federator:
             from fedmpi.data import load_client_data
-            from fedmpi.diffusion import Diffusion
-            from fedmpi.trainer import LocalTrainer
+            from fedmpi.model.diffusion import Diffusion
+            from fedmpi.train.trainer import LocalTrainer
             images, _ = load_client_data(cfg, world.client, K)
             trainer = LocalTrainer(model, Diffusion.from_config(cfg.diffusion), images,
                                    cfg.train.batch_size, cfg.train.lr, device)
@@ -744,7 +744,7 @@ def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     if args.sweep is not None:
         return sweep(args, overrides)
-    from fedmpi.comm import launched_by_mpi
+    from fedmpi.dist.world import launched_by_mpi
     if not launched_by_mpi():
         print("bench/comm.py: run it under an MPI launcher (mpirun -n 3 --oversubscribe "
               "python bench/comm.py --quick) or give --sweep 3,5,11 to launch itself",

@@ -44,7 +44,7 @@ def export(ref: str, dest: Path) -> Path:
 def one_job(code: Path, launcher: str, k: int, config: str, rounds: int, out: Path,
             overrides: list[str]) -> list[float]:
     """Fixed cost of rounds 2..R of one job (seconds)."""
-    from fedmpi.metrics import read_jsonl
+    from fedmpi.store.metrics import read_jsonl
     if out.exists():
         shutil.rmtree(out)
     # each code with its own copy of the config (the baseline's schema is older)

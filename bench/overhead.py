@@ -2,7 +2,7 @@
 split of a real federated round's time.
 
 1. Throughput (one process, no MPI): images/s of one client round through
-   `fedmpi.trainer.LocalTrainer` exactly as `run_federated` drives it on a client (the
+   `fedmpi.train.trainer.LocalTrainer` exactly as `run_federated` drives it on a client (the
    round-start copy of the regions it never gets back (`federated.RoundStart`; none for
    FULL), Adam zeroed in place when fed.reset_optimizer, the trainer's shuffled on-device
    batching, uint8 -> [-1, 1] scaling, seeded generators, loss
@@ -147,9 +147,9 @@ class FedmpiClientRound:
     kept across rounds), Adam zeroed in place when fed.reset_optimizer."""
 
     def __init__(self, trainer, cfg):
-        from fedmpi.federated import RoundStart
-        from fedmpi.methods import personal_regions
-        from fedmpi.regions import bind_flat
+        from fedmpi.train.loop import RoundStart
+        from fedmpi.fl.methods import personal_regions
+        from fedmpi.model.regions import bind_flat
         self.trainer, self.cfg, self.round = trainer, cfg, 0
         flat = bind_flat(trainer.model)  # as the Aggregator binds a client's model
         self.start = RoundStart({r: flat[r] for r in personal_regions(cfg.fed.method)},
@@ -159,7 +159,7 @@ class FedmpiClientRound:
         self.start.save(self.trainer)
 
     def run(self, steps: int) -> tuple[int, float, dict]:
-        from fedmpi.trainer import derive_seed
+        from fedmpi.train.trainer import derive_seed
         self.round += 1
         t = self.trainer
         start = time.perf_counter()
@@ -178,10 +178,10 @@ def client_trainer(args, cfg, device):
     import torch
 
     from fedmpi.data import load_arrays
-    from fedmpi.diffusion import Diffusion
-    from fedmpi.summary import model_shape
-    from fedmpi.trainer import LocalTrainer, derive_seed
-    from fedmpi.unet import build_unet
+    from fedmpi.model.diffusion import Diffusion
+    from fedmpi.model.summary import model_shape
+    from fedmpi.train.trainer import LocalTrainer, derive_seed
+    from fedmpi.model.unet import build_unet
     channels, size = model_shape(cfg)
     if args.synthetic:
         images = np.random.default_rng(0).integers(0, 256, (args.images, channels, size, size),
@@ -334,7 +334,7 @@ RELAY_MODES = (("off", 0.0), ("on", 2.0), ("stress", 0.01))  # run.progress_ever
 
 def relay_worker(args, cfg, device) -> int:
     """Under mpirun -n 2: rank 1 trains rounds with each relay mode, rank 0 receives."""
-    from fedmpi.comm import ProgressRelay, World
+    from fedmpi.dist.world import ProgressRelay, World
     world = World()
     relays = {name: ProgressRelay(world, every) for name, every in RELAY_MODES}
     trainer = client_trainer(args, cfg, device) if world.rank == 1 else None
@@ -444,7 +444,7 @@ def short_run(args, overrides) -> Path:
 
 
 def round_split(run_dir: Path) -> dict:
-    from fedmpi.metrics import read_jsonl
+    from fedmpi.store.metrics import read_jsonl
     rows = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r.get("kind") == "round"]
     if not rows:
         raise SystemExit(f"{run_dir}/metrics.jsonl has no round rows")
@@ -491,7 +491,7 @@ def main(argv=None) -> int:
     import torch
 
     from fedmpi.config import load_config
-    from fedmpi.trainer import pick_device
+    from fedmpi.train.trainer import pick_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

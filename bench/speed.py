@@ -84,8 +84,8 @@ def profile_steps(trainer, variant: str, steps: int = 3) -> None:
 def measure(variant, args, cfg, device, diffusion, images, channels, size, flops) -> list:
     """One variant's training and sampling speed: its row of the table."""
     import fedmpi
-    from fedmpi.trainer import LocalTrainer
-    from fedmpi.unet import build_unet
+    from fedmpi.train.trainer import LocalTrainer
+    from fedmpi.model.unet import build_unet
     precision = "bf16" if "bf16" in variant else "fp16" if "fp16" in variant else "fp32"
     torch.manual_seed(0)
     model = build_unet(cfg.model, channels, size).to(device)
@@ -168,10 +168,10 @@ def main(argv=None) -> int:
 
     from fedmpi.config import load_config
     from fedmpi.data import load_arrays
-    from fedmpi.diffusion import Diffusion
-    from fedmpi.summary import model_shape
-    from fedmpi.trainer import pick_device
-    from fedmpi.unet import build_unet
+    from fedmpi.model.diffusion import Diffusion
+    from fedmpi.model.summary import model_shape
+    from fedmpi.train.trainer import pick_device
+    from fedmpi.model.unet import build_unet
 
     cfg = load_config(args.config)
     device = pick_device(args.device)

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def load_states(run_dir: Path, round_index: int, clients: int):
     """(federator state dict, [client state dicts]) of a federated run's checkpoint."""
     import torch
-    from fedmpi.checkpoint import checkpoint_dir
-    from fedmpi.checkpoint import client_state
+    from fedmpi.store.checkpoint import checkpoint_dir
+    from fedmpi.store.checkpoint import client_state
     d = checkpoint_dir(run_dir, round_index)
     fed = torch.load(d / "federator.pt", weights_only=True)["model"]
     clients_ = [client_state(d, f"client_{k + 1:03d}.pt")[0] for k in range(clients)]

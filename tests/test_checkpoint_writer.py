@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from fedmpi.atomic import DiskError, sha256_file
-from fedmpi.checkpoint import BackgroundWriter, atomic_save, load_checkpoint
+from fedmpi.store.atomic import DiskError, sha256_file
+from fedmpi.store.checkpoint import BackgroundWriter, atomic_save, load_checkpoint
 
 
 def test_jobs_run_in_order_in_one_thread_once_started(tmp_path):

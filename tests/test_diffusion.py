@@ -1,4 +1,4 @@
-"""DDPM / DDIM (fedmpi.diffusion) against formulas computed independently here."""
+"""DDPM / DDIM (fedmpi.model.diffusion) against formulas computed independently here."""
 import math
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedmpi.diffusion import Diffusion, cosine_betas, linear_betas
+from fedmpi.model.diffusion import Diffusion, cosine_betas, linear_betas
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -18,8 +18,8 @@ import time
 import pytest
 import torch
 
-from fedmpi.checkpoint import MARKER, checkpoint_dir, latest_complete, verify
-from fedmpi.ledger import read_csv
+from fedmpi.store.checkpoint import MARKER, checkpoint_dir, latest_complete, verify
+from fedmpi.fl.ledger import read_csv
 
 from mpihelp import ROOT, load_states, mpi_env, mpirun, mpirun_path, train
 
@@ -110,7 +110,7 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, one_round_run):
     target = checkpoint_dir(run, 1) / "federator.pt"
     _evil_checkpoint(target, marker)
     # an attacker who can write the file can also fix the recorded hash
-    from fedmpi.atomic import sha256_file
+    from fedmpi.store.atomic import sha256_file
     rec = json.loads((checkpoint_dir(run, 1) / MARKER).read_text())
     rec["files"]["federator.pt"] = sha256_file(target)
     (checkpoint_dir(run, 1) / MARKER).write_text(json.dumps(rec))
@@ -271,7 +271,7 @@ def test_stalled_rank_times_out(tmp_path):
 def test_bad_config_file_is_refused_before_any_work(tmp_path, capsys, text, message):
     # the CLI's main() in this process (no MPI launcher: rank 0's own config check, what
     # `python -m fedmpi.train` runs and exits with), not a fresh interpreter per case
-    from fedmpi.train import main
+    from fedmpi.cli.train import main
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
     rc = main(["--config", str(cfg), "--run-dir", str(tmp_path / "run")])

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from fedmpi.checkpoint import checkpoint_dir, latest_complete
-from fedmpi.ledger import analytical_rows, read_csv, summarize
-from fedmpi.regions import REGIONS
+from fedmpi.store.checkpoint import checkpoint_dir, latest_complete
+from fedmpi.fl.ledger import analytical_rows, read_csv, summarize
+from fedmpi.model.regions import REGIONS
 
 from mpihelp import ROOT, load_states, mpi_env, mpirun, mpirun_path, train
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from fedmpi.config import DataCfg, EvalCfg
-from fedmpi.extractors import (INCEPTION_FILE, INCEPTION_URL, InceptionExtractor,
+from fedmpi.eval.extractors import (INCEPTION_FILE, INCEPTION_URL, InceptionExtractor,
                                MissingWeightsError, build_extractor, build_fid_inception_net,
                                check_inception_weights, classifier_cache_path, compute_stats,
                                data_digest, load_or_train_classifier, reference_stats)
-from fedmpi.fid import FeatureStats, class_distribution, frechet_distance, frechet_distance_stats
+from fedmpi.eval.fid import FeatureStats, class_distribution, frechet_distance, frechet_distance_stats
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
@@ -184,7 +184,7 @@ def test_classifier_accuracy_and_cache(classifier, classifier_cache, fmnist):
     assert torch.load(path, weights_only=True)["accuracy"] == classifier.accuracy
     # The cache is used: no training, and the network is the same.
     cfg = EvalCfg(extractor="classifier", cache_dir=str(classifier_cache))
-    with mock.patch("fedmpi.extractors.train_classifier", side_effect=AssertionError("trained")):
+    with mock.patch("fedmpi.eval.extractors.train_classifier", side_effect=AssertionError("trained")):
         again = build_extractor(cfg, "fashion_mnist", lambda: (fmnist[2], fmnist[3]), "cpu")
     assert again.key == classifier.key and again.accuracy == classifier.accuracy
     x = fmnist[2][:64]

@@ -1,4 +1,4 @@
-"""Communication counting (fedmpi.ledger): the paper's table derived from its counting
+"""Communication counting (fedmpi.fl.ledger): the paper's table derived from its counting
 rule, the "moved" rule, the byte ledger, and `python -m fedmpi.comm`."""
 import os
 import re
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fedmpi import ledger
-from fedmpi.ledger import Ledger, analytical_rows, comparison, summarize
-from fedmpi.regions import REGIONS
+import fedmpi.fl.ledger as ledger
+from fedmpi.fl.ledger import Ledger, analytical_rows, comparison, summarize
+from fedmpi.model.regions import REGIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 # The paper's Fashion-MNIST region sizes.
@@ -77,7 +77,7 @@ def test_bytes_carry_one_float_per_uploaded_region():
 
 @pytest.mark.parametrize("k", [3, 5, 7])
 def test_usplit_odd_k_rows_follow_the_plan(k):
-    from fedmpi.methods import make_plan
+    from fedmpi.fl.methods import make_plan
     r = 4
     rows = analytical_rows("usplit", k, r, SIZES, seed=11)
     for rnd in range(1, r + 1):

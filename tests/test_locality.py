@@ -22,8 +22,8 @@ import torch
 
 from fedmpi.config import ConfigError, DataCfg, EvalCfg, load_config
 from fedmpi.data import IDX_FILES, DataError, load_arrays, to_float, write_idx
-from fedmpi.evaluate import Evaluator
-from fedmpi.extractors import (CLASSIFIER_SETTINGS, _settings_hash, build_extractor,
+from fedmpi.eval.evaluate import Evaluator
+from fedmpi.eval.extractors import (CLASSIFIER_SETTINGS, _settings_hash, build_extractor,
                                classifier_cache_path, data_digest, holdout_split,
                                load_classifier_weights)
 from mpihelp import ROOT, mpirun

@@ -1,12 +1,12 @@
-"""Round plans for FULL / USPLIT / UDEC / ULATDEC and FedAvg (fedmpi.methods)."""
+"""Round plans for FULL / USPLIT / UDEC / ULATDEC and FedAvg (fedmpi.fl.methods)."""
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from fedmpi.methods import (METHODS, Plan, fedavg, fedavg_weights, make_plan, pack_upload,
+from fedmpi.fl.methods import (METHODS, Plan, fedavg, fedavg_weights, make_plan, pack_upload,
                             personal_regions, usplit_assignment)
-from fedmpi.regions import REGIONS
+from fedmpi.model.regions import REGIONS
 
 ALL = frozenset(REGIONS)
 ENC, BOT, DEC = "encoder", "bottleneck", "decoder"

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmpi.partition import (client_table, format_table, plot_report, save_report_json,
+from fedmpi.data.partition import (client_table, format_table, plot_report, save_report_json,
                               split_indices)
 
 FMNIST_LABELS = Path("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz")

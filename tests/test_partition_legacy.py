@@ -11,7 +11,7 @@ import pytest
 
 from fedmpi.config import ConfigError, DataCfg, load_config
 from fedmpi.data import DataError, compute_split, load_arrays, load_client_data, main
-from fedmpi.partition import split_indices
+from fedmpi.data.partition import split_indices
 
 SEED = 2023
 BETA = 0.5

@@ -50,7 +50,7 @@ def assert_image(path) -> None:
 # ---------------------------------------------------------------- plot
 
 def test_plot_cli_writes_every_png(udec_run):
-    res = cli("fedmpi.plot", udec_run)
+    res = cli("fedmpi.analysis.plot", udec_run)
     assert res.returncode == 0, res.stdout + res.stderr
     out = udec_run / "plots"
     name = udec_run.name
@@ -63,7 +63,7 @@ def test_plot_cli_writes_every_png(udec_run):
 
 
 def test_plot_several_runs_default_out_and_data(udec_run, tmp_path, monkeypatch, capsys):
-    from fedmpi import plot
+    import fedmpi.analysis.plot as plot
     other = tmp_path / "copy"
     other.mkdir()
     for f in ("config.yaml", "metrics.jsonl", "eval.csv", "comm.csv"):
@@ -79,7 +79,7 @@ def test_plot_several_runs_default_out_and_data(udec_run, tmp_path, monkeypatch,
     # cumulative client bytes: round 0 = the full model to both clients, then UDEC's decoder
     # up (with its weight) and down for both clients every round
     from fedmpi.config import load_config
-    from fedmpi.summary import model_region_sizes
+    from fedmpi.model.summary import model_region_sizes
     sizes = model_region_sizes(load_config(udec_run / "config.yaml"))
     r0 = 2 * 4 * sum(sizes.values())
     per_round = 2 * (4 * (sizes["decoder"] + 1) + 4 * sizes["decoder"])
@@ -91,7 +91,7 @@ def test_plot_several_runs_default_out_and_data(udec_run, tmp_path, monkeypatch,
 
 
 def test_plot_rejects_a_folder_that_is_not_a_run(tmp_path):
-    res = cli("fedmpi.plot", tmp_path)
+    res = cli("fedmpi.analysis.plot", tmp_path)
     assert res.returncode == 2
     assert "not a fedmpi run folder" in res.stderr and "Traceback" not in res.stderr
 
@@ -99,7 +99,7 @@ def test_plot_rejects_a_folder_that_is_not_a_run(tmp_path):
 # ---------------------------------------------------------------- evaluate
 
 def test_evaluate_rescores_personal_models(udec_run):
-    res = cli("fedmpi.evaluate", udec_run, "--num-samples", 16)
+    res = cli("fedmpi.eval.evaluate", udec_run, "--num-samples", 16)
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [line.split() for line in res.stdout.splitlines()]
     assert [cells[0] for cells in lines if cells and cells[0] in ("1", "2", "mean", "std")] \
@@ -123,7 +123,7 @@ def test_evaluate_rescores_personal_models(udec_run):
 
 
 def test_evaluate_bad_round_and_folder(udec_run, tmp_path, capsys):
-    from fedmpi.evaluate import main
+    from fedmpi.eval.evaluate import main
     assert main([str(udec_run), "--round", "9"]) == 2
     assert "complete: 1, 2" in capsys.readouterr().err
     assert main([str(tmp_path)]) == 2
@@ -132,7 +132,7 @@ def test_evaluate_bad_round_and_folder(udec_run, tmp_path, capsys):
 
 def test_evaluate_inception_without_weights_fails_first(udec_run, tmp_path):
     env = dict(mpi_env(), TORCH_HOME=str(tmp_path / "torch"))  # an empty hub cache
-    res = cli("fedmpi.evaluate", udec_run, "--extractor", "inception", env=env)
+    res = cli("fedmpi.eval.evaluate", udec_run, "--extractor", "inception", env=env)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "pt_inception-2015-12-05-6726825d.pth" in res.stdout + res.stderr
     assert "re-scoring" not in res.stdout  # failed before loading or sampling anything

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fedmpi.config import load_config
-from fedmpi.diffusion import Diffusion
-from fedmpi.trainer import LocalTrainer
-from fedmpi.unet import UNet
+from fedmpi.model.diffusion import Diffusion
+from fedmpi.train.trainer import LocalTrainer
+from fedmpi.model.unet import UNet
 
 STEPS = 30
 
@@ -62,7 +62,7 @@ def test_compiled_net_sees_only_full_batches(monkeypatch):
     is compiled (and CUDA-graph captured) for one batch shape only; each training call of
     a CUDA-graph net begins a graph step (after a sampler has marked steps, torch no
     longer tells training steps apart by itself)."""
-    from fedmpi.unet import _CUDAGRAPH_MODULES
+    from fedmpi.model.unet import _CUDAGRAPH_MODULES
     torch.manual_seed(0)
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     images = np.random.default_rng(0).integers(0, 255, (10, 1, 8, 8), dtype=np.uint8)
@@ -111,7 +111,7 @@ def test_grad_clip_bounds_every_step_gradient(precision):
 
 def _samples(precision):
     import dataclasses
-    from fedmpi.evaluate import Evaluator
+    from fedmpi.eval.evaluate import Evaluator
     cfg = load_config("tests/configs/tiny.yaml", ["--eval.extractor=none", "--eval.ddim_steps=5",
                                                   f"--train.precision={precision}"])
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=8, dim_mults=(1, 2)))
@@ -150,7 +150,7 @@ def test_compile_options_follow_mode_and_channels_last():
     """compile_unet hands torch.compile its mode's inductor options, plus the forced
     channels-last layout when the model computes NHWC (inductor's heuristic would keep
     this UNet NCHW: a transpose around every convolution on a GPU)."""
-    from fedmpi.unet import compile_unet
+    from fedmpi.model.unet import compile_unet
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     plain = compile_unet(model).get_compiler_config()
     graphs = compile_unet(model, "reduce-overhead").get_compiler_config()
@@ -165,7 +165,7 @@ def test_cuda_graph_compile_mode_marks_the_model_for_samplers(monkeypatch):
     """train.compile_mode: reduce-overhead (and max-autotune) compile the UNet with CUDA
     graphs; the samplers then begin a new graph step before each call (and only for such a model)."""
     from fedmpi.config import ConfigError
-    from fedmpi.unet import _CUDAGRAPH_MODULES, compile_unet, cudagraph_step
+    from fedmpi.model.unet import _CUDAGRAPH_MODULES, compile_unet, cudagraph_step
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     steps = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))

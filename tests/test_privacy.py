@@ -1,4 +1,4 @@
-"""fedmpi.privacy: clipping, noise calibration, the DP average and the accountant."""
+"""fedmpi.fl.privacy: clipping, noise calibration, the DP average and the accountant."""
 import math
 
 import dp_accounting
@@ -7,8 +7,8 @@ import pytest
 from dp_accounting import rdp
 from scipy import stats
 
-from fedmpi import privacy
-from fedmpi.privacy import PrivacyError
+import fedmpi.fl.privacy as privacy
+from fedmpi.fl.privacy import PrivacyError
 
 
 # --- (d) clipping --------------------------------------------------------------------

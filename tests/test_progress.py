@@ -1,5 +1,5 @@
-"""Live progress (fedmpi.progress, fedmpi.comm.ProgressRelay) and the short-run recipe of
-fedmpi.trainer (LR schedule, EMA) in real federated jobs: progress lines in a batch log,
+"""Live progress (fedmpi.train.progress, fedmpi.dist.world.ProgressRelay) and the short-run recipe of
+fedmpi.train.trainer (LR schedule, EMA) in real federated jobs: progress lines in a batch log,
 train.log_every step rows, one client numbering (1..K) everywhere, EMA saved and resumed
 bit-exactly."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ import shutil
 import pytest
 import torch
 
-from fedmpi.checkpoint import checkpoint_dir
-from fedmpi.progress import Progress, RoundProgress
-from fedmpi.trainer import LRSchedule
+from fedmpi.store.checkpoint import checkpoint_dir
+from fedmpi.train.progress import Progress, RoundProgress
+from fedmpi.train.trainer import LRSchedule
 
 from mpihelp import mpirun, train
 

@@ -6,11 +6,11 @@ import numpy as np
 import torch
 
 from fedmpi.config import load_config
-from fedmpi.diffusion import Diffusion
-from fedmpi.federated import RoundStart
-from fedmpi.regions import bind_flat
-from fedmpi.trainer import LocalTrainer
-from fedmpi.unet import UNet
+from fedmpi.model.diffusion import Diffusion
+from fedmpi.train.loop import RoundStart
+from fedmpi.model.regions import bind_flat
+from fedmpi.train.trainer import LocalTrainer
+from fedmpi.model.unet import UNet
 
 
 def _trainer(seed=0):
@@ -72,8 +72,8 @@ def test_round_start_before_the_first_step_forgets_later_state():
 def test_client_checkpoint_entries_are_its_personal_regions():
     """own_entries builds a client's file from its personal submodules alone: the same
     entries as filtering the whole state dict, the same tensors (no copies)."""
-    from fedmpi.federated import own_entries
-    from fedmpi.methods import METHODS, personal_regions
+    from fedmpi.train.loop import own_entries
+    from fedmpi.fl.methods import METHODS, personal_regions
     model = _trainer().model
     full = model.state_dict()
     for method in METHODS:
@@ -86,8 +86,8 @@ def test_client_checkpoint_entries_are_its_personal_regions():
 
 def test_region_send_buffer_is_the_weights_plus_one_value():
     """The in-place upload: packing the send buffer scales the model's own weights."""
-    from fedmpi.methods import pack_upload
-    from fedmpi.regions import REGIONS, region_send_buffer, region_tensor
+    from fedmpi.fl.methods import pack_upload
+    from fedmpi.model.regions import REGIONS, region_send_buffer, region_tensor
     model = _trainer().model
     for region in REGIONS:
         flat, send = region_tensor(model, region), region_send_buffer(model, region)

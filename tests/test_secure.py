@@ -1,4 +1,4 @@
-"""fedmpi.secure without a transport: W clients simulated in one process.
+"""fedmpi.fl.secure without a transport: W clients simulated in one process.
 
 The SUM reduce is np.sum over the stacked uint64 uploads (wraps modulo 2^64, as
 MPI.UINT64_T / SUM does). Keys come from a seeded generator so every statistic below
@@ -9,9 +9,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy.stats import chisquare
 
-from fedmpi import methods, secure
-from fedmpi.regions import REGIONS
-from fedmpi.secure import DEFAULT_FRAC_BITS, SecureAggError, SecureAggregator
+import fedmpi.fl.methods as methods
+
+import fedmpi.fl.secure as secure
+from fedmpi.model.regions import REGIONS
+from fedmpi.fl.secure import DEFAULT_FRAC_BITS, SecureAggError, SecureAggregator
 
 RUN = "run-test"
 
@@ -233,7 +235,7 @@ def test_ring_of_neighbours_cancels_and_is_symmetric():
 # --- set-up checks of a run (pure: every rank runs them identically) -------------------
 
 def test_secure_plans_checked_for_every_round_at_setup():
-    from fedmpi.aggregate import check_secure_plans
+    from fedmpi.fl.aggregate import check_secure_plans
     from fedmpi.config import ConfigError, load_config
 
     def cfg(method, **more):
@@ -277,7 +279,8 @@ def test_fedavg_upload_scales_without_a_float_copy():
 
 def test_analytical_table_knows_the_secure_upload_width(capsys):
     """The ledger's expectation for fed.secure: uploads 8 * (P + 1), downloads 4 * P."""
-    from fedmpi import comm, ledger
+    import fedmpi.dist.world as comm
+    import fedmpi.fl.ledger as ledger
     sizes = {"encoder": 100, "bottleneck": 50, "decoder": 70}
     plain = ledger.analytical_rows("ulatdec", 3, 2, sizes, 0)
     wide = ledger.analytical_rows("ulatdec", 3, 2, sizes, 0, ledger.SECURE_VALUE_BYTES)

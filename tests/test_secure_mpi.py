@@ -16,10 +16,10 @@ import json
 import numpy as np
 import pytest
 
-from fedmpi import privacy
-from fedmpi.ledger import client_rows, read_csv
-from fedmpi.regions import REGIONS
-from fedmpi.secure import DEFAULT_FRAC_BITS
+import fedmpi.fl.privacy as privacy
+from fedmpi.fl.ledger import client_rows, read_csv
+from fedmpi.model.regions import REGIONS
+from fedmpi.fl.secure import DEFAULT_FRAC_BITS
 
 from mpihelp import load_states, mpirun, train
 

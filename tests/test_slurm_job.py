@@ -150,7 +150,7 @@ def wait_requeued_and_done(slurm: LocalSlurm, job_id: int, timeout: float) -> li
 
 
 def check_run_folder(run_dir: Path, rounds: int) -> None:
-    from fedmpi.checkpoint import complete_checkpoints
+    from fedmpi.store.checkpoint import complete_checkpoints
     assert rounds_logged(run_dir) == list(range(1, rounds + 1))
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "comm.csv").is_file()
@@ -275,7 +275,7 @@ def preempted(slurm: LocalSlurm, tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("launcher", ["mpirun", "srun"])
 def test_checkpoint_signal_requeue_resume(preempted: dict, launcher: str):
-    from fedmpi.ledger import read_csv
+    from fedmpi.fl.ledger import read_csv
     if launcher not in preempted["jobs"]:
         pytest.skip("libpmix.so for slurm's mpi/pmix plugin not installed (libpmix-dev)")
     j = preempted["jobs"][launcher]

@@ -1,6 +1,6 @@
 """slurm/run.sh knob validation, without a Slurm cluster: the script runs under plain bash
 with SLURM_* set by hand and MPIRUN pointing at a fake launcher that records its calls and
-creates the --run-dir it is given (as fedmpi.train would). A bad knob must stop the script
+creates the --run-dir it is given (as fedmpi.cli.train would). A bad knob must stop the script
 with exit 2 and a message naming it before the launcher is called or any folder is made;
 a good set of knobs must reach the launcher with the run folder inside OUT_DIR.
 (tests/test_slurm_job.py runs the same script end to end on a real local Slurm.)"""
@@ -19,7 +19,7 @@ KNOBS = ("CONFIG", "RUN_NAME", "RUN_DIR", "OUT_DIR", "CLIENTS", "LAUNCHER", "MPI
          "TORCHINDUCTOR_CACHE_DIR")
 
 FAKE_MPIRUN = """#!/bin/bash
-# Records each call; for a launch, creates the --run-dir like fedmpi.train would.
+# Records each call; for a launch, creates the --run-dir like fedmpi.cli.train would.
 echo "$*" >> "{calls}"
 echo "${{TORCHINDUCTOR_CACHE_DIR:-unset}}" > "{calls}.cache"
 [ "$1" = --version ] && {{ echo "fake launcher"; exit 0; }}
@@ -111,7 +111,7 @@ def test_good_knobs_reach_the_launcher_inside_out_dir(box):
 
 
 def test_one_task_runs_the_centralized_baseline(box):
-    """--ntasks=1 (what fedmpi.sweep submits for K = 1): one rank, the centralized run."""
+    """--ntasks=1 (what fedmpi.analysis.sweep submits for K = 1): one rank, the centralized run."""
     res = run_sh(box, "tests/configs/tiny.yaml", RUN_NAME="central", SLURM_NTASKS="1")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "1 tasks (the centralized baseline)" in res.stdout

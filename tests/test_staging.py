@@ -1,10 +1,10 @@
-"""Host staging of device tensors (fedmpi.comm) without a GPU: a "meta" tensor stands
+"""Host staging of device tensors (fedmpi.dist.world) without a GPU: a "meta" tensor stands
 in for a CUDA tensor (it has no values, so any copy of its values to the host raises),
 and a recording stand-in for the communicator takes the MPI calls."""
 import numpy as np
 import torch
 
-from fedmpi.comm import MPIBackend, World
+from fedmpi.dist.world import MPIBackend, World
 
 
 class _Handle:

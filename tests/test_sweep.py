@@ -1,12 +1,12 @@
-"""Experiment grids (fedmpi.sweep) and the paper's tables (fedmpi.report).
+"""Experiment grids (fedmpi.analysis.sweep) and the paper's tables (fedmpi.analysis.report).
 
 * Unit: spec expansion, run names, validation before anything is written, the dry-run
-  table (world sizes and bytes against fedmpi.ledger.comparison), refusing a folder that
+  table (world sizes and bytes against fedmpi.fl.ledger.comparison), refusing a folder that
   holds results of another config, the mpirun and sbatch command lines (a stand-in
   sbatch / squeue on PATH records what a submission passes), report cells.
 * End to end (real mpirun): tests/configs/sweep_tiny.yaml (FULL, UDEC x IID, label skew,
   K = 2, 2 rounds of 2 local steps, 16 samples scored with the offline classifier) with
-  `--launcher local`; `fedmpi.report` on it (markdown, CSV, PNG); an interrupted run is
+  `--launcher local`; `fedmpi.analysis.report` on it (markdown, CSV, PNG); an interrupted run is
   reported incomplete, and a rerun skips the finished runs and resumes it; K = 1 runs the
   centralized baseline in one process and a failing run fails the sweep after the others.
 * Slurm (marked `slurm`): the tiny sweep submitted with `--launcher slurm` to the local
@@ -31,8 +31,10 @@ import numpy as np
 import pytest
 import yaml
 
-from fedmpi import report, sweep
-from fedmpi.checkpoint import checkpoint_dir
+import fedmpi.analysis.report as report
+
+import fedmpi.analysis.sweep as sweep
+from fedmpi.store.checkpoint import checkpoint_dir
 from fedmpi.config import load_config
 
 from mpihelp import ROOT, mpi_env
@@ -122,7 +124,7 @@ def test_invalid_spec_fails_whole_sweep_naming_the_run(tmp_path, grid, overrides
 
 def test_cli_refuses_an_invalid_run_before_writing_anything(tmp_path):
     spec = write_spec(tmp_path / "bad.yaml", grid={"clients": [2], "fed.method": ["full", "fulll"]})
-    res = cli("fedmpi.sweep", spec, "--launcher", "local", "--out", tmp_path / "out", timeout=120)
+    res = cli("fedmpi.analysis.sweep", spec, "--launcher", "local", "--out", tmp_path / "out", timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stderr.startswith(f"error: {spec}: run 'K2-fulll' (clients=2, fed.method=fulll): "), res.stderr
     assert "with the sweep's overrides" in res.stderr and res.stdout == ""
@@ -141,8 +143,8 @@ def test_spec_errors(tmp_path):
 
 
 def test_dry_run_lists_world_sizes_and_analytical_bytes(capsys):
-    from fedmpi.ledger import comparison
-    from fedmpi.summary import model_region_sizes
+    from fedmpi.fl.ledger import comparison
+    from fedmpi.model.summary import model_region_sizes
     assert sweep.main([str(PAPER_SWEEPS / "main_table.yaml"), "--dry-run", "--out", "/nonexistent/x"]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines()
@@ -188,7 +190,7 @@ def test_local_command_lines(tmp_path):
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     many = ["--oversubscribe"] if 6 > len(os.sched_getaffinity(0)) else []
     assert cmds[2] == [mpirun, *root, *many, "--bind-to", "none", "-n", "6", "PY", "-m",
-                       "fedmpi.train", "--run-dir", str(tmp_path / "o/K5")]
+                       "fedmpi.cli.train", "--run-dir", str(tmp_path / "o/K5")]
     assert cmds[1][cmds[1].index("-n") + 1] == "3"
 
 
@@ -282,7 +284,7 @@ def final_eval(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "sweep_tiny"
-    res = cli("fedmpi.sweep", TINY_SPEC, "--launcher", "local", "--out", out)
+    res = cli("fedmpi.analysis.sweep", TINY_SPEC, "--launcher", "local", "--out", out)
     assert res.returncode == 0, res.stdout + res.stderr
     return out, res.stdout
 
@@ -313,7 +315,7 @@ def assert_png(path: Path) -> None:
 @pytest_mpi
 def test_report_tables_csv_and_png(tiny_sweep):
     out, _ = tiny_sweep
-    res = cli("fedmpi.report", out, timeout=180)
+    res = cli("fedmpi.analysis.report", out, timeout=180)
     assert res.returncode == 0, res.stdout + res.stderr
     rep = out / "report"
     md = (rep / "report.md").read_text()
@@ -350,7 +352,7 @@ def test_report_tables_csv_and_png(tiny_sweep):
 
 @pytest_mpi
 def test_rerun_skips_finished_and_resumes_interrupted(tiny_sweep, tmp_path):
-    from fedmpi.federated import _truncate_logs
+    from fedmpi.train.loop import _truncate_logs
     out, _ = tiny_sweep
     name = "K2-iid-udec-s7"
     d = out / name
@@ -359,13 +361,13 @@ def test_rerun_skips_finished_and_resumes_interrupted(tiny_sweep, tmp_path):
     shutil.rmtree(checkpoint_dir(d, 2))
     (d / "comm_summary.json").unlink()
     _truncate_logs(d, 1)
-    res = cli("fedmpi.report", out, "--out", tmp_path / "rep", timeout=180)
+    res = cli("fedmpi.analysis.report", out, "--out", tmp_path / "rep", timeout=180)
     assert res.returncode == 0, res.stderr
     md = (tmp_path / "rep/report.md").read_text()
     assert "| 2 | IID | " in md and "| incomplete (1/2 rounds) |" in md
     assert f"| {name} | udec | 2 | IID | 7 | incomplete (1/2 rounds) |" in md
     assert "3 finished, 1 incomplete" in md
-    res = cli("fedmpi.sweep", TINY_SPEC, "--launcher", "local", "--out", out)
+    res = cli("fedmpi.analysis.sweep", TINY_SPEC, "--launcher", "local", "--out", out)
     assert res.returncode == 0, res.stdout + res.stderr
     for other in TINY_NAMES:
         if other != name:
@@ -387,7 +389,7 @@ def test_centralized_k1_and_a_failing_run(tiny_sweep, tmp_path):
                       grid={"clients": [1], "data.root": ["/nonexistent/fmnist", None],
                             "run.seed": [7]})
     out = tmp_path / "central"
-    res = cli("fedmpi.sweep", spec, "--launcher", "local", "--out", out)
+    res = cli("fedmpi.analysis.sweep", spec, "--launcher", "local", "--out", out)
     assert res.returncode == 1, res.stdout + res.stderr
     assert re.search(r"\[1/2\] K1-root_nonexistent_fmnist-s7 \(W=1\): running \.\.\. FAILED "
                      r"\(exit 2, incomplete \(0/1 epochs\), \d+s\): .*error", res.stdout), res.stdout
@@ -397,7 +399,7 @@ def test_centralized_k1_and_a_failing_run(tiny_sweep, tmp_path):
     log = (out / "K1-root_null-s7/train.log").read_text()
     assert "mpirun" not in log and "fedmpi centralized:" in log
     fed, _ = tiny_sweep
-    res = cli("fedmpi.report", fed, out, "--out", tmp_path / "rep", timeout=180)
+    res = cli("fedmpi.analysis.report", fed, out, "--out", tmp_path / "rep", timeout=180)
     assert res.returncode == 0, res.stderr
     md = (tmp_path / "rep/report.md").read_text()
     score = float(final_eval_central(out / "K1-root_null-s7"))
@@ -458,7 +460,7 @@ def test_tiny_sweep_on_local_slurm(tmp_path):
         assert state == "COMPLETED", text
         assert "| 1 tasks (the centralized baseline) |" in text and "fedmpi centralized:" in text
         assert report.run_progress(central / "K1-s7").finished
-    res = cli("fedmpi.report", out, timeout=180)
+    res = cli("fedmpi.analysis.report", out, timeout=180)
     assert res.returncode == 0, res.stderr
     assert (out / "report/score_vs_params.png").is_file()
     assert "| 2 | IID |" in (out / "report/report.md").read_text()

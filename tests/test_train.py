@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from fedmpi.checkpoint import checkpoint_dir, latest_complete
+from fedmpi.store.checkpoint import checkpoint_dir, latest_complete
 from fedmpi.config import load_config
-from fedmpi.federated import Preempted
-from fedmpi.train import main, run_centralized
+from fedmpi.train.loop import Preempted
+from fedmpi.cli.train import main, run_centralized
 
 from mpihelp import ROOT
 
@@ -36,7 +36,7 @@ def test_centralized_loss_decreases_and_writes_run_folder(tmp_path):
     cfg = tiny_cfg(tmp_path, **{"train.epochs": 3})
     run = tmp_path / "run"
     run.mkdir()
-    from fedmpi.train import _evaluator_factory
+    from fedmpi.cli.train import _evaluator_factory
     run_centralized(cfg, run, log=quiet, evaluator_factory=_evaluator_factory(cfg))
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "step"]
@@ -113,7 +113,7 @@ def test_cli_missing_data_is_a_clear_error(tmp_path):
 # ---------------------------------------------------------------- short-run recipe
 
 def test_lr_schedule_warmup_and_cosine():
-    from fedmpi.trainer import LRSchedule
+    from fedmpi.train.trainer import LRSchedule
     s = LRSchedule(1e-3, warmup=4, kind="cosine", total=104, lr_min=1e-4)
     assert [s(i) for i in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert s(4) == pytest.approx(1e-3)  # the peak, then a half cosine
@@ -127,7 +127,7 @@ def test_lr_schedule_warmup_and_cosine():
 
 def test_thread_sharing_and_all_cores_for_the_waiting_federator(monkeypatch):
     import os
-    from fedmpi.trainer import all_cpu_threads, share_cpu_threads
+    from fedmpi.train.trainer import all_cpu_threads, share_cpu_threads
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     before = torch.get_num_threads()
@@ -147,9 +147,9 @@ def test_thread_sharing_and_all_cores_for_the_waiting_federator(monkeypatch):
 
 
 def test_ema_math_state_and_swap():
-    from fedmpi.regions import bind_flat
-    from fedmpi.trainer import EMA
-    from fedmpi.unet import UNet
+    from fedmpi.model.regions import bind_flat
+    from fedmpi.train.trainer import EMA
+    from fedmpi.model.unet import UNet
     torch.manual_seed(0)
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     bind_flat(model)
@@ -195,9 +195,9 @@ def test_ema_follows_the_model_to_the_training_device():
     device (the meta device stands in for a GPU): its update would otherwise mix devices."""
     import numpy as np
 
-    from fedmpi.diffusion import Diffusion
-    from fedmpi.trainer import EMA, LocalTrainer
-    from fedmpi.unet import UNet
+    from fedmpi.model.diffusion import Diffusion
+    from fedmpi.train.trainer import EMA, LocalTrainer
+    from fedmpi.model.unet import UNet
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     ema = EMA(model, 0.9)
     ema.mark()
@@ -260,7 +260,7 @@ def test_print_config_lists_every_key_and_loads_back(tmp_path):
 
 def test_split_report_numbers_clients_from_one():
     import numpy as np
-    from fedmpi.partition import client_table, format_table
+    from fedmpi.data.partition import client_table, format_table
     rows = client_table(np.arange(12) % 3, [np.arange(6), np.arange(6, 12)], 3)
     assert [r["client"] for r in rows] == [1, 2]
     assert [l.split()[0] for l in format_table(rows).splitlines()[2:4]] == ["1", "2"]

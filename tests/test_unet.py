@@ -1,5 +1,5 @@
 """The region-named UNet: region membership, the paper's parameter counts, shapes, and
-the flat region buffers that aggregation moves (fedmpi.unet, fedmpi.regions)."""
+the flat region buffers that aggregation moves (fedmpi.model.unet, fedmpi.model.regions)."""
 import os
 import re
 import subprocess
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedmpi import regions
-from fedmpi.regions import REGIONS, all_finite, finite, region_params, region_sizes
-from fedmpi.unet import UNet
+import fedmpi.model.regions as regions
+from fedmpi.model.regions import REGIONS, all_finite, finite, region_params, region_sizes
+from fedmpi.model.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,7 +218,7 @@ def test_summary_cli_prints_paper_counts():
 
 
 def test_bind_flat_keeps_values_and_aliases_weights():
-    from fedmpi.regions import bind_flat, region_array
+    from fedmpi.model.regions import bind_flat, region_array
     torch.manual_seed(0)
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -23,7 +23,6 @@ Exit status 2 for a folder that is not a run folder or a bad option.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import math
@@ -36,8 +35,8 @@ from typing import Optional
 
 import numpy as np
 
-from .config import Config, ConfigError, load_config
-from .metrics import read_jsonl
+from fedmpi.config import Config, ConfigError, load_config
+from fedmpi.store.metrics import read_jsonl
 
 METRICS = ("fid", "fd_classifier")
 CLASS_NAMES = {
@@ -48,7 +47,6 @@ CLASS_NAMES = {
 }
 METRIC_LABEL = {"fid": "FID (Inception)", "fd_classifier": "fd_classifier (classifier FD)"}
 PERSONAL = ("udec", "ulatdec")
-EXIT_USER_ERROR = 2
 
 
 class RunError(ValueError):
@@ -136,7 +134,7 @@ def load_run(path: str | Path) -> Run:
     run.eval_rows = list(last.values())
 
     try:
-        from .ledger import read_csv as read_ledger  # clients 1..K, older layouts converted
+        from fedmpi.fl.ledger import read_csv as read_ledger  # clients 1..K, older layouts converted
         comm = path / "comm.csv"
         run.comm_rows = read_ledger(comm) if comm.is_file() else []
     except (KeyError, ValueError) as e:
@@ -383,8 +381,8 @@ def split_rows(run: Run) -> tuple[list[dict], str]:
     """The run's client table (client_table rows) and a one-line description.
 
     Raises RunError / DataError when the labels are not available here."""
-    from .data import DataError, compute_split, dataset_info, load_arrays, read_shard, shards_info
-    from .partition import client_table
+    from fedmpi.data import DataError, compute_split, dataset_info, load_arrays, read_shard, shards_info
+    from fedmpi.data.partition import client_table
     cfg, k = run.cfg, run.num_clients
     if k is None:
         raise RunError("the number of clients is unknown (no split.num_clients, comm.csv "
@@ -500,7 +498,7 @@ def make_plots(runs: list[Run], out: Path, metric: Optional[str] = None,
     p = plot_loss(runs, out / "loss.png")
     if p:
         written.append(p)
-    from .data import DataError
+    from fedmpi.data import DataError
     for run in runs:
         if run.centralized:
             continue
@@ -509,35 +507,3 @@ def make_plots(runs: list[Run], out: Path, metric: Optional[str] = None,
         except (RunError, DataError, ValueError) as e:
             warn(f"{run.name}: client split plot skipped: {e}".split("\nTo get them")[0])
     return written
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedmpi.plot",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders")
-    p.add_argument("--out", help="output folder (default: RUN_DIR/plots for one run, "
-                                 "./plots for several)")
-    p.add_argument("--metric", choices=METRICS,
-                   help="score to plot (default: the one the runs have)")
-    args = p.parse_args(argv)
-    try:
-        runs = [load_run(r) for r in args.runs]
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    _unique_names(runs)
-    out = Path(args.out) if args.out else (runs[0].path / "plots" if len(runs) == 1
-                                           else Path("plots"))
-    written = make_plots(runs, out, args.metric)
-    for path in written:
-        print(path)
-    if not written:
-        print("error: nothing to plot (no rounds in metrics.jsonl)", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

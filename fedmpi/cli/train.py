@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import sys
 import time
 import traceback
@@ -20,21 +19,23 @@ from typing import Optional
 
 import torch
 
-from .atomic import EXIT_DISK, DiskError
-from .checkpoint import (CheckpointError, atomic_save, checkpoint_dir, load_checkpoint,
+from fedmpi.store.atomic import EXIT_DISK, DiskError
+from fedmpi.store.checkpoint import (CheckpointError, atomic_save, checkpoint_dir, load_checkpoint,
                          mark_complete, new_run_dir, newest_verified)
-from .config import Config, ConfigError, from_dict, load_config, save_config
-from .data import DataError, load_arrays
-from .diffusion import Diffusion
-from .federated import STOP_FILE, NonFiniteError, PreemptFlag, Preempted
-from .metrics import JsonlWriter, truncate_logs
-from .regions import finite
-from .summary import model_shape
-from .progress import Progress
-from .trainer import EMA, LocalTrainer, derive_seed, ema_applied, pick_device, schedule_for
-from .unet import build_unet
+from fedmpi.config import Config, ConfigError, from_dict, load_config
+from fedmpi.store.checkpoint import save_config
+from fedmpi.data import DataError, load_arrays
+from fedmpi.model.diffusion import Diffusion
+from fedmpi.train.loop import STOP_FILE, NonFiniteError, PreemptFlag, Preempted
+from fedmpi.store.metrics import JsonlWriter, truncate_logs
+from fedmpi.model.regions import finite
+from fedmpi.model.summary import model_shape
+from fedmpi.train.progress import Progress
+from fedmpi.train.trainer import EMA, LocalTrainer, derive_seed, ema_applied, pick_device, schedule_for
+from fedmpi.model.unet import build_unet
 
-EXIT_USER_ERROR = 2
+from fedmpi.config.describe import describe_config
+from fedmpi.errors import EXIT_USER_ERROR
 
 
 def run_centralized(cfg: Config, run_dir: Path, resume: bool = False, log=print,
@@ -179,7 +180,7 @@ class _StopRequest(Exception):
 def _evaluator_factory(cfg: Config):
     if cfg.eval.extractor == "none" and not cfg.eval.grid:
         return None
-    from .evaluate import Evaluator
+    from fedmpi.eval.evaluate import Evaluator
     return Evaluator
 
 
@@ -198,60 +199,10 @@ def parse_args(argv):
     return p.parse_known_args(argv)
 
 
-def _field_comments(cls) -> dict[str, tuple[list, str]]:
-    """Key -> (comment lines above it, comment after it) in fedmpi/config.py, read from
-    the source so that the schema stays the one place that explains keys."""
-    import inspect
-    out, pending = {}, []
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            pending.append(stripped.lstrip("#").strip())
-            continue
-        m = re.match(r"\s+(\w+)\s*:[^#]*(?:#\s*(.*))?$", line)
-        if m and not stripped.startswith(("def ", "@", '"""')):
-            out[m.group(1)] = (pending, m.group(2) or "")
-        pending = []
-    return out
-
-
-def describe_config(cfg: Config) -> str:
-    """The resolved config as YAML (loadable as a config) with every key's comment."""
-    import dataclasses
-
-    import yaml
-
-    from . import config as schema
-
-    def scalar(v) -> str:
-        if isinstance(v, tuple):
-            v = list(v)
-        return yaml.safe_dump(v, default_flow_style=True, width=1000).strip().removesuffix(
-            "\n...").strip()
-
-    lines = ["# fedmpi config, resolved: every key with its value. Override any key on the",
-             "# command line as --section.key=value; keys are defined in fedmpi/config.py."]
-    for section in dataclasses.fields(cfg):
-        part = getattr(cfg, section.name)
-        comments = _field_comments(type(part))
-        lines.append(f"{section.name}:")
-        for f in dataclasses.fields(part):
-            key = f"{section.name}.{f.name}"
-            above, note = comments.get(f.name, ([], ""))
-            lines += [f"  # {c}" for c in above]
-            if key in schema.CHOICES and "|" not in note:
-                note = (note + "; " if note else "") + " | ".join(schema.CHOICES[key])
-            if key in schema.RANGES:
-                note = (note + "; " if note else "") + f"{schema.RANGES[key]}"
-            lines.append(f"  {f.name}: {scalar(getattr(part, f.name))}"
-                         + (f"  # {note}" if note else ""))
-    return "\n".join(lines) + "\n"
-
-
 def _check_eval(cfg: Config) -> None:
     """Missing Inception weights are a user error, reported before any work."""
     if cfg.eval.extractor == "inception":
-        from .extractors import MissingWeightsError, check_inception_weights
+        from fedmpi.eval.extractors import MissingWeightsError, check_inception_weights
         try:
             check_inception_weights(cfg.eval)
         except MissingWeightsError as e:
@@ -281,7 +232,7 @@ def _prepare(args, overrides, is_root: bool) -> tuple[Config, Path, bool]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .comm import launched_by_mpi
+    from fedmpi.dist.world import launched_by_mpi
 
     args, overrides = parse_args(argv)
     if args.print_config:
@@ -295,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     world = None
     if launched_by_mpi():
-        from .comm import World
+        from fedmpi.dist.world import World
         world = World()
     rank = world.rank if world else 0
     distributed = world is not None and world.size > 1
@@ -327,9 +278,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         run_dir = Path(decision[1]) if decision[1] else None
         resume = decision[2]
         if distributed:
-            from .comm import World
+            from fedmpi.dist.world import World
             world.backend_name = cfg.fed.backend
-            from .federated import run_federated
+            from fedmpi.train.loop import run_federated
             run_federated(cfg, world, run_dir, resume=resume, log=log,
                           evaluator_factory=_evaluator_factory(cfg))
         else:
@@ -338,8 +289,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                             evaluator_factory=_evaluator_factory(cfg))
         return 0
     except Exception as e:
-        from .comm import EXIT_STALLED, StallError
-        from .federated import JobStop
+        from fedmpi.dist.world import EXIT_STALLED, StallError
+        from fedmpi.train.loop import JobStop
         if isinstance(e, JobStop) and e.collective:
             return e.exit_code  # every rank got here together; the federator said why
         if isinstance(e, JobStop):

@@ -18,7 +18,7 @@ computed identically everywhere) guarantees that. Control-plane messages (errors
 losses, ledgers) use mpi4py's pickled lower-case methods; model bytes never do.
 
 `python -m fedmpi.comm --config C --clients K --rounds R` prints the analytical
-communication table (see `fedmpi.ledger`) without training.
+communication table (see `fedmpi.fl.ledger`) without training.
 """
 from __future__ import annotations
 
@@ -40,11 +40,7 @@ def launched_by_mpi() -> bool:
     return any(v in os.environ for v in MPI_ENV_VARS)
 
 
-EXIT_STALLED = 5  # a rank did not reach a collective within fed.round_timeout
-
-
-class StallError(RuntimeError):
-    """The slowest rank did not arrive at a collective within the timeout."""
+from fedmpi.errors import EXIT_STALLED, StallError  # noqa: E402
 
 
 class Group:
@@ -349,7 +345,7 @@ class World:
     def reduce_sum_u64(self, group: Group, arr: np.ndarray) -> None:
         """In place on a contiguous numpy uint64 array (host memory): the root's `arr`
         becomes the sum over the group, modulo 2^64 (root's own included: zero it).
-        Secure aggregation's masked fixed-point uploads (fedmpi.secure)."""
+        Secure aggregation's masked fixed-point uploads (fedmpi.fl.secure)."""
         if arr.dtype != np.uint64 or not arr.flags.c_contiguous:
             raise ValueError(f"reduce_sum_u64 needs a contiguous uint64 array, got {arr.dtype}")
         self.backend.reduce_sum_u64(group, arr)
@@ -548,45 +544,3 @@ class ProgressRelay:
             self.comm.Free()
             self.comm = None
             self.enabled = False
-
-
-def main(argv=None) -> int:
-    """`python -m fedmpi.comm`: the analytical communication table."""
-    import argparse
-
-    from .config import ConfigError, load_config
-    from .ledger import FLOAT_BYTES, SECURE_VALUE_BYTES, comparison, format_table
-    from .methods import METHODS
-    from .summary import model_region_sizes
-
-    p = argparse.ArgumentParser(prog="python -m fedmpi.comm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--clients", type=int, required=True)
-    p.add_argument("--rounds", type=int, default=None, help="default: fed.rounds")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--rule", choices=("paper", "moved"), default="paper",
-                   help="paper: initial model + R uploads + R-1 downloads; "
-                        "moved: what a fedmpi run moves (one more download)")
-    p.add_argument("--secure", action="store_true",
-                   help="uploads as fed.secure sends them: uint64 fixed point, 8 bytes per "
-                        "value instead of 4 (also implied by fed.secure: true in the config)")
-    args, rest = p.parse_known_args(argv)
-    try:
-        cfg = load_config(args.config, rest)
-        sizes = model_region_sizes(cfg)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    rounds = args.rounds or cfg.fed.rounds
-    secure = args.secure or cfg.fed.secure
-    value_bytes = SECURE_VALUE_BYTES if secure else FLOAT_BYTES
-    results = [comparison(m, args.clients, rounds, sizes, cfg.run.seed, value_bytes)
-               for m in args.methods.split(",")]
-    print(f"parameters exchanged, K={args.clients}, R={rounds}, rule={args.rule}"
-          + (", secure: uploads uint64 (8 bytes/value), downloads fp32" if secure else ""))
-    print(format_table(results, args.rule, "secure" if secure else "fp32"))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,24 +15,21 @@ re-scores a finished run's checkpoints.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, load_config
-from .data import DataError, dataset_info, load_arrays, load_test_data, to_float
-from .diffusion import Diffusion
-from .fid import FeatureStats, class_distribution, frechet_distance
-from .checkpoint import CheckpointError
-from .unet import compile_unet
-from .metrics import append_csv, save_grid, write_csv
-from .trainer import all_cpu_threads, autocast_for, derive_seed
+from fedmpi.config import Config, ConfigError
+from fedmpi.data import dataset_info, load_arrays, load_test_data, to_float
+from fedmpi.model.diffusion import Diffusion
+from fedmpi.eval.fid import FeatureStats, class_distribution, frechet_distance
+from fedmpi.model.unet import compile_unet
+from fedmpi.store.metrics import append_csv, save_grid, write_csv
+from fedmpi.train.trainer import all_cpu_threads, autocast_for, derive_seed
 
 
 def _share(n: int, parts: int, index: int) -> int:
@@ -53,7 +50,7 @@ class Evaluator:
         self.ref_mu = self.ref_sigma = None
         if cfg.eval.extractor == "none":
             return
-        from .extractors import build_extractor, default_cache_dir, reference_stats
+        from fedmpi.eval.extractors import build_extractor, default_cache_dir, reference_stats
 
         def load_test_split():
             # The federator owns the test split only: the classifier learns from all of
@@ -79,7 +76,7 @@ class Evaluator:
             world.wait_all()
             state = world.bcast_obj(self.extractor.payload() if self.rank == 0 else None)
             if self.rank != 0:
-                from .extractors import extractor_from_payload
+                from fedmpi.eval.extractors import extractor_from_payload
                 self.extractor = extractor_from_payload(state, device)
             dim = self.extractor.dim
             if self.rank != 0:
@@ -231,50 +228,12 @@ class Evaluator:
 
 # ---------------------------------------------------------------- re-scoring CLI
 
-EXIT_USER_ERROR = 2
-_CLI_OPTIONS = {"extractor": "eval.extractor", "num_samples": "eval.num_samples",
-                "sampler": "eval.sampler", "ddim_steps": "eval.ddim_steps"}
-
-
-def _rescore_config(run_dir: Path, args, overrides: list[str]) -> Config:
-    """The run's config with the CLI's eval options and dotted overrides applied."""
-    from .config import parse_overrides
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a fedmpi run folder (no config.yaml)")
-    dotted = parse_overrides(overrides)
-    for opt, key in _CLI_OPTIONS.items():
-        if getattr(args, opt) is not None:
-            dotted[key] = getattr(args, opt)
-    cfg = load_config(run_dir / "config.yaml", dotted)
-    if cfg.eval.extractor == "none":
-        raise ConfigError("eval.extractor is 'none': nothing to score; "
-                          "give --extractor classifier or --extractor inception")
-    if cfg.eval.extractor == "inception":  # before any model, data or sampling
-        from .extractors import MissingWeightsError, check_inception_weights
-        try:
-            check_inception_weights(cfg.eval)
-        except MissingWeightsError as e:
-            raise ConfigError(str(e)) from None
-    # Relative data / cache folders name places seen from where the run was launched;
-    # when they are not here, use the usual places (overridable on the command line).
-    fix = {}
-    if cfg.data.root and "data.root" not in dotted and not Path(cfg.data.root).expanduser().is_dir():
-        print(f"note: data.root {cfg.data.root} not found here; looking in the usual places "
-              f"(or give --data.root=...)", file=sys.stderr)
-        fix["data.root"] = None
-    if cfg.eval.cache_dir and "eval.cache_dir" not in dotted \
-            and not Path(cfg.eval.cache_dir).expanduser().is_dir():
-        print(f"note: eval.cache_dir {cfg.eval.cache_dir} not found here; using "
-              f"~/.cache/fedmpi (or give --eval.cache_dir=...)", file=sys.stderr)
-        fix["eval.cache_dir"] = None
-    return cfg.replace(fix) if fix else cfg
-
 
 def _checkpoint_files(run_dir: Path, index: int) -> tuple[str, list[tuple[str, Path]]]:
     """(kind, [(client label, path)]) of one checkpoint folder: kind 'centralized'
     ([('global', model.pt)]) or 'federated' (federator.pt as 'global' when present, then
     client_NNN.pt as 'N')."""
-    from .checkpoint import checkpoint_dir
+    from fedmpi.store.checkpoint import checkpoint_dir
     d = checkpoint_dir(run_dir, index)
     if (d / "model.pt").is_file():
         return "centralized", [("global", d / "model.pt")]
@@ -317,11 +276,11 @@ def rescore(run_dir: Path, index: Optional[int], cfg: Config, device=None, log=p
     Returns {"round", "method", "rows" (per model), "summary" (personal: mean / std),
     "csv" (path written)}; raises ConfigError for user errors."""
     import time
-    from .checkpoint import client_state, complete_checkpoints, load_checkpoint
-    from .methods import personal_regions
-    from .summary import model_shape
-    from .trainer import pick_device
-    from .unet import build_unet
+    from fedmpi.store.checkpoint import client_state, complete_checkpoints, load_checkpoint
+    from fedmpi.fl.methods import personal_regions
+    from fedmpi.model.summary import model_shape
+    from fedmpi.train.trainer import pick_device
+    from fedmpi.model.unet import build_unet
 
     done = complete_checkpoints(run_dir)
     if not done:
@@ -406,38 +365,3 @@ def rescore(run_dir: Path, index: Optional[int], cfg: Config, device=None, log=p
     log(f"wrote {csv_path}")
     return {"round": index, "method": method, "rows": rows, "summary": summary,
             "csv": str(csv_path)}
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m fedmpi.evaluate",
-        description="Re-score a finished run's checkpoints in one process (no mpirun): the "
-                    "global model (FULL, USPLIT, centralized) or every client's personal "
-                    "model (UDEC, ULATDEC, with mean +- sample std). Writes "
-                    "RUN_DIR/rescore_<extractor>_round_<N>.csv; eval.csv is left alone.",
-        epilog="Extra --section.key=value arguments override the run's config "
-               "(e.g. --eval.batch_size=100 --run.device=cpu --eval.inception_weights=PATH).")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder with checkpoints/")
-    p.add_argument("--round", type=int, help="checkpoint to score (default: the latest complete one)")
-    p.add_argument("--extractor", choices=("classifier", "inception"),
-                   help="feature extractor (default: the run's eval.extractor)")
-    p.add_argument("--num-samples", dest="num_samples", type=int,
-                   help="samples per model (default: the run's eval.num_samples)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), help="default: the run's eval.sampler")
-    p.add_argument("--ddim-steps", dest="ddim_steps", type=int,
-                   help="default: the run's eval.ddim_steps")
-    args, overrides = p.parse_known_args(argv)
-    run_dir = Path(args.run_dir)
-    try:
-        if not run_dir.is_dir():
-            raise ConfigError(f"{run_dir}: no such folder")
-        cfg = _rescore_config(run_dir, args, overrides)
-        rescore(run_dir, args.round, cfg)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,14 +21,12 @@ returns CPU float32 features (N, dim). The statistics math lives in fid.py.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 from unittest import mock
 
 import torch
@@ -37,7 +35,7 @@ import torch.nn.functional as F
 
 from fedmpi.config import ConfigError
 from fedmpi.data import DataError
-from fedmpi.fid import FeatureStats
+from fedmpi.eval.fid import FeatureStats
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -436,37 +434,3 @@ def reference_stats(extractor, test_images: torch.Tensor, cache_dir,
 
 
 # ---------------------------------------------------------------- CLI
-
-def main(argv: Optional[list[str]] = None) -> int:
-    import dataclasses
-    from fedmpi.config import load_config
-    from fedmpi.data import load_arrays, to_float
-
-    p = argparse.ArgumentParser(
-        prog="python -m fedmpi.extractors",
-        description="Train (or load) the fd_classifier network on the test split alone.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("train-classifier", help="train (or load) the cached fd_classifier network "
-                   "on the test split").add_argument("--config", default=None)
-    args, overrides = p.parse_known_args(argv)
-    try:
-        cfg = load_config(args.config, overrides)
-        device = cfg.run.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        # The whole test split, as the federator's Evaluator uses (test_subset only
-        # limits the reference statistics); the training set is never opened.
-        x, y = load_arrays(dataclasses.replace(cfg.data, test_subset=None), "test")
-        ext = load_or_train_classifier(cfg.data.dataset, to_float(x), torch.from_numpy(y),
-                                       default_cache_dir(cfg.eval), device)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"held-out accuracy: {ext.accuracy:.4f}")
-    print(f"cache: {default_cache_dir(cfg.eval) / (ext.key + '.pt')} "
-          f"(usable elsewhere as --eval.classifier_weights=FILE)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,14 +25,14 @@ call. The ledger records the bytes of the buffers actually handed to the collect
 
 Two options change the upload, never the plan or the broadcast (`Aggregator(..., cfg)`):
 
-- `fed.secure` (fedmpi.secure): the same [n_k * theta_k, n_k] is encoded in fixed point
+- `fed.secure` (fedmpi.fl.secure): the same [n_k * theta_k, n_k] is encoded in fixed point
   as uint64 and masked with the other reporters of this region in this round (all of a
   client's regions first, then one sleeping barrier); one integer SUM Reduce per region
   (`World.reduce_sum_u64`) over the same subgroup; the federator decodes only the sum,
   divides and broadcasts float32 as usual. The pair keys are agreed once, when the
   Aggregator is built (a collective on every rank). The work is on host memory: a GPU
   model pays one copy of each region each way.
-- `privacy.dp` (fedmpi.privacy): before the uploads, each client replaces the regions
+- `privacy.dp` (fedmpi.fl.privacy): before the uploads, each client replaces the regions
   it uploads by start + clip(theta - start) (+ its distributed noise share), with
   uniform weight 1; in central mode the federator adds the noise to its own zero
   contribution to the sum. The client's weights may be overwritten this way because
@@ -46,9 +46,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .ledger import Ledger
-from .methods import fedavg_weights, make_plan, pack_upload
-from .regions import REGIONS, bind_flat, finite, region_send_buffer, region_tensor
+from fedmpi.fl.ledger import Ledger
+from fedmpi.fl.methods import fedavg_weights, make_plan, pack_upload
+from fedmpi.model.regions import REGIONS, bind_flat, finite, region_send_buffer, region_tensor
 
 
 class NonFiniteAverage(RuntimeError):
@@ -59,8 +59,8 @@ def check_secure_plans(cfg, num_clients: int) -> None:
     """At set-up (pure, identical on every rank): every region of every round's plan must
     have enough reporters to hide a single upload; raises ConfigError naming the first
     region and round that does not, and the fix."""
-    from .config import ConfigError
-    from .secure import SecureAggError, check_reporters
+    from fedmpi.config import ConfigError
+    from fedmpi.fl.secure import SecureAggError, check_reporters
     if not cfg.fed.secure:
         return
     for r in range(1, cfg.fed.rounds + 1):
@@ -79,7 +79,7 @@ class _SecureUploads:
     def __init__(self, world, fed_cfg):
         import os
 
-        from .secure import SecureAggregator
+        from fedmpi.fl.secure import SecureAggregator
         self.frac_bits = fed_cfg.secure_frac_bits
         self.neighbors = fed_cfg.secure_neighbors
         self.client = None if world.is_federator else SecureAggregator(world.client, self.frac_bits)
@@ -130,7 +130,7 @@ class Aggregator:
         self.dp = cfg.privacy if cfg is not None and cfg.privacy.dp else None
         self._rng = None
         if self.dp is not None:
-            from .privacy import noise_generator
+            from fedmpi.fl.privacy import noise_generator
             self._rng = noise_generator()
 
     @property
@@ -293,7 +293,7 @@ class Aggregator:
                        round_index: int) -> None:
         """The secure twin of `_reduce_plain`: the masked uint64 upload (`_mask_uploads`),
         integer SUM, the federator decodes the sum only (finite uploads: a finite sum)."""
-        from .secure import decode_average
+        from fedmpi.fl.secure import decode_average
         world, sec = self.world, self.secure
         buf = sec.buffer(region, theta.numel())
         if world.is_federator:
@@ -313,7 +313,7 @@ class Aggregator:
         (one L2 norm over all of them) and add its noise share (distributed mode: 1/sqrt(m)
         of the noise for the m reporters of the region that are not left out, so that
         their sum carries all of it)."""
-        from .privacy import noise_std, privatize_update
+        from fedmpi.fl.privacy import noise_std, privatize_update
         dp = self.dp
         mine = [r for r in REGIONS if r in plan.uploads[self.world.client]]
         if not mine:
@@ -334,7 +334,7 @@ class Aggregator:
     def _central_noise(self, t: torch.Tensor, reporters: float) -> None:
         """Central DP: N(0, (z C)^2) per coordinate on the sum of the clipped uploads,
         i.e. N(0, (z C / m)^2) on the average of m reporters: the federator's summand."""
-        from .privacy import add_noise, noise_std
+        from fedmpi.fl.privacy import add_noise, noise_std
         std = noise_std(self.dp.noise_multiplier, self.dp.clip, "central", 1) / reporters
         host = _host(t)
         add_noise(host, std, self._rng)
@@ -344,7 +344,7 @@ class Aggregator:
         """The (epsilon, privacy.delta) guarantee after `rounds` rounds (None without DP)."""
         if self.dp is None:
             return None
-        from .privacy import epsilon
+        from fedmpi.fl.privacy import epsilon
         return epsilon(self.dp.noise_multiplier, rounds, self.dp.delta)
 
     def _record_down(self, round_index: int, region: str, t: torch.Tensor, receivers) -> None:

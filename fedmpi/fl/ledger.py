@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from . import metrics
-from .atomic import atomic_write
-from .methods import make_plan
-from .regions import REGIONS
+import fedmpi.store.metrics as metrics
+from fedmpi.store.atomic import atomic_write
+from fedmpi.fl.methods import make_plan
+from fedmpi.model.regions import REGIONS
 
 FLOAT_BYTES = 4
 FIELDS = ("round", "client", "src", "dst", "region", "direction", "params", "bytes")

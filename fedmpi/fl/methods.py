@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .regions import REGIONS
+from fedmpi.model.regions import REGIONS
 
 METHODS = ("full", "usplit", "udec", "ulatdec")
 SHARED = {"full": REGIONS, "udec": ("decoder",), "ulatdec": ("bottleneck", "decoder")}

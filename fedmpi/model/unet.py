@@ -1,7 +1,7 @@
 """The denoising UNet ("The Annotated Diffusion Model" family used by FedDiffuse).
 
 The network's top-level children are named by communication region, so a region is
-a prefix of parameter names (see `fedmpi.regions`):
+a prefix of parameter names (see `fedmpi.model.regions`):
 
 - ``encoder``: initial conv, sinusoidal time embedding + MLP, every down-sampling level
 - ``bottleneck``: middle ConvNeXt block, full attention, ConvNeXt block
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CHOICES
+from fedmpi.config import CHOICES
 
 
 class SinusoidalTimeEmbedding(nn.Module):

@@ -16,14 +16,7 @@ import os
 from pathlib import Path
 from typing import Union
 
-EXIT_DISK = 4  # a write failed (disk full, quota, permissions); earlier checkpoints are intact
-
-
-class DiskError(OSError):
-    """Writing a file failed; the message names the reason and the path."""
-
-    def __str__(self) -> str:
-        return self.strerror or super().__str__()
+from fedmpi.errors import EXIT_DISK, DiskError  # noqa: F401  (re-exported for callers)
 
 
 def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> str:

@@ -46,14 +46,13 @@ from typing import Callable, Optional
 
 import torch
 
-from .atomic import DiskError, atomic_write, sha256_file
-from .config import Config, save_config
+from fedmpi.store.atomic import DiskError, atomic_write, sha256_file
+from fedmpi.config import Config, dump_config
 
 MARKER = "COMPLETE"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is unsafe, corrupt or does not fit this run."""
+from fedmpi.errors import CheckpointError  # noqa: E402
 
 
 def atomic_save(obj, path: Path) -> str:
@@ -166,6 +165,11 @@ def client_state(folder: Path, name: str, device="cpu") -> tuple[dict, dict]:
     return state, own
 
 
+def save_config(cfg: Config, path: Path) -> None:
+    """The resolved config as YAML, written atomically (a run folder's config.yaml)."""
+    atomic_write(path, dump_config(cfg))
+
+
 def new_run_dir(cfg: Config, name: Optional[str] = None) -> Path:
     """A fresh folder under run.out_dir: <name>-<YYYYmmdd-HHMMSS>[-n]."""
     base = Path(cfg.run.out_dir) / f"{name or cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -174,6 +178,7 @@ def new_run_dir(cfg: Config, name: Optional[str] = None) -> Path:
         path, n = Path(f"{base}-{n}"), n + 1
     path.mkdir(parents=True)
     save_config(cfg, path / "config.yaml")
+
     return path
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .atomic import atomic_write
+from fedmpi.store.atomic import atomic_write
 
 
 def strict_json(value):

@@ -27,27 +27,26 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .atomic import EXIT_DISK, DiskError
-from .checkpoint import (BackgroundWriter, CheckpointError, atomic_save, checkpoint_dir,
+from fedmpi.store.atomic import EXIT_DISK, DiskError
+from fedmpi.store.checkpoint import (BackgroundWriter, CheckpointError, atomic_save, checkpoint_dir,
                          client_state, latest_complete, load_checkpoint, mark_complete,
                          marker_files, newest_verified)
-from .config import Config, ConfigError
-from .data import load_client_data
-from .diffusion import Diffusion
-from .ledger import Ledger, append_rows
-from .methods import make_plan, personal_regions
-from .comm import ProgressRelay
-from .metrics import JsonlWriter
-from .progress import RoundProgress
-from .aggregate import Aggregator, NonFiniteAverage, check_secure_plans
-from .regions import REGIONS, all_finite, bind_flat, finite, region_sizes, set_trainable
-from .summary import model_shape
-from .trainer import (EMA, LocalTrainer, derive_seed, ema_applied, pick_device, schedule_for,
+from fedmpi.config import Config, ConfigError
+from fedmpi.data import load_client_data
+from fedmpi.model.diffusion import Diffusion
+from fedmpi.fl.ledger import Ledger, append_rows
+from fedmpi.fl.methods import make_plan, personal_regions
+from fedmpi.dist.world import ProgressRelay
+from fedmpi.store.metrics import JsonlWriter
+from fedmpi.train.progress import RoundProgress
+from fedmpi.fl.aggregate import Aggregator, NonFiniteAverage, check_secure_plans
+from fedmpi.model.regions import REGIONS, all_finite, bind_flat, finite, region_sizes, set_trainable
+from fedmpi.model.summary import model_shape
+from fedmpi.train.trainer import (EMA, LocalTrainer, derive_seed, ema_applied, pick_device, schedule_for,
                       share_cpu_threads)
-from .unet import build_unet
+from fedmpi.model.unet import build_unet
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, resubmit to continue
-EXIT_NONFINITE = 3   # a client's update or the aggregate was NaN / inf (fed.on_nonfinite: abort)
+from fedmpi.errors import EXIT_NONFINITE, EXIT_PREEMPTED  # noqa: E402
 
 
 class JobStop(RuntimeError):
@@ -341,7 +340,7 @@ def own_entries(model: torch.nn.Module, method: str) -> dict:
 def _resume_mismatch(cfg: Config, saved: dict, saved_clients: int, world_size: int,
                      run_dir: Path) -> Optional[str]:
     """Why `cfg` on `world_size` ranks cannot continue a checkpoint, or None."""
-    from .config import from_dict, get
+    from fedmpi.config import from_dict, get
     problems = []
     if saved_clients != world_size - 1:
         problems.append(f"it was run with K={saved_clients} clients (world size "
@@ -633,7 +632,7 @@ def run_federated(cfg: Config, world, run_dir: Path, resume: bool = False, log=p
 
         summary = {}
         if world.is_federator:
-            from .ledger import write_summary
+            from fedmpi.fl.ledger import write_summary
             extra = {"secure": cfg.fed.secure}
             if cfg.privacy.dp:
                 extra["privacy"] = dict(cfg.to_dict()["privacy"], rounds=R, epsilon=aggregator.epsilon(R))
@@ -737,8 +736,8 @@ def _gather_round(world, ledger: Ledger, run_dir: Path, round_index: int, stats=
 
 def _truncate_logs(run_dir: Path, last_round: int) -> None:
     """Drop rows of rounds after `last_round` (they are replayed after a resume)."""
-    from .ledger import read_csv, write_csv
-    from .metrics import truncate_logs
+    from fedmpi.fl.ledger import read_csv, write_csv
+    from fedmpi.store.metrics import truncate_logs
     comm = run_dir / "comm.csv"
     if comm.exists():
         if last_round == 0:

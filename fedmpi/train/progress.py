@@ -15,7 +15,7 @@ bar drawn with carriage returns only would appear at the end of the round.
 
 `RoundProgress` is the federator's view of a round: the latest report of every client
 (steps done of its steps in the round, images done), relayed by
-`fedmpi.comm.ProgressRelay` while the federator waits; it shows the steps of all clients
+`fedmpi.dist.world.ProgressRelay` while the federator waits; it shows the steps of all clients
 together, their images/s, and the slowest client, whose pace sets the ETA.
 """
 from __future__ import annotations

@@ -29,8 +29,8 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from .diffusion import Diffusion
-from .unet import compile_unet, cudagraph_step
+from fedmpi.model.diffusion import Diffusion
+from fedmpi.model.unet import compile_unet, cudagraph_step
 
 
 def derive_seed(*parts: int) -> int:

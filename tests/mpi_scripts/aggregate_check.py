@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import torch
 
-from fedmpi.comm import World
-from fedmpi.aggregate import Aggregator
-from fedmpi.ledger import Ledger
-from fedmpi.methods import METHODS, fedavg, make_plan
-from fedmpi.regions import REGIONS, flatten, region_sizes
-from fedmpi.unet import UNet
+from fedmpi.dist.world import World
+from fedmpi.fl.aggregate import Aggregator
+from fedmpi.fl.ledger import Ledger
+from fedmpi.fl.methods import METHODS, fedavg, make_plan
+from fedmpi.model.regions import REGIONS, flatten, region_sizes
+from fedmpi.model.unet import UNet
 
 world = World(sys.argv[1])
 world.start_backend(torch.device("cpu"))
@@ -96,7 +96,7 @@ Aggregator.zeros = zeros_of
 # A non-finite average (in a job: float32 overflow of finite uploads; here client 1 uploads
 # inf in its decoder) is broadcast, then found by the federator's one check, which names
 # the region; the clients are not held up by it.
-from fedmpi.aggregate import NonFiniteAverage  # noqa: E402
+from fedmpi.fl.aggregate import NonFiniteAverage  # noqa: E402
 model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
 agg = Aggregator(world, model, Ledger(world.rank))
 if world.rank == 1:

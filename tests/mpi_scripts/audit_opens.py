@@ -1,6 +1,6 @@
 """Under mpirun: a training job in which every rank logs each file it opens.
 
-usage: mpirun -n W python tests/mpi_scripts/audit_opens.py LOG_DIR -- <fedmpi.train args>
+usage: mpirun -n W python tests/mpi_scripts/audit_opens.py LOG_DIR -- <fedmpi.cli.train args>
 
 Each rank writes LOG_DIR/opens_rank<R>.txt, one opened path a line, from a Python audit
 hook ('open' events: builtins.open, gzip, os.open, numpy and torch file reads made
@@ -23,6 +23,6 @@ def hook(event, args):
 
 
 sys.addaudithook(hook)
-from fedmpi.train import main  # noqa: E402
+from fedmpi.cli.train import main  # noqa: E402
 
 sys.exit(main(sys.argv[3:]))

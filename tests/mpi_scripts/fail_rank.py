@@ -1,11 +1,11 @@
 """Under mpirun: a training job in which one client raises in its second round.
 
-usage: mpirun -n W python tests/mpi_scripts/fail_rank.py FAIL_RANK -- <fedmpi.train args>
+usage: mpirun -n W python tests/mpi_scripts/fail_rank.py FAIL_RANK -- <fedmpi.cli.train args>
 """
 import sys
 
-from fedmpi import trainer
-from fedmpi.comm import World
+import fedmpi.train.trainer as trainer
+from fedmpi.dist.world import World
 
 fail_rank = int(sys.argv[1])
 rank = World().rank
@@ -21,6 +21,6 @@ def run(self, *args, **kwargs):
 
 
 trainer.LocalTrainer.run = run
-from fedmpi.train import main  # noqa: E402
+from fedmpi.cli.train import main  # noqa: E402
 
 sys.exit(main(sys.argv[3:]))

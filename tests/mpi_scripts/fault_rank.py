@@ -1,6 +1,6 @@
 """Under mpirun: a training job in which one client misbehaves in one round.
 
-usage: mpirun -n W python tests/mpi_scripts/fault_rank.py FAULT RANK ROUND -- <fedmpi.train args>
+usage: mpirun -n W python tests/mpi_scripts/fault_rank.py FAULT RANK ROUND -- <fedmpi.cli.train args>
 FAULT: nan  (the client's weights become NaN after its local training, as after divergence)
        stop (the client stops making progress: SIGSTOP to itself before training)
 """
@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from fedmpi import trainer
-from fedmpi.comm import World
+import fedmpi.train.trainer as trainer
+from fedmpi.dist.world import World
 
 fault, fault_rank, fault_round = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rank = World().rank
@@ -34,6 +34,6 @@ def run(self, *args, **kwargs):
 
 
 trainer.LocalTrainer.run = run
-from fedmpi.train import main  # noqa: E402
+from fedmpi.cli.train import main  # noqa: E402
 
 sys.exit(main(sys.argv[5:]))

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from fedmpi.comm import ProgressRelay, World
+from fedmpi.dist.world import ProgressRelay, World
 
 world = World()
 relay = ProgressRelay(world, interval=0.001)

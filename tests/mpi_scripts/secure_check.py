@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from scipy import stats
 
-from fedmpi import secure
-from fedmpi.aggregate import Aggregator
-from fedmpi.comm import World
+import fedmpi.fl.secure as secure
+from fedmpi.fl.aggregate import Aggregator
+from fedmpi.dist.world import World
 from fedmpi.config import load_config
-from fedmpi.ledger import Ledger
-from fedmpi.methods import METHODS, fedavg, make_plan
-from fedmpi.regions import REGIONS, flatten
-from fedmpi.unet import UNet
+from fedmpi.fl.ledger import Ledger
+from fedmpi.fl.methods import METHODS, fedavg, make_plan
+from fedmpi.model.regions import REGIONS, flatten
+from fedmpi.model.unet import UNet
 
 world = World(sys.argv[1])
 world.start_backend(torch.device("cpu"))

@@ -1,0 +1,46 @@
+"""`python -m fedmpi.comm`: the analytical communication table of a config."""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv=None) -> int:
+    """`python -m fedmpi.comm`: the analytical communication table."""
+    import argparse
+
+    from fedmpi.config import ConfigError, load_config
+    from fedmpi.fl.ledger import FLOAT_BYTES, SECURE_VALUE_BYTES, comparison, format_table
+    from fedmpi.fl.methods import METHODS
+    from fedmpi.model.summary import model_region_sizes
+
+    p = argparse.ArgumentParser(prog="python -m fedmpi.comm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--clients", type=int, required=True)
+    p.add_argument("--rounds", type=int, default=None, help="default: fed.rounds")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--rule", choices=("paper", "moved"), default="paper",
+                   help="paper: initial model + R uploads + R-1 downloads; "
+                        "moved: what a fedmpi run moves (one more download)")
+    p.add_argument("--secure", action="store_true",
+                   help="uploads as fed.secure sends them: uint64 fixed point, 8 bytes per "
+                        "value instead of 4 (also implied by fed.secure: true in the config)")
+    args, rest = p.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, rest)
+        sizes = model_region_sizes(cfg)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rounds = args.rounds or cfg.fed.rounds
+    secure = args.secure or cfg.fed.secure
+    value_bytes = SECURE_VALUE_BYTES if secure else FLOAT_BYTES
+    results = [comparison(m, args.clients, rounds, sizes, cfg.run.seed, value_bytes)
+               for m in args.methods.split(",")]
+    print(f"parameters exchanged, K={args.clients}, R={rounds}, rule={args.rule}"
+          + (", secure: uploads uint64 (8 bytes/value), downloads fp32" if secure else ""))
+    print(format_table(results, args.rule, "secure" if secure else "fp32"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
