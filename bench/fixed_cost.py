@@ -16,6 +16,7 @@ table gives the medians and the ratio current / baseline.
 The baseline is exported with `git archive` into a temporary folder and run from there
 (same venv); it must accept the same command line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,31 +28,46 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "a45e1b2"  # main before the trust / speed work of issues 9 and 11
 
 
 def export(ref: str, dest: Path) -> Path:
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True,
-                             check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ref], capture_output=True, check=True
+    ).stdout
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest
 
 
-def one_job(code: Path, launcher: str, k: int, config: str, rounds: int, out: Path,
-            overrides: list[str]) -> list[float]:
+def one_job(
+    code: Path, launcher: str, k: int, config: str, rounds: int, out: Path, overrides: list[str]
+) -> list[float]:
     """Fixed cost of rounds 2..R of one job (seconds)."""
     from fedmpi.store.metrics import read_jsonl
+
     if out.exists():
         shutil.rmtree(out)
     # each code with its own copy of the config (the baseline's schema is older)
-    args = ["-m", "fedmpi.train", "--config", str(code / config), "--run-dir", str(out),
-            f"--fed.rounds={rounds}", "--fed.local_steps=1", "--train.batch_size=1",
-            "--data.train_subset=2000", "--eval.extractor=none", "--eval.grid=0",
-            f"--run.out_dir={out.parent}", *overrides]
+    args = [
+        "-m",
+        "fedmpi.train",
+        "--config",
+        str(code / config),
+        "--run-dir",
+        str(out),
+        f"--fed.rounds={rounds}",
+        "--fed.local_steps=1",
+        "--train.batch_size=1",
+        "--data.train_subset=2000",
+        "--eval.extractor=none",
+        "--eval.grid=0",
+        f"--run.out_dir={out.parent}",
+        *overrides,
+    ]
     proc = C.run_ranks(launcher, k + 1, args, timeout=1800, cwd=code, code=code, echo=False)
     if proc.returncode != 0:
         raise SystemExit(f"job failed (exit {proc.returncode}) in {code}:\n{proc.stdout[-2000:]}")
@@ -72,27 +88,45 @@ def main(argv=None) -> int:
     ks = C.int_list(args.clients)
     work = Path(tempfile.mkdtemp(prefix="fedmpi-fixed-"))
     codes = {"baseline": export(args.baseline, work / "baseline"), "current": ROOT}
-    C.print_environment("bench/fixed_cost.py", C.environment(",".join(str(k + 1) for k in ks),
-                                                            "mpi", "cpu"))
-    print(f"# baseline {args.baseline} vs this checkout | config {args.config} | "
-          f"{args.rounds} rounds, fixed cost of rounds 2..R | {args.trials} trials each", flush=True)
+    C.print_environment(
+        "bench/fixed_cost.py", C.environment(",".join(str(k + 1) for k in ks), "mpi", "cpu")
+    )
+    print(
+        f"# baseline {args.baseline} vs this checkout | config {args.config} | "
+        f"{args.rounds} rounds, fixed cost of rounds 2..R | {args.trials} trials each",
+        flush=True,
+    )
     results = {}
     try:
         for k in ks:
             samples = {name: [] for name in codes}
             for trial in range(args.trials):
                 for name, code in codes.items():
-                    samples[name] += one_job(code, args.launcher, k, args.config, args.rounds,
-                                             work / f"{name}-K{k}-{trial}", overrides)
+                    samples[name] += one_job(
+                        code,
+                        args.launcher,
+                        k,
+                        args.config,
+                        args.rounds,
+                        work / f"{name}-K{k}-{trial}",
+                        overrides,
+                    )
             results[k] = {name: statistics.median(v) for name, v in samples.items()}
-            print(f"K={k}: baseline {results[k]['baseline']:.3f} s, current "
-                  f"{results[k]['current']:.3f} s per round", flush=True)
+            print(
+                f"K={k}: baseline {results[k]['baseline']:.3f} s, current "
+                f"{results[k]['current']:.3f} s per round",
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    rows = [[k, f"{r['baseline']:.3f}", f"{r['current']:.3f}",
-             f"{r['current'] / r['baseline']:.2f}x"] for k, r in results.items()]
-    table = C.markdown_table(["K", f"baseline {args.baseline} (s/round)", "current (s/round)",
-                              "current / baseline"], rows)
+    rows = [
+        [k, f"{r['baseline']:.3f}", f"{r['current']:.3f}", f"{r['current'] / r['baseline']:.2f}x"]
+        for k, r in results.items()
+    ]
+    table = C.markdown_table(
+        ["K", f"baseline {args.baseline} (s/round)", "current (s/round)", "current / baseline"],
+        rows,
+    )
     print("\n" + table)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ env_probe() {
   nvidia-smi || echo "no nvidia-smi"
   "$PY" -c 'import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())'
   "$MPIRUN" --version | head -1
-  "$PY" -c 'from fedmpi.comm import cuda_aware_mpi; print("fedmpi cuda_aware_mpi:", cuda_aware_mpi())'
+  "$PY" -c 'from fedmpi.dist.backends import cuda_aware_mpi; print("fedmpi cuda_aware_mpi:", cuda_aware_mpi())'
   "$MPIRUN" $MPI_FLAGS -n 2 "$PY" -c \
     'from mpi4py import MPI; print(MPI.COMM_WORLD.rank, MPI.Get_library_version().splitlines()[0])'
 }

@@ -23,6 +23,7 @@ Slurm (from a job script of, e.g., --ntasks=17; one job step per world size):
         --local-steps 50 --images-per-client 6000 --run.device=cuda
 Trailing --section.key=value arguments are passed to every run (fedmpi overrides).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,33 +32,55 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 DEFAULT_CONFIG = "configs/paper/fmnist_full.yaml"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="bench/scaling.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--worlds", default=None, help="world sizes W = K + 1 (default 3,5,9; quick 3,5,9)")
+        prog="bench/scaling.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--worlds", default=None, help="world sizes W = K + 1 (default 3,5,9; quick 3,5,9)"
+    )
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--methods", default="full", help="comma list of fedmpi methods")
-    p.add_argument("--backend", default=None, help="mpi | torch (default: the config's fed.backend)")
+    p.add_argument(
+        "--backend", default=None, help="mpi | torch (default: the config's fed.backend)"
+    )
     p.add_argument("--rounds", type=int, default=None, help="rounds per run (default 4; quick 3)")
     p.add_argument("--skip", type=int, default=1, help="warm-up rounds left out of the medians")
-    p.add_argument("--local-steps", type=int, default=None,
-                   help="local steps per client per round (default 10; quick 1)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="default: the config's train.batch_size (quick: 8)")
-    p.add_argument("--images-per-client", type=int, default=None,
-                   help="training images per client (default 1024; quick 64)")
-    p.add_argument("--launcher", "--mpirun", dest="launcher", default=C.DEFAULT_LAUNCHER,
-                   help=C.LAUNCHER_HELP)
+    p.add_argument(
+        "--local-steps",
+        type=int,
+        default=None,
+        help="local steps per client per round (default 10; quick 1)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="default: the config's train.batch_size (quick: 8)",
+    )
+    p.add_argument(
+        "--images-per-client",
+        type=int,
+        default=None,
+        help="training images per client (default 1024; quick 64)",
+    )
+    p.add_argument(
+        "--launcher", "--mpirun", dest="launcher", default=C.DEFAULT_LAUNCHER, help=C.LAUNCHER_HELP
+    )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--out-dir", default=str(C.RESULTS))
     p.add_argument("--keep-runs", action="store_true", help="keep the run folders")
-    p.add_argument("--quick", action="store_true", help="small sizes (about 1-2 minutes on 2 cores)")
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes (about 1-2 minutes on 2 cores)"
+    )
     args, overrides = p.parse_known_args(argv)
     q = args.quick
     args.worlds = C.int_list(args.worlds or "3,5,9")
@@ -80,62 +103,124 @@ def parse_args(argv=None):
 def one_run(args, overrides, method: str, W: int) -> dict:
     from fedmpi.fl.ledger import read_csv as read_ledger
     from fedmpi.store.metrics import read_jsonl
+
     K = W - 1
     run_dir = Path(args.out_dir) / "scaling" / f"{method}_W{W}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    settings = [f"--fed.method={method}", f"--fed.rounds={args.rounds}",
-                f"--fed.local_steps={args.local_steps}",
-                f"--data.train_subset={K * args.images_per_client}",
-                "--eval.extractor=none", "--eval.grid=0", "--eval.every=0",
-                "--checkpoint.every=0", "--split.kind=iid"]
+    settings = [
+        f"--fed.method={method}",
+        f"--fed.rounds={args.rounds}",
+        f"--fed.local_steps={args.local_steps}",
+        f"--data.train_subset={K * args.images_per_client}",
+        "--eval.extractor=none",
+        "--eval.grid=0",
+        "--eval.every=0",
+        "--checkpoint.every=0",
+        "--split.kind=iid",
+    ]
     if args.batch_size:
         settings.append(f"--train.batch_size={args.batch_size}")
     if args.backend:
         settings.append(f"--fed.backend={args.backend}")
-    proc = C.run_ranks(args.launcher, W, ["-m", "fedmpi.train", "--config", args.config,
-                                          "--run-dir", str(run_dir), *settings, *overrides],
-                       log_path=run_dir.with_suffix(".log"), timeout=args.timeout, echo=False)
+    proc = C.run_ranks(
+        args.launcher,
+        W,
+        [
+            "-m",
+            "fedmpi.train",
+            "--config",
+            args.config,
+            "--run-dir",
+            str(run_dir),
+            *settings,
+            *overrides,
+        ],
+        log_path=run_dir.with_suffix(".log"),
+        timeout=args.timeout,
+        echo=False,
+    )
     tail = "\n".join(proc.stdout.splitlines()[-6:])
     if proc.returncode != 0:
         raise SystemExit(f"run W={W} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
     print(tail, flush=True)
-    rounds = [r for r in read_jsonl(run_dir / "metrics.jsonl")
-              if r.get("kind") == "round" and r["round"] > args.skip]
+    rounds = [
+        r
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+        if r.get("kind") == "round" and r["round"] > args.skip
+    ]
     ledger = [r for r in read_ledger(run_dir / "comm.csv") if r["client"] >= 0]
     per_round = {}
     for r in ledger:
         if r["round"] > args.skip:
             per_round[r["round"]] = per_round.get(r["round"], 0) + r["bytes"]
-    med = {k: C.median(float(r.get(k) or 0.0) for r in rounds)
-           for k in ("round_s", "train_s", "agg_s", "eval_s", "ckpt_s")}
-    other = C.median(float(r["round_s"]) - sum(float(r.get(k) or 0.0) for k in
-                                                ("train_s", "agg_s", "eval_s", "ckpt_s"))
-                     for r in rounds)
-    work = C.median(float(r["round_s"]) - float(r.get("ckpt_s") or 0.0) - float(r.get("eval_s") or 0.0)
-                    for r in rounds)
+    med = {
+        k: C.median(float(r.get(k) or 0.0) for r in rounds)
+        for k in ("round_s", "train_s", "agg_s", "eval_s", "ckpt_s")
+    }
+    other = C.median(
+        float(r["round_s"])
+        - sum(float(r.get(k) or 0.0) for k in ("train_s", "agg_s", "eval_s", "ckpt_s"))
+        for r in rounds
+    )
+    work = C.median(
+        float(r["round_s"]) - float(r.get("ckpt_s") or 0.0) - float(r.get("eval_s") or 0.0)
+        for r in rounds
+    )
     ips = [v for r in rounds for v in (r.get("images_per_s") or []) if v]
-    out = dict(method=method, W=W, K=K, rounds=len(rounds), local_steps=args.local_steps,
-               batch_size=args.batch_size or "", **med, other_s=other, round_excl_ckpt_s=work,
-               bytes_per_round=C.median(per_round.values()),
-               bytes_per_client_round=C.median(per_round.values()) / K,
-               client_images_per_s=C.median(ips))
+    out = dict(
+        method=method,
+        W=W,
+        K=K,
+        rounds=len(rounds),
+        local_steps=args.local_steps,
+        batch_size=args.batch_size or "",
+        **med,
+        other_s=other,
+        round_excl_ckpt_s=work,
+        bytes_per_round=C.median(per_round.values()),
+        bytes_per_client_round=C.median(per_round.values()) / K,
+        client_images_per_s=C.median(ips),
+    )
     if not args.keep_runs:
         shutil.rmtree(run_dir, ignore_errors=True)
     return out
 
 
 def table(rows: list[dict]) -> str:
-    headers = ["method", "W", "K", "round s", "train s", "agg s", "ckpt s", "other s",
-               "MB/round", "MB/client/round", "client img/s", "efficiency"]
+    headers = [
+        "method",
+        "W",
+        "K",
+        "round s",
+        "train s",
+        "agg s",
+        "ckpt s",
+        "other s",
+        "MB/round",
+        "MB/client/round",
+        "client img/s",
+        "efficiency",
+    ]
     body = []
     for r in rows:
         base = next(x for x in rows if x["method"] == r["method"])
-        body.append([r["method"], r["W"], r["K"], f"{r['round_s']:.2f}", f"{r['train_s']:.2f}",
-                     f"{r['agg_s']:.3f}", f"{r['ckpt_s']:.3f}", f"{r['other_s']:.2f}",
-                     f"{r['bytes_per_round'] / 1e6:.1f}",
-                     f"{r['bytes_per_client_round'] / 1e6:.2f}", f"{r['client_images_per_s']:.1f}",
-                     f"{base['round_excl_ckpt_s'] / r['round_excl_ckpt_s']:.2f}"])
+        body.append(
+            [
+                r["method"],
+                r["W"],
+                r["K"],
+                f"{r['round_s']:.2f}",
+                f"{r['train_s']:.2f}",
+                f"{r['agg_s']:.3f}",
+                f"{r['ckpt_s']:.3f}",
+                f"{r['other_s']:.2f}",
+                f"{r['bytes_per_round'] / 1e6:.1f}",
+                f"{r['bytes_per_client_round'] / 1e6:.2f}",
+                f"{r['client_images_per_s']:.1f}",
+                f"{base['round_excl_ckpt_s'] / r['round_excl_ckpt_s']:.2f}",
+            ]
+        )
     return C.markdown_table(headers, body)
 
 
@@ -165,14 +250,22 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     from fedmpi.config import load_config
+
     cfg = load_config(args.config, overrides)
-    C.print_environment("bench/scaling.py", C.environment(
-        ",".join(map(str, args.worlds)), args.backend or cfg.fed.backend,
-        None if cfg.run.device == "auto" else cfg.run.device))
-    print(f"# launcher '{args.launcher}' | config {args.config} {' '.join(overrides)} | "
-          f"{args.rounds} rounds ({args.skip} warm-up) x {args.local_steps} local steps, batch "
-          f"{args.batch_size or cfg.train.batch_size}, {args.images_per_client} images per client",
-          flush=True)
+    C.print_environment(
+        "bench/scaling.py",
+        C.environment(
+            ",".join(map(str, args.worlds)),
+            args.backend or cfg.fed.backend,
+            None if cfg.run.device == "auto" else cfg.run.device,
+        ),
+    )
+    print(
+        f"# launcher '{args.launcher}' | config {args.config} {' '.join(overrides)} | "
+        f"{args.rounds} rounds ({args.skip} warm-up) x {args.local_steps} local steps, batch "
+        f"{args.batch_size or cfg.train.batch_size}, {args.images_per_client} images per client",
+        flush=True,
+    )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -180,12 +273,17 @@ def main(argv=None) -> int:
         for W in args.worlds:
             rows.append(one_run(args, overrides, method, W))
     tag = "_".join(args.methods)
-    print(f"\n## weak scaling ({args.local_steps} local steps per client per round, median of "
-          f"rounds {args.skip + 1}..{args.rounds})\n")
+    print(
+        f"\n## weak scaling ({args.local_steps} local steps per client per round, median of "
+        f"rounds {args.skip + 1}..{args.rounds})\n"
+    )
     print(table(rows))
     C.write_csv(rows, out / f"scaling_{tag}.csv")
-    plot(rows, out / f"scaling_{tag}.png",
-         f"fedmpi weak scaling: {args.config}, {args.local_steps} steps/client/round")
+    plot(
+        rows,
+        out / f"scaling_{tag}.png",
+        f"fedmpi weak scaling: {args.config}, {args.local_steps} steps/client/round",
+    )
     print(f"\nwrote {out / f'scaling_{tag}.csv'}, {out / f'scaling_{tag}.png'}", flush=True)
     return 0
 

@@ -14,4 +14,5 @@ Layout (imports only point down this list):
   federated   the round loop of the federator and the clients
   train       entry point: centralized (one process) or federated (under mpirun)
 """
+
 __version__ = "0.1.0"

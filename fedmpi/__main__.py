@@ -1,8 +1,9 @@
 """`fedmpi COMMAND ...` (or `python -m fedmpi COMMAND ...`): one command for every entry point.
 
-    fedmpi train --config configs/quickstart.yaml      # = python -m fedmpi.train ...
-    fedmpi evaluate RUN_DIR | sweep SPEC | report DIR | plot DIR | summary | comm | data split
+fedmpi train --config configs/quickstart.yaml      # = python -m fedmpi.train ...
+fedmpi evaluate RUN_DIR | sweep SPEC | report DIR | plot DIR | summary | comm | data split
 """
+
 from __future__ import annotations
 
 import importlib

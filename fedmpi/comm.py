@@ -1,4 +1,5 @@
 """`python -m fedmpi.comm`: a shim for fedmpi.cli.comm, kept so documented commands keep working."""
+
 import sys
 
 from fedmpi.cli.comm import main

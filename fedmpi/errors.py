@@ -3,6 +3,7 @@
 Every entry point maps an exception to exactly one of these codes (`exit_code`), on every
 rank. Nothing here imports anything: every package may raise these.
 """
+
 from __future__ import annotations
 
 EXIT_OK = 0

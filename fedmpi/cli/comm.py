@@ -1,4 +1,5 @@
 """`python -m fedmpi.comm`: the analytical communication table of a config."""
+
 from __future__ import annotations
 
 import sys
@@ -18,12 +19,19 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, required=True)
     p.add_argument("--rounds", type=int, default=None, help="default: fed.rounds")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--rule", choices=("paper", "moved"), default="paper",
-                   help="paper: initial model + R uploads + R-1 downloads; "
-                        "moved: what a fedmpi run moves (one more download)")
-    p.add_argument("--secure", action="store_true",
-                   help="uploads as fed.secure sends them: uint64 fixed point, 8 bytes per "
-                        "value instead of 4 (also implied by fed.secure: true in the config)")
+    p.add_argument(
+        "--rule",
+        choices=("paper", "moved"),
+        default="paper",
+        help="paper: initial model + R uploads + R-1 downloads; "
+        "moved: what a fedmpi run moves (one more download)",
+    )
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="uploads as fed.secure sends them: uint64 fixed point, 8 bytes per "
+        "value instead of 4 (also implied by fed.secure: true in the config)",
+    )
     args, rest = p.parse_known_args(argv)
     try:
         cfg = load_config(args.config, rest)
@@ -34,10 +42,14 @@ def main(argv=None) -> int:
     rounds = args.rounds or cfg.fed.rounds
     secure = args.secure or cfg.fed.secure
     value_bytes = SECURE_VALUE_BYTES if secure else FLOAT_BYTES
-    results = [comparison(m, args.clients, rounds, sizes, cfg.run.seed, value_bytes)
-               for m in args.methods.split(",")]
-    print(f"parameters exchanged, K={args.clients}, R={rounds}, rule={args.rule}"
-          + (", secure: uploads uint64 (8 bytes/value), downloads fp32" if secure else ""))
+    results = [
+        comparison(m, args.clients, rounds, sizes, cfg.run.seed, value_bytes)
+        for m in args.methods.split(",")
+    ]
+    print(
+        f"parameters exchanged, K={args.clients}, R={rounds}, rule={args.rule}"
+        + (", secure: uploads uint64 (8 bytes/value), downloads fp32" if secure else "")
+    )
     print(format_table(results, args.rule, "secure" if secure else "fp32"))
     return 0
 

@@ -1,13 +1,14 @@
 """`python -m fedmpi.data split`: compute a split, print its per-client table, write HDF5 shards."""
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
+
 from fedmpi.config import ConfigError, load_config
+from fedmpi.data.datasets import _split_seed, compute_split, dataset_info, load_arrays, write_shards
 from fedmpi.data.partition import client_table, format_table, plot_report, save_report_json
 from fedmpi.errors import DataError
-from fedmpi.data.datasets import _split_seed, compute_split, dataset_info, load_arrays, write_shards
 
 
 def _cmd_split(args, overrides: list[str]) -> None:
@@ -25,9 +26,11 @@ def _cmd_split(args, overrides: list[str]) -> None:
     rows = client_table(labels, parts, num_classes)
     s = cfg.split
     if args.report:
-        print(f"{cfg.data.dataset}: {len(labels)} training images, {k} clients, split {s.kind} "
-              f"(beta={s.beta}, min_size={s.min_size}, classes_per_client={s.classes_per_client}, "
-              f"seed={_split_seed(cfg)}, rng={s.rng})")
+        print(
+            f"{cfg.data.dataset}: {len(labels)} training images, {k} clients, split {s.kind} "
+            f"(beta={s.beta}, min_size={s.min_size}, classes_per_client={s.classes_per_client}, "
+            f"seed={_split_seed(cfg)}, rng={s.rng})"
+        )
         print(format_table(rows))
     if args.json:
         save_report_json(rows, args.json)
@@ -35,21 +38,33 @@ def _cmd_split(args, overrides: list[str]) -> None:
         plot_report(rows, args.png)
     if args.out:
         test_images, test_labels = load_arrays(cfg.data, "test")
-        meta = {"dataset": cfg.data.dataset, "split_kind": s.kind, "seed": _split_seed(cfg),
-                "num_clients": k, "split": cfg.to_dict()["split"],
-                "train_subset": cfg.data.train_subset, "test_subset": cfg.data.test_subset,
-                "num_classes": num_classes}
+        meta = {
+            "dataset": cfg.data.dataset,
+            "split_kind": s.kind,
+            "seed": _split_seed(cfg),
+            "num_clients": k,
+            "split": cfg.to_dict()["split"],
+            "train_subset": cfg.data.train_subset,
+            "test_subset": cfg.data.test_subset,
+            "num_classes": num_classes,
+        }
         write_shards(args.out, images, labels, parts, test_images, test_labels, meta)
-        print(f"wrote {args.out}: {k} clients, sizes {[len(p) for p in parts]}, "
-              f"{len(test_labels)} test images")
+        print(
+            f"wrote {args.out}: {k} clients, sizes {[len(p) for p in parts]}, "
+            f"{len(test_labels)} test images"
+        )
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedmpi.data",
-                                     description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fedmpi.data", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    sp = sub.add_parser("split", help="split the training set over clients",
-                        epilog="Extra --section.key=value arguments override the config.")
+    sp = sub.add_parser(
+        "split",
+        help="split the training set over clients",
+        epilog="Extra --section.key=value arguments override the config.",
+    )
     sp.add_argument("--config", help="YAML config (default: built-in defaults)")
     sp.add_argument("--clients", type=int, help="number of clients (default: split.num_clients)")
     sp.add_argument("--out", help="HDF5 shards file to write")

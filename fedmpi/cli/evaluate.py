@@ -1,24 +1,29 @@
 """`python -m fedmpi.evaluate RUN_DIR`: re-score a run's checkpoints."""
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional
+
 from fedmpi.config import Config, ConfigError, load_config
 from fedmpi.data import DataError
-from fedmpi.store.checkpoint import CheckpointError
+from fedmpi.errors import EXIT_USER_ERROR
 from fedmpi.eval.evaluate import rescore
+from fedmpi.store.checkpoint import CheckpointError
 
-
-from fedmpi.errors import EXIT_USER_ERROR  # noqa: E402
-_CLI_OPTIONS = {"extractor": "eval.extractor", "num_samples": "eval.num_samples",
-                "sampler": "eval.sampler", "ddim_steps": "eval.ddim_steps"}
+_CLI_OPTIONS = {
+    "extractor": "eval.extractor",
+    "num_samples": "eval.num_samples",
+    "sampler": "eval.sampler",
+    "ddim_steps": "eval.ddim_steps",
+}
 
 
 def _rescore_config(run_dir: Path, args, overrides: list[str]) -> Config:
     """The run's config with the CLI's eval options and dotted overrides applied."""
     from fedmpi.config import parse_overrides
+
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a fedmpi run folder (no config.yaml)")
     dotted = parse_overrides(overrides)
@@ -27,10 +32,13 @@ def _rescore_config(run_dir: Path, args, overrides: list[str]) -> Config:
             dotted[key] = getattr(args, opt)
     cfg = load_config(run_dir / "config.yaml", dotted)
     if cfg.eval.extractor == "none":
-        raise ConfigError("eval.extractor is 'none': nothing to score; "
-                          "give --extractor classifier or --extractor inception")
+        raise ConfigError(
+            "eval.extractor is 'none': nothing to score; "
+            "give --extractor classifier or --extractor inception"
+        )
     if cfg.eval.extractor == "inception":  # before any model, data or sampling
         from fedmpi.eval.extractors import MissingWeightsError, check_inception_weights
+
         try:
             check_inception_weights(cfg.eval)
         except MissingWeightsError as e:
@@ -38,36 +46,60 @@ def _rescore_config(run_dir: Path, args, overrides: list[str]) -> Config:
     # Relative data / cache folders name places seen from where the run was launched;
     # when they are not here, use the usual places (overridable on the command line).
     fix = {}
-    if cfg.data.root and "data.root" not in dotted and not Path(cfg.data.root).expanduser().is_dir():
-        print(f"note: data.root {cfg.data.root} not found here; looking in the usual places "
-              f"(or give --data.root=...)", file=sys.stderr)
+    if (
+        cfg.data.root
+        and "data.root" not in dotted
+        and not Path(cfg.data.root).expanduser().is_dir()
+    ):
+        print(
+            f"note: data.root {cfg.data.root} not found here; looking in the usual places "
+            f"(or give --data.root=...)",
+            file=sys.stderr,
+        )
         fix["data.root"] = None
-    if cfg.eval.cache_dir and "eval.cache_dir" not in dotted \
-            and not Path(cfg.eval.cache_dir).expanduser().is_dir():
-        print(f"note: eval.cache_dir {cfg.eval.cache_dir} not found here; using "
-              f"~/.cache/fedmpi (or give --eval.cache_dir=...)", file=sys.stderr)
+    if (
+        cfg.eval.cache_dir
+        and "eval.cache_dir" not in dotted
+        and not Path(cfg.eval.cache_dir).expanduser().is_dir()
+    ):
+        print(
+            f"note: eval.cache_dir {cfg.eval.cache_dir} not found here; using "
+            f"~/.cache/fedmpi (or give --eval.cache_dir=...)",
+            file=sys.stderr,
+        )
         fix["eval.cache_dir"] = None
     return cfg.replace(fix) if fix else cfg
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m fedmpi.evaluate",
         description="Re-score a finished run's checkpoints in one process (no mpirun): the "
-                    "global model (FULL, USPLIT, centralized) or every client's personal "
-                    "model (UDEC, ULATDEC, with mean +- sample std). Writes "
-                    "RUN_DIR/rescore_<extractor>_round_<N>.csv; eval.csv is left alone.",
+        "global model (FULL, USPLIT, centralized) or every client's personal "
+        "model (UDEC, ULATDEC, with mean +- sample std). Writes "
+        "RUN_DIR/rescore_<extractor>_round_<N>.csv; eval.csv is left alone.",
         epilog="Extra --section.key=value arguments override the run's config "
-               "(e.g. --eval.batch_size=100 --run.device=cpu --eval.inception_weights=PATH).")
+        "(e.g. --eval.batch_size=100 --run.device=cpu --eval.inception_weights=PATH).",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder with checkpoints/")
-    p.add_argument("--round", type=int, help="checkpoint to score (default: the latest complete one)")
-    p.add_argument("--extractor", choices=("classifier", "inception"),
-                   help="feature extractor (default: the run's eval.extractor)")
-    p.add_argument("--num-samples", dest="num_samples", type=int,
-                   help="samples per model (default: the run's eval.num_samples)")
+    p.add_argument(
+        "--round", type=int, help="checkpoint to score (default: the latest complete one)"
+    )
+    p.add_argument(
+        "--extractor",
+        choices=("classifier", "inception"),
+        help="feature extractor (default: the run's eval.extractor)",
+    )
+    p.add_argument(
+        "--num-samples",
+        dest="num_samples",
+        type=int,
+        help="samples per model (default: the run's eval.num_samples)",
+    )
     p.add_argument("--sampler", choices=("ddim", "ddpm"), help="default: the run's eval.sampler")
-    p.add_argument("--ddim-steps", dest="ddim_steps", type=int,
-                   help="default: the run's eval.ddim_steps")
+    p.add_argument(
+        "--ddim-steps", dest="ddim_steps", type=int, help="default: the run's eval.ddim_steps"
+    )
     args, overrides = p.parse_known_args(argv)
     run_dir = Path(args.run_dir)
     try:

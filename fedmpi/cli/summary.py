@@ -1,8 +1,10 @@
 """`python -m fedmpi.summary`: a config's UNet regions, parameters and bytes."""
+
 from __future__ import annotations
 
 import argparse
 import sys
+
 from fedmpi.config import ConfigError, load_config
 from fedmpi.model.summary import format_summary, model_region_sizes, model_shape
 
@@ -18,8 +20,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     channels, size = model_shape(cfg)
-    print(f"UNet dim={cfg.model.dim} dim_mults={list(cfg.model.dim_mults)} "
-          f"input {channels}x{size}x{size}")
+    print(
+        f"UNet dim={cfg.model.dim} dim_mults={list(cfg.model.dim_mults)} "
+        f"input {channels}x{size}x{size}"
+    )
     print(format_summary(sizes))
     return 0
 

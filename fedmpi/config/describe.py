@@ -3,6 +3,7 @@
 The meanings are the comments beside each field in `schema.py`, read from the source, so
 the schema stays the one place that explains keys.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,11 +38,17 @@ def describe_config(cfg: Config) -> str:
     def scalar(v) -> str:
         if isinstance(v, tuple):
             v = list(v)
-        return yaml.safe_dump(v, default_flow_style=True, width=1000).strip().removesuffix(
-            "\n...").strip()
+        return (
+            yaml.safe_dump(v, default_flow_style=True, width=1000)
+            .strip()
+            .removesuffix("\n...")
+            .strip()
+        )
 
-    lines = ["# fedmpi config, resolved: every key with its value. Override any key on the",
-             "# command line as --section.key=value; keys are defined in fedmpi/config/schema.py."]
+    lines = [
+        "# fedmpi config, resolved: every key with its value. Override any key on the",
+        "# command line as --section.key=value; keys are defined in fedmpi/config/schema.py.",
+    ]
     for section in dataclasses.fields(cfg):
         part = getattr(cfg, section.name)
         comments = _field_comments(type(part))
@@ -54,6 +61,7 @@ def describe_config(cfg: Config) -> str:
                 note = (note + "; " if note else "") + " | ".join(schema.CHOICES[key])
             if key in schema.RANGES:
                 note = (note + "; " if note else "") + f"{schema.RANGES[key]}"
-            lines.append(f"  {f.name}: {scalar(getattr(part, f.name))}"
-                         + (f"  # {note}" if note else ""))
+            lines.append(
+                f"  {f.name}: {scalar(getattr(part, f.name))}" + (f"  # {note}" if note else "")
+            )
     return "\n".join(lines) + "\n"

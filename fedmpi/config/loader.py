@@ -8,18 +8,21 @@ Any problem raises `ConfigError` naming the key and the file, before anything he
 strictly: an empty file and a key repeated in one mapping are errors, and `1e-4` is a
 number as in YAML 1.2 (PyYAML's YAML 1.1 would read it as a string).
 """
+
 from __future__ import annotations
 
 import math
 import re
+import types
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
 from fedmpi.config.schema import CHOICES, RANGES, Config
 from fedmpi.errors import ConfigError
+
 
 def _set_dotted(data: dict, key: str, value, source: str) -> None:
     parts = key.split(".")
@@ -34,14 +37,15 @@ def _set_dotted(data: dict, key: str, value, source: str) -> None:
 def _check_type(value, tp, key: str, source: str):
     """Return value coerced to tp (int->float, list->tuple) or raise ConfigError."""
     origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # X | None
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
         return _check_type(value, args[0], key, source)
     if tp is tuple:
         if not isinstance(value, (list, tuple)) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
             raise ConfigError(f"{source}: '{key}' must be a list of integers, got {value!r}")
         return tuple(value)
     if tp is float:
@@ -52,9 +56,11 @@ def _check_type(value, tp, key: str, source: str):
         except OverflowError:  # an integer literal with hundreds of digits
             value = math.inf
         if not math.isfinite(value):
-            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r} "
-                              f"(.inf, .nan and values beyond 1.8e308 such as 1e400 are "
-                              f"not allowed)")
+            raise ConfigError(
+                f"{source}: '{key}' must be a finite number, got {value!r} "
+                f"(.inf, .nan and values beyond 1.8e308 such as 1e400 are "
+                f"not allowed)"
+            )
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -83,8 +89,7 @@ def from_dict(data: dict, source: str = "<dict>") -> Config:
     sections = {}
     for name, section in data.items():
         if name not in hints_cfg:
-            raise ConfigError(f"{source}: unknown section '{name}' "
-                              f"(known: {', '.join(hints_cfg)})")
+            raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(hints_cfg)})")
         if section is None:
             section = {}
         if not isinstance(section, dict):
@@ -94,8 +99,10 @@ def from_dict(data: dict, source: str = "<dict>") -> Config:
         kwargs = {}
         for key, value in section.items():
             if key not in hints:
-                raise ConfigError(f"{source}: unknown config key '{name}.{key}' "
-                                  f"(known in '{name}': {', '.join(hints)})")
+                raise ConfigError(
+                    f"{source}: unknown config key '{name}.{key}' "
+                    f"(known in '{name}': {', '.join(hints)})"
+                )
             kwargs[key] = _check_type(value, hints[key], f"{name}.{key}", source)
         sections[name] = cls(**kwargs)
     cfg = Config(**sections)
@@ -111,50 +118,69 @@ def get(cfg: Config, key: str):
 def _validate(cfg: Config, source: str) -> None:
     for key, options in CHOICES.items():
         if get(cfg, key) not in options:
-            raise ConfigError(f"{source}: '{key}' is {get(cfg, key)!r}; "
-                              f"choose one of {', '.join(options)}")
+            raise ConfigError(
+                f"{source}: '{key}' is {get(cfg, key)!r}; choose one of {', '.join(options)}"
+            )
     for key, allowed in RANGES.items():
         v = get(cfg, key)
-        for x in (v if isinstance(v, tuple) else (v,)):
+        for x in v if isinstance(v, tuple) else (v,):
             if x is not None and x not in allowed:
                 raise ConfigError(f"{source}: '{key}' must be {allowed}, got {v!r}")
     d = cfg.diffusion
     if not d.beta_start < d.beta_end:
-        raise ConfigError(f"{source}: need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
-                          f"got {d.beta_start} and {d.beta_end}")
+        raise ConfigError(
+            f"{source}: need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
+            f"got {d.beta_start} and {d.beta_end}"
+        )
     if cfg.train.lr_min > cfg.train.lr:
-        raise ConfigError(f"{source}: 'train.lr_min' ({cfg.train.lr_min}) must not exceed "
-                          f"'train.lr' ({cfg.train.lr}): the cosine schedule decays from lr "
-                          f"to lr_min")
+        raise ConfigError(
+            f"{source}: 'train.lr_min' ({cfg.train.lr_min}) must not exceed "
+            f"'train.lr' ({cfg.train.lr}): the cosine schedule decays from lr "
+            f"to lr_min"
+        )
     if not cfg.model.dim_mults:
         raise ConfigError(f"{source}: 'model.dim_mults' must not be empty")
     if cfg.eval.ddim_steps > d.timesteps:
-        raise ConfigError(f"{source}: 'eval.ddim_steps' ({cfg.eval.ddim_steps}) cannot exceed "
-                          f"'diffusion.timesteps' ({d.timesteps})")
+        raise ConfigError(
+            f"{source}: 'eval.ddim_steps' ({cfg.eval.ddim_steps}) cannot exceed "
+            f"'diffusion.timesteps' ({d.timesteps})"
+        )
     if cfg.fed.secure and cfg.privacy.dp and cfg.privacy.mode != "distributed":
-        raise ConfigError(f"{source}: 'privacy.mode' is 'central' but 'fed.secure' is on: the "
-                          f"federator would add the noise to a sum it sees noise-free; set "
-                          f"--privacy.mode=distributed (each client adds its share of the "
-                          f"noise before masking)")
+        raise ConfigError(
+            f"{source}: 'privacy.mode' is 'central' but 'fed.secure' is on: the "
+            f"federator would add the noise to a sum it sees noise-free; set "
+            f"--privacy.mode=distributed (each client adds its share of the "
+            f"noise before masking)"
+        )
     if cfg.train.compile_mode != "default" and not cfg.train.compile:
-        raise ConfigError(f"{source}: 'train.compile_mode' is {cfg.train.compile_mode!r} but "
-                          f"'train.compile' is false, so nothing is compiled; set "
-                          f"--train.compile=true (or leave compile_mode at 'default')")
+        raise ConfigError(
+            f"{source}: 'train.compile_mode' is {cfg.train.compile_mode!r} but "
+            f"'train.compile' is false, so nothing is compiled; set "
+            f"--train.compile=true (or leave compile_mode at 'default')"
+        )
     if cfg.fed.local_steps is None and cfg.fed.local_epochs == 0:
         raise ConfigError(f"{source}: set 'fed.local_epochs' > 0 or 'fed.local_steps'")
-    if cfg.eval.extractor == "inception" and cfg.eval.inception_weights is not None \
-            and not Path(cfg.eval.inception_weights).expanduser().is_file():
+    if (
+        cfg.eval.extractor == "inception"
+        and cfg.eval.inception_weights is not None
+        and not Path(cfg.eval.inception_weights).expanduser().is_file()
+    ):
         raise ConfigError(
             f"{source}: 'eval.inception_weights' points to {cfg.eval.inception_weights}, which "
             f"does not exist. Download pt_inception-2015-12-05-6726825d.pth from "
             f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-            f"pt_inception-2015-12-05-6726825d.pth on a machine with internet and copy it there.")
-    if cfg.eval.extractor == "classifier" and cfg.eval.classifier_weights is not None \
-            and not Path(cfg.eval.classifier_weights).expanduser().is_file():
+            f"pt_inception-2015-12-05-6726825d.pth on a machine with internet and copy it there."
+        )
+    if (
+        cfg.eval.extractor == "classifier"
+        and cfg.eval.classifier_weights is not None
+        and not Path(cfg.eval.classifier_weights).expanduser().is_file()
+    ):
         raise ConfigError(
             f"{source}: 'eval.classifier_weights' points to {cfg.eval.classifier_weights}, which "
             f"is not a file. Give the file printed by `python -m fedmpi.extractors "
-            f"train-classifier`, or leave it unset to train the classifier on the test split.")
+            f"train-classifier`, or leave it unset to train the classifier on the test split."
+        )
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -185,11 +211,13 @@ class _StrictLoader(yaml.SafeLoader):
 
 # Copy the resolver table before adding to it: it is shared with yaml.SafeLoader.
 _StrictLoader.yaml_implicit_resolvers = {
-    k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _StrictLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"))
+    list("-+.0123456789"),
+)
 
 
 def _yaml_load(text: str):
@@ -211,8 +239,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg.split("=")[0]:
-            raise ConfigError(f"command line: cannot read '{arg}'; overrides look like "
-                              f"--section.key=value (e.g. --train.lr=2e-4)")
+            raise ConfigError(
+                f"command line: cannot read '{arg}'; overrides look like "
+                f"--section.key=value (e.g. --train.lr=2e-4)"
+            )
         if "=" in arg:
             key, text = arg[2:].split("=", 1)
         else:
@@ -225,8 +255,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str] | dict] = None
-                ) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict | None = None
+) -> Config:
     """Load a YAML config (or the defaults when path is None) and apply overrides."""
     source = str(path) if path else "<defaults>"
     data: dict = {}
@@ -237,14 +268,18 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         try:
             data = _yaml_load(p.read_text())
         except _DuplicateKey as e:
-            raise ConfigError(f"{source}: key '{e.key}' is written twice at the same level "
-                              f"(line {e.first} and line {e.line}); keep one of them") from None
+            raise ConfigError(
+                f"{source}: key '{e.key}' is written twice at the same level "
+                f"(line {e.first} and line {e.line}); keep one of them"
+            ) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: not valid YAML: {e}") from None
         if data is None:
-            raise ConfigError(f"{source}: the file is empty (no settings); a config names "
-                              f"sections such as 'fed:' and 'train:' -- see configs/ for "
-                              f"examples (configs/quickstart.yaml)")
+            raise ConfigError(
+                f"{source}: the file is empty (no settings); a config names "
+                f"sections such as 'fed:' and 'train:' -- see configs/ for "
+                f"examples (configs/quickstart.yaml)"
+            )
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of sections")
     if overrides:

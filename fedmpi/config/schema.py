@@ -5,19 +5,20 @@ and the `RANGES` of numeric keys.
 Every numeric key has an entry in `RANGES` (tests/config/test_config.py fails for a new
 numeric key without one), every free-text choice an entry in `CHOICES`.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass(frozen=True)
 class RunCfg:
     name: str = "run"
-    out_dir: str = "runs"          # run folders are created under this
+    out_dir: str = "runs"  # run folders are created under this
     seed: int = 2023
-    device: str = "auto"           # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda
     # seconds between a client's progress reports to the federator, which shows the
     # round's live progress (0: no live progress); results do not depend on it
     progress_every: float = 2.0
@@ -26,31 +27,31 @@ class RunCfg:
 @dataclass(frozen=True)
 class DataCfg:
     dataset: str = "fashion_mnist"  # fashion_mnist | mnist | cifar10
-    root: Optional[str] = None      # None: auto-detect (Debian package, ./data, torchvision layout)
-    download: bool = True           # allow torchvision's downloader when files are missing
-    shards: Optional[str] = None    # HDF5 file written by `python -m fedmpi.data split`
-    train_subset: Optional[int] = None  # use the first N training images (quick runs)
-    test_subset: Optional[int] = None   # use the first N test images
+    root: str | None = None  # None: auto-detect (Debian package, ./data, torchvision layout)
+    download: bool = True  # allow torchvision's downloader when files are missing
+    shards: str | None = None  # HDF5 file written by `python -m fedmpi.data split`
+    train_subset: int | None = None  # use the first N training images (quick runs)
+    test_subset: int | None = None  # use the first N test images
 
 
 @dataclass(frozen=True)
 class SplitCfg:
-    kind: str = "iid"               # iid | label_skew | quantity_skew | shards
-    beta: float = 0.5               # Dirichlet concentration (label_skew, quantity_skew)
-    min_size: int = 10              # label_skew / quantity_skew: redraw until every client has this many
-    classes_per_client: int = 2     # shards
-    num_clients: Optional[int] = None  # None: taken from the MPI world size (W - 1)
-    seed: Optional[int] = None      # None: run.seed
-    rng: str = "default"            # default (numpy Generator) | numpy_legacy (the reference's exact draws)
+    kind: str = "iid"  # iid | label_skew | quantity_skew | shards
+    beta: float = 0.5  # Dirichlet concentration (label_skew, quantity_skew)
+    min_size: int = 10  # label_skew / quantity_skew: redraw until every client has this many
+    classes_per_client: int = 2  # shards
+    num_clients: int | None = None  # None: taken from the MPI world size (W - 1)
+    seed: int | None = None  # None: run.seed
+    rng: str = "default"  # default (numpy Generator) | numpy_legacy (the reference's exact draws)
 
 
 @dataclass(frozen=True)
 class ModelCfg:
     dim: int = 28
-    init_dim: Optional[int] = None  # None: dim // 3 * 2 (the paper's model)
+    init_dim: int | None = None  # None: dim // 3 * 2 (the paper's model)
     dim_mults: tuple = (1, 2, 4)
-    channels: Optional[int] = None  # None: from the dataset
-    image_size: Optional[int] = None  # None: from the dataset
+    channels: int | None = None  # None: from the dataset
+    image_size: int | None = None  # None: from the dataset
     convnext_mult: int = 2
     attn_heads: int = 4
     attn_dim_head: int = 32
@@ -59,14 +60,14 @@ class ModelCfg:
 @dataclass(frozen=True)
 class DiffusionCfg:
     timesteps: int = 1000
-    schedule: str = "linear"        # linear | cosine
+    schedule: str = "linear"  # linear | cosine
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    loss: str = "huber"             # huber (reference code) | mse (DDPM default)
+    loss: str = "huber"  # huber (reference code) | mse (DDPM default)
     # Per-timestep loss weight (recipe for short runs, none in configs/paper): min_snr is
     # Min-SNR-gamma (Hang et al. 2023), min(SNR_t, gamma) / SNR_t for epsilon prediction:
     # the easy low-noise steps count less, so the coarse structure is learnt sooner.
-    weighting: str = "none"         # none | min_snr
+    weighting: str = "none"  # none | min_snr
     snr_gamma: float = 5.0
 
 
@@ -74,17 +75,17 @@ class DiffusionCfg:
 class TrainCfg:
     lr: float = 1e-4
     batch_size: int = 128
-    epochs: int = 15                # centralized baseline epochs
-    max_steps: Optional[int] = None  # centralized: stop after this many optimizer steps
-    log_every: int = 50             # steps between metrics rows
+    epochs: int = 15  # centralized baseline epochs
+    max_steps: int | None = None  # centralized: stop after this many optimizer steps
+    log_every: int = 50  # steps between metrics rows
     num_workers: int = 0
-    precision: str = "fp32"         # fp32 | bf16 | fp16: autocast of forward/backward (weights stay fp32)
-    compile: bool = False           # torch.compile the UNet for training and sampling
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of forward/backward (weights stay fp32)
+    compile: bool = False  # torch.compile the UNet for training and sampling
     # torch.compile mode: default | reduce-overhead (each call replayed as CUDA graphs: one
     # launch instead of ~1,500 kernels per step; CUDA only, the default mode on a CPU) |
     # max-autotune
     compile_mode: str = "default"
-    channels_last: bool = False     # NHWC activations: faster convolutions (CPU oneDNN, tensor cores)
+    channels_last: bool = False  # NHWC activations: faster convolutions (CPU oneDNN, tensor cores)
     # centralized: Adam re-created at every epoch, as the reference's baseline (FULL with
     # K = 1, E = 1 per round) does
     reset_optimizer_every_epoch: bool = False
@@ -93,7 +94,7 @@ class TrainCfg:
     # cosine to lr_min at the run's last step (cosine); steps are counted over the whole
     # run (federated: rounds x local steps of the client).
     warmup_steps: int = 0
-    lr_schedule: str = "constant"   # constant | cosine
+    lr_schedule: str = "constant"  # constant | cosine
     lr_min: float = 0.0
     # EMA of the weights for sampling / scoring (0: off; e.g. 0.999 per optimizer step).
     # Federated: every rank averages the global model after each aggregation (FULL,
@@ -106,16 +107,16 @@ class TrainCfg:
 
 @dataclass(frozen=True)
 class FedCfg:
-    method: str = "full"            # full | usplit | udec | ulatdec
+    method: str = "full"  # full | usplit | udec | ulatdec
     rounds: int = 15
     local_epochs: int = 5
-    local_steps: Optional[int] = None  # if set, overrides local_epochs
-    backend: str = "mpi"            # mpi | torch
-    reset_optimizer: bool = True    # re-create Adam every round (paper)
-    freeze_unshared: bool = False   # only train regions this client reports
+    local_steps: int | None = None  # if set, overrides local_epochs
+    backend: str = "mpi"  # mpi | torch
+    reset_optimizer: bool = True  # re-create Adam every round (paper)
+    freeze_unshared: bool = False  # only train regions this client reports
     # What to do when a client's update or the aggregate is not finite (NaN/inf):
     # abort the job keeping the last good checkpoint, or skip those clients this round.
-    on_nonfinite: str = "abort"     # abort | skip
+    on_nonfinite: str = "abort"  # abort | skip
     # Seconds the waiting ranks give the slowest rank to reach the next collective
     # before aborting with a message (0: wait forever).
     round_timeout: float = 0.0
@@ -123,24 +124,24 @@ class FedCfg:
     # with an integer SUM; the federator sees only each region's sum. Uploads cost 8
     # bytes per value instead of 4.
     secure: bool = False
-    secure_frac_bits: int = 24      # fixed-point fraction bits (resolution 2^-frac_bits)
-    secure_min_reporters: int = 2   # 1: accept regions with a single reporter, in the clear
-    secure_neighbors: Optional[int] = None  # mask with k ring neighbours each side (None: all)
+    secure_frac_bits: int = 24  # fixed-point fraction bits (resolution 2^-frac_bits)
+    secure_min_reporters: int = 2  # 1: accept regions with a single reporter, in the clear
+    secure_neighbors: int | None = None  # mask with k ring neighbours each side (None: all)
 
 
 @dataclass(frozen=True)
 class EvalCfg:
-    every: int = 0                  # rounds (federated) or epochs (centralized); 0: only at the end
+    every: int = 0  # rounds (federated) or epochs (centralized); 0: only at the end
     num_samples: int = 1000
-    sampler: str = "ddim"           # ddim | ddpm
+    sampler: str = "ddim"  # ddim | ddpm
     ddim_steps: int = 100
     eta: float = 0.0
     batch_size: int = 250
-    extractor: str = "classifier"   # classifier | inception | none
-    inception_weights: Optional[str] = None  # path to pt_inception-2015-12-05-6726825d.pth
-    classifier_weights: Optional[str] = None  # fd_classifier file; None: train on the test split
-    cache_dir: Optional[str] = None  # None: ~/.cache/fedmpi
-    grid: int = 64                  # images in each PNG sample grid (0: none)
+    extractor: str = "classifier"  # classifier | inception | none
+    inception_weights: str | None = None  # path to pt_inception-2015-12-05-6726825d.pth
+    classifier_weights: str | None = None  # fd_classifier file; None: train on the test split
+    cache_dir: str | None = None  # None: ~/.cache/fedmpi
+    grid: int = 64  # images in each PNG sample grid (0: none)
     # UDEC / ULATDEC: score each client's model right after its local training, before
     # the round's aggregation (local: its own decoder, as the reference scores), or after
     # it (aggregated: personal encoder + the averaged shared regions)
@@ -153,16 +154,16 @@ class PrivacyCfg:
     # is clipped to L2 norm `clip`, uploads are weighted uniformly, and Gaussian noise of
     # std noise_multiplier * clip is added to each region's sum.
     dp: bool = False
-    clip: float = 1.0               # C: L2 bound of one client's update (all shared regions)
-    noise_multiplier: float = 1.0   # z: noise std on the sum = z * C
-    delta: float = 1.0e-5           # the delta of the reported (epsilon, delta)
-    mode: str = "central"           # central (federator adds noise) | distributed (clients do)
+    clip: float = 1.0  # C: L2 bound of one client's update (all shared regions)
+    noise_multiplier: float = 1.0  # z: noise std on the sum = z * C
+    delta: float = 1.0e-5  # the delta of the reported (epsilon, delta)
+    mode: str = "central"  # central (federator adds noise) | distributed (clients do)
 
 
 @dataclass(frozen=True)
 class CheckpointCfg:
-    every: int = 1                  # rounds (federated) or epochs (centralized); 0: only at the end
-    keep: int = 2                   # most recent checkpoints kept (0: keep all)
+    every: int = 1  # rounds (federated) or epochs (centralized); 0: only at the end
+    keep: int = 2  # most recent checkpoints kept (0: keep all)
     # federated: the federator's file and the marker written by a thread while the next
     # round runs (fedmpi.store.checkpoint.BackgroundWriter); the last round's always at once
     background: bool = True
@@ -184,7 +185,7 @@ class Config:
     def to_dict(self) -> dict:
         return _to_plain(self)
 
-    def replace(self, dotted: dict[str, Any]) -> "Config":
+    def replace(self, dotted: dict[str, Any]) -> Config:
         """A copy with dotted keys replaced (values already typed), re-validated."""
         from fedmpi.config.loader import _set_dotted, from_dict
 
@@ -215,24 +216,26 @@ CHOICES = {
 }
 
 
-
 @dataclass(frozen=True)
 class Range:
     """Allowed values of one numeric key: lo..hi, each end open (excluded) or closed."""
+
     lo: float = -math.inf
     hi: float = math.inf
     lo_open: bool = False
     hi_open: bool = False
 
     def __contains__(self, v) -> bool:
-        return ((self.lo < v if self.lo_open else self.lo <= v)
-                and (v < self.hi if self.hi_open else v <= self.hi))
+        return (self.lo < v if self.lo_open else self.lo <= v) and (
+            v < self.hi if self.hi_open else v <= self.hi
+        )
 
     def __str__(self) -> str:
         if self.hi == math.inf:
             return f"{'>' if self.lo_open else '>='} {self.lo}"
-        return (f"in {'(' if self.lo_open else '['}{self.lo}, "
-                f"{self.hi}{')' if self.hi_open else ']'}")
+        return (
+            f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        )
 
 
 POSITIVE = Range(0, lo_open=True)
@@ -242,11 +245,11 @@ UNIT_OPEN = Range(0, 1, lo_open=True, hi_open=True)
 # Every numeric key (int, float, Optional ones: null is always allowed for those; the
 # elements of model.dim_mults) -> its allowed range. Checked by _validate.
 RANGES = {
-    "run.seed": Range(0, 2**63 - 1),          # numpy SeedSequence needs >= 0; HDF5 attr int64
-    "run.progress_every": NON_NEGATIVE,       # 0: off
+    "run.seed": Range(0, 2**63 - 1),  # numpy SeedSequence needs >= 0; HDF5 attr int64
+    "run.progress_every": NON_NEGATIVE,  # 0: off
     "data.train_subset": POSITIVE,
     "data.test_subset": POSITIVE,
-    "split.beta": POSITIVE,                   # Dirichlet concentration
+    "split.beta": POSITIVE,  # Dirichlet concentration
     "split.min_size": NON_NEGATIVE,
     "split.classes_per_client": POSITIVE,
     "split.num_clients": POSITIVE,
@@ -260,7 +263,7 @@ RANGES = {
     "model.attn_heads": POSITIVE,
     "model.attn_dim_head": POSITIVE,
     "diffusion.timesteps": POSITIVE,
-    "diffusion.beta_start": UNIT_OPEN,        # variances: alpha = 1 - beta must stay in (0, 1)
+    "diffusion.beta_start": UNIT_OPEN,  # variances: alpha = 1 - beta must stay in (0, 1)
     "diffusion.beta_end": UNIT_OPEN,
     "diffusion.snr_gamma": POSITIVE,
     "train.lr": POSITIVE,
@@ -270,27 +273,27 @@ RANGES = {
     "train.log_every": POSITIVE,
     "train.num_workers": NON_NEGATIVE,
     "train.warmup_steps": NON_NEGATIVE,
-    "train.lr_min": NON_NEGATIVE,             # must also be <= train.lr (_validate)
+    "train.lr_min": NON_NEGATIVE,  # must also be <= train.lr (_validate)
     "train.ema_decay": Range(0, 1, hi_open=True),  # 0: off
-    "train.grad_clip": NON_NEGATIVE,          # 0: off
+    "train.grad_clip": NON_NEGATIVE,  # 0: off
     "fed.rounds": POSITIVE,
-    "fed.local_epochs": NON_NEGATIVE,         # 0 only together with fed.local_steps
+    "fed.local_epochs": NON_NEGATIVE,  # 0 only together with fed.local_steps
     "fed.local_steps": POSITIVE,
-    "fed.round_timeout": NON_NEGATIVE,        # 0: off
-    "fed.secure_frac_bits": Range(1, 62),     # the int64 sum needs >= 1 integer bit
+    "fed.round_timeout": NON_NEGATIVE,  # 0: off
+    "fed.secure_frac_bits": Range(1, 62),  # the int64 sum needs >= 1 integer bit
     "fed.secure_min_reporters": Range(1, 2),  # 2: every region needs 2 reporters; 1: opt-out
     "fed.secure_neighbors": POSITIVE,
     "privacy.clip": POSITIVE,
-    "privacy.noise_multiplier": POSITIVE,     # 0 would give epsilon = infinity
+    "privacy.noise_multiplier": POSITIVE,  # 0 would give epsilon = infinity
     "privacy.delta": UNIT_OPEN,
     "eval.every": NON_NEGATIVE,
     "eval.num_samples": POSITIVE,
     "eval.ddim_steps": POSITIVE,
-    "eval.eta": Range(0, 1),                  # 0: deterministic DDIM, 1: DDPM-like noise
+    "eval.eta": Range(0, 1),  # 0: deterministic DDIM, 1: DDPM-like noise
     "eval.batch_size": POSITIVE,
     "eval.grid": NON_NEGATIVE,
     "checkpoint.every": NON_NEGATIVE,
-    "checkpoint.keep": NON_NEGATIVE,          # 0: keep all (checkpoint.mark_complete)
+    "checkpoint.keep": NON_NEGATIVE,  # 0: keep all (checkpoint.mark_complete)
 }
 
 

@@ -13,23 +13,23 @@ The metric is named by the extractor: `fid` only for pytorch-fid's Inception fea
 `fd_classifier` for the offline classifier. `python -m fedmpi.evaluate RUN_DIR`
 re-scores a finished run's checkpoints.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
 from fedmpi.config import Config, ConfigError
 from fedmpi.data import dataset_info, load_arrays, load_test_data, to_float
-from fedmpi.model.diffusion import Diffusion
 from fedmpi.eval.fid import FeatureStats, class_distribution, frechet_distance
+from fedmpi.model.diffusion import Diffusion
 from fedmpi.model.unet import compile_unet
+from fedmpi.runtime import all_cpu_threads, autocast_for, derive_seed
 from fedmpi.store.metrics import append_csv, save_grid, write_csv
-from fedmpi.train.trainer import all_cpu_threads, autocast_for, derive_seed
 
 
 def _share(n: int, parts: int, index: int) -> int:
@@ -65,18 +65,23 @@ class Evaluator:
         if self.rank == 0:
             # in a job the other ranks sleep meanwhile: this rank may use every core
             with all_cpu_threads() if world is not None else contextlib.nullcontext():
-                self.extractor = build_extractor(cfg.eval, cfg.data.dataset, load_test_split,
-                                                 device)
+                self.extractor = build_extractor(
+                    cfg.eval, cfg.data.dataset, load_test_split, device
+                )
                 test_x, _ = load_test_data(cfg)
-                ref = reference_stats(self.extractor, to_float(test_x),
-                                      default_cache_dir(cfg.eval),
-                                      f"{cfg.data.dataset}-test{len(test_x)}")
+                ref = reference_stats(
+                    self.extractor,
+                    to_float(test_x),
+                    default_cache_dir(cfg.eval),
+                    f"{cfg.data.dataset}-test{len(test_x)}",
+                )
             self.ref_mu, self.ref_sigma = ref.mean(), ref.cov()
         if world is not None:
             world.wait_all()
             state = world.bcast_obj(self.extractor.payload() if self.rank == 0 else None)
             if self.rank != 0:
                 from fedmpi.eval.extractors import extractor_from_payload
+
                 self.extractor = extractor_from_payload(state, device)
             dim = self.extractor.dim
             if self.rank != 0:
@@ -98,8 +103,15 @@ class Evaluator:
             # under the training precision: bf16 / fp16 activations, the sampler's own
             # arithmetic in float32
             with autocast_for(self.cfg.train.precision, self.device):
-                x = self.diffusion.sample(net, (b, channels, size, size), self.device,
-                                          e.sampler, e.ddim_steps, e.eta, generator=gen)
+                x = self.diffusion.sample(
+                    net,
+                    (b, channels, size, size),
+                    self.device,
+                    e.sampler,
+                    e.ddim_steps,
+                    e.eta,
+                    generator=gen,
+                )
             yield x.float()
             done += b
 
@@ -122,29 +134,33 @@ class Evaluator:
             for x in self._generate(model, n, seed):
                 have = sum(len(k) for k in kept)
                 if have < keep:
-                    kept.append(x[:keep - have].cpu())
+                    kept.append(x[: keep - have].cpu())
                 if self.extractor is not None:
                     stats.update(self.extractor.features(x))
                     if hasattr(self.extractor, "predict"):
-                        hist += np.bincount(self.extractor.predict(x).cpu().numpy(),
-                                            minlength=self.num_classes)[:self.num_classes]
+                        hist += np.bincount(
+                            self.extractor.predict(x).cpu().numpy(), minlength=self.num_classes
+                        )[: self.num_classes]
         images = torch.cat(kept) if kept else torch.zeros(0)
         return stats, hist, images
 
     def _scores(self, stats: FeatureStats, hist: np.ndarray) -> dict:
         out = {}
         if stats is not None and stats.n > 1:
-            out[self.extractor.name] = frechet_distance(stats.mean(), stats.cov(),
-                                                        self.ref_mu, self.ref_sigma)
+            out[self.extractor.name] = frechet_distance(
+                stats.mean(), stats.cov(), self.ref_mu, self.ref_sigma
+            )
         if hist.sum() > 0:
             labels = np.repeat(np.arange(self.num_classes), hist.astype(np.int64))
             cd = class_distribution(labels, self.num_classes)
-            out.update(classes_present=cd["classes_present"],
-                       classes_present_1pct=cd["classes_present_1pct"],
-                       kl_from_uniform=cd["kl_from_uniform"])
+            out.update(
+                classes_present=cd["classes_present"],
+                classes_present_1pct=cd["classes_present_1pct"],
+                kl_from_uniform=cd["kl_from_uniform"],
+            )
         return out
 
-    def run(self, index: int, model, personal: bool) -> Optional[dict]:
+    def run(self, index: int, model, personal: bool) -> dict | None:
         """Score `model` after round (or epoch) `index`; returns the federator's summary."""
         was_training = model.training
         if personal:
@@ -154,12 +170,11 @@ class Evaluator:
         model.train(was_training)
         return result
 
-    def _run_global(self, index: int, model) -> Optional[dict]:
+    def _run_global(self, index: int, model) -> dict | None:
         e = self.cfg.eval
         n_local = _share(e.num_samples, self.size, self.rank)
         keep = _share(e.grid, self.size, self.rank)
-        stats, hist, images = self._score_local(model, n_local,
-                                                self._seed(self.rank), keep)
+        stats, hist, images = self._score_local(model, n_local, self._seed(self.rank), keep)
         if self.world is not None:
             self.world.wait_all()
             if stats is not None:
@@ -169,21 +184,26 @@ class Evaluator:
             grids = self.world.gather(images)
             if self.rank != 0:
                 return None
-            images = torch.cat([g for g in grids if len(g)]) if any(len(g) for g in grids) else images
+            images = (
+                torch.cat([g for g in grids if len(g)]) if any(len(g) for g in grids) else images
+            )
         if e.grid and len(images):
             save_grid(images, self.run_dir / "samples" / f"round_{index:04d}.png")
         scores = self._scores(stats, hist)
-        append_csv(self.run_dir / "eval.csv", [dict(round=index, client="global",
-                                                     num_samples=e.num_samples, **scores)])
+        append_csv(
+            self.run_dir / "eval.csv",
+            [dict(round=index, client="global", num_samples=e.num_samples, **scores)],
+        )
         return scores
 
-    def _run_personal(self, index: int, model) -> Optional[dict]:
+    def _run_personal(self, index: int, model) -> dict | None:
         e = self.cfg.eval
         mine = {}
         images = torch.zeros(0)
         if self.rank != 0:
             stats, hist, images = self._score_local(
-                model, e.num_samples, self._seed(self.rank), e.grid)
+                model, e.num_samples, self._seed(self.rank), e.grid
+            )
             mine = self._scores(stats, hist)
         self.world.wait_all()
         rows = self.world.gather((self.rank - 1, mine, images))
@@ -192,10 +212,14 @@ class Evaluator:
         rows = [r for r in rows if r[0] >= 0]
         for client, _, imgs in rows:
             if e.grid and len(imgs):
-                save_grid(imgs, self.run_dir / "samples" / f"round_{index:04d}_client_{client + 1:03d}.png")
-        append_csv(self.run_dir / "eval.csv", [dict(round=index, client=c + 1,
-                                                     num_samples=e.num_samples, **s)
-                                                for c, s, _ in rows])
+                save_grid(
+                    imgs,
+                    self.run_dir / "samples" / f"round_{index:04d}_client_{client + 1:03d}.png",
+                )
+        append_csv(
+            self.run_dir / "eval.csv",
+            [dict(round=index, client=c + 1, num_samples=e.num_samples, **s) for c, s, _ in rows],
+        )
         out = {}
         if rows and rows[0][1]:
             for key in rows[0][1]:
@@ -217,8 +241,7 @@ class Evaluator:
         `index` in training, so a personal model (rank = client number) or a centralized
         model re-scored with the run's own eval settings reproduces its eval.csv row."""
         was_training = model.training
-        stats, hist, _ = self._score_local(model, self.cfg.eval.num_samples,
-                                           self._seed(rank), 0)
+        stats, hist, _ = self._score_local(model, self.cfg.eval.num_samples, self._seed(rank), 0)
         model.train(was_training)
         return self._scores(stats, hist)
 
@@ -234,6 +257,7 @@ def _checkpoint_files(run_dir: Path, index: int) -> tuple[str, list[tuple[str, P
     ([('global', model.pt)]) or 'federated' (federator.pt as 'global' when present, then
     client_NNN.pt as 'N')."""
     from fedmpi.store.checkpoint import checkpoint_dir
+
     d = checkpoint_dir(run_dir, index)
     if (d / "model.pt").is_file():
         return "centralized", [("global", d / "model.pt")]
@@ -254,12 +278,17 @@ def _fmt(v) -> str:
 
 def _format_table(rows: list[dict], keys: list[str]) -> str:
     head = ["client"] + keys + ["seconds"]
-    body = [[str(r["client"])] + [_fmt(r.get(k, "")) for k in keys]
-            + [_fmt(r["seconds"]) if "seconds" in r else ""] for r in rows]
+    body = [
+        [str(r["client"])]
+        + [_fmt(r.get(k, "")) for k in keys]
+        + [_fmt(r["seconds"]) if "seconds" in r else ""]
+        for r in rows
+    ]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
 
     def line(cells):
         return "  ".join(x.rjust(w) for x, w in zip(cells, widths))
+
     lines = [line(head), "-" * len(line(head))]
     for r, b in zip(rows, body):
         if r["client"] == "mean":
@@ -268,7 +297,7 @@ def _format_table(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def rescore(run_dir: Path, index: Optional[int], cfg: Config, device=None, log=print) -> dict:
+def rescore(run_dir: Path, index: int | None, cfg: Config, device=None, log=print) -> dict:
     """Score the checkpoint of round (epoch) `index` (None: the latest complete one).
 
     Global models (FULL, USPLIT, centralized): the federator's (or model.pt's) model.
@@ -276,29 +305,36 @@ def rescore(run_dir: Path, index: Optional[int], cfg: Config, device=None, log=p
     Returns {"round", "method", "rows" (per model), "summary" (personal: mean / std),
     "csv" (path written)}; raises ConfigError for user errors."""
     import time
-    from fedmpi.store.checkpoint import client_state, complete_checkpoints, load_checkpoint
+
     from fedmpi.fl.methods import personal_regions
     from fedmpi.model.summary import model_shape
-    from fedmpi.train.trainer import pick_device
     from fedmpi.model.unet import build_unet
+    from fedmpi.runtime import pick_device
+    from fedmpi.store.checkpoint import client_state, complete_checkpoints, load_checkpoint
 
     done = complete_checkpoints(run_dir)
     if not done:
-        raise ConfigError(f"{run_dir} has no complete checkpoint (checkpoints/round_*/COMPLETE); "
-                          f"nothing to re-score")
+        raise ConfigError(
+            f"{run_dir} has no complete checkpoint (checkpoints/round_*/COMPLETE); "
+            f"nothing to re-score"
+        )
     if index is None:
         index = done[-1]
     elif index not in done:
-        raise ConfigError(f"{run_dir} has no complete checkpoint for round {index}; "
-                          f"complete: {', '.join(map(str, done))}")
+        raise ConfigError(
+            f"{run_dir} has no complete checkpoint for round {index}; "
+            f"complete: {', '.join(map(str, done))}"
+        )
     kind, files = _checkpoint_files(run_dir, index)
     method = "centralized" if kind == "centralized" else cfg.fed.method
     personal = kind == "federated" and bool(personal_regions(method))
     if personal:
         files = [f for f in files if f[0] != "global"]
         if not files:
-            raise ConfigError(f"{method} keeps personal models but round {index}'s checkpoint "
-                              f"has no client_NNN.pt")
+            raise ConfigError(
+                f"{method} keeps personal models but round {index}'s checkpoint "
+                f"has no client_NNN.pt"
+            )
     elif files[0][0] != "global":
         raise ConfigError(f"round {index}'s checkpoint has no federator.pt")
     else:
@@ -309,11 +345,13 @@ def rescore(run_dir: Path, index: Optional[int], cfg: Config, device=None, log=p
     model = build_unet(cfg.model, channels, size).to(device)
     model.channels_last = cfg.train.channels_last  # sampling as the run trained
     e = cfg.eval
-    log(f"re-scoring {run_dir}: {method.upper() if method != 'centralized' else method}, "
+    log(
+        f"re-scoring {run_dir}: {method.upper() if method != 'centralized' else method}, "
         f"checkpoint of {'epoch' if kind == 'centralized' else 'round'} {index}, "
         f"{len(files)} model{'s' if len(files) > 1 else ''} x {e.num_samples} samples "
         f"({e.sampler}{f' {e.ddim_steps} steps' if e.sampler == 'ddim' else ''}), "
-        f"extractor {e.extractor}, device {device}")
+        f"extractor {e.extractor}, device {device}"
+    )
     evaluator = None
     rows = []
     for client, path in files:
@@ -330,24 +368,44 @@ def rescore(run_dir: Path, index: Optional[int], cfg: Config, device=None, log=p
                 model.load_state_dict(ckpt["ema"]["shadow"], strict=False)
         except (RuntimeError, KeyError) as err:
             detail = " ".join(str(err).split())
-            raise ConfigError(f"{path} does not fit the model of the run's config "
-                              f"(model.* overridden?): {detail[:400]}") from None
+            raise ConfigError(
+                f"{path} does not fit the model of the run's config "
+                f"(model.* overridden?): {detail[:400]}"
+            ) from None
         if evaluator is None:  # after the first checkpoint loaded: no extractor work for nothing
             evaluator = Evaluator(cfg, None, run_dir, device)
         t0 = time.perf_counter()
         rank = int(client) if personal else 0  # the seeds training used (see score_model)
         scores = evaluator.score_model(model, index, rank)
-        rows.append(dict(round=index, client=client if personal else "global",
-                         checkpoint=path.name, num_samples=e.num_samples, sampler=e.sampler,
-                         ddim_steps=e.ddim_steps, **scores,
-                         seconds=round(time.perf_counter() - t0, 2)))
-    keys = [k for k in rows[0] if k not in ("round", "client", "checkpoint", "num_samples",
-                                             "sampler", "ddim_steps", "seconds")]
+        rows.append(
+            dict(
+                round=index,
+                client=client if personal else "global",
+                checkpoint=path.name,
+                num_samples=e.num_samples,
+                sampler=e.sampler,
+                ddim_steps=e.ddim_steps,
+                **scores,
+                seconds=round(time.perf_counter() - t0, 2),
+            )
+        )
+    keys = [
+        k
+        for k in rows[0]
+        if k
+        not in ("round", "client", "checkpoint", "num_samples", "sampler", "ddim_steps", "seconds")
+    ]
     summary = {}
     out_rows = list(rows)
     if personal:
-        mean = dict(round=index, client="mean", checkpoint="", num_samples=e.num_samples,
-                    sampler=e.sampler, ddim_steps=e.ddim_steps)
+        mean = dict(
+            round=index,
+            client="mean",
+            checkpoint="",
+            num_samples=e.num_samples,
+            sampler=e.sampler,
+            ddim_steps=e.ddim_steps,
+        )
         std = dict(mean, client="std")
         for k in keys:
             vals = np.array([r[k] for r in rows if k in r], dtype=np.float64)
@@ -358,10 +416,17 @@ def rescore(run_dir: Path, index: Optional[int], cfg: Config, device=None, log=p
     log(_format_table(out_rows, keys))
     if personal and keys:
         k = keys[0]
-        log(f"{k}: {summary[k + '_mean']:.3f} +- {summary[k + '_std']:.3f} "
-            f"(mean +- sample std over {len(rows)} clients)")
+        log(
+            f"{k}: {summary[k + '_mean']:.3f} +- {summary[k + '_std']:.3f} "
+            f"(mean +- sample std over {len(rows)} clients)"
+        )
     csv_path = run_dir / f"rescore_{e.extractor}_round_{index}.csv"
     write_csv(csv_path, out_rows)
     log(f"wrote {csv_path}")
-    return {"round": index, "method": method, "rows": rows, "summary": summary,
-            "csv": str(csv_path)}
+    return {
+        "round": index,
+        "method": method,
+        "rows": rows,
+        "summary": summary,
+        "csv": str(csv_path),
+    }

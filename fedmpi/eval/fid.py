@@ -7,6 +7,7 @@ can be accumulated batch by batch and reduced across ranks as ONE flat buffer
 `frechet_distance` follows pytorch-fid's `calculate_frechet_distance`, so Inception
 scores match pytorch-fid's. Which network produces the features lives in extractors.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,7 @@ class FeatureStats:
         self.sum = np.zeros(self.dim, dtype=np.float64)
         self.outer = np.zeros((self.dim, self.dim), dtype=np.float64)
 
-    def update(self, feats: torch.Tensor | np.ndarray) -> "FeatureStats":
+    def update(self, feats: torch.Tensor | np.ndarray) -> FeatureStats:
         if isinstance(feats, torch.Tensor):
             feats = feats.detach().cpu().numpy()
         x = np.asarray(feats, dtype=np.float64).reshape(len(feats), -1)
@@ -43,17 +44,17 @@ class FeatureStats:
         return np.concatenate([[float(self.n)], self.sum, self.outer.ravel()])
 
     @classmethod
-    def from_array(cls, arr: np.ndarray, dim: int) -> "FeatureStats":
+    def from_array(cls, arr: np.ndarray, dim: int) -> FeatureStats:
         arr = np.asarray(arr, dtype=np.float64).ravel()
         if arr.size != 1 + dim + dim * dim:
             raise ValueError(f"buffer of {arr.size} values does not hold stats of dim {dim}")
         s = cls(dim)
         s.n = int(round(arr[0]))
-        s.sum = arr[1:1 + dim].copy()
-        s.outer = arr[1 + dim:].reshape(dim, dim).copy()
+        s.sum = arr[1 : 1 + dim].copy()
+        s.outer = arr[1 + dim :].reshape(dim, dim).copy()
         return s
 
-    def __add__(self, other: "FeatureStats") -> "FeatureStats":
+    def __add__(self, other: FeatureStats) -> FeatureStats:
         if other.dim != self.dim:
             raise ValueError(f"cannot merge stats of dim {self.dim} and {other.dim}")
         out = FeatureStats(self.dim)
@@ -85,7 +86,7 @@ class FeatureStats:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "FeatureStats":
+    def load(cls, path: str | Path) -> FeatureStats:
         with np.load(path) as z:
             s = cls(z["sum"].shape[0])
             s.n, s.sum, s.outer = int(z["n"]), z["sum"].copy(), z["outer"].copy()
@@ -97,8 +98,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"shape mismatch: means {mu1.shape} vs {mu2.shape}, "
-                         f"covariances {sigma1.shape} vs {sigma2.shape}")
+        raise ValueError(
+            f"shape mismatch: means {mu1.shape} vs {mu2.shape}, "
+            f"covariances {sigma1.shape} vs {sigma2.shape}"
+        )
     diff = mu1 - mu2
     # A (near) singular product, e.g. fewer samples than dimensions, is expected and
     # handled below, so scipy's warning about it is only noise.

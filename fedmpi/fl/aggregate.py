@@ -38,10 +38,10 @@ Two options change the upload, never the plan or the broadcast (`Aggregator(...,
   contribution to the sum. The client's weights may be overwritten this way because
   every region a client uploads comes back to it in the same round's broadcast.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -61,6 +61,7 @@ def check_secure_plans(cfg, num_clients: int) -> None:
     region and round that does not, and the fix."""
     from fedmpi.config import ConfigError
     from fedmpi.fl.secure import SecureAggError, check_reporters
+
     if not cfg.fed.secure:
         return
     for r in range(1, cfg.fed.rounds + 1):
@@ -80,6 +81,7 @@ class _SecureUploads:
         import os
 
         from fedmpi.fl.secure import SecureAggregator
+
         self.frac_bits = fed_cfg.secure_frac_bits
         self.neighbors = fed_cfg.secure_neighbors
         self.client = None if world.is_federator else SecureAggregator(world.client, self.frac_bits)
@@ -88,8 +90,9 @@ class _SecureUploads:
         mine = os.urandom(16).hex() if world.is_federator else self.client.public_bytes()
         relayed = world.relay(mine)
         if self.client is not None:
-            self.client.establish({rank - 1: pub for rank, pub in enumerate(relayed) if rank > 0},
-                                  run_id=relayed[0])
+            self.client.establish(
+                {rank - 1: pub for rank, pub in enumerate(relayed) if rank > 0}, run_id=relayed[0]
+            )
         self.words: dict[str, np.ndarray] = {}
 
     def buffer(self, region: str, n: int) -> np.ndarray:
@@ -124,13 +127,14 @@ class Aggregator:
         self.send = {r: region_send_buffer(model, r) for r in REGIONS}  # flat + 1 spare value
         self.sizes = {r: t.numel() for r, t in self.flat.items()}
         self._upload: dict[str, torch.Tensor] = {}
-        self._zeros: Optional[torch.Tensor] = None  # the federator's summand, allocated once
+        self._zeros: torch.Tensor | None = None  # the federator's summand, allocated once
         self.secure = _SecureUploads(world, cfg.fed) if cfg is not None and cfg.fed.secure else None
         self.min_reporters = cfg.fed.secure_min_reporters if self.secure is not None else 0
         self.dp = cfg.privacy if cfg is not None and cfg.privacy.dp else None
         self._rng = None
         if self.dp is not None:
             from fedmpi.fl.privacy import noise_generator
+
             self._rng = noise_generator()
 
     @property
@@ -154,8 +158,9 @@ class Aggregator:
         n = self.sizes[region] + 1
         if self._zeros is None:
             t = self.flat[region]
-            self._zeros = torch.zeros(max(self.sizes.values()) + 1, dtype=t.dtype,
-                                      device=self.world.summand_device(t))
+            self._zeros = torch.zeros(
+                max(self.sizes.values()) + 1, dtype=t.dtype, device=self.world.summand_device(t)
+            )
         return self._zeros[:n]
 
     def initial_broadcast(self) -> None:
@@ -169,8 +174,14 @@ class Aggregator:
             self._record_down(0, region, t, range(world.num_clients))
         world.release(group)
 
-    def exchange(self, plan, sizes, round_index: int, timings: Optional[dict] = None,
-                 start: Optional[dict] = None) -> dict:
+    def exchange(
+        self,
+        plan,
+        sizes,
+        round_index: int,
+        timings: dict | None = None,
+        start: dict | None = None,
+    ) -> dict:
         """Aggregate every region shared in this round (every rank calls this).
 
         `sizes`: every client's FedAvg size n_k (K values, client 0 first), the same on
@@ -200,8 +211,9 @@ class Aggregator:
                     if self.secure is not None:
                         self._reduce_secure(up_group, ups, region, theta, round_index)
                     else:
-                        plain_average = self._reduce_plain(up_group, ups, region,
-                                                           reporting[region], round_index)
+                        plain_average = self._reduce_plain(
+                            up_group, ups, region, reporting[region], round_index
+                        )
                 if down_group is not None and down_group.is_member:
                     world.bcast(down_group, theta)
                     self._record_down(round_index, region, theta, downs)
@@ -218,7 +230,8 @@ class Aggregator:
             bad = [r for r in averaged if not finite(self.flat[r])]
             raise NonFiniteAverage(
                 f"round {round_index}: the average of region(s) {', '.join(bad)} is not "
-                f"finite although every upload was (float32 overflow)")
+                f"finite although every upload was (float32 overflow)"
+            )
         return stats
 
     def reporting(self, plan, sizes) -> dict[str, list[float]]:
@@ -230,8 +243,9 @@ class Aggregator:
         the clear, so the federator keeps the region's previous average (`withheld`)."""
         sizes = [float(n) for n in sizes]
         if len(sizes) != self.world.num_clients:
-            raise ValueError(f"exchange needs {self.world.num_clients} client sizes, "
-                             f"got {len(sizes)}")
+            raise ValueError(
+                f"exchange needs {self.world.num_clients} client sizes, got {len(sizes)}"
+            )
         if self.dp is not None:
             sizes = [1.0 if n > 0 else 0.0 for n in sizes]  # uniform; 0 keeps a skipped client out
         out = {}
@@ -246,8 +260,11 @@ class Aggregator:
 
     def withheld(self, plan, sizes) -> list[str]:
         """The regions `reporting` leaves unaveraged because clients were left out."""
-        return [r for r, n in self.reporting(plan, sizes).items()
-                if not any(n) and any(sizes[k] > 0 for k in plan.uploaders(r))]
+        return [
+            r
+            for r, n in self.reporting(plan, sizes).items()
+            if not any(n) and any(sizes[k] > 0 for k in plan.uploaders(r))
+        ]
 
     def _reduce_plain(self, group, ups, region: str, sizes: list, round_index: int) -> bool:
         """A client's upload, or the federator's Reduce of the average into its weights;
@@ -284,16 +301,24 @@ class Aggregator:
                 if world.client in ups:
                     theta = self.flat[region]
                     n_k = reporting[region][ups.index(world.client)]
-                    sec.client.upload_fedavg(_host(theta), n_k, round_index, region, ups,
-                                             out=sec.buffer(region, theta.numel()),
-                                             neighbors=sec.neighbors)
+                    sec.client.upload_fedavg(
+                        _host(theta),
+                        n_k,
+                        round_index,
+                        region,
+                        ups,
+                        out=sec.buffer(region, theta.numel()),
+                        neighbors=sec.neighbors,
+                    )
         world.wait_all(f"round {round_index}: secure aggregation (masking)")
 
-    def _reduce_secure(self, group, ups, region: str, theta: torch.Tensor,
-                       round_index: int) -> None:
+    def _reduce_secure(
+        self, group, ups, region: str, theta: torch.Tensor, round_index: int
+    ) -> None:
         """The secure twin of `_reduce_plain`: the masked uint64 upload (`_mask_uploads`),
         integer SUM, the federator decodes the sum only (finite uploads: a finite sum)."""
         from fedmpi.fl.secure import decode_average
+
         world, sec = self.world, self.secure
         buf = sec.buffer(region, theta.numel())
         if world.is_federator:
@@ -308,25 +333,34 @@ class Aggregator:
             if decode_average(buf, sec.frac_bits, out=host) > 0:  # else all were left out
                 _write_back(theta, host)
 
-    def _privatize(self, plan, start: Optional[dict], reporting: dict) -> dict:
+    def _privatize(self, plan, start: dict | None, reporting: dict) -> dict:
         """Client side of DP-FedAvg: clip this client's update of the regions it uploads
         (one L2 norm over all of them) and add its noise share (distributed mode: 1/sqrt(m)
         of the noise for the m reporters of the region that are not left out, so that
         their sum carries all of it)."""
         from fedmpi.fl.privacy import noise_std, privatize_update
+
         dp = self.dp
         mine = [r for r in REGIONS if r in plan.uploads[self.world.client]]
         if not mine:
             return {}
         if start is None:
-            raise RuntimeError("privacy.dp needs the client's weights at the round's start "
-                               "(Aggregator.exchange(..., start=RoundStart.weights))")
-        stds = [noise_std(dp.noise_multiplier, dp.clip, dp.mode,
-                          max(1, sum(n > 0 for n in reporting[r])))
-                if dp.mode == "distributed" else 0.0 for r in mine]
+            raise RuntimeError(
+                "privacy.dp needs the client's weights at the round's start "
+                "(Aggregator.exchange(..., start=RoundStart.weights))"
+            )
+        stds = [
+            noise_std(
+                dp.noise_multiplier, dp.clip, dp.mode, max(1, sum(n > 0 for n in reporting[r]))
+            )
+            if dp.mode == "distributed"
+            else 0.0
+            for r in mine
+        ]
         thetas = [_host(self.flat[r]) for r in mine]
-        norm, clipped = privatize_update(thetas, [_host(start[r]) for r in mine], dp.clip,
-                                         stds, self._rng)
+        norm, clipped = privatize_update(
+            thetas, [_host(start[r]) for r in mine], dp.clip, stds, self._rng
+        )
         for r, host in zip(mine, thetas):
             _write_back(self.flat[r], host)
         return {"dp_update_norm": norm, "dp_clipped_norm": clipped}
@@ -335,16 +369,18 @@ class Aggregator:
         """Central DP: N(0, (z C)^2) per coordinate on the sum of the clipped uploads,
         i.e. N(0, (z C / m)^2) on the average of m reporters: the federator's summand."""
         from fedmpi.fl.privacy import add_noise, noise_std
+
         std = noise_std(self.dp.noise_multiplier, self.dp.clip, "central", 1) / reporters
         host = _host(t)
         add_noise(host, std, self._rng)
         _write_back(t, host)
 
-    def epsilon(self, rounds: int) -> Optional[float]:
+    def epsilon(self, rounds: int) -> float | None:
         """The (epsilon, privacy.delta) guarantee after `rounds` rounds (None without DP)."""
         if self.dp is None:
             return None
         from fedmpi.fl.privacy import epsilon
+
         return epsilon(self.dp.noise_multiplier, rounds, self.dp.delta)
 
     def _record_down(self, round_index: int, region: str, t: torch.Tensor, receivers) -> None:

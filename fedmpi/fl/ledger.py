@@ -21,18 +21,18 @@ federator), region, direction (seen from the client: up = client -> federator), 
 and bytes. The federator's own record of the same transfers stays in memory (its byte
 count per round) and is not written twice.
 """
+
 from __future__ import annotations
 
 import csv
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import fedmpi.store.metrics as metrics
-from fedmpi.store.atomic import atomic_write
 from fedmpi.fl.methods import make_plan
 from fedmpi.model.regions import REGIONS
+from fedmpi.store.atomic import atomic_write
 
 FLOAT_BYTES = 4
 FIELDS = ("round", "client", "src", "dst", "region", "direction", "params", "bytes")
@@ -50,12 +50,21 @@ def download_bytes(params: int) -> int:
     return FLOAT_BYTES * params
 
 
-def transfer(round_index: int, client: int, region: str, direction: str, params: int,
-             nbytes: int) -> dict:
+def transfer(
+    round_index: int, client: int, region: str, direction: str, params: int, nbytes: int
+) -> dict:
     """One comm.csv row: `client` 1..K (-1: the federator's own record, other end unknown)."""
     src, dst = (client, FEDERATOR) if direction == "up" else (FEDERATOR, client)
-    return dict(round=round_index, client=client, src=src, dst=dst, region=region,
-                direction=direction, params=params, bytes=nbytes)
+    return dict(
+        round=round_index,
+        client=client,
+        src=src,
+        dst=dst,
+        region=region,
+        direction=direction,
+        params=params,
+        bytes=nbytes,
+    )
 
 
 @dataclass
@@ -67,11 +76,19 @@ class Ledger:
     the aggregate it received and sent with client = -1. Clients are numbered 1..K (their
     ranks); `record` takes the 0-based `World.client` index.
     """
+
     rank: int
     rows: list = field(default_factory=list)
 
-    def record(self, round_index: int, client: int, region: str, direction: str,
-               params: int, nbytes: Optional[int] = None) -> None:
+    def record(
+        self,
+        round_index: int,
+        client: int,
+        region: str,
+        direction: str,
+        params: int,
+        nbytes: int | None = None,
+    ) -> None:
         """`nbytes`: the bytes handed to the collective (default: the plain float32 size)."""
         if nbytes is None:
             nbytes = upload_bytes(params) if direction == "up" else download_bytes(params)
@@ -91,25 +108,43 @@ class Ledger:
         return [transfer(r[0], *r[2:]) for r in self.rows]
 
 
-def analytical_rows(method: str, num_clients: int, rounds: int, sizes: dict[str, int],
-                    seed: int, upload_value_bytes: int = FLOAT_BYTES) -> list[dict]:
+def analytical_rows(
+    method: str,
+    num_clients: int,
+    rounds: int,
+    sizes: dict[str, int],
+    seed: int,
+    upload_value_bytes: int = FLOAT_BYTES,
+) -> list[dict]:
     """The comm.csv rows (one per transfer) a run with these settings must produce."""
     rows = []
     for k in range(num_clients):
         for region in REGIONS:
-            rows.append(transfer(0, k + 1, region, "down", sizes[region],
-                                 download_bytes(sizes[region])))
+            rows.append(
+                transfer(0, k + 1, region, "down", sizes[region], download_bytes(sizes[region]))
+            )
     for r in range(1, rounds + 1):
         plan = make_plan(method, r, num_clients, seed)  # plans index clients 0..K-1
         for k in range(num_clients):
             for region in REGIONS:
                 if region in plan.uploads[k]:
-                    rows.append(transfer(r, k + 1, region, "up", sizes[region],
-                                         upload_bytes(sizes[region], upload_value_bytes)))
+                    rows.append(
+                        transfer(
+                            r,
+                            k + 1,
+                            region,
+                            "up",
+                            sizes[region],
+                            upload_bytes(sizes[region], upload_value_bytes),
+                        )
+                    )
             for region in REGIONS:
                 if region in plan.downloads[k]:
-                    rows.append(transfer(r, k + 1, region, "down", sizes[region],
-                                         download_bytes(sizes[region])))
+                    rows.append(
+                        transfer(
+                            r, k + 1, region, "down", sizes[region], download_bytes(sizes[region])
+                        )
+                    )
     return rows
 
 
@@ -136,16 +171,27 @@ def summarize(rows: list[dict], rounds: int) -> dict:
         for table, k in ((per_client, int(r["client"])), (per_round, rnd)):
             table[k][key] += params
             table[k]["bytes"] += nbytes
-    return {"moved": moved, "paper": paper, "per_client": dict(sorted(per_client.items())),
-            "per_round": dict(sorted(per_round.items()))}
+    return {
+        "moved": moved,
+        "paper": paper,
+        "per_client": dict(sorted(per_client.items())),
+        "per_round": dict(sorted(per_round.items())),
+    }
 
 
-def comparison(method: str, num_clients: int, rounds: int, sizes: dict, seed: int,
-               upload_value_bytes: int = FLOAT_BYTES) -> dict:
+def comparison(
+    method: str,
+    num_clients: int,
+    rounds: int,
+    sizes: dict,
+    seed: int,
+    upload_value_bytes: int = FLOAT_BYTES,
+) -> dict:
     """This method's totals against FULL's for the same clients and rounds (FULL plain:
     the reduction is in parameters, so the upload width does not change it)."""
-    ours = summarize(analytical_rows(method, num_clients, rounds, sizes, seed,
-                                     upload_value_bytes), rounds)
+    ours = summarize(
+        analytical_rows(method, num_clients, rounds, sizes, seed, upload_value_bytes), rounds
+    )
     full = summarize(analytical_rows("full", num_clients, rounds, sizes, seed), rounds)
     out = {"method": method, "clients": num_clients, "rounds": rounds}
     for rule in ("moved", "paper"):
@@ -163,23 +209,31 @@ def read_csv(path: Path) -> list[dict]:
     """comm.csv rows with integer columns (a partial last row, from a crash, is dropped).
     A file of the older layout (rank, 0-based client, federator rows) is read as the
     current one, so runs written before still resume, plot and report."""
-    rows = [{k: (v if k in ("region", "direction") else int(v)) for k, v in row.items()}
-            for row in metrics.read_csv(path)]
+    rows = [
+        {k: (v if k in ("region", "direction") else int(v)) for k, v in row.items()}
+        for row in metrics.read_csv(path)
+    ]
     if rows and "src" not in rows[0]:
-        rows = [transfer(r["round"], r["rank"], r["region"], r["direction"], r["params"],
-                         r["bytes"]) for r in rows if r["client"] >= 0]
+        rows = [
+            transfer(r["round"], r["rank"], r["region"], r["direction"], r["params"], r["bytes"])
+            for r in rows
+            if r["client"] >= 0
+        ]
     return rows
 
 
 def format_table(results: list[dict], rule: str = "paper", unit: str = "fp32") -> str:
     mb = f"MB ({unit})"
-    lines = [f"{'method':<8} {'clients':>7} {'rounds':>6} {'parameters':>14} {mb:>11} "
-             f"{'vs FULL':>8}"]
+    lines = [
+        f"{'method':<8} {'clients':>7} {'rounds':>6} {'parameters':>14} {mb:>11} {'vs FULL':>8}"
+    ]
     for res in results:
         t = res[rule]
-        lines.append(f"{res['method'].upper():<8} {res['clients']:>7} {res['rounds']:>6} "
-                     f"{t['params']:>14,} {t['bytes'] / 1e6:>11.1f} "
-                     f"{-100 * t['reduction_vs_full']:>+7.1f}%")
+        lines.append(
+            f"{res['method'].upper():<8} {res['clients']:>7} {res['rounds']:>6} "
+            f"{t['params']:>14,} {t['bytes'] / 1e6:>11.1f} "
+            f"{-100 * t['reduction_vs_full']:>+7.1f}%"
+        )
     return "\n".join(lines)
 
 
@@ -199,20 +253,32 @@ def _key(row: dict) -> tuple:
     return tuple(int(row[k]) if k not in ("region", "direction") else row[k] for k in FIELDS)
 
 
-def write_summary(run_dir: Path, method: str, num_clients: int, rounds: int, sizes: dict,
-                  seed: int, upload_value_bytes: int = FLOAT_BYTES,
-                  extra: Optional[dict] = None) -> dict:
+def write_summary(
+    run_dir: Path,
+    method: str,
+    num_clients: int,
+    rounds: int,
+    sizes: dict,
+    seed: int,
+    upload_value_bytes: int = FLOAT_BYTES,
+    extra: dict | None = None,
+) -> dict:
     """Summarize RUN_DIR/comm.csv, check it against the analytical table, write JSON.
     `upload_value_bytes`: 8 for fed.secure runs; `extra`: more keys for the JSON."""
     import json
+
     rows = read_csv(Path(run_dir) / "comm.csv")
     expected = analytical_rows(method, num_clients, rounds, sizes, seed, upload_value_bytes)
     measured = summarize(rows, rounds)
     out = comparison(method, num_clients, rounds, sizes, seed, upload_value_bytes)
     out["upload_value_bytes"] = upload_value_bytes
     out.update(extra or {})
-    out["measured"] = {"moved": measured["moved"], "paper": measured["paper"],
-                       "per_client": measured["per_client"], "per_round": measured["per_round"]}
+    out["measured"] = {
+        "moved": measured["moved"],
+        "paper": measured["paper"],
+        "per_client": measured["per_client"],
+        "per_round": measured["per_round"],
+    }
     out["matches_analytical"] = sorted(map(_key, client_rows(rows))) == sorted(map(_key, expected))
     atomic_write(Path(run_dir) / "comm_summary.json", json.dumps(out, indent=1))
     return out

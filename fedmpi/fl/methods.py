@@ -5,6 +5,7 @@ back. Plans depend only on (method, round, number of clients, run seed), so ever
 computes the same plan with no communication. Clients are numbered 0..K-1 here; client
 k runs on MPI rank k + 1.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,16 +22,18 @@ SHARED = {"full": REGIONS, "udec": ("decoder",), "ulatdec": ("bottleneck", "deco
 @dataclass(frozen=True)
 class Plan:
     round: int
-    uploads: tuple[frozenset, ...]     # uploads[k]: regions client k reports
-    downloads: tuple[frozenset, ...]   # downloads[k]: regions client k receives back
+    uploads: tuple[frozenset, ...]  # uploads[k]: regions client k reports
+    downloads: tuple[frozenset, ...]  # downloads[k]: regions client k receives back
 
     def __post_init__(self):
         # A client packs its upload in place, over its own weights (Aggregator.exchange):
         # every region it uploads must come back to it in the same round's broadcast.
         for k, (up, down) in enumerate(zip(self.uploads, self.downloads)):
             if not up <= down:
-                raise ValueError(f"plan of round {self.round}: client {k} uploads "
-                                 f"{sorted(up - down)} but does not receive it back")
+                raise ValueError(
+                    f"plan of round {self.round}: client {k} uploads "
+                    f"{sorted(up - down)} but does not receive it back"
+                )
 
     @property
     def num_clients(self) -> int:
@@ -115,6 +118,5 @@ def fedavg(buffers: list[np.ndarray], sizes: list[float]) -> np.ndarray:
     acc = torch.zeros(n + 1, dtype=torch.float64)
     one = torch.empty(n + 1, dtype=torch.float64)
     for buf, w in zip(buffers, fedavg_weights(sizes)):
-        acc += pack_upload(torch.from_numpy(np.asarray(buf, dtype=np.float64)).reshape(-1),
-                           w, one)
+        acc += pack_upload(torch.from_numpy(np.asarray(buf, dtype=np.float64)).reshape(-1), w, one)
     return acc[:-1].reshape(buffers[0].shape).float().numpy()

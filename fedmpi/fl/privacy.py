@@ -27,10 +27,10 @@ reproducible); PCG64 is not a cryptographic generator and the Gaussian sampling 
 usual floating-point caveats (Mironov 2012): fine for research runs, not a certified
 release.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import dp_accounting
 import numpy as np
@@ -45,7 +45,7 @@ class PrivacyError(ValueError):
 
 # Clipping aims this much below C, so that rounding the scaled update to float32 (each
 # element by at most 2^-24 relative) cannot push its norm above C.
-_CLIP_MARGIN = 1 - 2.0 ** -22
+_CLIP_MARGIN = 1 - 2.0**-22
 
 
 def l2_norm(arrays) -> float:
@@ -55,7 +55,7 @@ def l2_norm(arrays) -> float:
     for a in arrays:
         flat = np.asarray(a).reshape(-1)
         for i in range(0, flat.size, 1 << 20):
-            chunk = flat[i:i + (1 << 20)].astype(np.float64)
+            chunk = flat[i : i + (1 << 20)].astype(np.float64)
             total += float(np.dot(chunk, chunk))
     return math.sqrt(total)
 
@@ -81,8 +81,9 @@ def clip_update(delta: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
     return (delta * delta.dtype.type(factor)).astype(delta.dtype, copy=False), norm
 
 
-def privatize_update(thetas, starts, clip: float, noise_stds, rng: Optional[np.random.Generator]
-                     ) -> tuple[float, float]:
+def privatize_update(
+    thetas, starts, clip: float, noise_stds, rng: np.random.Generator | None
+) -> tuple[float, float]:
     """A client's DP upload, in place: theta <- start + clip(theta - start) + N(0, std^2).
 
     `thetas`, `starts`: the float arrays of the regions the client uploads (its weights
@@ -119,8 +120,9 @@ def noise_std(noise_multiplier: float, clip: float, mode: str, reporters: int) -
     if mode not in MODES:
         raise PrivacyError(f"privacy.mode must be one of {MODES}, got {mode!r}")
     if noise_multiplier < 0:
-        raise PrivacyError(f"noise multiplier must be >= 0 (privacy.noise_multiplier), "
-                           f"got {noise_multiplier}")
+        raise PrivacyError(
+            f"noise multiplier must be >= 0 (privacy.noise_multiplier), got {noise_multiplier}"
+        )
     if reporters < 1:
         raise PrivacyError(f"need at least one reporter, got {reporters}")
     std = noise_multiplier * clip
@@ -144,8 +146,14 @@ def add_noise(x: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray
     return x
 
 
-def private_average(clipped_sum: np.ndarray, reporters: int, noise_multiplier: float,
-                    clip: float, mode: str, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+def private_average(
+    clipped_sum: np.ndarray,
+    reporters: int,
+    noise_multiplier: float,
+    clip: float,
+    mode: str,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """Federator side: the DP average delta from the sum of m clipped (noised) deltas.
 
     Adds the central noise when mode is "central" (distributed: the clients did), then
@@ -177,8 +185,11 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float, sample_rate: flo
     if noise_multiplier <= 0:
         return math.inf
     event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)),
-        int(rounds))
+        dp_accounting.PoissonSampledDpEvent(
+            sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
+        ),
+        int(rounds),
+    )
     accountant = rdp.RdpAccountant()
     accountant.compose(event)
     return float(accountant.get_epsilon(delta))

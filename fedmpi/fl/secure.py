@@ -43,11 +43,12 @@ Intermediate ranks of the reduction (Open MPI's tree, gloo's ring, which also le
 partial sums in the senders' buffers) only ever see sums of masked uploads: a sum over
 a proper subset of the reporters still carries the masks of the pairs that cross it.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from fractions import Fraction
-from typing import Iterable, Mapping, Optional
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
@@ -65,7 +66,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 # plain path's own float32 rounding of n_k * theta.
 DEFAULT_FRAC_BITS = 24
 
-_INT64_LIMIT = 2 ** 63
+_INT64_LIMIT = 2**63
 _SECRET_BYTES = 32
 # Values per step of encode / mask_inplace: a chunk of the upload and of each mask stream
 # stay in the L2 cache, which halves the time of the memory-bound passes (measured on a
@@ -79,6 +80,7 @@ class SecureAggError(RuntimeError):
 
 # --- keys -----------------------------------------------------------------------------
 
+
 def make_keypair() -> X25519PrivateKey:
     """A fresh X25519 private key (its public half via `public_bytes`)."""
     return X25519PrivateKey.generate()
@@ -87,15 +89,17 @@ def make_keypair() -> X25519PrivateKey:
 def public_bytes(private_key: X25519PrivateKey) -> bytes:
     """The 32 raw bytes of the public key: what the federator relays."""
     return private_key.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
 
 
 def _run_id_bytes(run_id) -> bytes:
     return run_id if isinstance(run_id, bytes) else str(run_id).encode("utf-8")
 
 
-def derive_secrets(private_key: X25519PrivateKey, my_id: int, publics: Mapping[int, bytes],
-                   run_id) -> dict[int, bytes]:
+def derive_secrets(
+    private_key: X25519PrivateKey, my_id: int, publics: Mapping[int, bytes], run_id
+) -> dict[int, bytes]:
     """Pair secret with every other client: {peer_id: 32 bytes}.
 
     `publics` maps client id -> raw public key (this client's own entry, if present, is
@@ -112,7 +116,8 @@ def derive_secrets(private_key: X25519PrivateKey, my_id: int, publics: Mapping[i
         if len(pub) != 32:
             raise SecureAggError(
                 f"public key of client {peer} has {len(pub)} bytes, expected 32 (raw X25519); "
-                "relay the bytes of secure.public_bytes() unchanged")
+                "relay the bytes of secure.public_bytes() unchanged"
+            )
         shared = private_key.exchange(X25519PublicKey.from_public_bytes(bytes(pub)))
         lo, hi = sorted((my_id, peer))
         info = b"fedmpi/secure/pair|run=%s|%d|%d" % (run, lo, hi)
@@ -122,10 +127,11 @@ def derive_secrets(private_key: X25519PrivateKey, my_id: int, publics: Mapping[i
 
 # --- fixed point ----------------------------------------------------------------------
 
+
 def max_frac_bits(max_abs: float, reporters: int) -> int:
     """The largest frac_bits for which `reporters` uploads of |v| <= max_abs cannot overflow."""
     f = 62
-    while f > 0 and reporters * (Fraction(max_abs) * 2 ** f + Fraction(1, 2)) >= _INT64_LIMIT:
+    while f > 0 and reporters * (Fraction(max_abs) * 2**f + Fraction(1, 2)) >= _INT64_LIMIT:
         f -= 1
     return f
 
@@ -138,23 +144,33 @@ def check_overflow(max_abs: float, reporters: int, frac_bits: int, where: str = 
     arithmetic, so the boundary is not blurred by float rounding.
     """
     if not math.isfinite(max_abs):
-        raise SecureAggError(f"secure aggregation{where}: the upload holds a non-finite value "
-                             f"(max |value| = {max_abs}); the local update diverged")
-    if reporters * (Fraction(max_abs) * 2 ** frac_bits + Fraction(1, 2)) >= _INT64_LIMIT:
+        raise SecureAggError(
+            f"secure aggregation{where}: the upload holds a non-finite value "
+            f"(max |value| = {max_abs}); the local update diverged"
+        )
+    if reporters * (Fraction(max_abs) * 2**frac_bits + Fraction(1, 2)) >= _INT64_LIMIT:
         fit = max_frac_bits(max_abs, reporters)
-        if reporters * (Fraction(max_abs) * 2 ** fit + Fraction(1, 2)) >= _INT64_LIMIT:
+        if reporters * (Fraction(max_abs) * 2**fit + Fraction(1, 2)) >= _INT64_LIMIT:
             raise SecureAggError(
                 f"secure aggregation{where}: max |value| {max_abs:.6g} over {reporters} reporters "
-                "exceeds 64-bit fixed point at any fed.secure_frac_bits; the update diverged")
+                "exceeds 64-bit fixed point at any fed.secure_frac_bits; the update diverged"
+            )
         raise SecureAggError(
             f"secure aggregation{where} would overflow: {reporters} reporters x max |value| "
             f"{max_abs:.6g} x 2^{frac_bits} (fed.secure_frac_bits) reaches 2^63, the range of "
             f"the fixed-point sum; lower fed.secure_frac_bits to {fit} or less "
-            f"(resolution 2^-{fit} = {2.0 ** -fit:.3g})")
+            f"(resolution 2^-{fit} = {2.0**-fit:.3g})"
+        )
 
 
-def encode(values: np.ndarray, frac_bits: int = DEFAULT_FRAC_BITS, reporters: int = 1,
-           out: Optional[np.ndarray] = None, where: str = "", scale: float = 1.0) -> np.ndarray:
+def encode(
+    values: np.ndarray,
+    frac_bits: int = DEFAULT_FRAC_BITS,
+    reporters: int = 1,
+    out: np.ndarray | None = None,
+    where: str = "",
+    scale: float = 1.0,
+) -> np.ndarray:
     """round(scale * values * 2^frac_bits) as uint64 (two's complement), after `check_overflow`.
 
     `values`: float64 or float32, scaled in float64 (one rounding at most; none when
@@ -176,14 +192,14 @@ def encode(values: np.ndarray, frac_bits: int = DEFAULT_FRAC_BITS, reporters: in
     elif out.dtype != np.uint64 or out.shape != values.shape or not out.flags.c_contiguous:
         raise ValueError(f"encode out must be contiguous uint64 of shape {values.shape}")
     src, dst = values.reshape(-1), out.reshape(-1).view(np.int64)
-    factor = float(scale) * 2.0 ** frac_bits
+    factor = float(scale) * 2.0**frac_bits
     work = np.empty(min(src.size, _CHUNK), np.float64)
     for i in range(0, src.size, _CHUNK):
-        w = work[:min(_CHUNK, src.size - i)]
-        np.multiply(src[i:i + w.size], factor, out=w, dtype=np.float64)
+        w = work[: min(_CHUNK, src.size - i)]
+        np.multiply(src[i : i + w.size], factor, out=w, dtype=np.float64)
         np.rint(w, out=w)  # round to nearest (ties to even)
         # float64 -> int64 (|x| < 2^63 after the check: exact), stored as uint64
-        np.copyto(dst[i:i + w.size], w, casting="unsafe")
+        np.copyto(dst[i : i + w.size], w, casting="unsafe")
     return out
 
 
@@ -193,17 +209,23 @@ def decode_average(total: np.ndarray, frac_bits: int, out: np.ndarray) -> float:
     float64 before the final rounding to out's dtype) and returns sum n_k. With a
     weight <= 0 (every reporter left out) `out` is left untouched."""
     if total.dtype != np.uint64 or total.size != out.size + 1:
-        raise ValueError(f"decode_average expects uint64[{out.size + 1}], got "
-                         f"{total.dtype}[{total.size}]")
+        raise ValueError(
+            f"decode_average expects uint64[{out.size + 1}], got {total.dtype}[{total.size}]"
+        )
     weight = float(decode(total[-1:], frac_bits)[0])
     if weight > 0:
-        np.multiply(total[:-1].view(np.int64), 2.0 ** -frac_bits / weight,
-                    out=out.reshape(-1), casting="same_kind")
+        np.multiply(
+            total[:-1].view(np.int64),
+            2.0**-frac_bits / weight,
+            out=out.reshape(-1),
+            casting="same_kind",
+        )
     return weight
 
 
-def decode(total: np.ndarray, frac_bits: int = DEFAULT_FRAC_BITS,
-           out: Optional[np.ndarray] = None) -> np.ndarray:
+def decode(
+    total: np.ndarray, frac_bits: int = DEFAULT_FRAC_BITS, out: np.ndarray | None = None
+) -> np.ndarray:
     """float64 values of a (summed) uint64 fixed-point buffer (into `out` if given)."""
     total = np.asarray(total)
     if total.dtype not in (np.uint64, np.int64):
@@ -212,11 +234,14 @@ def decode(total: np.ndarray, frac_bits: int = DEFAULT_FRAC_BITS,
         out = np.empty(total.shape, np.float64)
     elif out.dtype != np.float64 or out.shape != total.shape:
         raise ValueError(f"decode out must be float64 of shape {total.shape}")
-    np.multiply(total.view(np.int64), 2.0 ** -frac_bits, out=out)  # int64 -> float64 rounds only beyond 2^53
+    np.multiply(
+        total.view(np.int64), 2.0**-frac_bits, out=out
+    )  # int64 -> float64 rounds only beyond 2^53
     return out
 
 
 # --- masks ----------------------------------------------------------------------------
+
 
 def _mask_key(pair_secret: bytes, round_index: int, region: str) -> bytes:
     info = b"fedmpi/secure/mask|round=%d|region=%s" % (int(round_index), region.encode())
@@ -225,12 +250,14 @@ def _mask_key(pair_secret: bytes, round_index: int, region: str) -> bytes:
 
 def _mask_cipher(pair_secret: bytes, round_index: int, region: str):
     """The pair's AES-256-CTR keystream for one (round, region), from counter block 0."""
-    return Cipher(algorithms.AES(_mask_key(pair_secret, round_index, region)),
-                  modes.CTR(bytes(16))).encryptor()
+    return Cipher(
+        algorithms.AES(_mask_key(pair_secret, round_index, region)), modes.CTR(bytes(16))
+    ).encryptor()
 
 
 class _Zeros:
     """One shared read-only zero buffer, grown on demand: the CTR plaintext."""
+
     buf = memoryview(b"")
 
     @classmethod
@@ -240,8 +267,9 @@ class _Zeros:
         return cls.buf[:nbytes]
 
 
-def mask_stream(pair_secret: bytes, round_index: int, region: str, n: int,
-                out: Optional[np.ndarray] = None) -> np.ndarray:
+def mask_stream(
+    pair_secret: bytes, round_index: int, region: str, n: int, out: np.ndarray | None = None
+) -> np.ndarray:
     """n uniform uint64 from AES-256-CTR, keyed by HKDF(pair secret, round, region).
 
     The key is unique per (pair, round, region), so a zero counter block is safe.
@@ -257,8 +285,15 @@ def mask_stream(pair_secret: bytes, round_index: int, region: str, n: int,
     return out[:n]
 
 
-def mask_inplace(buf: np.ndarray, me: int, peers: Iterable[int], secrets: Mapping[int, bytes],
-                 round_index: int, region: str, scratch: Optional[np.ndarray] = None) -> np.ndarray:
+def mask_inplace(
+    buf: np.ndarray,
+    me: int,
+    peers: Iterable[int],
+    secrets: Mapping[int, bytes],
+    round_index: int,
+    region: str,
+    scratch: np.ndarray | None = None,
+) -> np.ndarray:
     """Add (me < peer) or subtract (me > peer) each pair's mask, modulo 2^64, in place.
 
     `peers`: the other reporters of this region in this round (own id skipped), as the
@@ -270,27 +305,30 @@ def mask_inplace(buf: np.ndarray, me: int, peers: Iterable[int], secrets: Mappin
         raise ValueError(f"mask_inplace needs a contiguous uint64 buffer, got {buf.dtype}")
     flat = buf.reshape(-1)
     pairs = []
-    for peer in sorted(set(int(p) for p in peers) - {me}):
+    for peer in sorted({int(p) for p in peers} - {me}):
         if peer not in secrets:
-            raise SecureAggError(f"client {me} has no pair secret with client {peer}; run the key "
-                                 "exchange (derive_secrets) over all clients before round 1")
+            raise SecureAggError(
+                f"client {me} has no pair secret with client {peer}; run the key "
+                "exchange (derive_secrets) over all clients before round 1"
+            )
         # uint64 arithmetic wraps modulo 2^64
-        pairs.append((_mask_cipher(secrets[peer], round_index, region),
-                      np.add if me < peer else np.subtract))
+        pairs.append(
+            (_mask_cipher(secrets[peer], round_index, region), np.add if me < peer else np.subtract)
+        )
     if scratch is None or scratch.size < _CHUNK + 2:
         scratch = np.empty(_CHUNK + 2, np.uint64)
     out_bytes = memoryview(scratch).cast("B")  # CTR's update_into wants 15 spare bytes
     zeros = _Zeros.get(8 * _CHUNK)
     for i in range(0, flat.size, _CHUNK):
-        part = flat[i:i + _CHUNK]
-        mask = scratch[:part.size]
+        part = flat[i : i + _CHUNK]
+        mask = scratch[: part.size]
         for enc, op in pairs:
-            enc.update_into(zeros[:8 * part.size], out_bytes)
+            enc.update_into(zeros[: 8 * part.size], out_bytes)
             op(part, mask, out=part)
     return buf
 
 
-def mask_peers(me: int, reporters: Iterable[int], neighbors: Optional[int] = None) -> list[int]:
+def mask_peers(me: int, reporters: Iterable[int], neighbors: int | None = None) -> list[int]:
     """The reporters that `me` shares a mask with in one region and round.
 
     neighbors=None: every other reporter (m - 1 masks per client). neighbors=k: the k
@@ -301,7 +339,7 @@ def mask_peers(me: int, reporters: Iterable[int], neighbors: Optional[int] = Non
     It is weaker only if clients collude: the 2k neighbours of a client together could
     unmask it (with all pairs, all m - 1 others would have to).
     """
-    ring = sorted(set(int(r) for r in reporters) | {me})
+    ring = sorted({int(r) for r in reporters} | {me})
     m = len(ring)
     if neighbors is None or 2 * neighbors >= m - 1:
         return [p for p in ring if p != me]
@@ -311,8 +349,9 @@ def mask_peers(me: int, reporters: Iterable[int], neighbors: Optional[int] = Non
     return sorted({ring[(i + d) % m] for d in range(-neighbors, neighbors + 1) if d != 0})
 
 
-def check_reporters(region: str, round_index: int, reporters: Iterable[int],
-                    min_reporters: int = 2) -> None:
+def check_reporters(
+    region: str, round_index: int, reporters: Iterable[int], min_reporters: int = 2
+) -> None:
     """Refuse a region whose reporter set is too small to hide any single upload.
 
     With one reporter the 'sum' is that client's upload (e.g. USPLIT at K = 2). Call it
@@ -326,10 +365,12 @@ def check_reporters(region: str, round_index: int, reporters: Iterable[int],
         f"secure aggregation: region {region!r} in round {round_index} has {m} reporter(s) "
         f"{sorted(set(reporters))}, fewer than {min_reporters}, so the federator would see "
         f"that upload in the clear (e.g. USPLIT at K = 2); use more clients or another "
-        f"method, or accept it explicitly with fed.secure_min_reporters=1")
+        f"method, or accept it explicitly with fed.secure_min_reporters=1"
+    )
 
 
 # --- the client-side object -----------------------------------------------------------
+
 
 class SecureAggregator:
     """One client's key pair and pair secrets; encodes and masks its uploads.
@@ -339,8 +380,12 @@ class SecureAggregator:
     -> federator calls `decode(total)` (or the module-level `decode`).
     """
 
-    def __init__(self, client_id: int, frac_bits: int = DEFAULT_FRAC_BITS,
-                 private_key: Optional[X25519PrivateKey] = None):
+    def __init__(
+        self,
+        client_id: int,
+        frac_bits: int = DEFAULT_FRAC_BITS,
+        private_key: X25519PrivateKey | None = None,
+    ):
         self.client_id = int(client_id)
         self.frac_bits = int(frac_bits)
         self._key = private_key if private_key is not None else make_keypair()
@@ -353,39 +398,78 @@ class SecureAggregator:
     def establish(self, publics: Mapping[int, bytes], run_id) -> None:
         self.secrets = derive_secrets(self._key, self.client_id, publics, run_id)
 
-    def upload(self, values: np.ndarray, round_index: int, region: str, peers: Iterable[int],
-               out: Optional[np.ndarray] = None, neighbors: Optional[int] = None) -> np.ndarray:
+    def upload(
+        self,
+        values: np.ndarray,
+        round_index: int,
+        region: str,
+        peers: Iterable[int],
+        out: np.ndarray | None = None,
+        neighbors: int | None = None,
+    ) -> np.ndarray:
         """Encode `values` (float) and mask them for this (round, region): a uint64 array.
 
         `peers`: the region's reporters this round (own id may be included). `out`: a
         uint64 buffer of values' shape to reuse. `neighbors`: see `mask_peers` (the
         same on every client).
         """
-        reporters = set(int(p) for p in peers) | {self.client_id}
+        reporters = {int(p) for p in peers} | {self.client_id}
         where = f" (client {self.client_id}, region {region!r}, round {round_index})"
         enc = encode(values, self.frac_bits, reporters=len(reporters), out=out, where=where)
         if self._scratch.size < enc.size + 2:
             self._scratch = np.empty(enc.size + 2, np.uint64)
-        return mask_inplace(enc, self.client_id, mask_peers(self.client_id, reporters, neighbors),
-                            self.secrets, round_index, region, scratch=self._scratch)
+        return mask_inplace(
+            enc,
+            self.client_id,
+            mask_peers(self.client_id, reporters, neighbors),
+            self.secrets,
+            round_index,
+            region,
+            scratch=self._scratch,
+        )
 
-    def upload_fedavg(self, theta: np.ndarray, weight: float, round_index: int, region: str,
-                      peers: Iterable[int], out: np.ndarray,
-                      neighbors: Optional[int] = None) -> np.ndarray:
+    def upload_fedavg(
+        self,
+        theta: np.ndarray,
+        weight: float,
+        round_index: int,
+        region: str,
+        peers: Iterable[int],
+        out: np.ndarray,
+        neighbors: int | None = None,
+    ) -> np.ndarray:
         """The FedAvg upload [weight * theta, weight] of one region, encoded and masked into
         `out` (uint64, theta.size + 1): what `upload` does, without a float64 copy of it."""
-        reporters = set(int(p) for p in peers) | {self.client_id}
+        reporters = {int(p) for p in peers} | {self.client_id}
         where = f" (client {self.client_id}, region {region!r}, round {round_index})"
         if out.dtype != np.uint64 or out.shape != (theta.size + 1,):
             raise ValueError(f"upload_fedavg out must be uint64[{theta.size + 1}]")
-        encode(theta.reshape(-1), self.frac_bits, len(reporters), out=out[:-1], where=where,
-               scale=weight)
-        encode(np.array([weight], np.float64), self.frac_bits, len(reporters), out=out[-1:],
-               where=where)
+        encode(
+            theta.reshape(-1),
+            self.frac_bits,
+            len(reporters),
+            out=out[:-1],
+            where=where,
+            scale=weight,
+        )
+        encode(
+            np.array([weight], np.float64),
+            self.frac_bits,
+            len(reporters),
+            out=out[-1:],
+            where=where,
+        )
         if self._scratch.size < out.size + 2:
             self._scratch = np.empty(out.size + 2, np.uint64)
-        return mask_inplace(out, self.client_id, mask_peers(self.client_id, reporters, neighbors),
-                            self.secrets, round_index, region, scratch=self._scratch)
+        return mask_inplace(
+            out,
+            self.client_id,
+            mask_peers(self.client_id, reporters, neighbors),
+            self.secrets,
+            round_index,
+            region,
+            scratch=self._scratch,
+        )
 
     def decode(self, total: np.ndarray) -> np.ndarray:
         return decode(total, self.frac_bits)

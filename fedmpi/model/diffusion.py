@@ -4,10 +4,11 @@ The noise schedule lives here in float64 numpy, outside the nn.Module, so that t
 network's parameters are the only state that exists to communicate. Per-timestep
 coefficients are gathered in float64 and cast to the sample's dtype at use.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,18 +23,29 @@ def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.0
 
 def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
     """Nichol & Dhariwal (2021): alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2)."""
+
     def alpha_bar(t):
         return math.cos((t / timesteps + s) / (1 + s) * math.pi / 2) ** 2
-    return np.array([min(1 - alpha_bar(i + 1) / alpha_bar(i), max_beta)
-                     for i in range(timesteps)], dtype=np.float64)
+
+    return np.array(
+        [min(1 - alpha_bar(i + 1) / alpha_bar(i), max_beta) for i in range(timesteps)],
+        dtype=np.float64,
+    )
 
 
 class Diffusion:
     """Schedule, forward process, loss and samplers (no learnable state)."""
 
-    def __init__(self, timesteps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02, loss: str = "huber", weighting: str = "none",
-                 snr_gamma: float = 5.0):
+    def __init__(
+        self,
+        timesteps: int = 1000,
+        schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        loss: str = "huber",
+        weighting: str = "none",
+        snr_gamma: float = 5.0,
+    ):
         if schedule == "linear":
             betas = linear_betas(timesteps, beta_start, beta_end)
         elif schedule == "cosine":
@@ -54,18 +66,24 @@ class Diffusion:
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         # q(x_{t-1} | x_t, x_0): "fixed small" variance beta_tilde_t and mean coefficients.
-        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = ((1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas)
-                                     / (1.0 - self.alphas_cumprod))
+        self.posterior_variance = (
+            betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        )
+        self.posterior_mean_coef1 = (
+            betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        )
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
+        )
         # Min-SNR-gamma weight of each timestep's epsilon loss: min(SNR_t, gamma) / SNR_t
         snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
         self.loss_weight = np.minimum(snr, snr_gamma) / snr
 
     @classmethod
-    def from_config(cls, d) -> "Diffusion":
-        return cls(d.timesteps, d.schedule, d.beta_start, d.beta_end, d.loss, d.weighting,
-                   d.snr_gamma)
+    def from_config(cls, d) -> Diffusion:
+        return cls(
+            d.timesteps, d.schedule, d.beta_start, d.beta_end, d.loss, d.weighting, d.snr_gamma
+        )
 
     def _at(self, arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """arr[t] shaped (B, 1, 1, 1) on like's device and dtype, gathered on the device
@@ -79,21 +97,28 @@ class Diffusion:
 
     # forward process -------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return (self._at(self.sqrt_alphas_cumprod, t, x0) * x0
-                + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+        return (
+            self._at(self.sqrt_alphas_cumprod, t, x0) * x0
+            + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
     def predict_x0(self, xt, t, eps):
-        return ((xt - self._at(self.sqrt_one_minus_alphas_cumprod, t, xt) * eps)
-                / self._at(self.sqrt_alphas_cumprod, t, xt))
+        return (xt - self._at(self.sqrt_one_minus_alphas_cumprod, t, xt) * eps) / self._at(
+            self.sqrt_alphas_cumprod, t, xt
+        )
 
     def q_posterior(self, x0, xt, t):
         """Mean and variance of q(x_{t-1} | x_t, x_0)."""
-        mean = self._at(self.posterior_mean_coef1, t, xt) * x0 + self._at(self.posterior_mean_coef2, t, xt) * xt
+        mean = (
+            self._at(self.posterior_mean_coef1, t, xt) * x0
+            + self._at(self.posterior_mean_coef2, t, xt) * xt
+        )
         return mean, self._at(self.posterior_variance, t, xt)
 
     # training --------------------------------------------------------------------
-    def loss(self, model, x0: torch.Tensor, generator: Optional[torch.Generator] = None
-             ) -> torch.Tensor:
+    def loss(
+        self, model, x0: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Epsilon-prediction loss at t ~ U{0..T-1} (Huber or MSE), each image's loss
         weighted by `loss_weight[t]` when `weighting` is min_snr."""
         b = x0.shape[0]
@@ -126,7 +151,7 @@ class Diffusion:
         """Full T-step ancestral sampling; returns images clipped to [-1, 1]."""
         x = torch.randn(shape, device=device, generator=generator)
         steps = range(self.T - 1, -1, -1)
-        for t in (progress(steps) if progress else steps):
+        for t in progress(steps) if progress else steps:
             x = self.p_sample(model, x, t, generator)
         return x.clamp(-1, 1)
 
@@ -138,13 +163,21 @@ class Diffusion:
         return np.unique(ts)[::-1].copy()
 
     @torch.no_grad()
-    def sample_ddim(self, model, shape, device, steps: int = 100, eta: float = 0.0,
-                    generator=None, progress: Callable = None):
+    def sample_ddim(
+        self,
+        model,
+        shape,
+        device,
+        steps: int = 100,
+        eta: float = 0.0,
+        generator=None,
+        progress: Callable = None,
+    ):
         """DDIM sampling over `steps` timesteps; eta=0 is deterministic, eta=1 ~ DDPM."""
         ts = self.ddim_timesteps(steps)
         x = torch.randn(shape, device=device, generator=generator)
         pairs = list(zip(ts, list(ts[1:]) + [-1]))
-        for t_int, t_prev in (progress(pairs) if progress else pairs):
+        for t_int, t_prev in progress(pairs) if progress else pairs:
             t = torch.full((shape[0],), int(t_int), device=device, dtype=torch.long)
             cudagraph_step(model)
             eps = model(x, t)
@@ -153,13 +186,24 @@ class Diffusion:
             x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
             eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)  # consistent with the clipped x0
             sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-            x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
+            x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
             if sigma > 0 and t_prev >= 0:
-                x = x + sigma * torch.randn(x.shape, device=device, dtype=x.dtype, generator=generator)
+                x = x + sigma * torch.randn(
+                    x.shape, device=device, dtype=x.dtype, generator=generator
+                )
         return x.clamp(-1, 1)
 
-    def sample(self, model, shape, device, sampler: str = "ddim", steps: int = 100,
-               eta: float = 0.0, generator=None, progress=None):
+    def sample(
+        self,
+        model,
+        shape,
+        device,
+        sampler: str = "ddim",
+        steps: int = 100,
+        eta: float = 0.0,
+        generator=None,
+        progress=None,
+    ):
         was_training = model.training
         model.eval()
         try:

@@ -12,6 +12,7 @@ the average straight in its weights. On the CPU, `region_array` returns that mem
 itself as a numpy array; on a GPU (or an unbound model) it returns a host copy and
 `unflatten` writes it back.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,7 +37,7 @@ def region_params(model: nn.Module, region: str) -> list[torch.nn.Parameter]:
 
 def region_sizes(model: nn.Module) -> dict[str, int]:
     """Number of parameters in each region, in REGIONS order."""
-    sizes = {r: 0 for r in REGIONS}
+    sizes = dict.fromkeys(REGIONS, 0)
     for name, p in model.named_parameters():
         sizes[region_of(name)] += p.numel()
     return sizes
@@ -75,7 +76,7 @@ def unflatten(model: nn.Module, region: str, buf: np.ndarray) -> None:
     with torch.no_grad():
         for p in params:
             k = p.numel()
-            p.copy_(src[offset:offset + k].view_as(p).to(p.device, p.dtype))
+            p.copy_(src[offset : offset + k].view_as(p).to(p.device, p.dtype))
             offset += k
 
 
@@ -101,8 +102,8 @@ def bind_flat(model: nn.Module) -> dict[str, torch.Tensor]:
             offset = 0
             for p in params:
                 k = p.numel()
-                flat[offset:offset + k].copy_(p.reshape(-1))
-                p.data = flat[offset:offset + k].view_as(p)
+                flat[offset : offset + k].copy_(p.reshape(-1))
+                p.data = flat[offset : offset + k].view_as(p)
                 offset += k
             flats[region] = flat
     model._fedmpi_flat = flats
@@ -148,8 +149,9 @@ def finite(*tensors: torch.Tensor, sums: list | None = None) -> bool:
     if not tensors:
         return True
     with torch.no_grad():
-        sums = torch.stack(sums if sums is not None else
-                           [t.sum(dtype=torch.float32) for t in tensors])
+        sums = torch.stack(
+            sums if sums is not None else [t.sum(dtype=torch.float32) for t in tensors]
+        )
         if bool(torch.isfinite(sums).all()):
             return True
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
@@ -175,5 +177,7 @@ def region_tensor(model: nn.Module, region: str, required: bool = True):
     """The region's flat tensor (the weights' own storage) after `bind_flat`."""
     flat = _bound_flat(model, region)
     if flat is None and required:
-        raise RuntimeError(f"region '{region}' is not bound to a flat tensor: call bind_flat(model)")
+        raise RuntimeError(
+            f"region '{region}' is not bound to a flat tensor: call bind_flat(model)"
+        )
     return flat

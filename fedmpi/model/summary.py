@@ -1,6 +1,6 @@
 """`python -m fedmpi.summary --config CONFIG`: parameters and float32 bytes per UNet region."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 from fedmpi.data import dataset_info
 from fedmpi.model.regions import REGIONS, region_sizes

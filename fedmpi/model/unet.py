@@ -11,6 +11,7 @@ As in the reference code only ``len(dim_mults) - 1`` decoder levels are built, s
 skip from the first encoder level is unused. With dim=28, dim_mults=(1, 2, 4) and one
 input channel this gives exactly the paper's 1,280,642 / 999,376 / 716,297 parameters.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 32):
         super().__init__()
-        self.heads, self.scale = heads, dim_head ** -0.5
+        self.heads, self.scale = heads, dim_head**-0.5
         hidden = heads * dim_head
         self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
         self.to_out = nn.Conv2d(hidden, dim, 1)
@@ -71,8 +72,9 @@ class Attention(nn.Module):
     def forward(self, x):
         b, _, h, w = x.shape
         q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2),
-                                             v.transpose(-1, -2), scale=self.scale)
+        out = F.scaled_dot_product_attention(
+            q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2), scale=self.scale
+        )
         return self.to_out(out.transpose(-1, -2).reshape(b, -1, h, w))
 
 
@@ -81,7 +83,7 @@ class LinearAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 32):
         super().__init__()
-        self.heads, self.scale = heads, dim_head ** -0.5
+        self.heads, self.scale = heads, dim_head**-0.5
         hidden = heads * dim_head
         self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
         self.to_out = nn.Sequential(nn.Conv2d(hidden, dim, 1), nn.GroupNorm(1, dim))
@@ -126,13 +128,25 @@ class Encoder(nn.Module):
         super().__init__()
         self.init_conv = nn.Conv2d(channels, init_dim, 7, padding=3)
         self.channels_last = False  # set through UNet.channels_last
-        self.time_mlp = nn.Sequential(SinusoidalTimeEmbedding(dim), nn.Linear(dim, time_dim),
-                                      nn.GELU(), nn.Linear(time_dim, time_dim))
+        self.time_mlp = nn.Sequential(
+            SinusoidalTimeEmbedding(dim),
+            nn.Linear(dim, time_dim),
+            nn.GELU(),
+            nn.Linear(time_dim, time_dim),
+        )
         pairs = list(zip(dims[:-1], dims[1:]))
         self.levels = nn.ModuleList(
-            Level(a, b, time_dim, mult, heads, dim_head,
-                  nn.Conv2d(b, b, 4, 2, 1) if i < len(pairs) - 1 else nn.Identity())
-            for i, (a, b) in enumerate(pairs))
+            Level(
+                a,
+                b,
+                time_dim,
+                mult,
+                heads,
+                dim_head,
+                nn.Conv2d(b, b, 4, 2, 1) if i < len(pairs) - 1 else nn.Identity(),
+            )
+            for i, (a, b) in enumerate(pairs)
+        )
 
     def forward(self, x, time):
         t = self.time_mlp(time)
@@ -163,7 +177,8 @@ class Decoder(nn.Module):
         pairs = list(zip(dims[:-1], dims[1:]))[1:]  # the level-0 skip is unused (reference)
         self.levels = nn.ModuleList(
             Level(b * 2, a, time_dim, mult, heads, dim_head, nn.ConvTranspose2d(a, a, 4, 2, 1))
-            for a, b in reversed(pairs))
+            for a, b in reversed(pairs)
+        )
         self.final_block = ConvNextBlock(dim, dim, None, mult)
         self.final_conv = nn.Conv2d(dim, out_channels, 1)
 
@@ -176,8 +191,16 @@ class Decoder(nn.Module):
 class UNet(nn.Module):
     """Epsilon-prediction UNet whose children `encoder`, `bottleneck`, `decoder` are regions."""
 
-    def __init__(self, dim=28, init_dim=None, dim_mults=(1, 2, 4), channels=1,
-                 convnext_mult=2, attn_heads=4, attn_dim_head=32):
+    def __init__(
+        self,
+        dim=28,
+        init_dim=None,
+        dim_mults=(1, 2, 4),
+        channels=1,
+        convnext_mult=2,
+        attn_heads=4,
+        attn_dim_head=32,
+    ):
         super().__init__()
         if len(dim_mults) < 2:
             raise ValueError("model.dim_mults needs at least two levels")
@@ -189,11 +212,13 @@ class UNet(nn.Module):
             raise ValueError("model.dim_mults must start with 1")
         self.channels = channels
         self.downsample_factor = 2 ** (len(dim_mults) - 1)
-        self.encoder = Encoder(channels, init_dim, dims, time_dim, dim, convnext_mult,
-                               attn_heads, attn_dim_head)
+        self.encoder = Encoder(
+            channels, init_dim, dims, time_dim, dim, convnext_mult, attn_heads, attn_dim_head
+        )
         self.bottleneck = Bottleneck(dims[-1], time_dim, convnext_mult, attn_heads, attn_dim_head)
-        self.decoder = Decoder(dims, time_dim, dim, channels, convnext_mult, attn_heads,
-                               attn_dim_head)
+        self.decoder = Decoder(
+            dims, time_dim, dim, channels, convnext_mult, attn_heads, attn_dim_head
+        )
 
     @property
     def channels_last(self) -> bool:
@@ -215,19 +240,27 @@ class UNet(nn.Module):
 
 def build_unet(model_cfg, channels: int, image_size: int) -> UNet:
     """The UNet for a `ModelCfg` and the dataset's channels / image size."""
-    net = UNet(dim=model_cfg.dim, init_dim=model_cfg.init_dim, dim_mults=tuple(model_cfg.dim_mults),
-               channels=channels, convnext_mult=model_cfg.convnext_mult,
-               attn_heads=model_cfg.attn_heads, attn_dim_head=model_cfg.attn_dim_head)
+    net = UNet(
+        dim=model_cfg.dim,
+        init_dim=model_cfg.init_dim,
+        dim_mults=tuple(model_cfg.dim_mults),
+        channels=channels,
+        convnext_mult=model_cfg.convnext_mult,
+        attn_heads=model_cfg.attn_heads,
+        attn_dim_head=model_cfg.attn_dim_head,
+    )
     if image_size % net.downsample_factor:
-        raise ValueError(f"image size {image_size} is not divisible by "
-                         f"2^(len(model.dim_mults)-1) = {net.downsample_factor}")
+        raise ValueError(
+            f"image size {image_size} is not divisible by "
+            f"2^(len(model.dim_mults)-1) = {net.downsample_factor}"
+        )
     return net
 
 
 # The modules compile_unet returned with CUDA graphs ("reduce-overhead", "max-autotune";
 # the compiled wrappers themselves: an attribute set on a wrapper would land on the
 # wrapped UNet).
-_CUDAGRAPH_MODULES: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_CUDAGRAPH_MODULES: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
 def compile_unet(model: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
@@ -246,6 +279,7 @@ def compile_unet(model: torch.nn.Module, mode: str = "default") -> torch.nn.Modu
     if mode not in modes:
         raise ValueError(f"unknown compile mode '{mode}' ({' | '.join(modes)})")
     from torch._inductor import list_mode_options  # what torch.compile(mode=...) applies
+
     options = dict(list_mode_options(mode))
     if getattr(model, "channels_last", False):
         options["force_layout_optimization"] = True

@@ -9,17 +9,17 @@ A failed write (disk full, quota, read-only file system, file too large) removes
 temporary file, leaves the old file untouched, and raises `DiskError` whose message
 names the OS error and the path ("No space left on device while writing runs/x/...").
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
-from typing import Union
 
 from fedmpi.errors import EXIT_DISK, DiskError  # noqa: F401  (re-exported for callers)
 
 
-def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> str:
+def atomic_write(path: str | Path, data: bytes | str) -> str:
     """Write `data` to `path` atomically; returns the sha256 hex digest of the bytes."""
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else bytes(data)
@@ -45,7 +45,7 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def sha256_file(path: Union[str, Path]) -> str:
+def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

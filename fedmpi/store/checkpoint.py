@@ -31,6 +31,7 @@ Checkpoints hold tensors and plain Python values only (the config as a dict of
 primitives) and are read with `torch.load(weights_only=True)`: a file that needs
 pickled objects (which could run code) is refused with a message naming it.
 """
+
 from __future__ import annotations
 
 import io
@@ -40,14 +41,14 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
-from fedmpi.store.atomic import DiskError, atomic_write, sha256_file
 from fedmpi.config import Config, dump_config
+from fedmpi.store.atomic import DiskError, atomic_write, sha256_file
 
 MARKER = "COMPLETE"
 
@@ -74,11 +75,12 @@ class BackgroundWriter:
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fedmpi-checkpoint") \
-            if enabled else None
+        self._pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="fedmpi-checkpoint") if enabled else None
+        )
         self._queued: list[Callable[[], None]] = []
         self._jobs: list[Future] = []
-        self._error: Optional[str] = None
+        self._error: str | None = None
 
     def submit(self, job: Callable[[], None]) -> None:
         if self._pool is None:
@@ -110,19 +112,19 @@ class BackgroundWriter:
         for f in jobs:
             f.result()  # re-raises anything that is not a DiskError (a bug)
 
-    def wait(self) -> Optional[str]:
+    def wait(self) -> str | None:
         """`join`, then the first failure's message since the last `wait` (or None)."""
         self.join()
         error, self._error = self._error, None
         return error
 
-    def __enter__(self) -> "BackgroundWriter":
+    def __enter__(self) -> BackgroundWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def close(self) -> Optional[str]:
+    def close(self) -> str | None:
         """Finish every pending job and stop the thread; returns `wait()`'s answer."""
         try:
             return self.wait()
@@ -151,8 +153,9 @@ def load_checkpoint(path: Path, device="cpu") -> dict:
         raise CheckpointError(f"{path} is missing") from None
     except Exception as e:  # truncated zip, bad magic number, ...
         detail = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"{path} is unreadable (corrupt or truncated?): "
-                              f"{type(e).__name__}: {detail}") from None
+        raise CheckpointError(
+            f"{path} is unreadable (corrupt or truncated?): {type(e).__name__}: {detail}"
+        ) from None
 
 
 def client_state(folder: Path, name: str, device="cpu") -> tuple[dict, dict]:
@@ -170,7 +173,7 @@ def save_config(cfg: Config, path: Path) -> None:
     atomic_write(path, dump_config(cfg))
 
 
-def new_run_dir(cfg: Config, name: Optional[str] = None) -> Path:
+def new_run_dir(cfg: Config, name: str | None = None) -> Path:
     """A fresh folder under run.out_dir: <name>-<YYYYmmdd-HHMMSS>[-n]."""
     base = Path(cfg.run.out_dir) / f"{name or cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path, n = base, 1
@@ -186,7 +189,7 @@ def checkpoint_dir(run_dir: Path, index: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"round_{index:06d}"
 
 
-def mark_complete(run_dir: Path, index: int, keep: int, files: Optional[dict] = None) -> None:
+def mark_complete(run_dir: Path, index: int, keep: int, files: dict | None = None) -> None:
     """Mark checkpoint `index` complete (recording each file's sha256), then delete
     complete ones beyond the newest `keep` (0: keep all). Call only for a checkpoint
     whose every file is written and finite: older ones are deleted after this."""
@@ -210,12 +213,12 @@ def complete_checkpoints(run_dir: Path) -> list[int]:
     return sorted(found)
 
 
-def latest_complete(run_dir: Path) -> Optional[int]:
+def latest_complete(run_dir: Path) -> int | None:
     done = complete_checkpoints(run_dir)
     return done[-1] if done else None
 
 
-def verify(run_dir: Path, index: int) -> Optional[str]:
+def verify(run_dir: Path, index: int) -> str | None:
     """None if every file of checkpoint `index` matches its recorded sha256, else why not.
     Markers written before hashes were recorded (a bare round number) are trusted."""
     d = checkpoint_dir(run_dir, index)
@@ -234,7 +237,9 @@ def verify(run_dir: Path, index: int) -> Optional[str]:
         if not p.is_file():
             return f"{p} is missing"
         if sha256_file(p) != digest:
-            return f"{p} does not match the sha256 recorded when it was written (corrupt or truncated)"
+            return (
+                f"{p} does not match the sha256 recorded when it was written (corrupt or truncated)"
+            )
     return None
 
 
@@ -247,12 +252,14 @@ def marker_files(run_dir: Path, index: int) -> dict:
         return {}
 
 
-def newest_verified(run_dir: Path, warn=print) -> Optional[int]:
+def newest_verified(run_dir: Path, warn=print) -> int | None:
     """The newest complete checkpoint whose files verify; warns about each one skipped."""
     for index in reversed(complete_checkpoints(run_dir)):
         problem = verify(run_dir, index)
         if problem is None:
             return index
-        warn(f"warning: checkpoint of round {index} is unusable: {problem}; "
-             f"falling back to an earlier one")
+        warn(
+            f"warning: checkpoint of round {index} is unusable: {problem}; "
+            f"falling back to an earlier one"
+        )
     return None

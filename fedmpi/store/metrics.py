@@ -5,6 +5,7 @@ the middle of a write can leave a partial last line, which the readers drop (wit
 warning) instead of failing. Files rewritten as a whole (on resume, tables) go through
 `atomic.atomic_write`. metrics.jsonl is strict JSON: non-finite numbers become null.
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,7 +15,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -33,8 +33,10 @@ def strict_json(value):
 
 
 def _warn_partial(path: Path, line: str) -> None:
-    print(f"warning: dropping a partial last line of {path} (a crash while writing?): "
-          f"{line[:80]!r}", file=sys.stderr)
+    print(
+        f"warning: dropping a partial last line of {path} (a crash while writing?): {line[:80]!r}",
+        file=sys.stderr,
+    )
 
 
 class JsonlWriter:
@@ -89,7 +91,7 @@ def read_csv(path: Path) -> list[dict]:
     return rows
 
 
-def write_csv(path: Path, rows: list[dict], fields: Optional[list[str]] = None) -> None:
+def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
     """Write a whole CSV table atomically (header from `fields` or the rows' keys)."""
     fields = fields or list(dict.fromkeys(k for r in rows for k in r))
     out = io.StringIO()
@@ -132,6 +134,7 @@ def append_csv(path: Path, rows: list[dict]) -> None:
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
     """Save images in [-1, 1] (N, C, H, W) as one PNG grid."""
     from torchvision.utils import save_image
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = images.shape[0]

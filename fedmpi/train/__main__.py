@@ -1,4 +1,5 @@
 """`python -m fedmpi.train ...`: the launch form HPC users type (see fedmpi.cli.train)."""
+
 import sys
 
 from fedmpi.cli.train import main

@@ -15,15 +15,16 @@ bar drawn with carriage returns only would appear at the end of the round.
 
 `RoundProgress` is the federator's view of a round: the latest report of every client
 (steps done of its steps in the round, images done), relayed by
-`fedmpi.dist.world.ProgressRelay` while the federator waits; it shows the steps of all clients
+`fedmpi.dist.relay.ProgressRelay` while the federator waits; it shows the steps of all clients
 together, their images/s, and the slowest client, whose pace sets the ETA.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 
 def display_mode() -> str:
@@ -44,16 +45,23 @@ def _clock(seconds: float) -> str:
 class Progress:
     """Steps done out of `total` for one unit of work called `desc`."""
 
-    def __init__(self, total: int, desc: str, log: Callable[[str], None] = print,
-                 mode: Optional[str] = None, every_s: float = 30.0,
-                 every_fraction: float = 0.1, clock=time.monotonic):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        log: Callable[[str], None] = print,
+        mode: str | None = None,
+        every_s: float = 30.0,
+        every_fraction: float = 0.1,
+        clock=time.monotonic,
+    ):
         self.total, self.desc, self.log = max(int(total), 1), desc, log
         self.mode = mode or display_mode()
         self.every_s, self.every_fraction = every_s, every_fraction
         self.clock = clock
         self.start = clock()
         self.done, self.note = 0, ""
-        self.eta: Optional[float] = None  # seconds; None: extrapolate from done / elapsed
+        self.eta: float | None = None  # seconds; None: extrapolate from done / elapsed
         self.lines = 0  # plain lines printed (tests, and the benchmark)
         self._last_line = self.start
         self._last_done = 0
@@ -64,7 +72,7 @@ class Progress:
     def elapsed(self) -> float:
         return self.clock() - self.start
 
-    def update(self, done: int, note: str = "", eta: Optional[float] = None) -> None:
+    def update(self, done: int, note: str = "", eta: float | None = None) -> None:
         """Set the steps done so far (absolute), the note and the ETA in seconds (None:
         from the pace so far); may print a line."""
         done = min(int(done), self.total)
@@ -80,10 +88,17 @@ class Progress:
         import shutil
 
         from tqdm import tqdm
+
         self._next_draw = self.clock() + 0.2
-        bar = tqdm.format_meter(self.done, self.total, self.elapsed, prefix=self.desc,
-                                postfix=self.note or None, unit="step",
-                                ncols=shutil.get_terminal_size((100, 24)).columns - 1)
+        bar = tqdm.format_meter(
+            self.done,
+            self.total,
+            self.elapsed,
+            prefix=self.desc,
+            postfix=self.note or None,
+            unit="step",
+            ncols=shutil.get_terminal_size((100, 24)).columns - 1,
+        )
         sys.stdout.write(("\x1b[F\x1b[K" if self._drawn else "") + bar + "\n")
         sys.stdout.flush()
         self._drawn = True
@@ -93,8 +108,10 @@ class Progress:
         if self.mode != "lines" or self.done >= self.total:
             return
         now = self.clock()
-        if (now - self._last_line >= self.every_s
-                or self.done - self._last_done >= self.every_fraction * self.total):
+        if (
+            now - self._last_line >= self.every_s
+            or self.done - self._last_done >= self.every_fraction * self.total
+        ):
             self._last_line, self._last_done = now, self.done
             self.log(self.line())
             self.lines += 1
@@ -106,8 +123,10 @@ class Progress:
             eta = f", ETA {_clock(self.eta)}"
         elif 0 < self.done < self.total:
             eta = f", ETA {_clock(elapsed * (self.total - self.done) / self.done)}"
-        return (f"{self.desc}: {100 * self.done / self.total:3.0f}% | {self.done}/{self.total} "
-                f"steps | elapsed {_clock(elapsed)}{eta}" + (f" | {self.note}" if self.note else ""))
+        return (
+            f"{self.desc}: {100 * self.done / self.total:3.0f}% | {self.done}/{self.total} "
+            f"steps | elapsed {_clock(elapsed)}{eta}" + (f" | {self.note}" if self.note else "")
+        )
 
     def close(self) -> None:
         if self.mode == "bar" and self._drawn:
@@ -118,16 +137,23 @@ class Progress:
 class RoundProgress:
     """The federator's display of one round from the clients' relayed reports."""
 
-    def __init__(self, round_index: int, rounds: int, clients: int,
-                 log: Callable[[str], None] = print, mode: Optional[str] = None,
-                 clock=time.monotonic, **kwargs):
+    def __init__(
+        self,
+        round_index: int,
+        rounds: int,
+        clients: int,
+        log: Callable[[str], None] = print,
+        mode: str | None = None,
+        clock=time.monotonic,
+        **kwargs,
+    ):
         self.clients = clients
         self.clock = clock
         self.start = clock()
         self.desc = f"round {round_index}/{rounds}"
         self.reports: dict[int, tuple[int, int, int]] = {}  # rank -> (done, total, images)
         self.log, self.mode, self.kwargs = log, mode, kwargs
-        self.progress: Optional[Progress] = None
+        self.progress: Progress | None = None
 
     def add(self, rank: int, done: int, total: int, images: int) -> None:
         self.reports[rank] = (done, total, images)
@@ -142,14 +168,15 @@ class RoundProgress:
         total = sum(known) + (self.clients - len(known)) * (sum(known) // len(known))
         done = sum(d for d, _, _ in self.reports.values())
         if self.progress is None:
-            self.progress = Progress(total, self.desc, self.log, self.mode, clock=self.clock,
-                                     **self.kwargs)
+            self.progress = Progress(
+                total, self.desc, self.log, self.mode, clock=self.clock, **self.kwargs
+            )
             self.progress.start = self.start
             self.progress._last_line = self.start
         self.progress.total = max(total, 1)
         self.progress.update(done, self.note(), self.eta())
 
-    def eta(self) -> Optional[float]:
+    def eta(self) -> float | None:
         """Seconds until the slowest client is done at its pace so far (None: unknown)."""
         elapsed = self.clock() - self.start
         if len(self.reports) < self.clients or elapsed <= 0:
@@ -162,12 +189,18 @@ class RoundProgress:
     def note(self) -> str:
         elapsed = max(self.clock() - self.start, 1e-9)
         images = sum(i for _, _, i in self.reports.values())
-        rank, (done, total, _) = min(self.reports.items(),
-                                     key=lambda kv: (kv[1][0] / max(kv[1][1], 1), kv[0]))
-        waiting = (f" | {len(self.reports)}/{self.clients} clients reporting"
-                   if len(self.reports) < self.clients else "")
-        return (f"{images / elapsed:.0f} img/s | slowest client {rank} "
-                f"({100 * done / max(total, 1):.0f}%){waiting}")
+        rank, (done, total, _) = min(
+            self.reports.items(), key=lambda kv: (kv[1][0] / max(kv[1][1], 1), kv[0])
+        )
+        waiting = (
+            f" | {len(self.reports)}/{self.clients} clients reporting"
+            if len(self.reports) < self.clients
+            else ""
+        )
+        return (
+            f"{images / elapsed:.0f} img/s | slowest client {rank} "
+            f"({100 * done / max(total, 1):.0f}%){waiting}"
+        )
 
     @property
     def lines(self) -> int:

@@ -17,66 +17,20 @@ and off in the paper configs):
 - `EMA` (`train.ema_decay`): an exponential moving average of the weights, used for
   sampling and scoring only; the raw weights are what is trained and communicated.
 """
+
 from __future__ import annotations
 
 import math
-import os
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
 from fedmpi.model.diffusion import Diffusion
 from fedmpi.model.unet import compile_unet, cudagraph_step
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (run seed, round, client, ...), stable across runs."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
-
-
-def pick_device(setting: str = "auto", local_rank: int = 0) -> torch.device:
-    """cuda:(local_rank % visible GPUs) when CUDA is available (and allowed), else CPU."""
-    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("run.device is 'cuda' but CUDA is not available on this node")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
-
-
-def _node_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def share_cpu_threads(ranks_on_node: int) -> None:
-    """Split the node's cores between the ranks on it, unless OMP_NUM_THREADS decides:
-    oversubscribed torch thread pools slow every rank down."""
-    if "OMP_NUM_THREADS" not in os.environ and ranks_on_node > 1:
-        torch.set_num_threads(max(1, _node_cores() // ranks_on_node))
-
-
-@contextmanager
-def all_cpu_threads():
-    """Every core of the node for this rank while the others wait asleep (the federator
-    training the offline classifier at a job's start), then the thread count as before;
-    OMP_NUM_THREADS, when set, still decides."""
-    before = torch.get_num_threads()
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(_node_cores())
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def autocast_for(precision: str, device: torch.device):
-    """The autocast context of `train.precision` on `device` (a no-op for fp32)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+from fedmpi.runtime import autocast_for
 
 
 @dataclass(frozen=True)
@@ -85,6 +39,7 @@ class LRSchedule:
     a linear warm-up from lr / warmup to lr over the first `warmup` steps, then constant
     (kind "constant") or a half cosine from lr down to `lr_min` at step `total` (kind
     "cosine"; lr_min after that)."""
+
     lr: float
     warmup: int = 0
     kind: str = "constant"
@@ -105,9 +60,14 @@ class LRSchedule:
         return self.warmup > 0 or self.kind != "constant"
 
     @classmethod
-    def from_config(cls, train_cfg, total_steps: int) -> "LRSchedule":
-        return cls(train_cfg.lr, train_cfg.warmup_steps, train_cfg.lr_schedule,
-                   int(total_steps), train_cfg.lr_min)
+    def from_config(cls, train_cfg, total_steps: int) -> LRSchedule:
+        return cls(
+            train_cfg.lr,
+            train_cfg.warmup_steps,
+            train_cfg.lr_schedule,
+            int(total_steps),
+            train_cfg.lr_min,
+        )
 
 
 class EMA:
@@ -127,9 +87,12 @@ class EMA:
             raise ValueError(f"train.ema_decay must be in (0, 1) for an EMA, got {decay}")
         self.decay = float(decay)
         self.updates = 0  # optimizer steps averaged so far (n above)
-        self.shadow = {name: t.detach().clone().float()
-                       for name, t in model.state_dict().items() if t.is_floating_point()}
-        self._backup: Optional[dict] = None
+        self.shadow = {
+            name: t.detach().clone().float()
+            for name, t in model.state_dict().items()
+            if t.is_floating_point()
+        }
+        self._backup: dict | None = None
 
     def decay_for(self, steps: int = 1) -> float:
         d = 1.0
@@ -145,8 +108,9 @@ class EMA:
         weight = 1.0 - self.decay_for(steps)
         current = model.state_dict()
         names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[k] for k in names],
-                             [current[k].float() for k in names], weight)
+        torch._foreach_lerp_(
+            [self.shadow[k] for k in names], [current[k].float() for k in names], weight
+        )
         self.updates += steps
 
     @torch.no_grad()
@@ -177,7 +141,7 @@ class EMA:
         (copies in place, so weights bound to flat communication buffers stay bound)."""
         return _Swap(self, model)
 
-    def to(self, device: torch.device) -> "EMA":
+    def to(self, device: torch.device) -> EMA:
         """The average on `device` (the model's: LocalTrainer moves both)."""
         self.shadow = {k: t.to(device) for k, t in self.shadow.items()}
         for name in ("_mark", "_backup"):
@@ -198,13 +162,14 @@ class EMA:
         self.updates = int(state["updates"])
 
 
-def ema_applied(ema: Optional[EMA], model: torch.nn.Module):
+def ema_applied(ema: EMA | None, model: torch.nn.Module):
     """`ema.applied(model)`, or the model as it is when there is no EMA."""
     import contextlib
+
     return ema.applied(model) if ema is not None else contextlib.nullcontext(model)
 
 
-def schedule_for(train_cfg, total_steps: int) -> Optional[LRSchedule]:
+def schedule_for(train_cfg, total_steps: int) -> LRSchedule | None:
     """The run's LRSchedule over `total_steps` optimizer steps, None when the rate is
     constant (the trainer then leaves the optimizer's rate alone)."""
     schedule = LRSchedule.from_config(train_cfg, total_steps)
@@ -242,10 +207,18 @@ class LocalTrainer:
     gradient is scaled to L2 norm at most this before Adam sees it (what lets the
     quickstart train at a high learning rate without its early spikes)."""
 
-    def __init__(self, model: torch.nn.Module, diffusion: Diffusion, images: np.ndarray,
-                 batch_size: int, lr: float, device: torch.device,
-                 schedule: Optional[LRSchedule] = None, ema: Optional[EMA] = None,
-                 grad_clip: float = 0.0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        diffusion: Diffusion,
+        images: np.ndarray,
+        batch_size: int,
+        lr: float,
+        device: torch.device,
+        schedule: LRSchedule | None = None,
+        ema: EMA | None = None,
+        grad_clip: float = 0.0,
+    ):
         if len(images) == 0:
             raise ValueError("this client has no training images")
         self.model = model.to(device)
@@ -259,7 +232,7 @@ class LocalTrainer:
         # what set_speed changes: fp32, no gradient scaler, the eager model
         self.precision, self.scaler, self.net = "fp32", None, self.model
         self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.optimizer: torch.optim.Optimizer | None = None
 
     @property
     def num_samples(self) -> int:
@@ -276,8 +249,13 @@ class LocalTrainer:
         self.optimizer = torch.optim.Adam(params, lr=self.lr, fused=fused or None)
         return self.optimizer
 
-    def set_speed(self, precision: str = "fp32", compile: bool = False,
-                  channels_last: bool = False, compile_mode: str = "default") -> None:
+    def set_speed(
+        self,
+        precision: str = "fp32",
+        compile: bool = False,
+        channels_last: bool = False,
+        compile_mode: str = "default",
+    ) -> None:
         """Mixed precision for the forward / backward pass (`bf16`, `fp16` with a gradient
         scaler), torch.compile of the UNet and channels-last activations. The weights, the
         optimizer state and every communicated region stay float32 in their own layout;
@@ -287,21 +265,22 @@ class LocalTrainer:
         if hasattr(self.model, "channels_last"):
             self.model.channels_last = channels_last
         self.precision = precision
-        self.scaler = (torch.amp.GradScaler(self.device.type) if precision == "fp16" else None)
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.net = compile_unet(self.model, compile_mode) if compile else self.model
 
     def speed_from(self, train_cfg) -> None:
         """`set_speed` from a config's train section (precision, compile, channels_last,
         compile_mode)."""
-        self.set_speed(train_cfg.precision, train_cfg.compile, train_cfg.channels_last,
-                       train_cfg.compile_mode)
+        self.set_speed(
+            train_cfg.precision, train_cfg.compile, train_cfg.channels_last, train_cfg.compile_mode
+        )
 
-    def scaler_state(self) -> Optional[dict]:
+    def scaler_state(self) -> dict | None:
         """fp16's loss scale and its growth count (None for bf16 / fp32): part of the
         state a resumed or rolled-back run must continue from."""
         return self.scaler.state_dict() if self.scaler is not None else None
 
-    def load_scaler_state(self, state: Optional[dict]) -> None:
+    def load_scaler_state(self, state: dict | None) -> None:
         """Continue from `scaler_state()` (nothing to do without fp16 or a saved state)."""
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
@@ -315,15 +294,20 @@ class LocalTrainer:
         as a new optimizer without allocating its state again every round."""
         if self.optimizer is None:
             return self.new_optimizer()
-        tensors = [v for state in self.optimizer.state.values() for v in state.values()
-                   if torch.is_tensor(v)]
+        tensors = [
+            v
+            for state in self.optimizer.state.values()
+            for v in state.values()
+            if torch.is_tensor(v)
+        ]
         if tensors:
             with torch.no_grad():
                 torch._foreach_zero_(tensors)  # one call for every moment and step count
         return self.optimizer
 
-    def _batches(self, epochs: Optional[int], steps: Optional[int], gen: torch.Generator
-                 ) -> Iterable[torch.Tensor]:
+    def _batches(
+        self, epochs: int | None, steps: int | None, gen: torch.Generator
+    ) -> Iterable[torch.Tensor]:
         """Shuffled index batches: `steps` batches if given, else `epochs` full passes."""
         total = steps if steps is not None else epochs * self.steps_per_epoch()
         done = 0
@@ -332,7 +316,7 @@ class LocalTrainer:
             for i in range(0, self.num_samples, self.batch_size):
                 if done == total:
                     return
-                yield perm[i:i + self.batch_size]
+                yield perm[i : i + self.batch_size]
                 done += 1
 
     def _clip(self) -> None:
@@ -340,13 +324,19 @@ class LocalTrainer:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
 
-    def steps_for(self, epochs: Optional[int] = None, steps: Optional[int] = None) -> int:
+    def steps_for(self, epochs: int | None = None, steps: int | None = None) -> int:
         """Optimizer steps that run(epochs=..., steps=...) takes."""
         return steps if steps is not None else epochs * self.steps_per_epoch()
 
-    def run(self, seed: int, epochs: Optional[int] = None, steps: Optional[int] = None,
-            on_step: Optional[Callable[[int, float], None]] = None, start_step: int = 0,
-            log_every: int = 0) -> dict:
+    def run(
+        self,
+        seed: int,
+        epochs: int | None = None,
+        steps: int | None = None,
+        on_step: Callable[[int, float], None] | None = None,
+        start_step: int = 0,
+        log_every: int = 0,
+    ) -> dict:
         """Train for `epochs` passes or `steps` optimizer steps; returns loss and throughput.
 
         `start_step`: the run-wide index of the first step (for the LR schedule).
@@ -358,7 +348,7 @@ class LocalTrainer:
         cpu_gen = torch.Generator().manual_seed(seed)
         dev_gen = torch.Generator(device=self.device).manual_seed(seed ^ 0x5DEECE66D)
         if not self.model.training:  # train() walks every module (1.4 ms, paper UNet);
-            self.model.train()         # eval() / train() are only ever called on whole trees
+            self.model.train()  # eval() / train() are only ever called on whole trees
         losses, n_images = [], 0
         start = time.perf_counter()
         for step, idx in enumerate(self._batches(epochs, steps, cpu_gen)):
@@ -400,10 +390,14 @@ class LocalTrainer:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         loss_values = torch.stack(losses).float().cpu().numpy() if losses else np.zeros(0)
-        out = {"loss": float(loss_values.mean()) if len(loss_values) else float("nan"),
-               "loss_last": float(loss_values[-10:].mean()) if len(loss_values) else float("nan"),
-               "steps": len(loss_values), "images": n_images, "train_s": seconds,
-               "images_per_s": n_images / seconds if seconds > 0 else float("nan")}
+        out = {
+            "loss": float(loss_values.mean()) if len(loss_values) else float("nan"),
+            "loss_last": float(loss_values[-10:].mean()) if len(loss_values) else float("nan"),
+            "steps": len(loss_values),
+            "images": n_images,
+            "train_s": seconds,
+            "images_per_s": n_images / seconds if seconds > 0 else float("nan"),
+        }
         if log_every:
             out["step_losses"] = window_means(loss_values, start_step, log_every)
         if self.schedule is not None and len(loss_values):
@@ -419,5 +413,5 @@ def window_means(losses: np.ndarray, start_step: int, every: int) -> list:
         end = start_step + i + 1
         if end % every == 0:
             lo = max(0, i + 1 - every)
-            out.append([end, float(losses[lo:i + 1].mean())])
+            out.append([end, float(losses[lo : i + 1].mean())])
     return out

@@ -3,6 +3,7 @@
 One run per module (3 ranks: federator + 2 clients, 2 rounds, 16 samples per client
 scored with the offline classifier, cached in ~/.cache/fedmpi or trained once).
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from mpihelp import ROOT, mpi_env, train
 
 pytestmark = pytest.mark.mpi
@@ -24,22 +24,36 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def udec_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("plot_eval") / "tiny_udec"
-    res = train(3, run_dir, "--fed.method=udec", "--eval.extractor=classifier",
-                "--eval.num_samples=16", "--eval.every=1")
+    res = train(
+        3,
+        run_dir,
+        "--fed.method=udec",
+        "--eval.extractor=classifier",
+        "--eval.num_samples=16",
+        "--eval.every=1",
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     return run_dir
 
 
 def cli(module: str, *args: str, env: dict | None = None, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd,
-                          env=env or mpi_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=cwd,
+        env=env or mpi_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def assert_image(path) -> None:
     """A real, non-blank PNG of a sensible size."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.image as mpimg
+
     assert path.is_file() and path.stat().st_size > 5000, path
     assert path.read_bytes()[:8] == PNG_MAGIC, path
     img = mpimg.imread(path)
@@ -49,13 +63,22 @@ def assert_image(path) -> None:
 
 # ---------------------------------------------------------------- plot
 
+
 def test_plot_cli_writes_every_png(udec_run):
-    res = cli("fedmpi.analysis.plot", udec_run)
+    res = cli("fedmpi.plot", udec_run)
     assert res.returncode == 0, res.stdout + res.stderr
     out = udec_run / "plots"
     name = udec_run.name
-    expected = {out / f for f in ("score_vs_round.png", "score_vs_bytes.png", "loss.png",
-                                  f"per_client_{name}.png", f"split_{name}.png")}
+    expected = {
+        out / f
+        for f in (
+            "score_vs_round.png",
+            "score_vs_bytes.png",
+            "loss.png",
+            f"per_client_{name}.png",
+            f"split_{name}.png",
+        )
+    }
     printed = {Path(line) for line in res.stdout.splitlines() if line.strip()}
     assert printed == expected, res.stdout
     for path in expected:
@@ -63,7 +86,8 @@ def test_plot_cli_writes_every_png(udec_run):
 
 
 def test_plot_several_runs_default_out_and_data(udec_run, tmp_path, monkeypatch, capsys):
-    import fedmpi.analysis.plot as plot
+    import fedmpi.cli.plot as plot
+
     other = tmp_path / "copy"
     other.mkdir()
     for f in ("config.yaml", "metrics.jsonl", "eval.csv", "comm.csv"):
@@ -80,6 +104,7 @@ def test_plot_several_runs_default_out_and_data(udec_run, tmp_path, monkeypatch,
     # up (with its weight) and down for both clients every round
     from fedmpi.config import load_config
     from fedmpi.model.summary import model_region_sizes
+
     sizes = model_region_sizes(load_config(udec_run / "config.yaml"))
     r0 = 2 * 4 * sum(sizes.values())
     per_round = 2 * (4 * (sizes["decoder"] + 1) + 4 * sizes["decoder"])
@@ -91,19 +116,24 @@ def test_plot_several_runs_default_out_and_data(udec_run, tmp_path, monkeypatch,
 
 
 def test_plot_rejects_a_folder_that_is_not_a_run(tmp_path):
-    res = cli("fedmpi.analysis.plot", tmp_path)
+    res = cli("fedmpi.plot", tmp_path)
     assert res.returncode == 2
     assert "not a fedmpi run folder" in res.stderr and "Traceback" not in res.stderr
 
 
 # ---------------------------------------------------------------- evaluate
 
+
 def test_evaluate_rescores_personal_models(udec_run):
-    res = cli("fedmpi.eval.evaluate", udec_run, "--num-samples", 16)
+    res = cli("fedmpi.evaluate", udec_run, "--num-samples", 16)
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [line.split() for line in res.stdout.splitlines()]
-    assert [cells[0] for cells in lines if cells and cells[0] in ("1", "2", "mean", "std")] \
-        == ["1", "2", "mean", "std"], res.stdout
+    assert [cells[0] for cells in lines if cells and cells[0] in ("1", "2", "mean", "std")] == [
+        "1",
+        "2",
+        "mean",
+        "std",
+    ], res.stdout
     assert "+-" in res.stdout
 
     path = udec_run / "rescore_classifier_round_2.csv"
@@ -117,13 +147,15 @@ def test_evaluate_rescores_personal_models(udec_run):
     assert float(rows[3]["fd_classifier"]) == pytest.approx(np.std(scores, ddof=1))
     # same checkpoint, settings and seeds as the training-time evaluation: same scores
     with (udec_run / "eval.csv").open() as f:
-        at_train = {r["client"]: float(r["fd_classifier"]) for r in csv.DictReader(f)
-                    if r["round"] == "2"}
+        at_train = {
+            r["client"]: float(r["fd_classifier"]) for r in csv.DictReader(f) if r["round"] == "2"
+        }
     assert scores == pytest.approx([at_train["1"], at_train["2"]], rel=1e-3)
 
 
 def test_evaluate_bad_round_and_folder(udec_run, tmp_path, capsys):
     from fedmpi.eval.evaluate import main
+
     assert main([str(udec_run), "--round", "9"]) == 2
     assert "complete: 1, 2" in capsys.readouterr().err
     assert main([str(tmp_path)]) == 2
@@ -132,7 +164,7 @@ def test_evaluate_bad_round_and_folder(udec_run, tmp_path, capsys):
 
 def test_evaluate_inception_without_weights_fails_first(udec_run, tmp_path):
     env = dict(mpi_env(), TORCH_HOME=str(tmp_path / "torch"))  # an empty hub cache
-    res = cli("fedmpi.eval.evaluate", udec_run, "--extractor", "inception", env=env)
+    res = cli("fedmpi.evaluate", udec_run, "--extractor", "inception", env=env)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "pt_inception-2015-12-05-6726825d.pth" in res.stdout + res.stderr
     assert "re-scoring" not in res.stdout  # failed before loading or sampling anything

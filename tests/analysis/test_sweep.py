@@ -16,6 +16,7 @@ The classifier is trained once (about 2.5 minutes on 2 loaded cores) and cached 
 ~/.cache/fedmpi; with the cache the local end-to-end tests take about 3 minutes on 2 busy
 cores.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,19 +31,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from mpihelp import ROOT, mpi_env
 
 import fedmpi.analysis.report as report
-
 import fedmpi.analysis.sweep as sweep
-from fedmpi.store.checkpoint import checkpoint_dir
+import fedmpi.cli.sweep as sweep_cli
 from fedmpi.config import load_config
-
-from mpihelp import ROOT, mpi_env
+from fedmpi.store.checkpoint import checkpoint_dir
 
 TINY_SPEC = ROOT / "tests/configs/sweep_tiny.yaml"
 PAPER_SWEEPS = ROOT / "configs/paper/sweeps"
-TINY_NAMES = ["K2-iid-full-s7", "K2-iid-udec-s7", "K2-label_skew-full-s7",
-              "K2-label_skew-udec-s7"]
+TINY_NAMES = ["K2-iid-full-s7", "K2-iid-udec-s7", "K2-label_skew-full-s7", "K2-label_skew-udec-s7"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -54,22 +53,35 @@ def write_spec(path: Path, **spec) -> Path:
 
 def cli(module: str, *args, timeout: float = 600) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT,
-                              env=mpi_env(), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", module, *map(str, args)],
+            cwd=ROOT,
+            env=mpi_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{module} timed out after {timeout}s\n{e.stdout}\n{e.stderr}")
 
 
 # ---------------------------------------------------------------- expansion, names
 
+
 def test_tiny_spec_expands_in_grid_order(tmp_path):
     sw = sweep.load_sweep(TINY_SPEC, out=tmp_path / "sw")
     assert [r.name for r in sw.runs] == TINY_NAMES
     assert sw.name == "sweep_tiny" and sw.out == tmp_path / "sw"
-    for run, (split, method) in zip(sw.runs, [("iid", "full"), ("iid", "udec"),
-                                              ("label_skew", "full"), ("label_skew", "udec")]):
+    for run, (split, method) in zip(
+        sw.runs, [("iid", "full"), ("iid", "udec"), ("label_skew", "full"), ("label_skew", "udec")]
+    ):
         c = run.cfg
-        assert (c.split.kind, c.fed.method, c.split.num_clients, c.run.seed) == (split, method, 2, 7)
+        assert (c.split.kind, c.fed.method, c.split.num_clients, c.run.seed) == (
+            split,
+            method,
+            2,
+            7,
+        )
         assert (c.eval.extractor, c.eval.num_samples, c.run.name) == ("classifier", 16, run.name)
         assert c.fed.rounds == 2 and c.fed.local_steps == 2  # from tiny.yaml
         assert run.world == 3 and run.dir == tmp_path / "sw" / run.name
@@ -78,12 +90,21 @@ def test_tiny_spec_expands_in_grid_order(tmp_path):
 
 
 def test_run_names_are_deterministic_and_filesystem_safe():
-    name = sweep.run_name({"split.num_clients": 5, "fed.local_epochs": 3, "train.lr": 2e-4,
-                           "fed.freeze_unshared": True, "model.dim_mults": [1, 2, 4],
-                           "split.kind": "label_skew", "data.root": "/data/my fmnist",
-                           "run.seed": 2024})
-    assert name == ("K5-E3-lr_0.0002-freeze_unshared_true-dim_mults_1x2x4-label_skew-"
-                    "root_data_my_fmnist-s2024")
+    name = sweep.run_name(
+        {
+            "split.num_clients": 5,
+            "fed.local_epochs": 3,
+            "train.lr": 2e-4,
+            "fed.freeze_unshared": True,
+            "model.dim_mults": [1, 2, 4],
+            "split.kind": "label_skew",
+            "data.root": "/data/my fmnist",
+            "run.seed": 2024,
+        }
+    )
+    assert name == (
+        "K5-E3-lr_0.0002-freeze_unshared_true-dim_mults_1x2x4-label_skew-root_data_my_fmnist-s2024"
+    )
     assert re.fullmatch(r"[A-Za-z0-9._-]+", name)
 
 
@@ -91,30 +112,57 @@ def test_paper_specs(tmp_path):
     main = sweep.load_sweep(PAPER_SWEEPS / "main_table.yaml", out=tmp_path)
     assert len(main.runs) == 4 * 3 * 3 * 3
     c = main.runs[0].cfg
-    assert (c.fed.rounds, c.fed.local_epochs, c.train.batch_size, c.split.seed) == (15, 5, 128, 2023)
+    assert (c.fed.rounds, c.fed.local_epochs, c.train.batch_size, c.split.seed) == (
+        15,
+        5,
+        128,
+        2023,
+    )
     assert {(r.cfg.fed.method, r.cfg.split.kind, r.clients) for r in main.runs} == {
-        (m, s, k) for m in ("full", "usplit", "udec", "ulatdec")
-        for s in ("iid", "label_skew", "quantity_skew") for k in (2, 5, 10)}
+        (m, s, k)
+        for m in ("full", "usplit", "udec", "ulatdec")
+        for s in ("iid", "label_skew", "quantity_skew")
+        for k in (2, 5, 10)
+    }
     assert {r.cfg.run.seed for r in main.runs} == {2023, 2024, 2025}
     ke = sweep.load_sweep(PAPER_SWEEPS / "k_by_e.yaml", out=tmp_path)
     assert {(r.clients, r.cfg.fed.local_epochs) for r in ke.runs} == {
-        (k, e) for k in (2, 5, 10) for e in (1, 2, 3, 5, 8)}
+        (k, e) for k in (2, 5, 10) for e in (1, 2, 3, 5, 8)
+    }
     assert {(r.cfg.fed.method, r.cfg.split.kind, r.cfg.fed.rounds) for r in ke.runs} == {
-        ("full", "iid", 15)}
+        ("full", "iid", 15)
+    }
     cen = sweep.load_sweep(PAPER_SWEEPS / "centralized.yaml", out=tmp_path)
     assert [(r.world, r.centralized, r.cfg.train.epochs) for r in cen.runs] == [(1, True, 15)] * 3
 
 
-@pytest.mark.parametrize("grid, overrides, expected", [
-    ({"clients": [2], "fed.method": ["full", "fulll"]}, {},
-     r"run 'K2-fulll' \(clients=2, fed.method=fulll\): .*'fed.method' is 'fulll'; choose one of full"),
-    ({"clients": [2], "fed.metod": ["udec"]}, {}, r"run 'K2-metod_udec'.*unknown config key 'fed.metod'"),
-    ({"clients": [2], "train.batch_size": [0, 16]}, {}, r"run 'K2-B0'.*'train.batch_size' must be > 0"),
-    ({"fed.method": ["full"]}, {}, r"run 'full'.*number of clients is not set"),
-    ({"clients": [2], "fed.method": ["full"]}, {"fed.method": "udec"},
-     r"fed.method is both in 'grid' and in 'overrides'"),
-    ({"clients": 2}, {}, r"grid 'split.num_clients' must be a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "grid, overrides, expected",
+    [
+        (
+            {"clients": [2], "fed.method": ["full", "fulll"]},
+            {},
+            r"run 'K2-fulll' \(clients=2, fed.method=fulll\): .*'fed.method' is 'fulll'; choose one of full",
+        ),
+        (
+            {"clients": [2], "fed.metod": ["udec"]},
+            {},
+            r"run 'K2-metod_udec'.*unknown config key 'fed.metod'",
+        ),
+        (
+            {"clients": [2], "train.batch_size": [0, 16]},
+            {},
+            r"run 'K2-B0'.*'train.batch_size' must be > 0",
+        ),
+        ({"fed.method": ["full"]}, {}, r"run 'full'.*number of clients is not set"),
+        (
+            {"clients": [2], "fed.method": ["full"]},
+            {"fed.method": "udec"},
+            r"fed.method is both in 'grid' and in 'overrides'",
+        ),
+        ({"clients": 2}, {}, r"grid 'split.num_clients' must be a non-empty list"),
+    ],
+)
 def test_invalid_spec_fails_whole_sweep_naming_the_run(tmp_path, grid, overrides, expected):
     spec = write_spec(tmp_path / "bad.yaml", overrides=overrides, grid=grid)
     with pytest.raises(sweep.SweepError, match=expected):
@@ -124,9 +172,11 @@ def test_invalid_spec_fails_whole_sweep_naming_the_run(tmp_path, grid, overrides
 
 def test_cli_refuses_an_invalid_run_before_writing_anything(tmp_path):
     spec = write_spec(tmp_path / "bad.yaml", grid={"clients": [2], "fed.method": ["full", "fulll"]})
-    res = cli("fedmpi.analysis.sweep", spec, "--launcher", "local", "--out", tmp_path / "out", timeout=120)
+    res = cli("fedmpi.sweep", spec, "--launcher", "local", "--out", tmp_path / "out", timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
-    assert res.stderr.startswith(f"error: {spec}: run 'K2-fulll' (clients=2, fed.method=fulll): "), res.stderr
+    assert res.stderr.startswith(
+        f"error: {spec}: run 'K2-fulll' (clients=2, fed.method=fulll): "
+    ), res.stderr
     assert "with the sweep's overrides" in res.stderr and res.stdout == ""
     assert not (tmp_path / "out").exists()  # not even the valid run's folder
 
@@ -145,24 +195,38 @@ def test_spec_errors(tmp_path):
 def test_dry_run_lists_world_sizes_and_analytical_bytes(capsys):
     from fedmpi.fl.ledger import comparison
     from fedmpi.model.summary import model_region_sizes
-    assert sweep.main([str(PAPER_SWEEPS / "main_table.yaml"), "--dry-run", "--out", "/nonexistent/x"]) == 0
+
+    assert (
+        sweep_cli.main([str(PAPER_SWEEPS / "main_table.yaml"), "--dry-run", "--out", "/nonexistent/x"])
+        == 0
+    )
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line.split() for line in out.splitlines()
-            if line.startswith("K") and "-s20" in line}
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.startswith("K") and "-s20" in line
+    }
     assert len(rows) == 108
     cfg = load_config(ROOT / "configs/paper/fmnist_full.yaml")
     sizes = model_region_sizes(cfg)
-    for name, method, k in (("K10-iid-full-s2023", "full", 10), ("K5-label_skew-usplit-s2024", "usplit", 5),
-                            ("K2-quantity_skew-udec-s2025", "udec", 2)):
+    for name, method, k in (
+        ("K10-iid-full-s2023", "full", 10),
+        ("K5-label_skew-usplit-s2024", "usplit", 5),
+        ("K2-quantity_skew-udec-s2025", "udec", 2),
+    ):
         moved = comparison(method, k, 15, sizes, int(name[-4:]))["moved"]
         run, w, m, kk, split, r, e, params, mb, status = rows[name]
         assert (int(w), m, int(kk), int(r), int(e), status) == (k + 1, method, k, 15, 5, "new")
         assert int(params.replace(",", "")) == moved["params"]
         assert float(mb.replace(",", "")) == pytest.approx(moved["bytes"] / 1e6, abs=0.06)
-    assert rows["K10-iid-full-s2023"][7] == "928,857,650"  # README / python -m fedmpi.comm --rule moved
-    assert sweep.main([str(PAPER_SWEEPS / "centralized.yaml"), "--dry-run"]) == 0
+    assert (
+        rows["K10-iid-full-s2023"][7] == "928,857,650"
+    )  # README / python -m fedmpi.comm --rule moved
+    assert sweep_cli.main([str(PAPER_SWEEPS / "centralized.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^K1-s2023\s+1\s+centralized\s+1\s+-\s+15 ep\s+-\s+0\s+0\.0\s+new$", out, re.M), out
+    assert re.search(
+        r"^K1-s2023\s+1\s+centralized\s+1\s+-\s+15 ep\s+-\s+0\s+0\.0\s+new$", out, re.M
+    ), out
 
 
 def test_folder_with_results_of_another_config_is_refused(tmp_path):
@@ -173,8 +237,11 @@ def test_folder_with_results_of_another_config_is_refused(tmp_path):
     (run.dir / "metrics.jsonl").write_text('{"kind": "round", "round": 1}\n')
     sweep.write_configs(sweep.load_sweep(TINY_SPEC, out=tmp_path))  # same config: fine
     changed = sweep.load_sweep(TINY_SPEC, {"fed.rounds": 3}, out=tmp_path)
-    with pytest.raises(sweep.SweepError, match=r"run 'K2-iid-full-s7': .* different config "
-                                               r"\(fed.rounds: 2 -> 3\)"):
+    with pytest.raises(
+        sweep.SweepError,
+        match=r"run 'K2-iid-full-s7': .* different config "
+        r"\(fed.rounds: 2 -> 3\)",
+    ):
         sweep.write_configs(changed)
     assert load_config(run.dir / "config.yaml").fed.rounds == 2
     assert load_config(sw.runs[1].dir / "config.yaml").fed.rounds == 2  # nothing rewritten
@@ -182,15 +249,29 @@ def test_folder_with_results_of_another_config_is_refused(tmp_path):
 
 def test_local_command_lines(tmp_path):
     from mpihelp import mpirun_path
+
     mpirun = mpirun_path()
-    runs = sweep.load_sweep(write_spec(tmp_path / "s.yaml", grid={"clients": [1, 2, 5]}),
-                            out=tmp_path / "o").runs
+    runs = sweep.load_sweep(
+        write_spec(tmp_path / "s.yaml", grid={"clients": [1, 2, 5]}), out=tmp_path / "o"
+    ).runs
     cmds = [sweep.train_command(r, "PY", mpirun, ["--bind-to", "none"]) for r in runs]
     assert cmds[0] == ["PY", "-m", "fedmpi.train", "--run-dir", str(tmp_path / "o/K1")]
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     many = ["--oversubscribe"] if 6 > len(os.sched_getaffinity(0)) else []
-    assert cmds[2] == [mpirun, *root, *many, "--bind-to", "none", "-n", "6", "PY", "-m",
-                       "fedmpi.cli.train", "--run-dir", str(tmp_path / "o/K5")]
+    assert cmds[2] == [
+        mpirun,
+        *root,
+        *many,
+        "--bind-to",
+        "none",
+        "-n",
+        "6",
+        "PY",
+        "-m",
+        "fedmpi.train",
+        "--run-dir",
+        str(tmp_path / "o/K5"),
+    ]
     assert cmds[1][cmds[1].index("-n") + 1] == "3"
 
 
@@ -214,10 +295,24 @@ def test_slurm_submission_command_lines(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FAKE_DIR", str(tmp_path))
     monkeypatch.setenv("FAKE_SQUEUE", "")
     monkeypatch.delenv("PYTHON", raising=False)
-    spec = write_spec(tmp_path / "s.yaml", name="fake", grid={"clients": [1, 3], "fed.method": ["udec"]})
+    spec = write_spec(
+        tmp_path / "s.yaml", name="fake", grid={"clients": [1, 3], "fed.method": ["udec"]}
+    )
     out = tmp_path / "sw"
-    assert sweep.main([str(spec), "--launcher", "slurm", "--out", str(out),
-                       "--sbatch-flags", "--time=5 --partition=debug"]) == 0
+    assert (
+        sweep_cli.main(
+            [
+                str(spec),
+                "--launcher",
+                "slurm",
+                "--out",
+                str(out),
+                "--sbatch-flags",
+                "--time=5 --partition=debug",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "[1/2] K1-udec (--ntasks=1): submitted job 500" in printed
     assert "[2/2] K3-udec (--ntasks=4): submitted job 501" in printed
@@ -225,24 +320,30 @@ def test_slurm_submission_command_lines(tmp_path, monkeypatch, capsys):
     calls = (tmp_path / "calls").read_text().splitlines()
     script = ROOT / "slurm" / "run.sh"
     for call, (name, n) in zip(calls, [("K1-udec", 1), ("K3-udec", 4)]):
-        assert call == (f"--parsable --ntasks={n} --job-name=fake-{name} "
-                        f"--output={out.resolve()}/{name}/slurm-%j.out --time=5 "
-                        f"--partition=debug {script}")
+        assert call == (
+            f"--parsable --ntasks={n} --job-name=fake-{name} "
+            f"--output={out.resolve()}/{name}/slurm-%j.out --time=5 "
+            f"--partition=debug {script}"
+        )
     envs = (tmp_path / "env").read_text().splitlines()
-    assert envs[1] == (f"RUN_DIR={out.resolve()}/K3-udec CONFIG={out.resolve()}/K3-udec/config.yaml "
-                       f"PYTHON={sys.executable}")
+    assert envs[1] == (
+        f"RUN_DIR={out.resolve()}/K3-udec CONFIG={out.resolve()}/K3-udec/config.yaml "
+        f"PYTHON={sys.executable}"
+    )
     assert load_config(out / "K3-udec/config.yaml").split.num_clients == 3
     assert (out / "K3-udec/slurm_jobs.txt").read_text() == "501\n"
     # resubmitting while the jobs are queued submits nothing
     monkeypatch.setenv("FAKE_SQUEUE", "PENDING")
-    assert sweep.main([str(spec), "--launcher", "slurm", "--out", str(out)]) == 0
+    assert sweep_cli.main([str(spec), "--launcher", "slurm", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "[2/2] K3-udec (--ntasks=4): job 501 is still queued or running" in printed
     assert len((tmp_path / "calls").read_text().splitlines()) == 2
     # a failing sbatch is reported and makes the exit status non-zero
     monkeypatch.setenv("FAKE_SQUEUE", "")
-    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition' >&2\nexit 1\n")
-    assert sweep.main([str(spec), "--launcher", "slurm", "--out", str(out)]) == 1
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\necho 'sbatch: error: invalid partition' >&2\nexit 1\n"
+    )
+    assert sweep_cli.main([str(spec), "--launcher", "slurm", "--out", str(out)]) == 1
     assert "sbatch FAILED (exit 1): sbatch: error: invalid partition" in capsys.readouterr().out
     assert sweep.parse_job_id("Submitted batch job 1234\n") == "1234"
     assert sweep.parse_job_id("77;cluster\n") == "77"
@@ -250,19 +351,28 @@ def test_slurm_submission_command_lines(tmp_path, monkeypatch, capsys):
 
 # ---------------------------------------------------------------- report cells
 
+
 def test_paper_values_only_for_fid_at_the_paper_setting(tmp_path):
     main = sweep.load_sweep(PAPER_SWEEPS / "main_table.yaml", out=tmp_path).runs
     ke = sweep.load_sweep(PAPER_SWEEPS / "k_by_e.yaml", out=tmp_path).runs
 
     def table(run, extractor):
         cfg = run.cfg.replace({"eval.extractor": extractor})
-        res = report.RunResult(tmp_path, cfg, cfg.fed.method, run.clients,
-                               report.Progress(15, 15, "rounds", True, 15),
-                               report.METRIC_OF_EXTRACTOR[extractor])
+        res = report.RunResult(
+            tmp_path,
+            cfg,
+            cfg.fed.method,
+            run.clients,
+            report.Progress(15, 15, "rounds", True, 15),
+            report.METRIC_OF_EXTRACTOR[extractor],
+        )
         return report.Table(report.setting(res), [res])
 
     udec = next(r for r in main if r.name == "K5-quantity_skew-udec-s2023")
-    assert report.paper_value(table(udec, "inception"), 5, "quantity_skew", "udec") == (139.0, 135.0)
+    assert report.paper_value(table(udec, "inception"), 5, "quantity_skew", "udec") == (
+        139.0,
+        135.0,
+    )
     assert report.paper_value(table(udec, "classifier"), 5, "quantity_skew", "udec") is None
     e2 = next(r for r in ke if r.name == "K10-E2-s2023")
     assert report.paper_value(table(e2, "inception"), 10, "iid", "full") == (110.9, None)
@@ -284,7 +394,7 @@ def final_eval(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "sweep_tiny"
-    res = cli("fedmpi.analysis.sweep", TINY_SPEC, "--launcher", "local", "--out", out)
+    res = cli("fedmpi.sweep", TINY_SPEC, "--launcher", "local", "--out", out)
     assert res.returncode == 0, res.stdout + res.stderr
     return out, res.stdout
 
@@ -293,8 +403,12 @@ def tiny_sweep(tmp_path_factory):
 def test_local_sweep_runs_every_run(tiny_sweep):
     out, stdout = tiny_sweep
     for i, name in enumerate(TINY_NAMES, 1):
-        assert re.search(rf"^\[{i}/4\] {name} \(W=3\): running \.\.\. done, finished "
-                         rf"\(2/2 rounds\) in \d+s$", stdout, re.M), stdout
+        assert re.search(
+            rf"^\[{i}/4\] {name} \(W=3\): running \.\.\. done, finished "
+            rf"\(2/2 rounds\) in \d+s$",
+            stdout,
+            re.M,
+        ), stdout
         d = out / name
         assert json.loads((d / "comm_summary.json").read_text())["matches_analytical"] is True
         assert (checkpoint_dir(d, 2) / "COMPLETE").is_file()
@@ -305,8 +419,10 @@ def test_local_sweep_runs_every_run(tiny_sweep):
 
 def assert_png(path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.image as mpimg
+
     assert path.read_bytes()[:8] == PNG_MAGIC
     img = mpimg.imread(path)
     assert img.shape[0] >= 300 and img.shape[1] >= 500 and float(np.std(img[..., :3])) > 0.01
@@ -315,19 +431,27 @@ def assert_png(path: Path) -> None:
 @pytest_mpi
 def test_report_tables_csv_and_png(tiny_sweep):
     out, _ = tiny_sweep
-    res = cli("fedmpi.analysis.report", out, timeout=180)
+    res = cli("fedmpi.report", out, timeout=180)
     assert res.returncode == 0, res.stdout + res.stderr
     rep = out / "report"
     md = (rep / "report.md").read_text()
     # the metric is named, never called FID, and no paper value stands beside it
-    assert "**Metric: fd_classifier**" in md and "not comparable with the paper's Inception FID" in md
+    assert (
+        "**Metric: fd_classifier**" in md and "not comparable with the paper's Inception FID" in md
+    )
     assert "FID**" not in md and "; paper " not in md
     full = {n: float(final_eval(out / n)[0]["fd_classifier"]) for n in TINY_NAMES if "full" in n}
-    udec = {n: [float(r["fd_classifier"]) for r in final_eval(out / n)] for n in TINY_NAMES if "udec" in n}
+    udec = {
+        n: [float(r["fd_classifier"]) for r in final_eval(out / n)]
+        for n in TINY_NAMES
+        if "udec" in n
+    }
     assert all(len(v) == 2 for v in udec.values())  # one row per client
     iid_udec = udec["K2-iid-udec-s7"]
-    row = (f"| 2 | IID | {full['K2-iid-full-s7']:.1f} (1 run) | {np.mean(iid_udec):.1f} ± "
-           f"{np.std(iid_udec, ddof=1):.1f} (1 run, n=2) |")
+    row = (
+        f"| 2 | IID | {full['K2-iid-full-s7']:.1f} (1 run) | {np.mean(iid_udec):.1f} ± "
+        f"{np.std(iid_udec, ddof=1):.1f} (1 run, n=2) |"
+    )
     assert row in md, md
     assert "| K | split | FULL | UDEC |" in md and "| 2 | label skew |" in md
     assert "| 2 | 2 | 0.533M | 0.231M (-56.8%) |" in md  # parameters, paper rule
@@ -335,13 +459,20 @@ def test_report_tables_csv_and_png(tiny_sweep):
     with (rep / "table.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [(r["K"], r["split"], r["metric"]) for r in table] == [
-        ("2", "iid", "fd_classifier"), ("2", "label_skew", "fd_classifier")]
+        ("2", "iid", "fd_classifier"),
+        ("2", "label_skew", "fd_classifier"),
+    ]
     ls = table[1]
     ls_udec = udec["K2-label_skew-udec-s7"]
     assert float(ls["full_mean"]) == pytest.approx(full["K2-label_skew-full-s7"])
     assert float(ls["udec_mean"]) == pytest.approx(np.mean(ls_udec))
     assert float(ls["udec_std"]) == pytest.approx(np.std(ls_udec, ddof=1))
-    assert (ls["udec_n"], ls["full_n"], ls["usplit_runs"], ls["full_paper_fid_mean"]) == ("2", "1", "0", "")
+    assert (ls["udec_n"], ls["full_n"], ls["usplit_runs"], ls["full_paper_fid_mean"]) == (
+        "2",
+        "1",
+        "0",
+        "",
+    )
     with (rep / "runs.csv").open() as f:
         runs = {r["run"]: r for r in csv.DictReader(f)}
     assert set(runs) == set(TINY_NAMES)
@@ -353,6 +484,7 @@ def test_report_tables_csv_and_png(tiny_sweep):
 @pytest_mpi
 def test_rerun_skips_finished_and_resumes_interrupted(tiny_sweep, tmp_path):
     from fedmpi.train.loop import _truncate_logs
+
     out, _ = tiny_sweep
     name = "K2-iid-udec-s7"
     d = out / name
@@ -361,13 +493,13 @@ def test_rerun_skips_finished_and_resumes_interrupted(tiny_sweep, tmp_path):
     shutil.rmtree(checkpoint_dir(d, 2))
     (d / "comm_summary.json").unlink()
     _truncate_logs(d, 1)
-    res = cli("fedmpi.analysis.report", out, "--out", tmp_path / "rep", timeout=180)
+    res = cli("fedmpi.report", out, "--out", tmp_path / "rep", timeout=180)
     assert res.returncode == 0, res.stderr
     md = (tmp_path / "rep/report.md").read_text()
     assert "| 2 | IID | " in md and "| incomplete (1/2 rounds) |" in md
     assert f"| {name} | udec | 2 | IID | 7 | incomplete (1/2 rounds) |" in md
     assert "3 finished, 1 incomplete" in md
-    res = cli("fedmpi.analysis.sweep", TINY_SPEC, "--launcher", "local", "--out", out)
+    res = cli("fedmpi.sweep", TINY_SPEC, "--launcher", "local", "--out", out)
     assert res.returncode == 0, res.stdout + res.stderr
     for other in TINY_NAMES:
         if other != name:
@@ -383,23 +515,35 @@ def test_rerun_skips_finished_and_resumes_interrupted(tiny_sweep, tmp_path):
 def test_centralized_k1_and_a_failing_run(tiny_sweep, tmp_path):
     """K = 1 runs in one process; a run that fails is reported, the others still run,
     the exit status is 1; the report puts the baseline row into the federated table."""
-    spec = write_spec(tmp_path / "central.yaml", name="central",
-                      overrides={"eval.extractor": "classifier", "eval.num_samples": 16,
-                                 "train.epochs": 1, "data.download": False},
-                      grid={"clients": [1], "data.root": ["/nonexistent/fmnist", None],
-                            "run.seed": [7]})
+    spec = write_spec(
+        tmp_path / "central.yaml",
+        name="central",
+        overrides={
+            "eval.extractor": "classifier",
+            "eval.num_samples": 16,
+            "train.epochs": 1,
+            "data.download": False,
+        },
+        grid={"clients": [1], "data.root": ["/nonexistent/fmnist", None], "run.seed": [7]},
+    )
     out = tmp_path / "central"
-    res = cli("fedmpi.analysis.sweep", spec, "--launcher", "local", "--out", out)
+    res = cli("fedmpi.sweep", spec, "--launcher", "local", "--out", out)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert re.search(r"\[1/2\] K1-root_nonexistent_fmnist-s7 \(W=1\): running \.\.\. FAILED "
-                     r"\(exit 2, incomplete \(0/1 epochs\), \d+s\): .*error", res.stdout), res.stdout
-    assert re.search(r"\[2/2\] K1-root_null-s7 \(W=1\): running \.\.\. done, finished "
-                     r"\(1/1 epochs\)", res.stdout), res.stdout
+    assert re.search(
+        r"\[1/2\] K1-root_nonexistent_fmnist-s7 \(W=1\): running \.\.\. FAILED "
+        r"\(exit 2, incomplete \(0/1 epochs\), \d+s\): .*error",
+        res.stdout,
+    ), res.stdout
+    assert re.search(
+        r"\[2/2\] K1-root_null-s7 \(W=1\): running \.\.\. done, finished "
+        r"\(1/1 epochs\)",
+        res.stdout,
+    ), res.stdout
     assert "1 failed (rerun the same command to resume them)" in res.stdout
     log = (out / "K1-root_null-s7/train.log").read_text()
     assert "mpirun" not in log and "fedmpi centralized:" in log
     fed, _ = tiny_sweep
-    res = cli("fedmpi.analysis.report", fed, out, "--out", tmp_path / "rep", timeout=180)
+    res = cli("fedmpi.report", fed, out, "--out", tmp_path / "rep", timeout=180)
     assert res.returncode == 0, res.stderr
     md = (tmp_path / "rep/report.md").read_text()
     score = float(final_eval_central(out / "K1-root_null-s7"))
@@ -417,18 +561,37 @@ def final_eval_central(run_dir: Path) -> str:
 
 # ---------------------------------------------------------------- Slurm
 
+
 @pytest.mark.slurm
 def test_tiny_sweep_on_local_slurm(tmp_path):
-    from slurm_cluster import LocalSlurm, running_for_tests
     from mpihelp import mpirun_path
+    from slurm_cluster import LocalSlurm, running_for_tests
+
     with running_for_tests(LocalSlurm, cpus=16) as slurm:
         out = tmp_path / "sw"
         # (slurm.env keeps its PATH; the node declares 16 CPUs on 2 cores: no core binding)
-        env = slurm.env({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-                         "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MPIRUN": mpirun_path(),
-                         "MPIRUN_FLAGS": "--bind-to none"})
-        cmd = [sys.executable, "-m", "fedmpi.sweep", str(TINY_SPEC), "--launcher", "slurm",
-               "--out", str(out), "--sbatch-flags", "--time=10 --cpus-per-task=1"]
+        env = slurm.env(
+            {
+                "OMPI_ALLOW_RUN_AS_ROOT": "1",
+                "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(ROOT),
+                "MPIRUN": mpirun_path(),
+                "MPIRUN_FLAGS": "--bind-to none",
+            }
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "fedmpi.sweep",
+            str(TINY_SPEC),
+            "--launcher",
+            "slurm",
+            "--out",
+            str(out),
+            "--sbatch-flags",
+            "--time=10 --cpus-per-task=1",
+        ]
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stdout + res.stderr
         jobs = re.findall(r"\(--ntasks=3\): submitted job (\d+)", res.stdout)
@@ -438,21 +601,34 @@ def test_tiny_sweep_on_local_slurm(tmp_path):
             states[job] = slurm.wait(int(job), timeout=600)
         outputs = {j: slurm.output_path(int(j)) for j in jobs}
         assert set(states.values()) == {"COMPLETED"}, f"{states}\n" + "\n".join(
-            p.read_text(errors="replace") for p in outputs.values())
+            p.read_text(errors="replace") for p in outputs.values()
+        )
         for name, job in zip(TINY_NAMES, jobs):
             assert outputs[job] == (out / name / f"slurm-{job}.out").resolve()
-            assert f"| 3 tasks (K=2) | config {(out / name).resolve()}/config.yaml" in outputs[job].read_text()
+            assert (
+                f"| 3 tasks (K=2) | config {(out / name).resolve()}/config.yaml"
+                in outputs[job].read_text()
+            )
             assert report.run_progress(out / name).finished
         # a second submission finds every run finished
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0 and res.stdout.count("finished (2/2 rounds), skipped") == 4
         # K = 1: the centralized baseline as a one-task job of slurm/run.sh
-        spec = write_spec(tmp_path / "central.yaml", name="central",
-                          overrides={"train.epochs": 1, "eval.extractor": "none"},
-                          grid={"clients": [1], "run.seed": [7]})
+        spec = write_spec(
+            tmp_path / "central.yaml",
+            name="central",
+            overrides={"train.epochs": 1, "eval.extractor": "none"},
+            grid={"clients": [1], "run.seed": [7]},
+        )
         central = tmp_path / "central"
-        res = subprocess.run([*cmd[:3], str(spec), *cmd[4:6], "--out", str(central), *cmd[8:]],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [*cmd[:3], str(spec), *cmd[4:6], "--out", str(central), *cmd[8:]],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         job = re.search(r"\(--ntasks=1\): submitted job (\d+)", res.stdout)
         assert res.returncode == 0 and job, res.stdout + res.stderr
         state = slurm.wait(int(job.group(1)), timeout=600)
@@ -460,7 +636,7 @@ def test_tiny_sweep_on_local_slurm(tmp_path):
         assert state == "COMPLETED", text
         assert "| 1 tasks (the centralized baseline) |" in text and "fedmpi centralized:" in text
         assert report.run_progress(central / "K1-s7").finished
-    res = cli("fedmpi.analysis.report", out, timeout=180)
+    res = cli("fedmpi.report", out, timeout=180)
     assert res.returncode == 0, res.stderr
     assert (out / "report/score_vs_params.png").is_file()
     assert "| 2 | IID |" in (out / "report/report.md").read_text()

@@ -1,11 +1,11 @@
 """bench/comm.py --quick under mpirun at W=3: the byte ledger matches the analytical rows
 for every method and the summary table lists the four methods (< 60 s on 2 cores)."""
+
 from __future__ import annotations
 
 import csv
 
 import pytest
-
 from mpihelp import mpirun
 
 pytestmark = pytest.mark.mpi
@@ -15,8 +15,11 @@ METHODS = ("full", "usplit", "udec", "ulatdec")
 
 def test_comm_bench_quick_w3(tmp_path):
     # the paper's UNet at --quick sizes, one timed repeat: the bytes do not depend on timing
-    res = mpirun(3, ["bench/comm.py", "--quick", "--warmup", "0", "--repeats", "1",
-                     "--out-dir", str(tmp_path)], timeout=110)
+    res = mpirun(
+        3,
+        ["bench/comm.py", "--quick", "--warmup", "0", "--repeats", "1", "--out-dir", str(tmp_path)],
+        timeout=110,
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     assert "bytes check: PASS" in res.stdout, out

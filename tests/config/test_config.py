@@ -1,21 +1,23 @@
 """Config loading (fedmpi.config): shipped files, overrides, and errors that name the key
 and the file before anything heavy starts."""
+
+import math
 import os
 import subprocess
 import sys
+import typing
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
 
-import math
-import typing
-from dataclasses import fields
-
 from fedmpi.config import CHOICES, RANGES, Config, ConfigError, load_config, parse_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs/paper").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + sorted(
+    (ROOT / "configs/paper").glob("*.yaml")
+)
 PAPER = sorted((ROOT / "configs/paper").glob("*.yaml"))
 
 
@@ -67,10 +69,20 @@ def test_defaults_without_file():
 
 
 def test_overrides_apply_with_types():
-    cfg = load_config(ROOT / "configs/paper/fmnist_full.yaml",
-                      ["--train.lr=2e-4", "--fed.method", "udec", "--model.dim_mults=[1,2]",
-                       "--fed.rounds=3", "--fed.freeze_unshared=true", "--split.num_clients=4",
-                       "--run.name", "my_run"])
+    cfg = load_config(
+        ROOT / "configs/paper/fmnist_full.yaml",
+        [
+            "--train.lr=2e-4",
+            "--fed.method",
+            "udec",
+            "--model.dim_mults=[1,2]",
+            "--fed.rounds=3",
+            "--fed.freeze_unshared=true",
+            "--split.num_clients=4",
+            "--run.name",
+            "my_run",
+        ],
+    )
     assert cfg.train.lr == 2e-4 and type(cfg.train.lr) is float
     assert cfg.fed.method == "udec"
     assert cfg.model.dim_mults == (1, 2) and type(cfg.model.dim_mults) is tuple
@@ -83,8 +95,9 @@ def test_overrides_apply_with_types():
 
 
 def test_override_int_to_float_and_null():
-    cfg = load_config(None, ["--train.lr=1", "--data.train_subset=null",
-                             "--diffusion.beta_end=3e-2"])
+    cfg = load_config(
+        None, ["--train.lr=1", "--data.train_subset=null", "--diffusion.beta_end=3e-2"]
+    )
     assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float
     assert cfg.data.train_subset is None
     assert cfg.diffusion.beta_end == pytest.approx(0.03)
@@ -92,7 +105,9 @@ def test_override_int_to_float_and_null():
 
 def test_parse_overrides():
     assert parse_overrides(["--train.lr=2e-4", "--fed.method", "udec"]) == {
-        "train.lr": 2e-4, "fed.method": "udec"}
+        "train.lr": 2e-4,
+        "fed.method": "udec",
+    }
     for bad in (["train.lr=1"], ["--lr=1"], ["--train.lr"]):
         with pytest.raises(ConfigError):
             parse_overrides(bad)
@@ -112,13 +127,13 @@ def _write(tmp_path, data, name="bad.yaml"):
 
 
 BAD = [
-    ({"trian": {"lr": 1e-4}}, "trian"),                          # unknown section
-    ({"train": {"lrate": 1e-4}}, "train.lrate"),                 # unknown key
-    ({"train": {"batch_size": "big"}}, "train.batch_size"),      # wrong type
-    ({"train": {"batch_size": 12.5}}, "train.batch_size"),       # float for int
+    ({"trian": {"lr": 1e-4}}, "trian"),  # unknown section
+    ({"train": {"lrate": 1e-4}}, "train.lrate"),  # unknown key
+    ({"train": {"batch_size": "big"}}, "train.batch_size"),  # wrong type
+    ({"train": {"batch_size": 12.5}}, "train.batch_size"),  # float for int
     ({"fed": {"freeze_unshared": "yes please"}}, "fed.freeze_unshared"),
     ({"model": {"dim_mults": [1, "2"]}}, "model.dim_mults"),
-    ({"train": {"lr": -1e-4}}, "train.lr"),                      # impossible values
+    ({"train": {"lr": -1e-4}}, "train.lr"),  # impossible values
     ({"train": {"lr": 0}}, "train.lr"),
     ({"diffusion": {"beta_start": 0.02, "beta_end": 0.01}}, "diffusion.beta_end"),
     ({"diffusion": {"beta_start": 0.02, "beta_end": 0.02}}, "diffusion.beta_end"),
@@ -145,14 +160,17 @@ def test_bad_file_raises_naming_key_and_file(tmp_path, data, key):
     assert str(path) in msg
 
 
-@pytest.mark.parametrize("args,key", [
-    (["--trian.lr=1"], "trian"),
-    (["--train.lrate=1"], "train.lrate"),
-    (["--train.batch_size=big"], "train.batch_size"),
-    (["--train.lr=-2e-4"], "train.lr"),
-    (["--fed.method=fedprox"], "fed.method"),
-    (["--eval.ddim_steps=2000"], "eval.ddim_steps"),
-])
+@pytest.mark.parametrize(
+    "args,key",
+    [
+        (["--trian.lr=1"], "trian"),
+        (["--train.lrate=1"], "train.lrate"),
+        (["--train.batch_size=big"], "train.batch_size"),
+        (["--train.lr=-2e-4"], "train.lr"),
+        (["--fed.method=fedprox"], "fed.method"),
+        (["--eval.ddim_steps=2000"], "eval.ddim_steps"),
+    ],
+)
 def test_bad_override_raises_naming_key(args, key):
     with pytest.raises(ConfigError) as exc:
         load_config(ROOT / "configs/paper/fmnist_full.yaml", args)
@@ -174,12 +192,29 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_train_cli_exits_2_on_bad_config(tmp_path):
     bad = _write(tmp_path, {"train": {"lrate": 1e-4}})
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK",
-                        "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE", "I_MPI_HYDRA_TOPOLIB")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "OMPI_COMM_WORLD_SIZE",
+            "PMI_SIZE",
+            "PMIX_RANK",
+            "PMI_RANK",
+            "MPI_LOCALNRANKS",
+            "MV2_COMM_WORLD_SIZE",
+            "I_MPI_HYDRA_TOPOLIB",
+        )
+    }
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "fedmpi.train", "--config", str(bad)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "fedmpi.train", "--config", str(bad)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2, res.stdout + res.stderr
     assert "train.lrate" in res.stdout + res.stderr
     assert "Traceback" not in res.stderr
@@ -203,9 +238,15 @@ NUMERIC = _numeric_keys()
 def test_every_numeric_key_has_a_range():
     keys = {k for k, _ in NUMERIC}
     assert len(keys) > 30  # the walk found the schema
-    assert not keys - set(RANGES), f"numeric keys without a RANGES entry: {sorted(keys - set(RANGES))}"
-    assert not set(RANGES) - keys, f"RANGES entries that are not numeric keys: {sorted(set(RANGES) - keys)}"
-    schema = {f"{s}.{f.name}" for s, cls in typing.get_type_hints(Config).items() for f in fields(cls)}
+    assert not keys - set(RANGES), (
+        f"numeric keys without a RANGES entry: {sorted(keys - set(RANGES))}"
+    )
+    assert not set(RANGES) - keys, (
+        f"RANGES entries that are not numeric keys: {sorted(set(RANGES) - keys)}"
+    )
+    schema = {
+        f"{s}.{f.name}" for s, cls in typing.get_type_hints(Config).items() for f in fields(cls)
+    }
     assert set(CHOICES) <= schema
 
 
@@ -221,18 +262,29 @@ def _outside(key, tp):
     return [[v] if tp is tuple else v for v in vals]
 
 
-@pytest.mark.parametrize("key,value", [(k, v) for k, tp in NUMERIC for v in _outside(k, tp)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "key,value", [(k, v) for k, tp in NUMERIC for v in _outside(k, tp)], ids=lambda x: str(x)
+)
 def test_out_of_range_value_is_refused(key, value):
     with pytest.raises(ConfigError) as exc:
         load_config(None, {key: value})
     assert f"'{key}' must be" in str(exc.value)
 
 
-@pytest.mark.parametrize("over", [{"checkpoint.keep": 0}, {"eval.eta": 0.0}, {"eval.eta": 1.0},
-                                  {"fed.round_timeout": 0.0}, {"fed.round_timeout": 600},
-                                  {"fed.on_nonfinite": "skip"}, {"run.seed": 0},
-                                  {"split.min_size": 0}, {"eval.grid": 0}])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"checkpoint.keep": 0},
+        {"eval.eta": 0.0},
+        {"eval.eta": 1.0},
+        {"fed.round_timeout": 0.0},
+        {"fed.round_timeout": 600},
+        {"fed.on_nonfinite": "skip"},
+        {"run.seed": 0},
+        {"split.min_size": 0},
+        {"eval.grid": 0},
+    ],
+)
 def test_boundary_values_are_accepted(over):
     cfg = load_config(None, over)
     for key, value in over.items():
@@ -249,8 +301,9 @@ def test_new_fed_keys_defaults():
 FLOATS = [k for k, tp in NUMERIC if tp is float]
 
 
-@pytest.mark.parametrize("text", [".inf", "-.inf", ".nan", ".NaN", "1e400", "1.0e+400", "-1e400",
-                                  "1" + "0" * 400])
+@pytest.mark.parametrize(
+    "text", [".inf", "-.inf", ".nan", ".NaN", "1e400", "1.0e+400", "-1e400", "1" + "0" * 400]
+)
 @pytest.mark.parametrize("key", FLOATS)
 def test_non_finite_number_in_file_is_refused(tmp_path, key, text):
     section, name = key.split(".")
@@ -261,8 +314,16 @@ def test_non_finite_number_in_file_is_refused(tmp_path, key, text):
     assert f"'{key}' must be a finite number" in msg and str(path) in msg
 
 
-@pytest.mark.parametrize("arg", ["--train.lr=1e400", "--train.lr=.inf", "--eval.eta=.nan",
-                                 "--fed.round_timeout=-.inf", "--split.beta=1e999"])
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "--train.lr=1e400",
+        "--train.lr=.inf",
+        "--eval.eta=.nan",
+        "--fed.round_timeout=-.inf",
+        "--split.beta=1e999",
+    ],
+)
 def test_non_finite_override_is_refused(arg):
     key = arg[2:].split("=")[0]
     with pytest.raises(ConfigError) as exc:
@@ -288,11 +349,14 @@ def test_empty_file_is_an_error(tmp_path, text):
     assert str(path) in msg and "empty" in msg and "configs/" in msg
 
 
-@pytest.mark.parametrize("text,key,lines", [
-    ("train:\n  lr: 1.0e-4\n  batch_size: 8\n  lr: 2.0e-4\n", "lr", (2, 4)),
-    ("train:\n  lr: 1.0e-4\nfed:\n  rounds: 2\ntrain:\n  batch_size: 8\n", "train", (1, 5)),
-    ("fed: {rounds: 2, rounds: 3}\n", "rounds", (1, 1)),
-])
+@pytest.mark.parametrize(
+    "text,key,lines",
+    [
+        ("train:\n  lr: 1.0e-4\n  batch_size: 8\n  lr: 2.0e-4\n", "lr", (2, 4)),
+        ("train:\n  lr: 1.0e-4\nfed:\n  rounds: 2\ntrain:\n  batch_size: 8\n", "train", (1, 5)),
+        ("fed: {rounds: 2, rounds: 3}\n", "rounds", (1, 1)),
+    ],
+)
 def test_duplicate_key_is_an_error(tmp_path, text, key, lines):
     path = _write(tmp_path, text, "dup.yaml")
     with pytest.raises(ConfigError) as exc:
@@ -304,8 +368,11 @@ def test_duplicate_key_is_an_error(tmp_path, text, key, lines):
 
 def test_merge_keys_are_not_duplicates(tmp_path):
     # '<<: *base' then an explicit key is an override, not a repeated key.
-    path = _write(tmp_path, "eval: &base\n  batch_size: 50\n  grid: 0\n"
-                            "train:\n  <<: {batch_size: 16, lr: 1.0e-3}\n  batch_size: 8\n",
-                  "merge.yaml")
+    path = _write(
+        tmp_path,
+        "eval: &base\n  batch_size: 50\n  grid: 0\n"
+        "train:\n  <<: {batch_size: 16, lr: 1.0e-3}\n  batch_size: 8\n",
+        "merge.yaml",
+    )
     cfg = load_config(path)
     assert cfg.train.batch_size == 8 and cfg.train.lr == pytest.approx(1e-3)

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fedmpi.data as D
+import fedmpi.data.datasets as D
 from fedmpi.config import DataCfg, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
                                   reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from fedmpi.config import ConfigError, DataCfg, load_config
-from fedmpi.data import DataError, compute_split, load_arrays, load_client_data, main
+from fedmpi.cli.data import main
+from fedmpi.data import DataError, compute_split, load_arrays, load_client_data
 from fedmpi.data.partition import split_indices
 
 SEED = 2023

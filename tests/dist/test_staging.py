@@ -4,7 +4,9 @@ and a recording stand-in for the communicator takes the MPI calls."""
 import numpy as np
 import torch
 
-from fedmpi.dist.world import MPIBackend, World
+from fedmpi.dist.world import World
+
+from fedmpi.dist.backends import MPIBackend
 
 
 class _Handle:

@@ -1,4 +1,5 @@
 """Feature statistics, Frechet distance, and the Inception / classifier extractors."""
+
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -8,18 +9,36 @@ import pytest
 import torch
 
 from fedmpi.config import DataCfg, EvalCfg
-from fedmpi.eval.extractors import (INCEPTION_FILE, INCEPTION_URL, InceptionExtractor,
-                               MissingWeightsError, build_extractor, build_fid_inception_net,
-                               check_inception_weights, classifier_cache_path, compute_stats,
-                               data_digest, load_or_train_classifier, reference_stats)
-from fedmpi.eval.fid import FeatureStats, class_distribution, frechet_distance, frechet_distance_stats
+from fedmpi.eval.extractors import (
+    INCEPTION_FILE,
+    INCEPTION_URL,
+    InceptionExtractor,
+    MissingWeightsError,
+    build_extractor,
+    build_fid_inception_net,
+    check_inception_weights,
+    classifier_cache_path,
+    compute_stats,
+    data_digest,
+    load_or_train_classifier,
+    reference_stats,
+)
+from fedmpi.eval.fid import (
+    FeatureStats,
+    class_distribution,
+    frechet_distance,
+    frechet_distance_stats,
+)
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
-                                  reason="Fashion-MNIST not installed (dataset-fashion-mnist)")
+needs_fmnist = pytest.mark.skipif(
+    not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST not installed (dataset-fashion-mnist)",
+)
 
 
 # ---------------------------------------------------------------- Frechet distance
+
 
 def random_orthogonal(d, rng):
     q, _ = np.linalg.qr(rng.normal(size=(d, d)))
@@ -54,6 +73,7 @@ def test_frechet_commuting_closed_form():
 
 def test_frechet_matches_pytorch_fid():
     from pytorch_fid.fid_score import calculate_frechet_distance
+
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(40, 10)), rng.normal(size=(30, 10)) * 1.5 + 0.3
     args = (x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
@@ -64,6 +84,7 @@ def test_frechet_matches_pytorch_fid():
 
 
 # ---------------------------------------------------------------- FeatureStats
+
 
 def test_running_stats_match_numpy():
     rng = np.random.default_rng(4)
@@ -93,7 +114,9 @@ def test_stats_array_round_trip_merge_and_save(tmp_path):
         np.testing.assert_allclose(m.cov(), both.cov(), rtol=1e-10)
     a.save(tmp_path / "a.npz")
     assert np.array_equal(FeatureStats.load(tmp_path / "a.npz").to_array(), arr)
-    assert frechet_distance_stats(a, FeatureStats.load(tmp_path / "a.npz")) == pytest.approx(0, abs=1e-8)
+    assert frechet_distance_stats(a, FeatureStats.load(tmp_path / "a.npz")) == pytest.approx(
+        0, abs=1e-8
+    )
 
 
 def test_class_distribution():
@@ -110,10 +133,13 @@ def test_class_distribution():
 
 # ---------------------------------------------------------------- Inception
 
+
 def test_missing_inception_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    for cfg in (EvalCfg(extractor="inception"),
-                EvalCfg(extractor="inception", inception_weights=str(tmp_path / "nope.pth"))):
+    for cfg in (
+        EvalCfg(extractor="inception"),
+        EvalCfg(extractor="inception", inception_weights=str(tmp_path / "nope.pth")),
+    ):
         with pytest.raises(MissingWeightsError) as e:
             build_extractor(cfg, "fashion_mnist", lambda: pytest.fail("loaded data"), "cpu")
         msg = str(e.value)
@@ -125,6 +151,7 @@ def test_missing_inception_weights(tmp_path, monkeypatch):
 
 def test_inception_extractor_local_weights(tmp_path, monkeypatch):
     from pytorch_fid import inception as pfi
+
     torch.manual_seed(0)
     state = build_fid_inception_net().state_dict()  # random init stands in for the real file
     weights = tmp_path / INCEPTION_FILE
@@ -133,8 +160,9 @@ def test_inception_extractor_local_weights(tmp_path, monkeypatch):
     cfg = EvalCfg(extractor="inception", inception_weights=str(weights))
     assert check_inception_weights(cfg) == weights
     # Any attempt to download would fail the test.
-    with mock.patch.object(pfi, "load_state_dict_from_url",
-                           side_effect=AssertionError("tried to download")):
+    with mock.patch.object(
+        pfi, "load_state_dict_from_url", side_effect=AssertionError("tried to download")
+    ):
         ext = build_extractor(cfg, "fashion_mnist", lambda: pytest.fail("loaded data"), "cpu")
     assert isinstance(ext, InceptionExtractor) and ext.name == "fid" and ext.dim == 2048
     x = torch.rand(3, 1, 28, 28) * 2 - 1
@@ -152,9 +180,11 @@ def test_inception_extractor_local_weights(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- classifier
 
+
 @pytest.fixture(scope="session")
 def fmnist():
     from fedmpi.data import load_arrays, to_float
+
     cfg = DataCfg(root=str(FMNIST), download=False)
     xtr, ytr = load_arrays(cfg, "train")
     xte, yte = load_arrays(cfg, "test")
@@ -170,21 +200,23 @@ def classifier_cache(tmp_path_factory):
 def classifier(fmnist, classifier_cache):
     # The expensive part of this file (~1 minute on 2 cores): trained once per session,
     # on the test split only (as the federator does: it owns no training data).
-    return load_or_train_classifier("fashion_mnist", fmnist[2], fmnist[3], classifier_cache,
-                                    "cpu")
+    return load_or_train_classifier("fashion_mnist", fmnist[2], fmnist[3], classifier_cache, "cpu")
 
 
 @needs_fmnist
 def test_classifier_accuracy_and_cache(classifier, classifier_cache, fmnist):
     assert classifier.name == "fd_classifier" and classifier.dim == 128
     assert classifier.accuracy >= 0.87  # on the 2000 held-out test images it never fitted
-    path = classifier_cache_path("fashion_mnist", classifier_cache,
-                                 data_digest(fmnist[2], fmnist[3]))
+    path = classifier_cache_path(
+        "fashion_mnist", classifier_cache, data_digest(fmnist[2], fmnist[3])
+    )
     assert path.is_file() and path.name.startswith("classifier-fashion_mnist-testsplit-")
     assert torch.load(path, weights_only=True)["accuracy"] == classifier.accuracy
     # The cache is used: no training, and the network is the same.
     cfg = EvalCfg(extractor="classifier", cache_dir=str(classifier_cache))
-    with mock.patch("fedmpi.eval.extractors.train_classifier", side_effect=AssertionError("trained")):
+    with mock.patch(
+        "fedmpi.eval.extractors.train_classifier", side_effect=AssertionError("trained")
+    ):
         again = build_extractor(cfg, "fashion_mnist", lambda: (fmnist[2], fmnist[3]), "cpu")
     assert again.key == classifier.key and again.accuracy == classifier.accuracy
     x = fmnist[2][:64]
@@ -202,7 +234,8 @@ def test_classifier_frechet_separates_real_from_bad(classifier, fmnist):
     test = compute_stats(classifier, xte[:n])
     real = frechet_distance_stats(test, compute_stats(classifier, xtr[:n]))
     noise = frechet_distance_stats(
-        test, compute_stats(classifier, torch.randn(n, 1, 28, 28, generator=g).clamp(-1, 1)))
+        test, compute_stats(classifier, torch.randn(n, 1, 28, 28, generator=g).clamp(-1, 1))
+    )
     single = frechet_distance_stats(test, compute_stats(classifier, xte[:1].repeat(n, 1, 1, 1)))
     assert 10 * real < noise and 10 * real < single, (real, noise, single)
 

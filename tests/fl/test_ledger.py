@@ -1,5 +1,6 @@
 """Communication counting (fedmpi.fl.ledger): the paper's table derived from its counting
 rule, the "moved" rule, the byte ledger, and `python -m fedmpi.comm`."""
+
 import os
 import re
 import subprocess
@@ -12,7 +13,7 @@ import fedmpi.fl.ledger as ledger
 from fedmpi.fl.ledger import Ledger, analytical_rows, comparison, summarize
 from fedmpi.model.regions import REGIONS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The paper's Fashion-MNIST region sizes.
 SIZES = {"encoder": 1_280_642, "bottleneck": 999_376, "decoder": 716_297}
 P = sum(SIZES.values())
@@ -22,9 +23,13 @@ K, R = 10, 15
 
 def expected_paper(method, k=K, r=R):
     """Initial full model to each client + R uploads + (R - 1) downloads (even K)."""
-    up_per_client = {"full": P, "udec": D, "ulatdec": B + D,
-                     # USPLIT, even K: each pair sends E + D + B = P between them
-                     "usplit": P / 2}[method]
+    up_per_client = {
+        "full": P,
+        "udec": D,
+        "ulatdec": B + D,
+        # USPLIT, even K: each pair sends E + D + B = P between them
+        "usplit": P / 2,
+    }[method]
     down_per_client = {"full": P, "udec": D, "ulatdec": B + D, "usplit": P}[method]
     return int(round(k * P + r * k * up_per_client + (r - 1) * k * down_per_client))
 
@@ -41,8 +46,7 @@ def test_full_paper_total():
     assert res["paper"]["reduction_vs_full"] == 0
 
 
-@pytest.mark.parametrize("method,reduction", [("udec", 73.6), ("ulatdec", 41.3),
-                                              ("usplit", 25.0)])
+@pytest.mark.parametrize("method,reduction", [("udec", 73.6), ("ulatdec", 41.3), ("usplit", 25.0)])
 def test_paper_reductions(method, reduction):
     res = comparison(method, K, R, SIZES, seed=2023)
     assert res["paper"]["params"] == expected_paper(method)
@@ -61,8 +65,7 @@ def test_moved_adds_one_round_of_downloads(method, k, r):
     rows = analytical_rows(method, k, r, SIZES, seed=5)
     last_down = sum(x["params"] for x in rows if x["round"] == r and x["direction"] == "down")
     assert res["moved"]["params"] - res["paper"]["params"] == last_down
-    last_down_bytes = sum(x["bytes"] for x in rows
-                          if x["round"] == r and x["direction"] == "down")
+    last_down_bytes = sum(x["bytes"] for x in rows if x["round"] == r and x["direction"] == "down")
     assert res["moved"]["bytes"] - res["paper"]["bytes"] == last_down_bytes == 4 * last_down
 
 
@@ -78,6 +81,7 @@ def test_bytes_carry_one_float_per_uploaded_region():
 @pytest.mark.parametrize("k", [3, 5, 7])
 def test_usplit_odd_k_rows_follow_the_plan(k):
     from fedmpi.fl.methods import make_plan
+
     r = 4
     rows = analytical_rows("usplit", k, r, SIZES, seed=11)
     for rnd in range(1, r + 1):
@@ -92,8 +96,10 @@ def test_usplit_odd_k_rows_follow_the_plan(k):
     assert sum(x["params"] for x in r0) == k * P
     # clients numbered 1..K (their ranks); each row names both ends, 0 = the federator
     assert {x["client"] for x in rows} == set(range(1, k + 1))
-    assert all((x["src"], x["dst"]) == ((x["client"], 0) if x["direction"] == "up"
-                                        else (0, x["client"])) for x in rows)
+    assert all(
+        (x["src"], x["dst"]) == ((x["client"], 0) if x["direction"] == "up" else (0, x["client"]))
+        for x in rows
+    )
 
 
 def test_summary_per_client_and_round():
@@ -123,8 +129,16 @@ def test_ledger_record_sizes():
     assert led.round_bytes(2) == 4 * 8
     assert led.round_bytes(3) == 0
     d = led.dicts()[0]  # World.client 2 is client 3, rank 3
-    assert d == {"round": 1, "client": 3, "src": 3, "dst": 0, "region": "decoder",
-                 "direction": "up", "params": 1000, "bytes": 4004}
+    assert d == {
+        "round": 1,
+        "client": 3,
+        "src": 3,
+        "dst": 0,
+        "region": "decoder",
+        "direction": "up",
+        "params": 1000,
+        "bytes": 4004,
+    }
     assert led.dicts()[1]["src"] == 0 and led.dicts()[1]["dst"] == 3
     assert ledger.upload_bytes(0) == 4 and ledger.download_bytes(0) == 0
 
@@ -147,27 +161,49 @@ def test_comm_csv_one_row_per_transfer(tmp_path):
         fed.record(1, -1, "decoder", "down", 10)
     ledger.append_rows(fed.pop_round(1) + c1.pop_round(1) + c2.pop_round(1), tmp_path / "c.csv")
     lines = (tmp_path / "c.csv").read_text().splitlines()
-    assert lines == ["round,client,src,dst,region,direction,params,bytes",
-                     "1,1,1,0,decoder,up,10,44", "1,1,0,1,decoder,down,10,40",
-                     "1,2,2,0,decoder,up,10,44", "1,2,0,2,decoder,down,10,40"]
+    assert lines == [
+        "round,client,src,dst,region,direction,params,bytes",
+        "1,1,1,0,decoder,up,10,44",
+        "1,1,0,1,decoder,down,10,40",
+        "1,2,2,0,decoder,up,10,44",
+        "1,2,0,2,decoder,down,10,40",
+    ]
 
 
 def test_old_comm_csv_layout_is_read_as_the_new(tmp_path):
     """Run folders written before (rank + 0-based client columns, federator rows)."""
     old = tmp_path / "old.csv"
-    old.write_text("round,rank,client,region,direction,params,bytes\n"
-                   "0,1,0,encoder,down,5,20\n0,0,-1,encoder,down,5,20\n"
-                   "1,2,1,decoder,up,3,16\n1,0,-1,decoder,up,3,16\n")
-    assert ledger.read_csv(old) == [ledger.transfer(0, 1, "encoder", "down", 5, 20),
-                                    ledger.transfer(1, 2, "decoder", "up", 3, 16)]
+    old.write_text(
+        "round,rank,client,region,direction,params,bytes\n"
+        "0,1,0,encoder,down,5,20\n0,0,-1,encoder,down,5,20\n"
+        "1,2,1,decoder,up,3,16\n1,0,-1,decoder,up,3,16\n"
+    )
+    assert ledger.read_csv(old) == [
+        ledger.transfer(0, 1, "encoder", "down", 5, 20),
+        ledger.transfer(1, 2, "decoder", "up", 3, 16),
+    ]
 
 
 def test_comm_cli_prints_paper_table():
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "fedmpi.comm", "--config",
-                          str(ROOT / "configs/paper/fmnist_full.yaml"), "--clients", "10",
-                          "--rounds", "15"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmpi.comm",
+            "--config",
+            str(ROOT / "configs/paper/fmnist_full.yaml"),
+            "--clients",
+            "10",
+            "--rounds",
+            "15",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "898,894,500" in res.stdout
     table = {}

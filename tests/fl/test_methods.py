@@ -1,11 +1,20 @@
 """Round plans for FULL / USPLIT / UDEC / ULATDEC and FedAvg (fedmpi.fl.methods)."""
+
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from fedmpi.fl.methods import (METHODS, Plan, fedavg, fedavg_weights, make_plan, pack_upload,
-                            personal_regions, usplit_assignment)
+from fedmpi.fl.methods import (
+    METHODS,
+    Plan,
+    fedavg,
+    fedavg_weights,
+    make_plan,
+    pack_upload,
+    personal_regions,
+    usplit_assignment,
+)
 from fedmpi.model.regions import REGIONS
 
 ALL = frozenset(REGIONS)
@@ -14,11 +23,14 @@ ROUNDS = range(1, 9)
 SEEDS = (0, 2023)
 
 
-@pytest.mark.parametrize("method,shared", [
-    ("full", {ENC, BOT, DEC}),
-    ("udec", {DEC}),
-    ("ulatdec", {BOT, DEC}),
-])
+@pytest.mark.parametrize(
+    "method,shared",
+    [
+        ("full", {ENC, BOT, DEC}),
+        ("udec", {DEC}),
+        ("ulatdec", {BOT, DEC}),
+    ],
+)
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_fixed_plans(method, shared, k):
     for r in (1, 2, 15):
@@ -112,8 +124,12 @@ def test_usplit_randomness_covers_all_roles():
         for k, u in enumerate(ups):
             per_client[k].add(u)
     for k in range(4):
-        assert per_client[k] == {frozenset({ENC}), frozenset({DEC}), frozenset({ENC, BOT}),
-                                 frozenset({DEC, BOT})}
+        assert per_client[k] == {
+            frozenset({ENC}),
+            frozenset({DEC}),
+            frozenset({ENC, BOT}),
+            frozenset({DEC, BOT}),
+        }
     odd_extra = Counter()
     for r in range(1, 101):
         ups = usplit_assignment(5, r, 1)
@@ -136,8 +152,9 @@ def test_fedavg_weighted_average():
     np.testing.assert_allclose(out, expect, rtol=1e-6, atol=1e-7)
     # invariant to scaling the weights; equal weights give the plain mean
     np.testing.assert_allclose(fedavg(bufs, [3 * s for s in sizes]), out, rtol=1e-6)
-    np.testing.assert_allclose(fedavg(bufs, [1] * 5), np.mean(np.stack(bufs), axis=0),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        fedavg(bufs, [1] * 5), np.mean(np.stack(bufs), axis=0), rtol=1e-6, atol=1e-7
+    )
     # inputs are not modified
     np.testing.assert_array_equal(bufs[0], _rng_bufs(5, 101)[0])
 
@@ -184,6 +201,7 @@ def test_a_left_out_client_uploads_zeros_whatever_its_weights_hold():
     """fed.on_nonfinite=skip: weight 0 and no trace of NaN / inf in the sum (a FULL client
     no longer restores the regions it gets back before it uploads)."""
     import torch
+
     theta = torch.tensor([1.0, float("nan"), float("inf"), -2.0])
     out = torch.full((5,), 7.0)
     pack_upload(theta, 0.0, out)
@@ -200,6 +218,7 @@ def test_pack_upload_in_place_sums_to_the_average():
     """The job packs [w_k theta_k, w_k] over the client's own weights (theta is the send
     buffer's head, `regions.region_send_buffer`); the uploads' sum is the average."""
     import torch
+
     rng = np.random.default_rng(5)
     sizes = [529, 14, 46087]
     thetas = [rng.normal(size=50).astype(np.float32) for _ in sizes]

@@ -1,4 +1,5 @@
 """fedmpi.fl.privacy: clipping, noise calibration, the DP average and the accountant."""
+
 import math
 
 import dp_accounting
@@ -10,8 +11,8 @@ from scipy import stats
 import fedmpi.fl.privacy as privacy
 from fedmpi.fl.privacy import PrivacyError
 
-
 # --- (d) clipping --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_clipping_bound_holds_for_every_client(dtype):
@@ -43,12 +44,15 @@ def test_clipping_rejects_bad_input():
 
 # --- (d) noise -----------------------------------------------------------------------
 
+
 def chi2_std_interval(samples, alpha=1e-4):
     """Two-sided confidence interval for the std of zero-mean Gaussian samples."""
     n = samples.size
     ss = float(np.sum(samples.astype(np.float64) ** 2))
-    return (math.sqrt(ss / stats.chi2.ppf(1 - alpha / 2, n)),
-            math.sqrt(ss / stats.chi2.ppf(alpha / 2, n)))
+    return (
+        math.sqrt(ss / stats.chi2.ppf(1 - alpha / 2, n)),
+        math.sqrt(ss / stats.chi2.ppf(alpha / 2, n)),
+    )
 
 
 def test_noise_std_matches_configuration():
@@ -76,10 +80,13 @@ def test_dp_average_has_the_configured_noise_on_the_sum(mode):
     clipped = [privacy.clip_update(d, clip)[0] for d in deltas]
     exact_avg = np.sum(clipped, axis=0) / m
     client_std = privacy.noise_std(z, clip, mode, m) if mode == "distributed" else 0.0
-    uploads = [privacy.add_noise(c.copy(), client_std, np.random.default_rng(10 + k))
-               for k, c in enumerate(clipped)]
-    avg = privacy.private_average(np.sum(uploads, axis=0), m, z, clip, mode,
-                                  rng=np.random.default_rng(99))
+    uploads = [
+        privacy.add_noise(c.copy(), client_std, np.random.default_rng(10 + k))
+        for k, c in enumerate(clipped)
+    ]
+    avg = privacy.private_average(
+        np.sum(uploads, axis=0), m, z, clip, mode, rng=np.random.default_rng(99)
+    )
     noise_on_sum = (avg - exact_avg) * m
     lo, hi = chi2_std_interval(noise_on_sum)
     assert lo <= z * clip <= hi
@@ -96,11 +103,14 @@ def test_dp_settings_are_validated():
 
 # --- (d) accountant ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("z,rounds,delta", [(1.0, 100, 1e-5), (0.7, 10, 1e-6), (4.0, 300, 1e-5)])
 def test_epsilon_is_the_accountants(z, rounds, delta):
     accountant = rdp.RdpAccountant()
     accountant.compose(dp_accounting.GaussianDpEvent(z), rounds)  # q = 1: plain Gaussian
-    assert privacy.epsilon(z, rounds, delta) == pytest.approx(accountant.get_epsilon(delta), rel=1e-12)
+    assert privacy.epsilon(z, rounds, delta) == pytest.approx(
+        accountant.get_epsilon(delta), rel=1e-12
+    )
 
 
 def test_epsilon_monotone_in_rounds_and_noise():
@@ -116,6 +126,7 @@ def test_epsilon_monotone_in_rounds_and_noise():
 
 
 # --- (d) a client's whole upload: one clip over all its regions ------------------------
+
 
 def test_privatize_update_clips_jointly_and_adds_the_share():
     rng = np.random.default_rng(3)

@@ -4,16 +4,16 @@ The SUM reduce is np.sum over the stacked uint64 uploads (wraps modulo 2^64, as
 MPI.UINT64_T / SUM does). Keys come from a seeded generator so every statistic below
 is deterministic.
 """
+
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy.stats import chisquare
 
 import fedmpi.fl.methods as methods
-
 import fedmpi.fl.secure as secure
-from fedmpi.model.regions import REGIONS
 from fedmpi.fl.secure import DEFAULT_FRAC_BITS, SecureAggError, SecureAggregator
+from fedmpi.model.regions import REGIONS
 
 RUN = "run-test"
 
@@ -21,8 +21,10 @@ RUN = "run-test"
 def clients(num, seed=0, frac_bits=DEFAULT_FRAC_BITS, run_id=RUN):
     """num SecureAggregators with deterministic keys, after the (relayed) key exchange."""
     rng = np.random.default_rng(seed)
-    aggs = [SecureAggregator(k, frac_bits, X25519PrivateKey.from_private_bytes(rng.bytes(32)))
-            for k in range(num)]
+    aggs = [
+        SecureAggregator(k, frac_bits, X25519PrivateKey.from_private_bytes(rng.bytes(32)))
+        for k in range(num)
+    ]
     publics = {a.client_id: a.public_bytes() for a in aggs}  # what the federator relays
     for a in aggs:
         a.establish(publics, run_id)
@@ -58,6 +60,7 @@ def resolution(reporters, sizes):
 
 # --- (a) the secure sum is the plain FedAvg within the fixed-point resolution -----------
 
+
 @pytest.mark.parametrize("num", [2, 4])
 def test_secure_fedavg_equals_plain_all_reporters(num):
     aggs = clients(num)
@@ -82,9 +85,13 @@ def test_secure_fedavg_random_reporter_subsets():
             m = int(rng.integers(2, num + 1))
             reporters = sorted(rng.choice(num, m, replace=False).tolist())
             avg, _ = secure_fedavg(aggs, reporters, thetas, sizes, round_index, region)
-            exact = (sum(sizes[k] * thetas[k].astype(np.float64) for k in reporters)
-                     / sum(sizes[k] for k in reporters))
-            assert np.max(np.abs(avg - exact)) <= resolution(reporters, sizes), (round_index, region)
+            exact = sum(sizes[k] * thetas[k].astype(np.float64) for k in reporters) / sum(
+                sizes[k] for k in reporters
+            )
+            assert np.max(np.abs(avg - exact)) <= resolution(reporters, sizes), (
+                round_index,
+                region,
+            )
 
 
 @pytest.mark.parametrize("num", [4, 5])
@@ -104,6 +111,7 @@ def test_secure_fedavg_on_usplit_plans(num):
 
 # --- (b) one masked upload looks uniform and is not the plain encoding -----------------
 
+
 def byte_pvalue(buf_u64):
     counts = np.bincount(buf_u64.view(np.uint8), minlength=256)
     return chisquare(counts).pvalue
@@ -114,14 +122,15 @@ def test_single_masked_upload_is_uniform_and_not_plain():
     values = np.random.default_rng(9).normal(0, 50.0, 1 << 16)  # 512 KiB of upload
     plain = secure.encode(values, reporters=3)
     masked = aggs[1].upload(values, 4, "encoder", [0, 1, 2])
-    assert byte_pvalue(masked) > 1e-3          # indistinguishable from uniform bytes
-    assert byte_pvalue(plain) < 1e-100         # the plain encoding is far from it
-    assert np.mean(masked == plain) < 1e-3     # and the upload hides every value
+    assert byte_pvalue(masked) > 1e-3  # indistinguishable from uniform bytes
+    assert byte_pvalue(plain) < 1e-100  # the plain encoding is far from it
+    assert np.mean(masked == plain) < 1e-3  # and the upload hides every value
     # the federator decoding one upload gets noise, not the client's values
     assert np.max(np.abs(secure.decode(masked) - values)) > 1e6
 
 
 # --- (c) exact cancellation, overflow, reporters, mask separation ------------------------
+
 
 def test_masks_cancel_exactly():
     num, n = 5, 4096
@@ -132,8 +141,10 @@ def test_masks_cancel_exactly():
     masked = reduce_sum([aggs[k].upload(values[k], 7, "bottleneck", reporters) for k in reporters])
     plain = reduce_sum([secure.encode(values[k], reporters=len(reporters)) for k in reporters])
     assert np.array_equal(masked, plain)  # integer equality, not approximate
-    zeros = [secure.mask_inplace(np.zeros(n, np.uint64), k, reporters, aggs[k].secrets, 7, "bottleneck")
-             for k in reporters]
+    zeros = [
+        secure.mask_inplace(np.zeros(n, np.uint64), k, reporters, aggs[k].secrets, 7, "bottleneck")
+        for k in reporters
+    ]
     assert not np.any(reduce_sum(zeros)) and all(np.any(z) for z in zeros)
 
 
@@ -170,13 +181,13 @@ def test_overflow_check_raises_with_the_fix():
     with pytest.raises(SecureAggError):
         secure.check_overflow(1e8, 5498, DEFAULT_FRAC_BITS)
     with pytest.raises(SecureAggError, match="at any fed.secure_frac_bits"):
-        secure.check_overflow(2.0 ** 62, 2, DEFAULT_FRAC_BITS)
+        secure.check_overflow(2.0**62, 2, DEFAULT_FRAC_BITS)
     with pytest.raises(SecureAggError, match="non-finite"):
         secure.encode(np.array([1.0, np.nan]))
     # an upload is checked against its share of the range for its region's reporters
     agg = clients(2, seed=14)[0]
     with pytest.raises(SecureAggError, match=r"client 0, region 'decoder', round 3"):
-        agg.upload(np.array([2.0 ** 38]), 3, "decoder", [0, 1])
+        agg.upload(np.array([2.0**38]), 3, "decoder", [0, 1])
 
 
 def test_fewer_than_two_reporters_is_refused():
@@ -207,7 +218,7 @@ def test_encode_decode_round_trip():
         assert enc.dtype == np.uint64
         err = np.abs(secure.decode(enc) - values.astype(np.float64))
         assert np.max(err) <= 2.0 ** -(DEFAULT_FRAC_BITS + 1)
-    assert secure.encode(np.array([-1.0]))[0] == np.uint64(2 ** 64 - 2 ** DEFAULT_FRAC_BITS)
+    assert secure.encode(np.array([-1.0]))[0] == np.uint64(2**64 - 2**DEFAULT_FRAC_BITS)
 
 
 def test_ring_of_neighbours_cancels_and_is_symmetric():
@@ -223,7 +234,9 @@ def test_ring_of_neighbours_cancels_and_is_symmetric():
     assert secure.mask_peers(0, reporters, neighbors=3) == [1, 3, 4, 5, 7, 8]  # 2k >= m - 1: all
     rng = np.random.default_rng(18)
     values = {r: rng.normal(0, 1.0, n) for r in reporters}
-    uploads = {r: aggs[r].upload(values[r], 2, "decoder", reporters, neighbors=1) for r in reporters}
+    uploads = {
+        r: aggs[r].upload(values[r], 2, "decoder", reporters, neighbors=1) for r in reporters
+    }
     plain = reduce_sum([secure.encode(values[r], reporters=len(reporters)) for r in reporters])
     assert np.array_equal(reduce_sum(list(uploads.values())), plain)
     assert byte_pvalue(uploads[4]) > 1e-3
@@ -234,12 +247,16 @@ def test_ring_of_neighbours_cancels_and_is_symmetric():
 
 # --- set-up checks of a run (pure: every rank runs them identically) -------------------
 
+
 def test_secure_plans_checked_for_every_round_at_setup():
-    from fedmpi.fl.aggregate import check_secure_plans
     from fedmpi.config import ConfigError, load_config
+    from fedmpi.fl.aggregate import check_secure_plans
 
     def cfg(method, **more):
-        return load_config(None, {"fed.method": method, "fed.secure": True, "fed.rounds": 5, **more})
+        return load_config(
+            None, {"fed.method": method, "fed.secure": True, "fed.rounds": 5, **more}
+        )
+
     with pytest.raises(ConfigError, match=r"USPLIT at K = 2.*fed\.method=usplit, K=2"):
         check_secure_plans(cfg("usplit"), 2)
     with pytest.raises(ConfigError, match="has 1 reporter"):  # odd K: one region has 1 reporter
@@ -254,6 +271,7 @@ def test_secure_plans_checked_for_every_round_at_setup():
 
 def test_secure_with_central_dp_is_a_config_error():
     from fedmpi.config import ConfigError, load_config
+
     with pytest.raises(ConfigError, match="privacy.mode=distributed"):
         load_config(None, {"fed.secure": True, "privacy.dp": True})
     cfg = load_config(None, {"fed.secure": True, "privacy.dp": True, "privacy.mode": "distributed"})
@@ -274,13 +292,17 @@ def test_fedavg_upload_scales_without_a_float_copy():
         unmasked -= secure.mask_stream(aggs[0].secrets[peer], 2, "decoder", out.size)
     plain = secure.encode(np.append(theta.astype(np.float64) * n_k, n_k), reporters=3)
     assert np.array_equal(unmasked, plain)
-    assert np.max(np.abs(secure.decode(plain)[:-1] / n_k - theta)) <= 1.01 * 2.0 ** -(DEFAULT_FRAC_BITS + 1) / n_k
+    assert (
+        np.max(np.abs(secure.decode(plain)[:-1] / n_k - theta))
+        <= 1.01 * 2.0 ** -(DEFAULT_FRAC_BITS + 1) / n_k
+    )
 
 
 def test_analytical_table_knows_the_secure_upload_width(capsys):
     """The ledger's expectation for fed.secure: uploads 8 * (P + 1), downloads 4 * P."""
-    import fedmpi.dist.world as comm
+    import fedmpi.cli.comm as comm
     import fedmpi.fl.ledger as ledger
+
     sizes = {"encoder": 100, "bottleneck": 50, "decoder": 70}
     plain = ledger.analytical_rows("ulatdec", 3, 2, sizes, 0)
     wide = ledger.analytical_rows("ulatdec", 3, 2, sizes, 0, ledger.SECURE_VALUE_BYTES)
@@ -290,7 +312,9 @@ def test_analytical_table_knows_the_secure_upload_width(capsys):
         assert w["bytes"] == (8 * (w["params"] + 1) if w["direction"] == "up" else 4 * w["params"])
     a = ledger.comparison("udec", 3, 2, sizes, 0)
     b = ledger.comparison("udec", 3, 2, sizes, 0, ledger.SECURE_VALUE_BYTES)
-    assert b["moved"]["params"] == a["moved"]["params"] and b["moved"]["bytes"] > a["moved"]["bytes"]
+    assert (
+        b["moved"]["params"] == a["moved"]["params"] and b["moved"]["bytes"] > a["moved"]["bytes"]
+    )
     assert b["moved"]["reduction_vs_full"] == a["moved"]["reduction_vs_full"]
     assert comm.main(["--config", "tests/configs/tiny.yaml", "--clients", "2", "--secure"]) == 0
     out = capsys.readouterr().out

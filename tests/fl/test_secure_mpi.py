@@ -8,6 +8,7 @@
   upload bytes, matches_analytical; USPLIT at K = 2 refused with exit 2; DP runs report
   epsilon per round as the accountant computes it and every client update is clipped.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,13 +16,12 @@ import json
 
 import numpy as np
 import pytest
+from mpihelp import load_states, mpirun, train
 
 import fedmpi.fl.privacy as privacy
 from fedmpi.fl.ledger import client_rows, read_csv
-from fedmpi.model.regions import REGIONS
 from fedmpi.fl.secure import DEFAULT_FRAC_BITS
-
-from mpihelp import load_states, mpirun, train
+from fedmpi.model.regions import REGIONS
 
 pytestmark = pytest.mark.mpi
 
@@ -55,8 +55,14 @@ def test_secure_run_equals_plain(world, backend, method, tmp_path):
     runs = {}
     for secure in (False, True):
         run = runs[secure] = tmp_path / f"secure_{secure}"
-        res = train(world, run, f"--fed.method={method}", f"--fed.backend={backend}",
-                    "--fed.rounds=1", f"--fed.secure={str(secure).lower()}")
+        res = train(
+            world,
+            run,
+            f"--fed.method={method}",
+            f"--fed.backend={backend}",
+            "--fed.rounds=1",
+            f"--fed.secure={str(secure).lower()}",
+        )
         assert res.returncode == 0, res.stdout + res.stderr
         summary = json.loads((run / "comm_summary.json").read_text())
         assert summary["matches_analytical"] is True
@@ -75,22 +81,29 @@ def test_secure_run_equals_plain(world, backend, method, tmp_path):
             if a is None:
                 continue
             compared.add((rank, region))
-            tol = K * 2.0 ** -(DEFAULT_FRAC_BITS + 1) / n_total \
-                + (K + 2) * float(np.spacing(np.float32(np.abs(a).max())))
+            tol = K * 2.0 ** -(DEFAULT_FRAC_BITS + 1) / n_total + (K + 2) * float(
+                np.spacing(np.float32(np.abs(a).max()))
+            )
             assert np.max(np.abs(a - b)) <= tol, (rank, region, np.max(np.abs(a - b)), tol)
     assert {region for rank, region in compared if rank == 0} == set(REGIONS)
 
     # comm.csv: every upload row exactly doubled (8 bytes per value), downloads unchanged
     def rows(run):
-        return {(r["round"], r["client"], r["region"], r["direction"]): r
-                for r in client_rows(read_csv(run / "comm.csv"))}
+        return {
+            (r["round"], r["client"], r["region"], r["direction"]): r
+            for r in client_rows(read_csv(run / "comm.csv"))
+        }
+
     plain_rows, secure_rows = rows(runs[False]), rows(runs[True])
     assert plain_rows.keys() == secure_rows.keys()
     assert any(key[3] == "up" for key in plain_rows)
     for key, row in plain_rows.items():
         up = key[3] == "up"
-        assert secure_rows[key]["bytes"] == (1 + up) * row["bytes"] == (1 + up) * 4 * (
-            row["params"] + up), key
+        assert (
+            secure_rows[key]["bytes"]
+            == (1 + up) * row["bytes"]
+            == (1 + up) * 4 * (row["params"] + up)
+        ), key
 
 
 def test_secure_usplit_at_two_clients_is_refused(tmp_path):
@@ -102,15 +115,24 @@ def test_secure_usplit_at_two_clients_is_refused(tmp_path):
     assert not (tmp_path / "run" / "comm.csv").exists()  # refused before any work
 
 
-@pytest.mark.parametrize("backend,mode,secure", [("mpi", "central", False),
-                                                 ("torch", "distributed", True)])
+@pytest.mark.parametrize(
+    "backend,mode,secure", [("mpi", "central", False), ("torch", "distributed", True)]
+)
 def test_dp_run_reports_epsilon_and_clips(backend, mode, secure, tmp_path):
     C, z, delta, R, K = 0.05, 0.8, 1e-5, 2, 2
     run = tmp_path / "run"
-    res = train(K + 1, run, f"--fed.backend={backend}", "--fed.method=udec",
-                f"--fed.secure={str(secure).lower()}", "--privacy.dp=true",
-                f"--privacy.clip={C}", f"--privacy.noise_multiplier={z}",
-                f"--privacy.delta={delta}", f"--privacy.mode={mode}")
+    res = train(
+        K + 1,
+        run,
+        f"--fed.backend={backend}",
+        "--fed.method=udec",
+        f"--fed.secure={str(secure).lower()}",
+        "--privacy.dp=true",
+        f"--privacy.clip={C}",
+        f"--privacy.noise_multiplier={z}",
+        f"--privacy.delta={delta}",
+        f"--privacy.mode={mode}",
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     per_round = [r for r in rows if r["kind"] == "round"]
@@ -127,13 +149,30 @@ def test_dp_run_reports_epsilon_and_clips(backend, mode, secure, tmp_path):
     assert summary["privacy"]["mode"] == mode and summary["matches_analytical"] is True
     assert summary["upload_value_bytes"] == (8 if secure else 4)
     # UDEC: the personal encoder + bottleneck never left the clients (no noise, no upload)
-    assert {r["region"] for r in read_csv(run / "comm.csv") if r["direction"] == "up"} == {"decoder"}
+    assert {r["region"] for r in read_csv(run / "comm.csv") if r["direction"] == "up"} == {
+        "decoder"
+    }
 
 
 def test_comm_bench_secure_vs_plain(tmp_path):
     """bench/comm.py --secure runs the real Aggregator both ways on the same weights."""
-    res = mpirun(3, ["bench/comm.py", "--quick", "--warmup", "0", "--repeats", "1", "--secure",
-                     "--config", "tests/configs/tiny.yaml", "--out-dir", str(tmp_path)], timeout=180)
+    res = mpirun(
+        3,
+        [
+            "bench/comm.py",
+            "--quick",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--secure",
+            "--config",
+            "tests/configs/tiny.yaml",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        timeout=180,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "bytes check: PASS" in res.stdout and "## secure vs plain aggregation" in res.stdout
     assert "secure aggregation target (secure <= 2.5x plain)" in res.stdout

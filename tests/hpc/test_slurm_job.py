@@ -21,6 +21,7 @@ scheduling interval so that the test takes seconds, not minutes.
 Needs root; installs Slurm with apt-get when missing (see test_slurm_smoke.py). Run with
 `pytest tests/test_slurm_job.py -s` to see the job outputs and the squeue/sacct views.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,22 +33,30 @@ from pathlib import Path
 import pytest
 import torch
 
-if str(Path(__file__).parent) not in sys.path:  # also works with --import-mode=importlib
-    sys.path.insert(0, str(Path(__file__).parent))
-from mpihelp import load_states  # noqa: E402
-from slurm_cluster import (FINAL_STATES, LocalSlurm, SlurmError,  # noqa: E402
-                           running_for_tests)
+if str(Path(__file__).parents[1]) not in sys.path:  # also works with --import-mode=importlib
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+from mpihelp import load_states
+from slurm_cluster import (
+    FINAL_STATES,
+    LocalSlurm,
+    SlurmError,
+    running_for_tests,
+)
 
 pytestmark = pytest.mark.slurm
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUN_SH = ROOT / "slurm" / "run.sh"
 TINY = "tests/configs/tiny.yaml"
 PY = sys.executable
 VENV_BIN = Path(sys.executable).parent
 # Long enough local rounds that the signal lands inside round 2 (of 3); K=2 clients.
-LONG = ["--fed.rounds=3", "--fed.local_steps=10", "--fed.method=udec",
-        "--fed.reset_optimizer=false"]
+LONG = [
+    "--fed.rounds=3",
+    "--fed.local_steps=10",
+    "--fed.method=udec",
+    "--fed.reset_optimizer=false",
+]
 W_LONG = 3
 CRED_EXPIRE = 10
 
@@ -58,8 +67,9 @@ class FastRequeueSlurm(LocalSlurm):
     def __init__(self, *args, cred_expire: int = CRED_EXPIRE, **kw):
         # sched_interval: look at pending jobs every second (default 60 s); MessageTimeout:
         # client commands and daemons wait longer on a loaded 2-core machine (default 10 s)
-        kw.setdefault("extra_conf", {"SchedulerParameters": "sched_interval=1",
-                                     "MessageTimeout": 30})
+        kw.setdefault(
+            "extra_conf", {"SchedulerParameters": "sched_interval=1", "MessageTimeout": 30}
+        )
         super().__init__(*args, **kw)
         self.cred_expire = cred_expire
 
@@ -68,8 +78,11 @@ class FastRequeueSlurm(LocalSlurm):
         conf = self.conf_path.read_text()
         old = f"AuthInfo=socket={self.munge_socket}\n"
         assert old in conf, conf
-        self.conf_path.write_text(conf.replace(
-            old, f"AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire}\n"))
+        self.conf_path.write_text(
+            conf.replace(
+                old, f"AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire}\n"
+            )
+        )
 
 
 def _mpirun() -> str | None:
@@ -85,18 +98,34 @@ def slurm():
         yield s
         # squeue -O shows the restart count (a requeued job: 1); in `sacct -c` above a
         # requeued job has one record per start (the first one's State is PENDING).
-        p = s.run("squeue", "-t", "all", "-S", "i", "-O",
-                  "JobID:7,Name:20,State:11,RestartCnt:14,NumCPUs:6,Reason:18",
-                  check=False)
-        print("$ squeue -t all -S i -O JobID,Name,State,RestartCnt,NumCPUs,Reason\n"
-              + p.stdout + p.stderr)
+        p = s.run(
+            "squeue",
+            "-t",
+            "all",
+            "-S",
+            "i",
+            "-O",
+            "JobID:7,Name:20,State:11,RestartCnt:14,NumCPUs:6,Reason:18",
+            check=False,
+        )
+        print(
+            "$ squeue -t all -S i -O JobID,Name,State,RestartCnt,NumCPUs,Reason\n"
+            + p.stdout
+            + p.stderr
+        )
 
 
 def job_env(out_dir: Path, **extra) -> dict:
     """What run.sh reads; exported to the job by sbatch (--export=ALL)."""
-    env = {"OUT_DIR": str(out_dir), "PYTHON": PY, "MPIRUN": _mpirun(),
-           # the node declares 16 CPUs on 2 cores: Open MPI must not bind to cores
-           "MPIRUN_FLAGS": "--bind-to none", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {
+        "OUT_DIR": str(out_dir),
+        "PYTHON": PY,
+        "MPIRUN": _mpirun(),
+        # the node declares 16 CPUs on 2 cores: Open MPI must not bind to cores
+        "MPIRUN_FLAGS": "--bind-to none",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -142,8 +171,10 @@ def wait_requeued_and_done(slurm: LocalSlurm, job_id: int, timeout: float) -> li
             return seen + [f"final: {wait_job(slurm, job_id, timeout=60)}"]
         if state in FINAL_STATES:  # ended without being requeued
             out = retry(slurm.output_path, job_id)
-            pytest.fail(f"job {job_id} ended {state} without a requeue: {seen}\n"
-                        f"{out.read_text() if out.exists() else ''}")
+            pytest.fail(
+                f"job {job_id} ended {state} without a requeue: {seen}\n"
+                f"{out.read_text() if out.exists() else ''}"
+            )
         if time.monotonic() - t0 > timeout:
             raise TimeoutError(f"job {job_id}: {seen}\n{slurm.squeue_text()}\n{slurm.log_tails()}")
         time.sleep(0.2)
@@ -151,6 +182,7 @@ def wait_requeued_and_done(slurm: LocalSlurm, job_id: int, timeout: float) -> li
 
 def check_run_folder(run_dir: Path, rounds: int) -> None:
     from fedmpi.store.checkpoint import complete_checkpoints
+
     assert rounds_logged(run_dir) == list(range(1, rounds + 1))
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "comm.csv").is_file()
@@ -172,22 +204,28 @@ def test_exit_codes_propagate(slurm: LocalSlurm, tmp_path: Path, launcher: str):
     cases = {"error": (3, 1), "no-requeue": (75, 0), "no-progress": (75, 1)}  # rc, REQUEUE
     jobs = {}
     for case, (rc, requeue) in cases.items():
-        env = job_env(tmp_path, PYTHON=stub, STUB_RC=rc, REQUEUE=requeue, LAUNCHER=launcher,
-                      RUN_NAME=case)
-        jobs[case] = submit(slurm, tmp_path, TINY, env=env, ntasks=3, cpus_per_task=1,
-                            job_name=f"{case}-{launcher}")
+        env = job_env(
+            tmp_path, PYTHON=stub, STUB_RC=rc, REQUEUE=requeue, LAUNCHER=launcher, RUN_NAME=case
+        )
+        jobs[case] = submit(
+            slurm, tmp_path, TINY, env=env, ntasks=3, cpus_per_task=1, job_name=f"{case}-{launcher}"
+        )
     for case, jid in jobs.items():
         rc = cases[case][0]
         state = wait_job(slurm, jid, timeout=120)
         out = retry(slurm.output_path, jid).read_text()
         info = retry(slurm.job_info, jid)
-        print(f"\n[job {jid}: {launcher}, {case}: ranks exit {rc}] {state} "
-              f"ExitCode={info['ExitCode']} Restarts={info['Restarts']}")
+        print(
+            f"\n[job {jid}: {launcher}, {case}: ranks exit {rc}] {state} "
+            f"ExitCode={info['ExitCode']} Restarts={info['Restarts']}"
+        )
         assert state == "FAILED", out
         assert info["ExitCode"] == f"{rc}:0" and info["Restarts"] == "0", (info, out)
         # (the launcher may stop the other ranks once the first one exited non-zero)
-        assert ("stub rank args: -m fedmpi.train --config tests/configs/tiny.yaml "
-                f"--run-dir {tmp_path}/{case}") in out, out
+        assert (
+            "stub rank args: -m fedmpi.train --config tests/configs/tiny.yaml "
+            f"--run-dir {tmp_path}/{case}"
+        ) in out, out
         assert "requeued" not in out
         if rc == 3:
             assert "fedmpi: launcher exited with 3" in out
@@ -199,8 +237,9 @@ def test_exit_codes_propagate(slurm: LocalSlurm, tmp_path: Path, launcher: str):
 
 def test_tiny_job_completes(slurm: LocalSlurm, tmp_path: Path):
     t0 = time.monotonic()
-    jid = submit(slurm, tmp_path, TINY, env=job_env(tmp_path, RUN_NAME="tiny-w4"), ntasks=4,
-                 job_name="tiny")
+    jid = submit(
+        slurm, tmp_path, TINY, env=job_env(tmp_path, RUN_NAME="tiny-w4"), ntasks=4, job_name="tiny"
+    )
     state = wait_job(slurm, jid, timeout=300)
     out = retry(slurm.output_path, jid).read_text()
     print(f"\n[tiny job {jid}] {state} in {time.monotonic() - t0:.1f}s\n{out}")
@@ -213,12 +252,20 @@ def test_tiny_job_completes(slurm: LocalSlurm, tmp_path: Path):
     # a resubmission with the same RUN_NAME continues the run; only overrides as arguments:
     # the run folder's config.yaml is the config. One more round.
     t0 = time.monotonic()
-    jid2 = submit(slurm, tmp_path, "--fed.rounds=3", ntasks=4, job_name="tiny-more",
-                  env=job_env(tmp_path, RUN_NAME="tiny-w4"))
+    jid2 = submit(
+        slurm,
+        tmp_path,
+        "--fed.rounds=3",
+        ntasks=4,
+        job_name="tiny-more",
+        env=job_env(tmp_path, RUN_NAME="tiny-w4"),
+    )
     state = wait_job(slurm, jid2, timeout=300)
     out2 = retry(slurm.output_path, jid2).read_text()
-    print(f"[tiny job {jid2}, resubmitted, --fed.rounds=3] {state} in "
-          f"{time.monotonic() - t0:.1f}s\n{out2}")
+    print(
+        f"[tiny job {jid2}, resubmitted, --fed.rounds=3] {state} in "
+        f"{time.monotonic() - t0:.1f}s\n{out2}"
+    )
     assert state == "COMPLETED", out2
     assert f"config {run}/config.yaml | run {run} " in out2
     assert "resume: continuing after round 2 " in out2 and "[round 3/3]" in out2
@@ -235,13 +282,28 @@ def preempted(slurm: LocalSlurm, tmp_path_factory) -> dict:
     out_dir = tmp_path_factory.mktemp("preempt")
     t0 = time.monotonic()
     launchers = ["mpirun"] + (["srun"] if slurm.pmix_available else [])
-    ref = submit(slurm, out_dir, TINY, *LONG, ntasks=W_LONG, cpus_per_task=1,
-                 job_name="reference",
-                 env=job_env(out_dir, RUN_NAME="reference", LAUNCHER="mpirun"))
+    ref = submit(
+        slurm,
+        out_dir,
+        TINY,
+        *LONG,
+        ntasks=W_LONG,
+        cpus_per_task=1,
+        job_name="reference",
+        env=job_env(out_dir, RUN_NAME="reference", LAUNCHER="mpirun"),
+    )
     jobs = {}
     for launcher in launchers:  # default RUN_NAME: <job name>-<job id>
-        jid = submit(slurm, out_dir, TINY, *LONG, ntasks=W_LONG, cpus_per_task=1,
-                     job_name=f"preempt-{launcher}", env=job_env(out_dir, LAUNCHER=launcher))
+        jid = submit(
+            slurm,
+            out_dir,
+            TINY,
+            *LONG,
+            ntasks=W_LONG,
+            cpus_per_task=1,
+            job_name=f"preempt-{launcher}",
+            env=job_env(out_dir, LAUNCHER=launcher),
+        )
         jobs[launcher] = dict(job=jid, run=out_dir / f"preempt-{launcher}-{jid}")
     pending = dict(jobs)
     deadline = time.monotonic() + 300
@@ -252,19 +314,25 @@ def preempted(slurm: LocalSlurm, tmp_path_factory) -> dict:
                 retry(slurm.signal, j["job"], "USR1", batch_only=True)
                 j["signal_s"] = time.monotonic() - t0
                 del pending[launcher]
-            elif retry(slurm.job_info, j["job"])["JobState"] in FINAL_STATES or \
-                    time.monotonic() > deadline:
+            elif (
+                retry(slurm.job_info, j["job"])["JobState"] in FINAL_STATES
+                or time.monotonic() > deadline
+            ):
                 out = retry(slurm.output_path, j["job"])
-                pytest.fail(f"job {j['job']} ({launcher}) ended or timed out before its first "
-                            f"checkpoint\n{out.read_text() if out.exists() else ''}")
+                pytest.fail(
+                    f"job {j['job']} ({launcher}) ended or timed out before its first "
+                    f"checkpoint\n{out.read_text() if out.exists() else ''}"
+                )
         time.sleep(0.1)
     for launcher, j in jobs.items():
         j["states"] = wait_requeued_and_done(slurm, j["job"], timeout=400)
         j["done_s"] = time.monotonic() - t0
         j["out"] = retry(slurm.output_path, j["job"]).read_text()
         j["info"] = retry(slurm.job_info, j["job"])
-        print(f"\n[preempt job {j['job']}, {launcher}] USR1 at {j['signal_s']:.1f}s, done at "
-              f"{j['done_s']:.1f}s; states: {j['states']}\n{j['out']}")
+        print(
+            f"\n[preempt job {j['job']}, {launcher}] USR1 at {j['signal_s']:.1f}s, done at "
+            f"{j['done_s']:.1f}s; states: {j['states']}\n{j['out']}"
+        )
     ref_state = wait_job(slurm, ref, timeout=300)
     ref_out = retry(slurm.output_path, ref).read_text()
     print(f"[reference job {ref}, mpirun] {ref_state} at {time.monotonic() - t0:.1f}s\n{ref_out}")
@@ -276,6 +344,7 @@ def preempted(slurm: LocalSlurm, tmp_path_factory) -> dict:
 @pytest.mark.parametrize("launcher", ["mpirun", "srun"])
 def test_checkpoint_signal_requeue_resume(preempted: dict, launcher: str):
     from fedmpi.fl.ledger import read_csv
+
     if launcher not in preempted["jobs"]:
         pytest.skip("libpmix.so for slurm's mpi/pmix plugin not installed (libpmix-dev)")
     j = preempted["jobs"][launcher]
@@ -286,7 +355,8 @@ def test_checkpoint_signal_requeue_resume(preempted: dict, launcher: str):
     first, _, second = out.partition(f"fedmpi: job {jid} restart 1 ")
     assert second, out
     assert f"fedmpi: job {jid} restart 0 " in first and f"launcher {launcher}" in out.replace(
-        _mpirun(), "mpirun")
+        _mpirun(), "mpirun"
+    )
     assert "USR1 received: asking the ranks to checkpoint and stop" in first
     assert f"fedmpi: job {jid} requeued" in first
     abandoned = [l for l in first.splitlines() if l.startswith("preempted (SIGUSR1): round ")]
@@ -303,10 +373,14 @@ def test_checkpoint_signal_requeue_resume(preempted: dict, launcher: str):
     # every round logged once; ledger and final weights equal the uninterrupted run's
     ref_run = preempted["ref_run"]
     check_run_folder(run, 3)
-    clients = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()
-               if json.loads(l)["kind"] == "client"]
-    assert sorted((c["round"], c["client"]) for c in clients) == \
-        [(r, k) for r in (1, 2, 3) for k in range(1, W_LONG)]  # clients 1..K
+    clients = [
+        json.loads(l)
+        for l in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(l)["kind"] == "client"
+    ]
+    assert sorted((c["round"], c["client"]) for c in clients) == [
+        (r, k) for r in (1, 2, 3) for k in range(1, W_LONG)
+    ]  # clients 1..K
     assert read_csv(run / "comm.csv") == read_csv(ref_run / "comm.csv")  # no round counted twice
     fa, ca = load_states(ref_run, 3, W_LONG - 1)
     fb, cb = load_states(run, 3, W_LONG - 1)

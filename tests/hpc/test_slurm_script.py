@@ -4,19 +4,33 @@ creates the --run-dir it is given (as fedmpi.cli.train would). A bad knob must s
 with exit 2 and a message naming it before the launcher is called or any folder is made;
 a good set of knobs must reach the launcher with the run folder inside OUT_DIR.
 (tests/test_slurm_job.py runs the same script end to end on a real local Slurm.)"""
+
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN_SH = ROOT / "slurm" / "run.sh"
 
 # Knobs run.sh reads; cleared so that the caller's environment cannot change the outcome.
-KNOBS = ("CONFIG", "RUN_NAME", "RUN_DIR", "OUT_DIR", "CLIENTS", "LAUNCHER", "MPIRUN",
-         "MPIRUN_FLAGS", "SRUN_MPI", "SRUN_FLAGS", "SRUN_WAIT", "PYTHON", "REQUEUE",
-         "TORCHINDUCTOR_CACHE_DIR")
+KNOBS = (
+    "CONFIG",
+    "RUN_NAME",
+    "RUN_DIR",
+    "OUT_DIR",
+    "CLIENTS",
+    "LAUNCHER",
+    "MPIRUN",
+    "MPIRUN_FLAGS",
+    "SRUN_MPI",
+    "SRUN_FLAGS",
+    "SRUN_WAIT",
+    "PYTHON",
+    "REQUEUE",
+    "TORCHINDUCTOR_CACHE_DIR",
+)
 
 FAKE_MPIRUN = """#!/bin/bash
 # Records each call; for a launch, creates the --run-dir like fedmpi.cli.train would.
@@ -41,18 +55,29 @@ def box(tmp_path):
     fake = tmp_path / "fake_mpirun"
     fake.write_text(FAKE_MPIRUN.format(calls=calls))
     fake.chmod(0o755)
-    return {"root": tmp_path, "cwd": cwd, "out": tmp_path / "out", "calls": calls,
-            "fake": fake}
+    return {"root": tmp_path, "cwd": cwd, "out": tmp_path / "out", "calls": calls, "fake": fake}
 
 
 def run_sh(box, *args, **knobs):
     env = {k: v for k, v in os.environ.items() if k not in KNOBS and not k.startswith("SLURM_")}
-    env.update(SLURM_NTASKS="3", SLURM_JOB_ID="4242", SLURM_JOB_NAME="fedmpi",
-               OUT_DIR=str(box["out"]), MPIRUN=str(box["fake"]), PYTHON="python")
+    env.update(
+        SLURM_NTASKS="3",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="fedmpi",
+        OUT_DIR=str(box["out"]),
+        MPIRUN=str(box["fake"]),
+        PYTHON="python",
+    )
     env.update({k: str(v) for k, v in knobs.items()})
     env = {k: v for k, v in env.items() if v != "<unset>"}
-    return subprocess.run(["bash", str(RUN_SH), *args], cwd=box["cwd"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", str(RUN_SH), *args],
+        cwd=box["cwd"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def tree(root: Path) -> set:
@@ -97,17 +122,36 @@ def test_bad_knob_exits_2_before_launching(box, knobs, message):
 
 def test_good_knobs_reach_the_launcher_inside_out_dir(box):
     before = tree(box["root"])
-    res = run_sh(box, "tests/configs/tiny.yaml", "--fed.rounds=1", RUN_NAME="my-run_1.b",
-                 CLIENTS="2", SRUN_WAIT="0", REQUEUE="0")
+    res = run_sh(
+        box,
+        "tests/configs/tiny.yaml",
+        "--fed.rounds=1",
+        RUN_NAME="my-run_1.b",
+        CLIENTS="2",
+        SRUN_WAIT="0",
+        REQUEUE="0",
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     launch = box["calls"].read_text().splitlines()[-1].split()
     run_dir = box["out"] / "my-run_1.b"
     assert launch[:2] == ["-n", "3"]
-    assert launch[2:] == ["python", "-m", "fedmpi.train", "--config", "tests/configs/tiny.yaml",
-                          "--run-dir", str(run_dir), "--fed.rounds=1"]
+    assert launch[2:] == [
+        "python",
+        "-m",
+        "fedmpi.train",
+        "--config",
+        "tests/configs/tiny.yaml",
+        "--run-dir",
+        str(run_dir),
+        "--fed.rounds=1",
+    ]
     assert run_dir.is_dir()
-    assert tree(box["root"]) - before == {Path("calls.txt"), Path("calls.txt.cache"), Path("out"),
-                                          Path("out/my-run_1.b")}
+    assert tree(box["root"]) - before == {
+        Path("calls.txt"),
+        Path("calls.txt.cache"),
+        Path("out"),
+        Path("out/my-run_1.b"),
+    }
 
 
 def test_one_task_runs_the_centralized_baseline(box):

@@ -17,16 +17,18 @@ from pathlib import Path
 
 import pytest
 
-if str(Path(__file__).parent) not in sys.path:  # also works with --import-mode=importlib
-    sys.path.insert(0, str(Path(__file__).parent))
-from slurm_cluster import LocalSlurm, running_for_tests  # noqa: E402
+if str(Path(__file__).parents[1]) not in sys.path:  # also works with --import-mode=importlib
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+from slurm_cluster import LocalSlurm, running_for_tests
 
 pytestmark = pytest.mark.slurm
 
 VENV_BIN = Path(sys.executable).parent
 PY = sys.executable
-RANK_SNIPPET = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
-                "print(f'RANK {c.Get_rank()} SIZE {c.Get_size()}', flush=True)")
+RANK_SNIPPET = (
+    "from mpi4py import MPI; c = MPI.COMM_WORLD; "
+    "print(f'RANK {c.Get_rank()} SIZE {c.Get_size()}', flush=True)"
+)
 
 
 def _mpirun() -> str | None:
@@ -40,10 +42,16 @@ def _job_env(slurm: LocalSlurm) -> dict:
     PATH deliberately *without* the venv's bin (as under `venv/bin/python -m
     pytest` in CI): the job script uses absolute paths.  Root is allowed via
     environment, which also checks that the submit environment is exported."""
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
-                           if p and Path(p).resolve() != VENV_BIN.resolve())
-    return {"PATH": path or "/usr/bin:/bin", "OMPI_ALLOW_RUN_AS_ROOT": "1",
-            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    path = os.pathsep.join(
+        p
+        for p in os.environ.get("PATH", "").split(os.pathsep)
+        if p and Path(p).resolve() != VENV_BIN.resolve()
+    )
+    return {
+        "PATH": path or "/usr/bin:/bin",
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +61,9 @@ def slurm():
 
 
 def _ranks(text: str) -> list[tuple[int, int]]:
-    return sorted((int(l.split()[1]), int(l.split()[3])) for l in text.splitlines() if l.startswith("RANK "))
+    return sorted(
+        (int(l.split()[1]), int(l.split()[3])) for l in text.splitlines() if l.startswith("RANK ")
+    )
 
 
 def test_sbatch_mpirun_four_ranks(slurm: LocalSlurm):

@@ -1,4 +1,5 @@
 """DDPM / DDIM (fedmpi.model.diffusion) against formulas computed independently here."""
+
 import math
 
 import numpy as np
@@ -44,8 +45,15 @@ def test_schedule_arrays_are_float64_numpy_and_no_torch_state(diff):
             assert value.dtype == np.float64, name
             assert value.shape == (diff.T,), name
     assert arrays >= 8
-    for name in ("betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev",
-                 "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2"):
+    for name in (
+        "betas",
+        "alphas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "posterior_variance",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+    ):
         assert isinstance(getattr(diff, name), np.ndarray), name
 
 
@@ -53,7 +61,7 @@ def test_alphas_cumprod_matches_running_product(diff):
     betas = [1e-4 + i * (0.02 - 1e-4) / 999 for i in range(1000)]
     prod, expected = 1.0, []
     for b in betas:
-        prod *= (1.0 - b)
+        prod *= 1.0 - b
         expected.append(prod)
     np.testing.assert_allclose(diff.alphas_cumprod, expected, rtol=1e-12)
     np.testing.assert_allclose(diff.alphas_cumprod_prev, [1.0] + expected[:-1], rtol=1e-12)
@@ -75,8 +83,12 @@ def test_q_sample_closed_form(diff, dtype):
         tol = 1e-12 if dtype == torch.float64 else 1e-6
         torch.testing.assert_close(xt[i].double(), expect, rtol=tol, atol=tol)
     # predict_x0 inverts q_sample given the true noise
-    torch.testing.assert_close(diff.predict_x0(xt, torch.tensor(ts), noise), x0,
-                               rtol=1e-4, atol=1e-3 if dtype == torch.float32 else 1e-9)
+    torch.testing.assert_close(
+        diff.predict_x0(xt, torch.tensor(ts), noise),
+        x0,
+        rtol=1e-4,
+        atol=1e-3 if dtype == torch.float32 else 1e-9,
+    )
 
 
 def _posterior_bayes(betas, t):
@@ -121,14 +133,19 @@ def test_posterior_numerically(diff, t):
     lik_m, lik_s = xt / math.sqrt(a[t]), math.sqrt(betas[t] / a[t])
     s = max(prior_s, lik_s)
     grid = np.linspace(min(prior_m, lik_m) - 12 * s, max(prior_m, lik_m) + 12 * s, 400_001)
-    logp = (-0.5 * (grid - prior_m) ** 2 / prior_s ** 2
-            - 0.5 * (xt - math.sqrt(a[t]) * grid) ** 2 / betas[t])
+    logp = (
+        -0.5 * (grid - prior_m) ** 2 / prior_s**2
+        - 0.5 * (xt - math.sqrt(a[t]) * grid) ** 2 / betas[t]
+    )
     w = np.exp(logp - logp.max())
     w /= w.sum()
     m = (w * grid).sum()
     v = (w * (grid - m) ** 2).sum()
-    mean, var = diff.q_posterior(torch.tensor([x0], dtype=torch.float64),
-                                 torch.tensor([xt], dtype=torch.float64), torch.tensor([t]))
+    mean, var = diff.q_posterior(
+        torch.tensor([x0], dtype=torch.float64),
+        torch.tensor([xt], dtype=torch.float64),
+        torch.tensor([t]),
+    )
     assert mean.item() == pytest.approx(m, rel=1e-5, abs=1e-9)
     assert var.item() == pytest.approx(v, rel=1e-4)
 
@@ -140,7 +157,7 @@ def test_cosine_schedule():
     assert 0.999 < ab[0] < 1.0
     assert ab[-1] < 1e-3
     assert np.all((d.betas > 0) & (d.betas <= 0.999))
-    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
     # alpha_bar_t = f(t + 1) / f(0) wherever beta was not clipped
     for t in (0, 10, 500, 900):
         assert ab[t] == pytest.approx(f(t + 1) / f(0), rel=1e-9)
@@ -181,8 +198,15 @@ def x_star():
 @pytest.mark.parametrize("steps,eta", [(5, 0.0), (20, 0.0), (10, 1.0)])
 def test_ddim_oracle_recovers_point(diff, x_star, steps, eta):
     model = Oracle(diff, x_star)
-    out = diff.sample(model, (4, 1, 6, 6), "cpu", sampler="ddim", steps=steps, eta=eta,
-                      generator=torch.Generator().manual_seed(1))
+    out = diff.sample(
+        model,
+        (4, 1, 6, 6),
+        "cpu",
+        sampler="ddim",
+        steps=steps,
+        eta=eta,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert out.shape == (4, 1, 6, 6)
     torch.testing.assert_close(out, x_star.expand(4, -1, -1, -1), atol=1e-4, rtol=0)
 
@@ -209,8 +233,9 @@ def test_ddim_deterministic_for_eta0(diff):
 
 def test_ancestral_oracle_lands_near_point(diff, x_star):
     model = Oracle(diff, x_star)
-    out = diff.sample(model, (3, 1, 6, 6), "cpu", sampler="ddpm",
-                      generator=torch.Generator().manual_seed(2))
+    out = diff.sample(
+        model, (3, 1, 6, 6), "cpu", sampler="ddpm", generator=torch.Generator().manual_seed(2)
+    )
     torch.testing.assert_close(out, x_star.expand(3, -1, -1, -1), atol=1e-3, rtol=0)
 
 
@@ -258,14 +283,17 @@ def test_loss_selection(kind):
     torch.testing.assert_close(model.seen[0], ab.sqrt() * x0 + (1 - ab).sqrt() * noise)
     diff = (0.7 - noise).double()
     if kind == "mse":
-        expect = (diff ** 2).mean()
+        expect = (diff**2).mean()
     else:
         a = diff.abs()
-        expect = torch.where(a < 1, 0.5 * a ** 2, a - 0.5).mean()
+        expect = torch.where(a < 1, 0.5 * a**2, a - 0.5).mean()
     assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
     # and the two losses really differ on these errors
-    other = ((diff ** 2).mean() if kind == "huber"
-             else torch.where(diff.abs() < 1, 0.5 * diff ** 2, diff.abs() - 0.5).mean())
+    other = (
+        (diff**2).mean()
+        if kind == "huber"
+        else torch.where(diff.abs() < 1, 0.5 * diff**2, diff.abs() - 0.5).mean()
+    )
     assert abs(loss.item() - other.item()) > 1e-3
 
 
@@ -277,8 +305,10 @@ def test_bad_schedule_or_loss():
 
 
 def test_min_snr_weighting():
-    plain, weighted = Diffusion(1000, loss="mse"), Diffusion(1000, loss="mse", weighting="min_snr",
-                                                              snr_gamma=5.0)
+    plain, weighted = (
+        Diffusion(1000, loss="mse"),
+        Diffusion(1000, loss="mse", weighting="min_snr", snr_gamma=5.0),
+    )
     snr = plain.alphas_cumprod / (1 - plain.alphas_cumprod)
     w = weighted.loss_weight
     # weight 1 where SNR <= gamma (the noisy steps), gamma / SNR below 1 where it is larger
@@ -290,6 +320,9 @@ def test_min_snr_weighting():
     per_image = ((0.7 - noise).double() ** 2).mean(dim=(1, 2, 3))
     expect = (torch.tensor(w)[t] * per_image).mean()
     assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
-    assert loss.item() < plain.loss(Recorder(0.7), x0, generator=torch.Generator().manual_seed(11)).item()
+    assert (
+        loss.item()
+        < plain.loss(Recorder(0.7), x0, generator=torch.Generator().manual_seed(11)).item()
+    )
     with pytest.raises(ValueError, match="weighting"):
         Diffusion(10, weighting="p2")

@@ -1,5 +1,6 @@
 """The region-named UNet: region membership, the paper's parameter counts, shapes, and
 the flat region buffers that aggregation moves (fedmpi.model.unet, fedmpi.model.regions)."""
+
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ import fedmpi.model.regions as regions
 from fedmpi.model.regions import REGIONS, all_finite, finite, region_params, region_sizes
 from fedmpi.model.unet import UNet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # From the paper (FedDiffuse, Fashion-MNIST 28x28x1 model), not from this code.
 PAPER_COUNTS = {"encoder": 1_280_642, "bottleneck": 999_376, "decoder": 716_297}
@@ -36,8 +37,15 @@ def _one_thread():
 CONFIGS = [
     dict(TINY, channels=1),
     dict(dim=8, dim_mults=(1, 2, 4), attn_dim_head=8, channels=3),
-    dict(dim=12, init_dim=6, dim_mults=(1, 2, 2, 3), attn_heads=1, attn_dim_head=4,
-         convnext_mult=1, channels=2),
+    dict(
+        dim=12,
+        init_dim=6,
+        dim_mults=(1, 2, 2, 3),
+        attn_heads=1,
+        attn_dim_head=4,
+        convnext_mult=1,
+        channels=2,
+    ),
 ]
 
 
@@ -87,11 +95,14 @@ def test_paper_model_counts():
     assert sum(PAPER_COUNTS.values()) == PAPER_TOTAL
 
 
-@pytest.mark.parametrize("channels,size,kw", [
-    (1, 28, dict(dim=8, dim_mults=(1, 2), attn_dim_head=8)),
-    (3, 32, dict(dim=8, dim_mults=(1, 2), attn_dim_head=8)),
-    (3, 32, dict(dim=8, dim_mults=(1, 2, 4), attn_dim_head=8)),
-])
+@pytest.mark.parametrize(
+    "channels,size,kw",
+    [
+        (1, 28, dict(dim=8, dim_mults=(1, 2), attn_dim_head=8)),
+        (3, 32, dict(dim=8, dim_mults=(1, 2), attn_dim_head=8)),
+        (3, 32, dict(dim=8, dim_mults=(1, 2, 4), attn_dim_head=8)),
+    ],
+)
 def test_forward_shape(channels, size, kw):
     torch.manual_seed(0)
     model = UNet(channels=channels, **kw)
@@ -119,13 +130,17 @@ def _snapshot(model):
 
 
 def _region_equal(model, snap, region):
-    return all(torch.equal(p, snap[n]) for n, p in model.named_parameters()
-               if n.split(".")[0] == region)
+    return all(
+        torch.equal(p, snap[n]) for n, p in model.named_parameters() if n.split(".")[0] == region
+    )
 
 
 def _region_all_differ(model, snap, region):
-    return all(not torch.equal(p, snap[n]) for n, p in model.named_parameters()
-               if n.split(".")[0] == region)
+    return all(
+        not torch.equal(p, snap[n])
+        for n, p in model.named_parameters()
+        if n.split(".")[0] == region
+    )
 
 
 @pytest.mark.parametrize("region", REGIONS)
@@ -133,8 +148,13 @@ def test_flatten_layout_and_round_trip(region):
     model = tiny()
     buf = regions.flatten(model, region)
     assert buf.dtype == np.float32 and buf.ndim == 1
-    expected = np.concatenate([p.detach().numpy().ravel() for n, p in model.named_parameters()
-                               if n.split(".")[0] == region])
+    expected = np.concatenate(
+        [
+            p.detach().numpy().ravel()
+            for n, p in model.named_parameters()
+            if n.split(".")[0] == region
+        ]
+    )
     np.testing.assert_array_equal(buf, expected)
     # flatten into a caller's buffer
     out = np.zeros_like(buf)
@@ -205,9 +225,20 @@ def test_set_trainable():
 
 def test_summary_cli_prints_paper_counts():
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "fedmpi.summary", "--config",
-                          str(ROOT / "configs/paper/fmnist_full.yaml")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmpi.summary",
+            "--config",
+            str(ROOT / "configs/paper/fmnist_full.yaml"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     rows = {}
     for line in res.stdout.splitlines():
@@ -219,6 +250,7 @@ def test_summary_cli_prints_paper_counts():
 
 def test_bind_flat_keeps_values_and_aliases_weights():
     from fedmpi.model.regions import bind_flat, region_array
+
     torch.manual_seed(0)
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -244,7 +276,11 @@ def test_finite_matches_the_elementwise_test():
     must agree with isfinite().all() for NaN, +/-inf, and finite values whose sum overflows."""
     big = torch.full((8,), 3e38)  # every value finite, their float32 sum is inf
     ok = torch.randn(1000)
-    cases = {"finite": [ok], "overflowing sum": [big], "overflow both signs": [torch.cat([big, -big])]}
+    cases = {
+        "finite": [ok],
+        "overflowing sum": [big],
+        "overflow both signs": [torch.cat([big, -big])],
+    }
     for bad in (float("nan"), float("inf"), -float("inf")):
         t = ok.clone()
         t[123] = bad
@@ -257,7 +293,9 @@ def test_finite_matches_the_elementwise_test():
         expected = all(bool(torch.isfinite(t).all()) for t in tensors)
         assert finite(*tensors) == expected, name
         # the sums taken earlier (the federator's, one per region as it is broadcast)
-        assert finite(*tensors, sums=[t.sum(dtype=torch.float32) for t in tensors]) == expected, name
+        assert finite(*tensors, sums=[t.sum(dtype=torch.float32) for t in tensors]) == expected, (
+            name
+        )
     assert finite(big)  # its sum is inf: the element-wise fallback decided
     assert finite()  # nothing to check
     model = UNet(dim=8, dim_mults=(1, 2))

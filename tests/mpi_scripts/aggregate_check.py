@@ -4,6 +4,7 @@ against a pure-numpy size-weighted average of what the clients uploaded.
 usage: mpirun -n W python tests/mpi_scripts/aggregate_check.py BACKEND
 Prints "AGGREGATE OK <method>" per method on rank 0; exits non-zero on a mismatch.
 """
+
 import sys
 
 import numpy as np
@@ -41,7 +42,9 @@ def check_methods(tag: str) -> None:
         for region in REGIONS:
             n = sizes[region]
             if world.is_federator:
-                expect += 4 * (n + 1) * len(plan.uploaders(region)) + 4 * n * len(plan.receivers(region))
+                expect += 4 * (n + 1) * len(plan.uploaders(region)) + 4 * n * len(
+                    plan.receivers(region)
+                )
             else:
                 expect += 4 * (n + 1) * (region in plan.uploads[world.client])
                 expect += 4 * n * (region in plan.downloads[world.client])
@@ -53,8 +56,13 @@ def check_methods(tag: str) -> None:
         if world.is_federator:
             for region in REGIONS:
                 ups = plan.uploaders(region)
-                expected = (fedavg([uploads[k + 1][0][region] for k in ups],
-                                   [uploads[k + 1][1] for k in ups]) if ups else fed_before[region])
+                expected = (
+                    fedavg(
+                        [uploads[k + 1][0][region] for k in ups], [uploads[k + 1][1] for k in ups]
+                    )
+                    if ups
+                    else fed_before[region]
+                )
                 for k in range(K):
                     got = results[k + 1][region]
                     if region in plan.downloads[k]:
@@ -96,7 +104,8 @@ Aggregator.zeros = zeros_of
 # A non-finite average (in a job: float32 overflow of finite uploads; here client 1 uploads
 # inf in its decoder) is broadcast, then found by the federator's one check, which names
 # the region; the clients are not held up by it.
-from fedmpi.fl.aggregate import NonFiniteAverage  # noqa: E402
+from fedmpi.fl.aggregate import NonFiniteAverage
+
 model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
 agg = Aggregator(world, model, Ledger(world.rank))
 if world.rank == 1:
@@ -118,7 +127,8 @@ elif outcome != "no error" or torch.isfinite(agg.flat["decoder"]).all():
 # The subgroup cache (USPLIT asks for new reporter sets every round): with room for 2,
 # every proper subgroup of the world, twice over, is built, evicted (freed) and built
 # again on every rank in the same order, and each still sums correctly.
-import itertools  # noqa: E402
+import itertools
+
 world.backend.CACHE = 2
 subsets = [(0, *c) for n in range(1, K) for c in itertools.combinations(range(1, K + 1), n)]
 for members in subsets * 2:

@@ -6,6 +6,7 @@ Each rank writes LOG_DIR/opens_rank<R>.txt, one opened path a line, from a Pytho
 hook ('open' events: builtins.open, gzip, os.open, numpy and torch file reads made
 through Python). The hook is installed before fedmpi is imported, so nothing is missed.
 """
+
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,6 @@ def hook(event, args):
 
 
 sys.addaudithook(hook)
-from fedmpi.cli.train import main  # noqa: E402
+from fedmpi.cli.train import main
 
 sys.exit(main(sys.argv[3:]))

@@ -2,6 +2,7 @@
 
 usage: mpirun -n W python tests/mpi_scripts/fail_rank.py FAIL_RANK -- <fedmpi.cli.train args>
 """
+
 import sys
 
 import fedmpi.train.trainer as trainer
@@ -21,6 +22,6 @@ def run(self, *args, **kwargs):
 
 
 trainer.LocalTrainer.run = run
-from fedmpi.cli.train import main  # noqa: E402
+from fedmpi.cli.train import main
 
 sys.exit(main(sys.argv[3:]))

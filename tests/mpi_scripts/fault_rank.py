@@ -4,6 +4,7 @@ usage: mpirun -n W python tests/mpi_scripts/fault_rank.py FAULT RANK ROUND -- <f
 FAULT: nan  (the client's weights become NaN after its local training, as after divergence)
        stop (the client stops making progress: SIGSTOP to itself before training)
 """
+
 import os
 import signal
 import sys
@@ -34,6 +35,6 @@ def run(self, *args, **kwargs):
 
 
 trainer.LocalTrainer.run = run
-from fedmpi.cli.train import main  # noqa: E402
+from fedmpi.cli.train import main
 
 sys.exit(main(sys.argv[5:]))

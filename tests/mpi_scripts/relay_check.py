@@ -10,12 +10,14 @@ order, all of this round, ending with the final one: clients go straight on to t
 round, so a receive that took their next reports would be caught.
 Prints "RELAY OK <polled> <drained>" on rank 0; exits 3 on any mismatch.
 """
+
 import sys
 import time
 
 import numpy as np
 
-from fedmpi.dist.world import ProgressRelay, World
+from fedmpi.dist.relay import ProgressRelay
+from fedmpi.dist.world import World
 
 world = World()
 relay = ProgressRelay(world, interval=0.001)
@@ -30,6 +32,7 @@ for r in range(1, rounds + 1):
             for rank, msg in relay.poll():
                 got[rank].append(msg.copy())
                 polled += 1
+
         world.waiting_hook = hook
         counts = world.flags([0, 0])
         world.waiting_hook = None
@@ -38,12 +41,20 @@ for r in range(1, rounds + 1):
             drained += 1
         for rank in range(1, world.size):
             msgs = np.array(got[rank])
-            ok = (len(msgs) == counts[rank, 0] and (msgs[:, 0] == r).all()
-                  and (np.diff(msgs[:, 1]) >= 0).all() and msgs[-1, 4] == 1
-                  and msgs[:-1, 4].sum() == 0 and msgs[-1, 1] == counts[rank, 1])
+            ok = (
+                len(msgs) == counts[rank, 0]
+                and (msgs[:, 0] == r).all()
+                and (np.diff(msgs[:, 1]) >= 0).all()
+                and msgs[-1, 4] == 1
+                and msgs[:-1, 4].sum() == 0
+                and msgs[-1, 1] == counts[rank, 1]
+            )
             if not ok:
-                print(f"RELAY MISMATCH round {r} client {rank}: {len(msgs)} messages, "
-                      f"{counts[rank].tolist()} posted", flush=True)
+                print(
+                    f"RELAY MISMATCH round {r} client {rank}: {len(msgs)} messages, "
+                    f"{counts[rank].tolist()} posted",
+                    flush=True,
+                )
                 world.abort(3)
     else:
         sent_before = relay.sent

@@ -20,6 +20,7 @@ distributed, secure), within a chi-square interval; the same with one client lef
 fed.secure_min_reporters reporters no region averaged (Aggregator.withheld).
 Prints "SECURE OK <method>" / "DP OK <mode>" on rank 0; exits non-zero on a mismatch.
 """
+
 import math
 import sys
 
@@ -28,9 +29,9 @@ import torch
 from scipy import stats
 
 import fedmpi.fl.secure as secure
-from fedmpi.fl.aggregate import Aggregator
-from fedmpi.dist.world import World
 from fedmpi.config import load_config
+from fedmpi.dist.world import World
+from fedmpi.fl.aggregate import Aggregator
 from fedmpi.fl.ledger import Ledger
 from fedmpi.fl.methods import METHODS, fedavg, make_plan
 from fedmpi.model.regions import REGIONS, flatten
@@ -85,9 +86,12 @@ for m_index, method in enumerate(METHODS):
     agg.exchange(plan, sizes, ROUND)
     if method == "full":  # a ring of 1 neighbour each side: other masks, the same integer sum
         ring_model = fresh_model(seed)
-        Aggregator(world, ring_model, Ledger(world.rank),
-                   secure_cfg.replace({"fed.secure_neighbors": 1})).exchange(plan, sizes, ROUND)
-        if not all(np.array_equal(flatten(ring_model, r), flatten(secure_model, r)) for r in REGIONS):
+        Aggregator(
+            world, ring_model, Ledger(world.rank), secure_cfg.replace({"fed.secure_neighbors": 1})
+        ).exchange(plan, sizes, ROUND)
+        if not all(
+            np.array_equal(flatten(ring_model, r), flatten(secure_model, r)) for r in REGIONS
+        ):
             fail(f"rank {world.rank}: secure_neighbors=1 gave another average than all pairs")
 
     # ledger: uint64 uploads, float32 downloads, for the regions this rank takes part in
@@ -95,7 +99,9 @@ for m_index, method in enumerate(METHODS):
     for region in REGIONS:
         n = agg.sizes[region]
         if world.is_federator:
-            expect += 8 * (n + 1) * len(plan.uploaders(region)) + 4 * n * len(plan.receivers(region))
+            expect += 8 * (n + 1) * len(plan.uploaders(region)) + 4 * n * len(
+                plan.receivers(region)
+            )
         else:
             expect += 8 * (n + 1) * (region in plan.uploads[world.client])
             expect += 4 * n * (region in plan.downloads[world.client])
@@ -112,8 +118,9 @@ for m_index, method in enumerate(METHODS):
             secure.encode(np.array([n_k]), F, len(ups), out=plain_enc[-1:])
             # the upload again (same round and region: the same masks); the buffer that was
             # sent may hold a partial sum by now (gloo reduces through the senders' buffers)
-            masked = agg.secure.client.upload_fedavg(before[region], n_k, ROUND, region, ups,
-                                                     out=np.empty_like(plain_enc))
+            masked = agg.secure.client.upload_fedavg(
+                before[region], n_k, ROUND, region, ups, out=np.empty_like(plain_enc)
+            )
             if np.mean(masked == plain_enc) > 1e-3:
                 fail(f"{method} client {world.client} region {region}: upload not masked")
             mine[region] = plain_enc
@@ -129,8 +136,9 @@ for m_index, method in enumerate(METHODS):
             if not np.array_equal(total, agg.secure.words[region]):
                 fail(f"{method} region {region}: masks did not cancel exactly")
             sizes = [uploads[k + 1][1] for k in ups]
-            exact = sum(s * uploads[k + 1][0][region].astype(np.float64)
-                        for k, s in zip(ups, sizes)) / sum(sizes)
+            exact = sum(
+                s * uploads[k + 1][0][region].astype(np.float64) for k, s in zip(ups, sizes)
+            ) / sum(sizes)
             plain = fedavg([uploads[k + 1][0][region] for k in ups], sizes)
             resolution = len(ups) * 2.0 ** -(F + 1) / sum(sizes)
             ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
@@ -146,15 +154,20 @@ for m_index, method in enumerate(METHODS):
                     continue
                 err = np.abs(got - exact)
                 if np.any(err > resolution + 0.5 * ulp + 1e-15):
-                    fail(f"{method} rank {k + 1} region {region}: secure vs exact "
-                         f"{err.max():.3g} > {resolution:.3g} + ulp/2")
+                    fail(
+                        f"{method} rank {k + 1} region {region}: secure vs exact "
+                        f"{err.max():.3g} > {resolution:.3g} + ulp/2"
+                    )
                 diff = np.abs(got - plain_results[k + 1][region])
                 if np.any(diff > plain_tol):
                     i = int(np.argmax(diff - plain_tol))
-                    fail(f"{method} rank {k + 1} region {region}: secure vs plain "
-                         f"{diff[i]:.3g} > {plain_tol[i]:.3g}")
-        print(f"SECURE OK {method} (K={K}, resolution {2.0 ** -(F + 1) * K:.2g}/sum n_k)",
-              flush=True)
+                    fail(
+                        f"{method} rank {k + 1} region {region}: secure vs plain "
+                        f"{diff[i]:.3g} > {plain_tol[i]:.3g}"
+                    )
+        print(
+            f"SECURE OK {method} (K={K}, resolution {2.0 ** -(F + 1) * K:.2g}/sum n_k)", flush=True
+        )
 
 # ---- DP-FedAvg: clipping bound and noise on the sum, through the transport -----------
 # Then with client 1 left out (size 0, as fed.on_nonfinite=skip does): the noise on the
@@ -162,17 +175,29 @@ for m_index, method in enumerate(METHODS):
 # fed.secure_min_reporters (K = 2) every region is withheld: the federator keeps its
 # weights instead of decoding one client's upload in the clear.
 Z, C = 0.5, 0.05
-for mode, sec, left_out in (("central", False, False), ("distributed", True, False),
-                            ("distributed", False, True), ("distributed", True, True)):
-    cfg = load_config(None, {"privacy.dp": True, "privacy.clip": C, "privacy.noise_multiplier": Z,
-                             "privacy.mode": mode, "fed.secure": sec})
+for mode, sec, left_out in (
+    ("central", False, False),
+    ("distributed", True, False),
+    ("distributed", False, True),
+    ("distributed", True, True),
+):
+    cfg = load_config(
+        None,
+        {
+            "privacy.dp": True,
+            "privacy.clip": C,
+            "privacy.noise_multiplier": Z,
+            "privacy.mode": mode,
+            "fed.secure": sec,
+        },
+    )
     model = fresh_model(77)  # the same global model everywhere
     agg = Aggregator(world, model, Ledger(world.rank), cfg)
     start = {r: t.clone() for r, t in agg.flat.items()}
     plan = make_plan("full", 1, K, seed=11)
     if not world.is_federator:  # a local update far outside the clip ball
         with torch.no_grad():
-            for r, t in agg.flat.items():
+            for t in agg.flat.values():
                 t.add_(torch.randn(t.shape, generator=torch.Generator().manual_seed(world.rank)))
     updates = {r: (agg.flat[r] - start[r]).numpy().astype(np.float64) for r in REGIONS}
     sizes = [0.0 if (left_out and k == 0) else 123.0 for k in range(K)]
@@ -187,23 +212,31 @@ for mode, sec, left_out in (("central", False, False), ("distributed", True, Fal
         m = len(reporters)
         if sec and m < cfg.fed.secure_min_reporters:
             if agg.withheld(plan, sizes) != list(REGIONS) or not all(
-                    torch.equal(agg.flat[r], start[r]) for r in REGIONS):
+                torch.equal(agg.flat[r], start[r]) for r in REGIONS
+            ):
                 fail(f"{what}, secure, {m} reporter(s): not withheld", 7)
-            print(f"DP OK {mode} (secure={sec}, {m} reporter left: every region withheld)",
-                  flush=True)
+            print(
+                f"DP OK {mode} (secure={sec}, {m} reporter left: every region withheld)", flush=True
+            )
             continue
         sum_noise = []
         for r in REGIONS:
-            clipped = [reports[k + 1][1][r] * C / reports[k + 1][0]["dp_update_norm"]
-                       for k in reporters]
+            clipped = [
+                reports[k + 1][1][r] * C / reports[k + 1][0]["dp_update_norm"] for k in reporters
+            ]
             mean_update = np.sum(clipped, axis=0) / m
-            sum_noise.append(((agg.flat[r] - start[r]).numpy().astype(np.float64) - mean_update) * m)
+            sum_noise.append(
+                ((agg.flat[r] - start[r]).numpy().astype(np.float64) - mean_update) * m
+            )
         noise = np.concatenate(sum_noise)
-        ss, n = float(np.sum(noise ** 2)), noise.size
+        ss, n = float(np.sum(noise**2)), noise.size
         lo = math.sqrt(ss / stats.chi2.ppf(1 - 1e-4, n))
         hi = math.sqrt(ss / stats.chi2.ppf(1e-4, n))
         if not lo <= Z * C <= hi:
             fail(f"{what}: noise std on the sum in [{lo:.4g}, {hi:.4g}], configured {Z * C}", 6)
-        print(f"DP OK {mode} (secure={sec}, {m} reporters; noise std on the sum "
-              f"{math.sqrt(ss / n):.4g}, configured {Z * C:.4g})", flush=True)
+        print(
+            f"DP OK {mode} (secure={sec}, {m} reporters; noise std on the sum "
+            f"{math.sqrt(ss / n):.4g}, configured {Z * C:.4g})",
+            flush=True,
+        )
 world.close()

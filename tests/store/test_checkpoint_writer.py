@@ -1,5 +1,6 @@
 """checkpoint.BackgroundWriter: the thread that writes the federator's checkpoint file and
 marker while the next round runs (checkpoint.background)."""
+
 from __future__ import annotations
 
 import threading
@@ -20,6 +21,7 @@ def test_jobs_run_in_order_in_one_thread_once_started(tmp_path):
             time.sleep(0.02 if i == 0 else 0)  # a slow first job must still finish first
             threads.add(threading.get_ident())
             done.append(i)
+
         return run
 
     with BackgroundWriter() as writer:

@@ -5,6 +5,7 @@ a corrupt newest checkpoint, partial log lines, a full disk, SIGTERM and a stall
 Each asserts the exit code, the message, a bounded time to exit and, where it applies,
 that the run folder resumes afterwards.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,10 @@ import time
 
 import pytest
 import torch
-
-from fedmpi.store.checkpoint import MARKER, checkpoint_dir, latest_complete, verify
-from fedmpi.fl.ledger import read_csv
-
 from mpihelp import ROOT, load_states, mpi_env, mpirun, mpirun_path, train
+
+from fedmpi.fl.ledger import read_csv
+from fedmpi.store.checkpoint import MARKER, checkpoint_dir, latest_complete, verify
 
 pytestmark = pytest.mark.mpi
 TINY = "tests/configs/tiny.yaml"
@@ -29,14 +29,30 @@ TINY = "tests/configs/tiny.yaml"
 
 def fault(n, kind, rank, round_index, run_dir, *overrides, timeout=240):
     """A tiny job in which client `rank` misbehaves in round `round_index`."""
-    return mpirun(n, ["tests/mpi_scripts/fault_rank.py", kind, str(rank), str(round_index), "--",
-                      "--config", TINY, "--run-dir", str(run_dir), *overrides], timeout=timeout)
+    return mpirun(
+        n,
+        [
+            "tests/mpi_scripts/fault_rank.py",
+            kind,
+            str(rank),
+            str(round_index),
+            "--",
+            "--config",
+            TINY,
+            "--run-dir",
+            str(run_dir),
+            *overrides,
+        ],
+        timeout=timeout,
+    )
 
 
 def strict_rows(path):
     """metrics.jsonl parsed as strict JSON (NaN / Infinity tokens are errors)."""
+
     def refuse(token):
         raise ValueError(f"non-standard JSON token {token} in {path}")
+
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
@@ -86,6 +102,7 @@ def _evil_checkpoint(path, marker):
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     torch.save({"round": 1, "model": Evil()}, path)
 
 
@@ -111,6 +128,7 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, one_round_run):
     _evil_checkpoint(target, marker)
     # an attacker who can write the file can also fix the recorded hash
     from fedmpi.store.atomic import sha256_file
+
     rec = json.loads((checkpoint_dir(run, 1) / MARKER).read_text())
     rec["files"]["federator.pt"] = sha256_file(target)
     (checkpoint_dir(run, 1) / MARKER).write_text(json.dumps(rec))
@@ -118,9 +136,14 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, one_round_run):
     assert res.returncode == 2, res.stdout + res.stderr
     assert "refusing to load" in res.stdout and "federator.pt" in res.stdout
     assert not marker.exists()
-    ev = subprocess.run([sys.executable, "-m", "fedmpi.evaluate", str(run), "--extractor",
-                         "classifier"], cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
-                        timeout=120)
+    ev = subprocess.run(
+        [sys.executable, "-m", "fedmpi.evaluate", str(run), "--extractor", "classifier"],
+        cwd=ROOT,
+        env=mpi_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ev.returncode == 2, ev.stdout + ev.stderr
     assert "refusing to load" in ev.stderr and "federator.pt" in ev.stderr
     assert not marker.exists()
@@ -154,19 +177,42 @@ def test_corrupt_checkpoint_and_partial_log_lines_fall_back(tmp_path):
     assert "continuing after round 1" in res.stdout
     assert same_weights(ref, run, 2, 2)
     assert read_csv(run / "comm.csv") == read_csv(ref / "comm.csv")
-    assert [r["round"] for r in strict_rows(run / "metrics.jsonl") if r["kind"] == "round"] == [1, 2]
+    assert [r["round"] for r in strict_rows(run / "metrics.jsonl") if r["kind"] == "round"] == [
+        1,
+        2,
+    ]
 
 
 def test_disk_full_while_checkpointing(tmp_path, one_round_run):
     run = copy_run(one_round_run, tmp_path)
     size_kb = (checkpoint_dir(run, 1) / "federator.pt").stat().st_size // 1024
-    cmd = [mpirun_path(), "-n", "3", "--oversubscribe", "--bind-to", "none", sys.executable,
-           "-m", "fedmpi.train", "--config", TINY, "--run-dir", str(run), "--fed.rounds=2"]
+    cmd = [
+        mpirun_path(),
+        "-n",
+        "3",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        sys.executable,
+        "-m",
+        "fedmpi.train",
+        "--config",
+        TINY,
+        "--run-dir",
+        str(run),
+        "--fed.rounds=2",
+    ]
     # RLIMIT_FSIZE below a checkpoint's size: writes fail with EFBIG like a full disk
-    limit = f"ulimit -f {max(64, size_kb // 2)}; exec \"$@\""
+    limit = f'ulimit -f {max(64, size_kb // 2)}; exec "$@"'
     t0 = time.time()
-    res = subprocess.run(["bash", "-c", limit, "bash", *cmd], cwd=ROOT, env=mpi_env(),
-                         capture_output=True, text=True, timeout=180)
+    res = subprocess.run(
+        ["bash", "-c", limit, "bash", *cmd],
+        cwd=ROOT,
+        env=mpi_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert time.time() - t0 < 150
     assert res.returncode == 4, res.stdout + res.stderr
     out = res.stdout + res.stderr
@@ -198,11 +244,31 @@ def test_disk_full_in_a_background_checkpoint_write(tmp_path, one_round_run):
     message and the path, round 2 never marked, round 1 intact and resumable."""
     run = copy_run(one_round_run, tmp_path)
     size_kb = (checkpoint_dir(run, 1) / "federator.pt").stat().st_size // 1024
-    cmd = [mpirun_path(), "-n", "3", "--oversubscribe", "--bind-to", "none", sys.executable,
-           "-m", "fedmpi.train", "--config", TINY, "--run-dir", str(run), "--fed.rounds=3"]
-    limit = f"ulimit -f {max(64, size_kb // 2)}; exec \"$@\""
-    res = subprocess.run(["bash", "-c", limit, "bash", *cmd], cwd=ROOT, env=mpi_env(),
-                         capture_output=True, text=True, timeout=180)
+    cmd = [
+        mpirun_path(),
+        "-n",
+        "3",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        sys.executable,
+        "-m",
+        "fedmpi.train",
+        "--config",
+        TINY,
+        "--run-dir",
+        str(run),
+        "--fed.rounds=3",
+    ]
+    limit = f'ulimit -f {max(64, size_kb // 2)}; exec "$@"'
+    res = subprocess.run(
+        ["bash", "-c", limit, "bash", *cmd],
+        cwd=ROOT,
+        env=mpi_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 4, out
     assert "[round 2/3]" in out and "[round 3/3]" not in out  # found at round 3's checkpoint
@@ -222,10 +288,25 @@ def test_sigterm_stops_with_a_resumable_checkpoint(tmp_path, target):
     (and its output with them): the run still resumes from its last complete round."""
     run = tmp_path / "run"
     opts = ["--fed.rounds=3", "--fed.local_steps=15"]
-    cmd = [mpirun_path(), "-n", "3", "--oversubscribe", "--bind-to", "none", sys.executable,
-           "-m", "fedmpi.train", "--config", TINY, "--run-dir", str(run), *opts]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        mpirun_path(),
+        "-n",
+        "3",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        sys.executable,
+        "-m",
+        "fedmpi.train",
+        "--config",
+        TINY,
+        "--run-dir",
+        str(run),
+        *opts,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 180
     while latest_complete(run) is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -262,16 +343,20 @@ def test_stalled_rank_times_out(tmp_path):
     assert latest_complete(run) == 1 and verify(run, 1) is None
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "is empty"),
-    ("train:\n  lr: 1e-3\n  lr: 2e-3\n", "lr"),
-    ("train:\n  lr: .inf\n", "train.lr"),
-    ("checkpoint:\n  keep: -1\n", "checkpoint.keep"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "is empty"),
+        ("train:\n  lr: 1e-3\n  lr: 2e-3\n", "lr"),
+        ("train:\n  lr: .inf\n", "train.lr"),
+        ("checkpoint:\n  keep: -1\n", "checkpoint.keep"),
+    ],
+)
 def test_bad_config_file_is_refused_before_any_work(tmp_path, capsys, text, message):
     # the CLI's main() in this process (no MPI launcher: rank 0's own config check, what
     # `python -m fedmpi.train` runs and exits with), not a fresh interpreter per case
     from fedmpi.cli.train import main
+
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
     rc = main(["--config", str(cfg), "--run-dir", str(tmp_path / "run")])

@@ -1,4 +1,5 @@
 """Multi-rank tests: real mpirun launched from pytest (tiny model, 1-2 rounds)."""
+
 from __future__ import annotations
 
 import json
@@ -9,12 +10,11 @@ import time
 
 import pytest
 import torch
+from mpihelp import ROOT, load_states, mpi_env, mpirun, mpirun_path, train
 
-from fedmpi.store.checkpoint import checkpoint_dir, latest_complete
 from fedmpi.fl.ledger import analytical_rows, read_csv, summarize
 from fedmpi.model.regions import REGIONS
-
-from mpihelp import ROOT, load_states, mpi_env, mpirun, mpirun_path, train
+from fedmpi.store.checkpoint import checkpoint_dir, latest_complete
 
 pytestmark = pytest.mark.mpi
 
@@ -46,8 +46,12 @@ def test_method_run(method, world, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     K, R = world - 1, 2
     fed, clients = load_states(run, R, K)
-    shared = {"full": REGIONS, "usplit": REGIONS, "udec": ("decoder",),
-              "ulatdec": ("bottleneck", "decoder")}[method]
+    shared = {
+        "full": REGIONS,
+        "usplit": REGIONS,
+        "udec": ("decoder",),
+        "ulatdec": ("bottleneck", "decoder"),
+    }[method]
     for region in REGIONS:
         for c in clients:
             if region in shared:  # every client holds the federator's average
@@ -88,8 +92,10 @@ def test_resume_matches_uninterrupted(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
     for k in (1, 2):
         name = f"client_{k:03d}.pt"
-        sa, sb = (torch.load(checkpoint_dir(run, 2) / name, weights_only=True)["scaler"]
-                  for run in (full, part))
+        sa, sb = (
+            torch.load(checkpoint_dir(run, 2) / name, weights_only=True)["scaler"]
+            for run in (full, part)
+        )
         assert sa["_growth_tracker"] == 4 and sa == sb  # 2 rounds x 2 steps, none skipped
     rows = read_csv(part / "comm.csv")
     assert rows == read_csv(full / "comm.csv")  # no round counted twice
@@ -114,10 +120,25 @@ def test_preemption_checkpoints_and_resumes(how, tmp_path, preempt_reference):
     uninterrupted one."""
     opts = PREEMPT_OPTS
     ref, run = preempt_reference, tmp_path / "run"
-    cmd = [mpirun_path(), "-n", "3", "--oversubscribe", "--bind-to", "none", sys.executable,
-           "-m", "fedmpi.train", "--config", "tests/configs/tiny.yaml", "--run-dir", str(run), *opts]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        mpirun_path(),
+        "-n",
+        "3",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        sys.executable,
+        "-m",
+        "fedmpi.train",
+        "--config",
+        "tests/configs/tiny.yaml",
+        "--run-dir",
+        str(run),
+        *opts,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 180
     while latest_complete(run) is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -143,8 +164,19 @@ def test_preemption_checkpoints_and_resumes(how, tmp_path, preempt_reference):
 
 def test_failing_rank_ends_job(tmp_path):
     start = time.time()
-    res = mpirun(4, ["tests/mpi_scripts/fail_rank.py", "2", "--", "--config",
-                     "tests/configs/tiny.yaml", "--run-dir", str(tmp_path / "run")], timeout=120)
+    res = mpirun(
+        4,
+        [
+            "tests/mpi_scripts/fail_rank.py",
+            "2",
+            "--",
+            "--config",
+            "tests/configs/tiny.yaml",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        timeout=120,
+    )
     assert res.returncode != 0
     assert "injected failure on rank 2" in res.stderr
     assert time.time() - start < 120
@@ -162,8 +194,16 @@ def test_personal_models_scored_before_or_after_aggregation(tmp_path):
     runs = {}
     for mode in ("local", "aggregated"):
         run = tmp_path / mode
-        res = train(3, run, "--fed.method=udec", "--fed.rounds=1", "--eval.grid=4",
-                    "--eval.num_samples=4", "--eval.batch_size=4", f"--eval.personal={mode}")
+        res = train(
+            3,
+            run,
+            "--fed.method=udec",
+            "--fed.rounds=1",
+            "--eval.grid=4",
+            "--eval.num_samples=4",
+            "--eval.batch_size=4",
+            f"--eval.personal={mode}",
+        )
         assert res.returncode == 0, res.stdout + res.stderr
         runs[mode] = sorted((run / "samples").glob("round_0001_client_*.png"))
         assert len(runs[mode]) == 2

@@ -1,5 +1,6 @@
 """Mixed precision and torch.compile give the fp32 eager loss curve within a tolerance
 (CPU: bf16 autocast, compiled UNet); weights and optimizer state stay float32."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +9,8 @@ import torch
 
 from fedmpi.config import load_config
 from fedmpi.model.diffusion import Diffusion
-from fedmpi.train.trainer import LocalTrainer
 from fedmpi.model.unet import UNet
+from fedmpi.train.trainer import LocalTrainer
 
 STEPS = 30
 
@@ -18,16 +19,22 @@ def _curve(precision="fp32", compile=False):
     torch.manual_seed(0)
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     from fedmpi.data import load_arrays
+
     cfg = load_config("tests/configs/tiny.yaml")
     images, _ = load_arrays(cfg.data, "train")
-    t = LocalTrainer(model, Diffusion.from_config(cfg.diffusion), images[:256], 16, 2e-3,
-                     torch.device("cpu"))
+    t = LocalTrainer(
+        model, Diffusion.from_config(cfg.diffusion), images[:256], 16, 2e-3, torch.device("cpu")
+    )
     t.set_speed(precision, compile)
     losses = []
     t.run(seed=3, steps=STEPS, on_step=lambda i, loss: losses.append(float(loss)))
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert all(v.dtype == torch.float32 for s in t.optimizer.state.values()
-               for k, v in s.items() if k != "step")
+    assert all(
+        v.dtype == torch.float32
+        for s in t.optimizer.state.values()
+        for k, v in s.items()
+        if k != "step"
+    )
     return np.array(losses)
 
 
@@ -63,13 +70,15 @@ def test_compiled_net_sees_only_full_batches(monkeypatch):
     a CUDA-graph net begins a graph step (after a sampler has marked steps, torch no
     longer tells training steps apart by itself)."""
     from fedmpi.model.unet import _CUDAGRAPH_MODULES
+
     torch.manual_seed(0)
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     images = np.random.default_rng(0).integers(0, 255, (10, 1, 8, 8), dtype=np.uint8)
     t = LocalTrainer(model, Diffusion(timesteps=10), images, 4, 1e-3, torch.device("cpu"))
     seen = {"net": [], "model": []}
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin",
-                        lambda: seen["net"].append("step"))
+    monkeypatch.setattr(
+        torch.compiler, "cudagraph_mark_step_begin", lambda: seen["net"].append("step")
+    )
     t.net = _Counting(model, None)
     _CUDAGRAPH_MODULES.add(t.net)  # as compile_unet marks its reduce-overhead wrappers
     t.net.register_forward_hook(lambda m, args, out: seen["net"].append(len(args[0])))
@@ -81,8 +90,14 @@ def test_compiled_net_sees_only_full_batches(monkeypatch):
 
 def test_bad_precision_is_refused():
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
-    t = LocalTrainer(model, Diffusion(timesteps=10), np.zeros((4, 1, 28, 28), np.uint8), 2, 1e-3,
-                     torch.device("cpu"))
+    t = LocalTrainer(
+        model,
+        Diffusion(timesteps=10),
+        np.zeros((4, 1, 28, 28), np.uint8),
+        2,
+        1e-3,
+        torch.device("cpu"),
+    )
     with pytest.raises(ValueError, match="precision"):
         t.set_speed("fp8")
 
@@ -96,12 +111,14 @@ def test_grad_clip_bounds_every_step_gradient(precision):
     def step_grad_norm(clip):
         torch.manual_seed(0)
         model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
-        t = LocalTrainer(model, Diffusion(timesteps=10), images, 8, 1e-3, torch.device("cpu"),
-                         grad_clip=clip)
+        t = LocalTrainer(
+            model, Diffusion(timesteps=10), images, 8, 1e-3, torch.device("cpu"), grad_clip=clip
+        )
         t.set_speed(precision)
         t.run(seed=1, steps=1)  # the gradients stay on the parameters after the step
-        norm = torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()])
+        )
         return float(norm)
 
     if precision == "fp32":  # (fp16 leaves unclipped gradients multiplied by the scale)
@@ -111,9 +128,13 @@ def test_grad_clip_bounds_every_step_gradient(precision):
 
 def _samples(precision):
     import dataclasses
+
     from fedmpi.eval.evaluate import Evaluator
-    cfg = load_config("tests/configs/tiny.yaml", ["--eval.extractor=none", "--eval.ddim_steps=5",
-                                                  f"--train.precision={precision}"])
+
+    cfg = load_config(
+        "tests/configs/tiny.yaml",
+        ["--eval.extractor=none", "--eval.ddim_steps=5", f"--train.precision={precision}"],
+    )
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=8, dim_mults=(1, 2)))
     torch.manual_seed(0)
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
@@ -135,11 +156,20 @@ def test_channels_last_activations_give_the_same_output():
     x, t = torch.randn(4, 1, 28, 28), torch.randint(0, 1000, (4,))
     layouts = []
     conv = model.encoder.levels[0].block1.ds_conv
-    conv.register_forward_hook(lambda m, i, o: layouts.append(
-        not i[0].is_contiguous() and i[0].is_contiguous(memory_format=torch.channels_last)))
+    conv.register_forward_hook(
+        lambda m, i, o: layouts.append(
+            not i[0].is_contiguous() and i[0].is_contiguous(memory_format=torch.channels_last)
+        )
+    )
     ref = model(x, t)
-    trainer = LocalTrainer(model, Diffusion(timesteps=10), np.zeros((4, 1, 28, 28), np.uint8), 2,
-                           1e-3, torch.device("cpu"))
+    trainer = LocalTrainer(
+        model,
+        Diffusion(timesteps=10),
+        np.zeros((4, 1, 28, 28), np.uint8),
+        2,
+        1e-3,
+        torch.device("cpu"),
+    )
     trainer.set_speed("fp32", channels_last=True)
     out = model(x, t)
     assert layouts == [False, True]  # NHWC activations only after set_speed(channels_last=True)
@@ -151,6 +181,7 @@ def test_compile_options_follow_mode_and_channels_last():
     channels-last layout when the model computes NHWC (inductor's heuristic would keep
     this UNet NCHW: a transpose around every convolution on a GPU)."""
     from fedmpi.model.unet import compile_unet
+
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     plain = compile_unet(model).get_compiler_config()
     graphs = compile_unet(model, "reduce-overhead").get_compiler_config()
@@ -166,6 +197,7 @@ def test_cuda_graph_compile_mode_marks_the_model_for_samplers(monkeypatch):
     graphs; the samplers then begin a new graph step before each call (and only for such a model)."""
     from fedmpi.config import ConfigError
     from fedmpi.model.unet import _CUDAGRAPH_MODULES, compile_unet, cudagraph_step
+
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     steps = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
@@ -187,8 +219,9 @@ def test_cuda_graph_compile_mode_marks_the_model_for_samplers(monkeypatch):
         load_config("tests/configs/tiny.yaml", {"train.compile_mode": "fast"})
     with pytest.raises(ConfigError, match="set --train.compile=true"):  # silently unused
         load_config("tests/configs/tiny.yaml", {"train.compile_mode": "reduce-overhead"})
-    assert load_config("tests/configs/tiny.yaml", {"train.compile_mode": "reduce-overhead",
-                                                   "train.compile": True}).train.compile
+    assert load_config(
+        "tests/configs/tiny.yaml", {"train.compile_mode": "reduce-overhead", "train.compile": True}
+    ).train.compile
 
 
 class _Counting(torch.nn.Module):

@@ -1,7 +1,8 @@
-"""Live progress (fedmpi.train.progress, fedmpi.dist.world.ProgressRelay) and the short-run recipe of
+"""Live progress (fedmpi.train.progress, fedmpi.dist.relay.ProgressRelay) and the short-run recipe of
 fedmpi.train.trainer (LR schedule, EMA) in real federated jobs: progress lines in a batch log,
 train.log_every step rows, one client numbering (1..K) everywhere, EMA saved and resumed
 bit-exactly."""
+
 from __future__ import annotations
 
 import csv
@@ -10,12 +11,11 @@ import shutil
 
 import pytest
 import torch
+from mpihelp import mpirun, train
 
 from fedmpi.store.checkpoint import checkpoint_dir
 from fedmpi.train.progress import Progress, RoundProgress
 from fedmpi.train.trainer import LRSchedule
-
-from mpihelp import mpirun, train
 
 
 class FakeClock:
@@ -27,6 +27,7 @@ class FakeClock:
 
 
 # ---------------------------------------------------------------- displays (no MPI)
+
 
 def test_batch_lines_at_most_every_30s_or_10_percent():
     clock, lines = FakeClock(), []
@@ -62,8 +63,10 @@ def test_round_progress_totals_slowest_client_and_eta():
     assert rp.progress.total == 500 and rp.progress.done == 190
     assert rp.note() == "304 img/s | slowest client 3 (25%)"
     assert rp.eta() == pytest.approx(60.0)  # client 3: 150 steps left at 2.5 steps/s
-    assert rp.progress.line() == ("round 2/5:  38% | 190/500 steps | elapsed 0:20, ETA 1:00 | "
-                                  "304 img/s | slowest client 3 (25%)")
+    assert rp.progress.line() == (
+        "round 2/5:  38% | 190/500 steps | elapsed 0:20, ETA 1:00 | "
+        "304 img/s | slowest client 3 (25%)"
+    )
     assert len(lines) == 1  # 25% at the first report; 38% is not 10% of the round later
     assert lines[0].endswith("slowest client 3 (25%) | 2/3 clients reporting"), lines
 
@@ -87,6 +90,7 @@ def test_bar_redraws_one_line_that_survives_mpirun_forwarding(capsys):
 
 # ---------------------------------------------------------------- the relay under mpirun
 
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("world", [3, 4])
 def test_relay_delivers_every_message_within_its_round(world):
@@ -99,16 +103,28 @@ def test_relay_delivers_every_message_within_its_round(world):
 
 # ---------------------------------------------------------------- real federated jobs
 
-RECIPE = ("--train.ema_decay=0.99", "--train.lr_schedule=cosine", "--train.warmup_steps=4",
-          "--train.lr_min=1e-4")
+RECIPE = (
+    "--train.ema_decay=0.99",
+    "--train.lr_schedule=cosine",
+    "--train.warmup_steps=4",
+    "--train.lr_min=1e-4",
+)
 
 
 @pytest.mark.mpi
 def test_batch_log_shows_progress_steps_and_one_numbering(tmp_path):
     run = tmp_path / "run"
-    res = train(3, run, "--fed.local_steps=24", "--run.progress_every=0.02",
-                "--train.log_every=6", "--eval.every=1", "--eval.grid=8",
-                "--eval.num_samples=8", *RECIPE)
+    res = train(
+        3,
+        run,
+        "--fed.local_steps=24",
+        "--run.progress_every=0.02",
+        "--train.log_every=6",
+        "--eval.every=1",
+        "--eval.grid=8",
+        "--eval.num_samples=8",
+        *RECIPE,
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     # batch mode (pytest's pipes are no tty): plain progress lines of every round
@@ -124,8 +140,11 @@ def test_batch_log_shows_progress_steps_and_one_numbering(tmp_path):
     steps = [r for r in rows if r["kind"] == "step"]
     # train.log_every=6: 4 rows per client per round, run-wide step numbers, clients 1..K
     assert sorted((r["round"], r["client"], r["step"]) for r in steps) == sorted(
-        (rnd, c, s) for rnd in (1, 2) for c in (1, 2) for s in range(6 * 4 * (rnd - 1) + 6,
-                                                                      24 * rnd + 1, 6))
+        (rnd, c, s)
+        for rnd in (1, 2)
+        for c in (1, 2)
+        for s in range(6 * 4 * (rnd - 1) + 6, 24 * rnd + 1, 6)
+    )
     clients = [r for r in rows if r["kind"] == "client"]
     assert sorted((r["round"], r["client"]) for r in clients) == [(1, 1), (1, 2), (2, 1), (2, 2)]
     assert all("step_losses" not in r for r in clients)
@@ -134,11 +153,22 @@ def test_batch_log_shows_progress_steps_and_one_numbering(tmp_path):
     assert 1e-4 < clients[-1]["lr_last"] < 1.02e-4
     with (run / "comm.csv").open() as f:
         comm = list(csv.DictReader(f))
-    assert list(comm[0]) == ["round", "client", "src", "dst", "region", "direction", "params",
-                             "bytes"]
+    assert list(comm[0]) == [
+        "round",
+        "client",
+        "src",
+        "dst",
+        "region",
+        "direction",
+        "params",
+        "bytes",
+    ]
     assert {r["client"] for r in comm} == {"1", "2"}
-    assert all((r["src"], r["dst"]) == ((r["client"], "0") if r["direction"] == "up"
-                                        else ("0", r["client"])) for r in comm)
+    assert all(
+        (r["src"], r["dst"])
+        == ((r["client"], "0") if r["direction"] == "up" else ("0", r["client"]))
+        for r in comm
+    )
     assert len(comm) == len({tuple(r.values()) for r in comm})  # no duplicated rows
     # the global model's EMA (every rank holds the same): saved once, with the raw weights
     d = checkpoint_dir(run, 2)
@@ -157,8 +187,13 @@ def test_resume_with_ema_and_schedule_is_bit_exact(tmp_path, method):
     round-1 checkpoint (round 2's removed; same config: the cosine spans fed.rounds) ends
     as the uninterrupted run, EMA included."""
     full, part = tmp_path / "full", tmp_path / "part"
-    args = (f"--fed.method={method}", "--fed.local_steps=6", "--run.progress_every=0",
-            "--checkpoint.keep=0", *RECIPE)
+    args = (
+        f"--fed.method={method}",
+        "--fed.local_steps=6",
+        "--run.progress_every=0",
+        "--checkpoint.keep=0",
+        *RECIPE,
+    )
     res = train(3, full, *args)
     assert res.returncode == 0, res.stdout + res.stderr
     shutil.copytree(full, part)
@@ -174,5 +209,6 @@ def test_resume_with_ema_and_schedule_is_bit_exact(tmp_path, method):
         assert ("ema" in a) == ("ema" in b) == holds_ema, name
         if holds_ema:
             assert a["ema"]["updates"] == b["ema"]["updates"] == 12
-            assert all(torch.equal(v, b["ema"]["shadow"][k])
-                       for k, v in a["ema"]["shadow"].items()), name
+            assert all(
+                torch.equal(v, b["ema"]["shadow"][k]) for k, v in a["ema"]["shadow"].items()
+            ), name

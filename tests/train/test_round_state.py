@@ -1,5 +1,6 @@
 """Per-round client state without deep copies: Adam reset in place, RoundStart rollback,
 and the centralized baseline's per-epoch Adam reset (the reference's)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,10 +8,10 @@ import torch
 
 from fedmpi.config import load_config
 from fedmpi.model.diffusion import Diffusion
-from fedmpi.train.loop import RoundStart
 from fedmpi.model.regions import bind_flat
-from fedmpi.train.trainer import LocalTrainer
 from fedmpi.model.unet import UNet
+from fedmpi.train.loop import RoundStart
+from fedmpi.train.trainer import LocalTrainer
 
 
 def _trainer(seed=0):
@@ -19,8 +20,9 @@ def _trainer(seed=0):
     bind_flat(model)
     images = np.random.default_rng(seed).integers(0, 255, (32, 1, 28, 28), dtype=np.uint8)
     cfg = load_config("tests/configs/tiny.yaml")
-    return LocalTrainer(model, Diffusion.from_config(cfg.diffusion), images, 8, 1e-3,
-                        torch.device("cpu"))
+    return LocalTrainer(
+        model, Diffusion.from_config(cfg.diffusion), images, 8, 1e-3, torch.device("cpu")
+    )
 
 
 def _weights(t):
@@ -72,8 +74,9 @@ def test_round_start_before_the_first_step_forgets_later_state():
 def test_client_checkpoint_entries_are_its_personal_regions():
     """own_entries builds a client's file from its personal submodules alone: the same
     entries as filtering the whole state dict, the same tensors (no copies)."""
-    from fedmpi.train.loop import own_entries
     from fedmpi.fl.methods import METHODS, personal_regions
+    from fedmpi.train.loop import own_entries
+
     model = _trainer().model
     full = model.state_dict()
     for method in METHODS:
@@ -88,6 +91,7 @@ def test_region_send_buffer_is_the_weights_plus_one_value():
     """The in-place upload: packing the send buffer scales the model's own weights."""
     from fedmpi.fl.methods import pack_upload
     from fedmpi.model.regions import REGIONS, region_send_buffer, region_tensor
+
     model = _trainer().model
     for region in REGIONS:
         flat, send = region_tensor(model, region), region_send_buffer(model, region)

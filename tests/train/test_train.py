@@ -1,4 +1,5 @@
 """The centralized baseline: one process, real Fashion-MNIST, the shared training loop."""
+
 from __future__ import annotations
 
 import json
@@ -10,13 +11,12 @@ import sys
 import pytest
 import torch
 import yaml
-
-from fedmpi.store.checkpoint import checkpoint_dir, latest_complete
-from fedmpi.config import load_config
-from fedmpi.train.loop import Preempted
-from fedmpi.cli.train import main, run_centralized
-
 from mpihelp import ROOT
+
+from fedmpi.cli.train import main, run_centralized
+from fedmpi.config import load_config
+from fedmpi.store.checkpoint import checkpoint_dir, latest_complete
+from fedmpi.train.loop import Preempted
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -26,8 +26,14 @@ def quiet(*a, **k):
 
 
 def tiny_cfg(tmp_path, **over):
-    base = {"train.epochs": 2, "train.log_every": 5, "data.train_subset": 640,
-            "eval.grid": 16, "eval.extractor": "none", "run.out_dir": str(tmp_path)}
+    base = {
+        "train.epochs": 2,
+        "train.log_every": 5,
+        "data.train_subset": 640,
+        "eval.grid": 16,
+        "eval.extractor": "none",
+        "run.out_dir": str(tmp_path),
+    }
     base.update(over)
     return load_config(ROOT / "tests/configs/tiny.yaml", base)
 
@@ -37,6 +43,7 @@ def test_centralized_loss_decreases_and_writes_run_folder(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     from fedmpi.cli.train import _evaluator_factory
+
     run_centralized(cfg, run, log=quiet, evaluator_factory=_evaluator_factory(cfg))
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "step"]
@@ -61,8 +68,13 @@ def test_centralized_preempted_then_resumed_matches_uninterrupted(tmp_path):
     for d in (full, part):
         d.mkdir()
     # fp16 (CPU autocast + GradScaler): the loss scale is part of the state to resume
-    opts = {"eval.grid": 0, "train.epochs": 3, "checkpoint.every": 2, "data.train_subset": 80,
-            "train.precision": "fp16"}
+    opts = {
+        "eval.grid": 0,
+        "train.epochs": 3,
+        "checkpoint.every": 2,
+        "data.train_subset": 80,
+        "train.precision": "fp16",
+    }
     run_centralized(tiny_cfg(tmp_path, **opts), full, log=quiet)
     assert latest_complete(full) == 3 and not (checkpoint_dir(full, 1) / "COMPLETE").exists()
     lines = []
@@ -77,8 +89,10 @@ def test_centralized_preempted_then_resumed_matches_uninterrupted(tmp_path):
         run_centralized(tiny_cfg(tmp_path, **opts), part, log=stop_after_epoch_1)
     assert stop.value.exit_code == 75 and signal.getsignal(signal.SIGUSR1) == handler
     assert latest_complete(part) == 1
-    assert any(l.startswith("preempted (SIGUSR1): epoch 2 abandoned; checkpoint of epoch 1 kept")
-               for l in lines), lines
+    assert any(
+        l.startswith("preempted (SIGUSR1): epoch 2 abandoned; checkpoint of epoch 1 kept")
+        for l in lines
+    ), lines
     run_centralized(tiny_cfg(tmp_path, **opts), part, resume=True, log=lines.append)
     assert "resume: continuing after epoch 1" in lines
     a = torch.load(checkpoint_dir(full, 3) / "model.pt", weights_only=True)
@@ -86,34 +100,61 @@ def test_centralized_preempted_then_resumed_matches_uninterrupted(tmp_path):
     assert a["step"] == b["step"] == 3 * 5
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["scaler"]["_growth_tracker"] > 5 and a["scaler"] == b["scaler"]  # scale, tracker
-    epochs = [json.loads(l)["epoch"] for l in (part / "metrics.jsonl").read_text().splitlines()
-              if json.loads(l)["kind"] == "epoch"]
+    epochs = [
+        json.loads(l)["epoch"]
+        for l in (part / "metrics.jsonl").read_text().splitlines()
+        if json.loads(l)["kind"] == "epoch"
+    ]
     assert epochs == [1, 2, 3]  # the abandoned epoch's step lines dropped on resume
 
 
 def test_cli_writes_resolved_config(tmp_path):
     run = tmp_path / "cli"
-    code = main(["--config", str(ROOT / "tests/configs/tiny.yaml"), "--run-dir", str(run),
-                 "--train.max_steps=3", "--train.lr=3e-4", "--eval.extractor=none",
-                 "--eval.grid=0"])
+    code = main(
+        [
+            "--config",
+            str(ROOT / "tests/configs/tiny.yaml"),
+            "--run-dir",
+            str(run),
+            "--train.max_steps=3",
+            "--train.lr=3e-4",
+            "--eval.extractor=none",
+            "--eval.grid=0",
+        ]
+    )
     assert code == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["lr"] == pytest.approx(3e-4) and saved["train"]["max_steps"] == 3
 
 
 def test_cli_missing_data_is_a_clear_error(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "fedmpi.train", "--config",
-                          "tests/configs/tiny.yaml", "--run-dir", str(tmp_path / "r"),
-                          f"--data.root={tmp_path}/nowhere", "--data.download=false"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmpi.train",
+            "--config",
+            "tests/configs/tiny.yaml",
+            "--run-dir",
+            str(tmp_path / "r"),
+            f"--data.root={tmp_path}/nowhere",
+            "--data.download=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2
     assert "dataset-fashion-mnist" in res.stdout + res.stderr
 
 
 # ---------------------------------------------------------------- short-run recipe
 
+
 def test_lr_schedule_warmup_and_cosine():
     from fedmpi.train.trainer import LRSchedule
+
     s = LRSchedule(1e-3, warmup=4, kind="cosine", total=104, lr_min=1e-4)
     assert [s(i) for i in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert s(4) == pytest.approx(1e-3)  # the peak, then a half cosine
@@ -127,7 +168,9 @@ def test_lr_schedule_warmup_and_cosine():
 
 def test_thread_sharing_and_all_cores_for_the_waiting_federator(monkeypatch):
     import os
-    from fedmpi.train.trainer import all_cpu_threads, share_cpu_threads
+
+    from fedmpi.runtime import all_cpu_threads, share_cpu_threads
+
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     before = torch.get_num_threads()
@@ -148,8 +191,9 @@ def test_thread_sharing_and_all_cores_for_the_waiting_federator(monkeypatch):
 
 def test_ema_math_state_and_swap():
     from fedmpi.model.regions import bind_flat
-    from fedmpi.train.trainer import EMA
     from fedmpi.model.unet import UNet
+    from fedmpi.train.trainer import EMA
+
     torch.manual_seed(0)
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     bind_flat(model)
@@ -196,13 +240,21 @@ def test_ema_follows_the_model_to_the_training_device():
     import numpy as np
 
     from fedmpi.model.diffusion import Diffusion
-    from fedmpi.train.trainer import EMA, LocalTrainer
     from fedmpi.model.unet import UNet
+    from fedmpi.train.trainer import EMA, LocalTrainer
+
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     ema = EMA(model, 0.9)
     ema.mark()
-    trainer = LocalTrainer(model, Diffusion(timesteps=10), np.zeros((4, 1, 8, 8), np.uint8), 2,
-                           1e-3, torch.device("meta"), ema=ema)
+    trainer = LocalTrainer(
+        model,
+        Diffusion(timesteps=10),
+        np.zeros((4, 1, 8, 8), np.uint8),
+        2,
+        1e-3,
+        torch.device("meta"),
+        ema=ema,
+    )
     assert trainer.ema is ema
     assert {t.device.type for t in [*ema.shadow.values(), *ema._mark.values()]} == {"meta"}
     ema.update(model)  # same device as the weights: no error
@@ -213,14 +265,20 @@ def _name(model, param):
 
 
 def test_centralized_ema_and_schedule_resume_bit_exact(tmp_path):
-    over = {"eval.grid": 0, "train.ema_decay": 0.95, "train.lr_schedule": "cosine",
-            "train.warmup_steps": 10, "train.lr_min": 1e-5}
+    over = {
+        "eval.grid": 0,
+        "train.ema_decay": 0.95,
+        "train.lr_schedule": "cosine",
+        "train.warmup_steps": 10,
+        "train.lr_min": 1e-5,
+    }
     full, part = tmp_path / "full", tmp_path / "part"
     full.mkdir()
     run_centralized(tiny_cfg(tmp_path, **over), full, log=quiet)
     # stop after epoch 1 by keeping only its checkpoint (a copy of the same run: same
     # config, same seed), then resume with the same config
     import shutil
+
     shutil.copytree(full, part)
     shutil.rmtree(checkpoint_dir(part, 2))
     run_centralized(tiny_cfg(tmp_path, **over), part, resume=True, log=quiet)
@@ -234,9 +292,21 @@ def test_centralized_ema_and_schedule_resume_bit_exact(tmp_path):
 
 
 def test_print_config_lists_every_key_and_loads_back(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "fedmpi.train", "--print-config", "--config",
-                          "tests/configs/tiny.yaml", "--train.ema_decay=0.999"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmpi.train",
+            "--print-config",
+            "--config",
+            "tests/configs/tiny.yaml",
+            "--train.ema_decay=0.999",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     text = res.stdout
     (tmp_path / "printed.yaml").write_text(text)
@@ -249,18 +319,29 @@ def test_print_config_lists_every_key_and_loads_back(tmp_path):
     assert "  lr_schedule: constant  # constant | cosine" in text
     assert "  ema_decay: 0.999  # in [0, 1)" in text
     assert "# EMA of the weights for sampling" in text
-    help_text = subprocess.run([sys.executable, "-m", "fedmpi.train", "--help"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=60).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "fedmpi.train", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert "--print-config" in help_text and "--section.key=value" in help_text
-    bad = subprocess.run([sys.executable, "-m", "fedmpi.train", "--print-config",
-                          "--train.lr_min=1"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "fedmpi.train", "--print-config", "--train.lr_min=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "train.lr_min" in bad.stderr
 
 
 def test_split_report_numbers_clients_from_one():
     import numpy as np
+
     from fedmpi.data.partition import client_table, format_table
+
     rows = client_table(np.arange(12) % 3, [np.arange(6), np.arange(6, 12)], 3)
     assert [r["client"] for r in rows] == [1, 2]
     assert [l.split()[0] for l in format_table(rows).splitlines()[2:4]] == ["1", "2"]
