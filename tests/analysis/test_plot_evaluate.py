@@ -86,14 +86,15 @@ def test_plot_cli_writes_every_png(udec_run):
 
 
 def test_plot_several_runs_default_out_and_data(udec_run, tmp_path, monkeypatch, capsys):
-    import fedmpi.cli.plot as plot
+    import fedmpi.analysis.plot as plot
+    import fedmpi.cli.plot as plot_cli
 
     other = tmp_path / "copy"
     other.mkdir()
     for f in ("config.yaml", "metrics.jsonl", "eval.csv", "comm.csv"):
         shutil.copy(udec_run / f, other / f)
     monkeypatch.chdir(tmp_path)
-    assert plot.main([str(udec_run), str(other), "--metric", "fd_classifier"]) == 0
+    assert plot_cli.main([str(udec_run), str(other), "--metric", "fd_classifier"]) == 0
     written = capsys.readouterr().out.split()
     assert all(w.startswith("plots/") for w in written) and len(written) == 7, written
     assert (tmp_path / "plots" / "score_vs_bytes.png").is_file()
