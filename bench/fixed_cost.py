@@ -47,7 +47,7 @@ def one_job(
     code: Path, launcher: str, k: int, config: str, rounds: int, out: Path, overrides: list[str]
 ) -> list[float]:
     """Fixed cost of rounds 2..R of one job (seconds)."""
-    from fedmpi.store.metrics import read_jsonl
+    from fedmpi.store.tables import read_jsonl
 
     if out.exists():
         shutil.rmtree(out)

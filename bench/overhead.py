@@ -635,7 +635,7 @@ def short_run(args, overrides) -> Path:
 
 
 def round_split(run_dir: Path) -> dict:
-    from fedmpi.store.metrics import read_jsonl
+    from fedmpi.store.tables import read_jsonl
 
     rows = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r.get("kind") == "round"]
     if not rows:

@@ -102,7 +102,7 @@ def parse_args(argv=None):
 
 def one_run(args, overrides, method: str, W: int) -> dict:
     from fedmpi.fl.ledger import read_csv as read_ledger
-    from fedmpi.store.metrics import read_jsonl
+    from fedmpi.store.tables import read_jsonl
 
     K = W - 1
     run_dir = Path(args.out_dir) / "scaling" / f"{method}_W{W}"

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmpi.config import Config, ConfigError, load_config
-from fedmpi.store.metrics import read_jsonl
+from fedmpi.store.tables import read_jsonl
 
 METRICS = ("fid", "fd_classifier")
 CLASS_NAMES = {

@@ -38,7 +38,7 @@ import numpy as np
 from fedmpi.config import Config, ConfigError, load_config
 from fedmpi.fl.methods import METHODS, personal_regions
 from fedmpi.store.checkpoint import latest_complete
-from fedmpi.store.metrics import append_csv, read_jsonl
+from fedmpi.store.tables import append_csv, read_jsonl
 
 METRIC_OF_EXTRACTOR = {"inception": "fid", "classifier": "fd_classifier"}
 SPLIT_ORDER = ("centralized", "iid", "label_skew", "quantity_skew", "shards")

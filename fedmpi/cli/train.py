@@ -39,7 +39,8 @@ from fedmpi.store.checkpoint import (
     newest_verified,
     save_config,
 )
-from fedmpi.store.metrics import JsonlWriter, truncate_logs
+from fedmpi.store.runfolder import RunFolder
+from fedmpi.store.tables import JsonlWriter
 from fedmpi.train.loop import STOP_FILE, NonFiniteError, Preempted, PreemptFlag
 from fedmpi.train.progress import Progress
 from fedmpi.train.trainer import EMA, LocalTrainer, ema_applied, schedule_for
@@ -93,7 +94,7 @@ def run_centralized(
                 )
             ema.load_state_dict(ckpt["ema"])
         start, step = done + 1, ckpt["step"]
-        truncate_logs(run_dir, done, "epoch")
+        RunFolder(run_dir).truncate(done, "epoch")
         log(f"resume: continuing after epoch {done}")
     epochs = cfg.train.epochs
     steps_per_epoch = trainer.steps_per_epoch()

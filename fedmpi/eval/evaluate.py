@@ -29,7 +29,8 @@ from fedmpi.eval.fid import FeatureStats, class_distribution, frechet_distance
 from fedmpi.model.diffusion import Diffusion
 from fedmpi.model.unet import compile_unet
 from fedmpi.runtime import all_cpu_threads, autocast_for, derive_seed
-from fedmpi.store.metrics import append_csv, save_grid, write_csv
+from fedmpi.store.runfolder import save_grid
+from fedmpi.store.tables import append_csv, write_csv
 
 
 def _share(n: int, parts: int, index: int) -> int:

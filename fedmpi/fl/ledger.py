@@ -29,7 +29,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fedmpi.store.metrics as metrics
+import fedmpi.store.tables as metrics
 from fedmpi.fl.methods import make_plan
 from fedmpi.model.regions import REGIONS
 from fedmpi.store.atomic import atomic_write

@@ -1,4 +1,4 @@
-"""Metric files of a run: JSON lines (one row per event) and CSV tables, plus sample grids.
+"""Tabular files: JSON lines (one row per event) and CSV tables, read and written one way.
 
 Rows are appended and flushed as they happen, so a killed job loses nothing; a crash in
 the middle of a write can leave a partial last line, which the readers drop (with a
@@ -15,8 +15,6 @@ import math
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 from fedmpi.store.atomic import atomic_write
 
@@ -101,23 +99,6 @@ def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> 
     atomic_write(path, out.getvalue())
 
 
-def truncate_logs(run_dir: Path, last: int, key: str = "round") -> None:
-    """Drop metrics.jsonl rows (by `key`: round or epoch) and eval.csv rows after `last`,
-    e.g. before a resume replays them. Each file is rewritten whole and renamed over
-    the old one; a partial last line left by a crash is dropped."""
-    p = Path(run_dir) / "metrics.jsonl"
-    if p.exists():
-        write_jsonl(p, [r for r in read_jsonl(p) if r.get(key, 0) <= last])
-    p = Path(run_dir) / "eval.csv"
-    if p.exists():
-        rows = read_csv(p)
-        keep = [r for r in rows if int(r["round"]) <= last]
-        if keep:
-            write_csv(p, keep, list(rows[0]))
-        else:
-            p.unlink()
-
-
 def append_csv(path: Path, rows: list[dict]) -> None:
     """Append rows to a CSV file, writing the header when the file is new."""
     if not rows:
@@ -129,14 +110,3 @@ def append_csv(path: Path, rows: list[dict]) -> None:
         if new:
             w.writeheader()
         w.writerows(rows)
-
-
-def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
-    """Save images in [-1, 1] (N, C, H, W) as one PNG grid."""
-    from torchvision.utils import save_image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = images.shape[0]
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
-    save_image(images.detach().float().cpu().add(1).div(2).clamp(0, 1), path, nrow=nrow, padding=2)

@@ -52,7 +52,8 @@ from fedmpi.store.checkpoint import (
     marker_files,
     newest_verified,
 )
-from fedmpi.store.metrics import JsonlWriter
+from fedmpi.store.runfolder import RunFolder
+from fedmpi.store.tables import JsonlWriter
 from fedmpi.train.progress import RoundProgress
 from fedmpi.train.trainer import EMA, LocalTrainer, ema_applied, schedule_for
 
@@ -906,13 +907,4 @@ def _gather_round(world, ledger: Ledger, run_dir: Path, round_index: int, stats=
 
 def _truncate_logs(run_dir: Path, last_round: int) -> None:
     """Drop rows of rounds after `last_round` (they are replayed after a resume)."""
-    from fedmpi.fl.ledger import read_csv, write_csv
-    from fedmpi.store.metrics import truncate_logs
-
-    comm = run_dir / "comm.csv"
-    if comm.exists():
-        if last_round == 0:
-            comm.unlink()
-        else:
-            write_csv([r for r in read_csv(comm) if r["round"] <= last_round], comm)
-    truncate_logs(run_dir, last_round, "round")
+    RunFolder(run_dir).truncate(last_round, "round")

@@ -197,7 +197,9 @@ def test_dry_run_lists_world_sizes_and_analytical_bytes(capsys):
     from fedmpi.model.summary import model_region_sizes
 
     assert (
-        sweep_cli.main([str(PAPER_SWEEPS / "main_table.yaml"), "--dry-run", "--out", "/nonexistent/x"])
+        sweep_cli.main(
+            [str(PAPER_SWEEPS / "main_table.yaml"), "--dry-run", "--out", "/nonexistent/x"]
+        )
         == 0
     )
     out = capsys.readouterr().out

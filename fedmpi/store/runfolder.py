@@ -1,0 +1,242 @@
+"""`RunFolder`: the one reader and writer of a run folder.
+
+Layout::
+
+    RUN_DIR/config.yaml                 the resolved config
+    RUN_DIR/metrics.jsonl               one row per round (or epoch), client and logged step
+    RUN_DIR/eval.csv                    one row per scored model (global, or each client's)
+    RUN_DIR/comm.csv                    the byte ledger: one row per transfer
+    RUN_DIR/comm_summary.json           its totals against the analytical table
+    RUN_DIR/samples/round_NNNN*.png     sample grids
+    RUN_DIR/checkpoints/round_NNNNNN/   federator.pt, client_001.pt, ..., COMPLETE
+
+Everything that reads or writes these files (the round loop, evaluate, plot, report,
+sweep) goes through this class, so the layout and the file formats live in one place.
+Checkpoint files themselves are serialised by `checkpoint.py`; tables by `tables.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+
+from fedmpi.config import Config, dump_config, load_config
+from fedmpi.store.atomic import atomic_write, sha256_file
+from fedmpi.store.tables import (
+    JsonlWriter,
+    append_csv,
+    read_csv,
+    read_jsonl,
+    write_csv,
+    write_jsonl,
+)
+
+MARKER = "COMPLETE"
+STOP_FILE = "PREEMPT"  # created by slurm/run.sh (or a user) to ask a job to checkpoint and stop
+
+
+class RunFolder:
+    """One run's folder. Cheap to construct: nothing is read until asked for."""
+
+    CONFIG = "config.yaml"
+    METRICS = "metrics.jsonl"
+    EVAL = "eval.csv"
+    COMM = "comm.csv"
+    SUMMARY = "comm_summary.json"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # -- creation and config ------------------------------------------------------------
+    @classmethod
+    def create(cls, cfg: Config, name: str | None = None) -> RunFolder:
+        """A fresh folder under run.out_dir, <name>-<YYYYmmdd-HHMMSS>[-n], with config.yaml."""
+        base = Path(cfg.run.out_dir) / f"{name or cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path, n = base, 1
+        while path.exists():
+            path, n = Path(f"{base}-{n}"), n + 1
+        path.mkdir(parents=True)
+        run = cls(path)
+        run.write_config(cfg)
+        return run
+
+    def is_run(self) -> bool:
+        """Whether this folder holds a run (its config.yaml)."""
+        return (self.path / self.CONFIG).is_file()
+
+    def write_config(self, cfg: Config) -> None:
+        atomic_write(self.path / self.CONFIG, dump_config(cfg))
+
+    def read_config(self, overrides=None) -> Config:
+        return load_config(self.path / self.CONFIG, overrides)
+
+    @property
+    def stop_file(self) -> Path:
+        return self.path / STOP_FILE
+
+    # -- checkpoints --------------------------------------------------------------------
+    def checkpoint_dir(self, index: int) -> Path:
+        return self.path / "checkpoints" / f"round_{index:06d}"
+
+    def complete_checkpoints(self) -> list[int]:
+        """The indices (rounds or epochs) whose checkpoint has its COMPLETE marker, oldest first."""
+        root = self.path / "checkpoints"
+        if not root.is_dir():
+            return []
+        found = []
+        for d in root.iterdir():
+            m = re.fullmatch(r"round_(\d+)", d.name)
+            if m and (d / MARKER).is_file():
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def latest_complete(self) -> int | None:
+        done = self.complete_checkpoints()
+        return done[-1] if done else None
+
+    def mark_complete(self, index: int, keep: int, files: dict | None = None) -> None:
+        """Mark checkpoint `index` complete (recording each file's sha256), then delete
+        complete ones beyond the newest `keep` (0: keep all). Call only for a checkpoint
+        whose every file is written and finite: older ones are deleted after this."""
+        record = {"round": index, "files": dict(sorted((files or {}).items()))}
+        atomic_write(self.checkpoint_dir(index) / MARKER, json.dumps(record, indent=1) + "\n")
+        if keep > 0:
+            for old in self.complete_checkpoints()[:-keep]:
+                shutil.rmtree(self.checkpoint_dir(old), ignore_errors=True)
+
+    def marker_files(self, index: int) -> dict:
+        """{file name: sha256} recorded in checkpoint `index`'s marker ({} for old markers)."""
+        try:
+            record = json.loads((self.checkpoint_dir(index) / MARKER).read_text())
+            return dict(record.get("files", {})) if isinstance(record, dict) else {}
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def verify(self, index: int) -> str | None:
+        """None if every file of checkpoint `index` matches its recorded sha256, else why not.
+        Markers without hashes (a bare round number) are trusted."""
+        d = self.checkpoint_dir(index)
+        try:
+            text = (d / MARKER).read_text()
+        except OSError as e:
+            return f"{d / MARKER}: {e.strerror}"
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            return None if text.strip().isdigit() else f"{d / MARKER} is corrupt"
+        if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+            return f"{d / MARKER} is corrupt"
+        for name, digest in record["files"].items():
+            p = d / name
+            if not p.is_file():
+                return f"{p} is missing"
+            if sha256_file(p) != digest:
+                return (
+                    f"{p} does not match the sha256 recorded when it was written "
+                    f"(corrupt or truncated)"
+                )
+        return None
+
+    def newest_verified(self, warn=print) -> int | None:
+        """The newest complete checkpoint whose files verify; warns about each one skipped."""
+        for index in reversed(self.complete_checkpoints()):
+            problem = self.verify(index)
+            if problem is None:
+                return index
+            warn(
+                f"warning: checkpoint of round {index} is unusable: {problem}; "
+                f"falling back to an earlier one"
+            )
+        return None
+
+    # -- metrics, evaluation, ledger ----------------------------------------------------
+    def metrics_writer(self) -> JsonlWriter:
+        return JsonlWriter(self.path / self.METRICS)
+
+    def read_metrics(self) -> list[dict]:
+        return read_jsonl(self.path / self.METRICS)
+
+    def append_eval(self, rows: list[dict]) -> None:
+        append_csv(self.path / self.EVAL, rows)
+
+    def read_eval(self) -> list[dict]:
+        return read_csv(self.path / self.EVAL)
+
+    def append_comm(self, rows: list[dict]) -> None:
+        append_csv(self.path / self.COMM, rows)
+
+    def read_comm(self) -> list[dict]:
+        """The ledger's rows with integer fields as ints."""
+        rows = read_csv(self.path / self.COMM)
+        for r in rows:
+            for k in ("round", "client", "src", "dst", "params", "bytes"):
+                if k in r and r[k] not in (None, ""):
+                    r[k] = int(r[k])
+        return rows
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write(self.path / self.SUMMARY, json.dumps(summary, indent=1))
+
+    def read_summary(self) -> dict | None:
+        p = self.path / self.SUMMARY
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def truncate(self, last: int, key: str = "round") -> None:
+        """Drop the rows of rounds (or epochs, `key`) after `last` from metrics.jsonl,
+        eval.csv and comm.csv, before a resume replays them (each rewritten atomically)."""
+        p = self.path / self.METRICS
+        if p.exists():
+            write_jsonl(p, [r for r in read_jsonl(p) if r.get(key, 0) <= last])
+        for name in (self.EVAL, self.COMM):
+            p = self.path / name
+            if not p.exists():
+                continue
+            rows = read_csv(p)
+            # comm.csv's round 0 is the initial broadcast, sent again by a run from round 1
+            keep = [r for r in rows if int(r["round"]) <= last and (last > 0 or name == self.EVAL)]
+            if keep:
+                write_csv(p, keep, list(rows[0]))
+            else:
+                p.unlink()
+
+    # -- samples ------------------------------------------------------------------------
+    @property
+    def samples_dir(self) -> Path:
+        return self.path / "samples"
+
+    def grids(self, index: int) -> list[Path]:
+        """The sample grids written after round (or epoch) `index`."""
+        return sorted(self.samples_dir.glob(f"round_{index:04d}*.png"))
+
+    def save_grid(self, images, name: str, nrow: int | None = None) -> Path:
+        """Save images in [-1, 1] (N, C, H, W) as samples/<name>.png; returns the path."""
+        path = self.samples_dir / f"{name}.png"
+        save_grid(images, path, nrow)
+        return path
+
+
+def save_grid(images, path: Path, nrow: int | None = None) -> None:
+    """Save images in [-1, 1] (N, C, H, W) as one PNG grid."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = images.shape[0]
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    save_image(images.detach().float().cpu().add(1).div(2).clamp(0, 1), path, nrow=nrow, padding=2)
