@@ -9,7 +9,8 @@ import torch
 
 from fedmpi.config import ConfigError
 from fedmpi.data import DataError
-from fedmpi.eval.extractors import default_cache_dir, load_or_train_classifier
+from fedmpi.eval.classifier import load_or_train_classifier
+from fedmpi.eval.extractors import default_cache_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,17 +3,15 @@
 Owns which network turns images into features, and where its weights come from:
 - `InceptionExtractor` ("fid"): pytorch-fid's FID InceptionV3, 2048-d pool features,
   weights read from a LOCAL file only (fedmpi never downloads them);
-- `ClassifierExtractor` ("fd_classifier"): a small CNN, 128-d penultimate features. It
-  is trained on the held-out TEST split, never on the training set: the federator
-  (rank 0), which scores the models, is in a real deployment another institution than
-  the clients and owns only the evaluation split. 80% of the test images are fitted,
-  20% held out to measure the accuracy it reports; the net is cached on disk under a
-  key that says so (classifier-<dataset>-testsplit-<data digest>-<settings hash>.pt).
-  Or it is loaded from a file given as `eval.classifier_weights` (no data read at all).
-  It works offline; its scores are Frechet distances in another feature space and are
-  never called FID. The reference statistics come from the same test split the
-  classifier partly fitted: a fixed offset shared by every model scored, so scores
-  compare runs with each other, not with numbers from other feature spaces.
+- `ClassifierExtractor` ("fd_classifier", classifier.py): a small CNN, 128-d penultimate
+  features, trained on the held-out TEST split (the federator's own data) and cached, or
+  loaded from `eval.classifier_weights`. It works offline; its scores are Frechet
+  distances in another feature space and are never called FID. The reference
+  statistics come from the same test split the classifier partly fitted: a fixed offset
+  shared by every model scored, so scores compare runs with each other, not with
+  numbers from other feature spaces.
+`build_extractor` picks one from the config, `extractor_from_payload` rebuilds it on
+another rank, `reference_stats` caches the real test set's statistics.
 Every extractor takes images as float tensors in [-1, 1], shaped (N, C, H, W), and
 returns CPU float32 features (N, dim). The statistics math lives in fid.py.
 
@@ -22,21 +20,26 @@ returns CPU float32 features (N, dim). The statistics math lives in fid.py.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from fedmpi.config import ConfigError
-from fedmpi.data import DataError
-from fedmpi.eval.fid import FeatureStats
+# The classifier's names stay importable from here (tests/dist/test_locality.py).
+from fedmpi.eval.classifier import (  # noqa: F401
+    CLASSIFIER_SETTINGS,
+    ClassifierExtractor,
+    SmallCNN,
+    _settings_hash,
+    classifier_cache_path,
+    data_digest,
+    holdout_split,
+    load_classifier_weights,
+    load_or_train_classifier,
+)
+from fedmpi.eval.fid import FeatureStats, batched, file_digest, to_unit_quantized
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
@@ -51,25 +54,6 @@ class MissingWeightsError(ValueError):
 def default_cache_dir(eval_cfg=None) -> Path:
     d = getattr(eval_cfg, "cache_dir", None) or "~/.cache/fedmpi"
     return Path(d).expanduser()
-
-
-def _to_unit_quantized(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1] on the 256 levels of an 8-bit image.
-
-    pytorch-fid scores PNG files, and real data is uint8, so samples are quantized the
-    same way before scoring: a score must not depend on sub-8-bit noise.
-    """
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 255
-
-
-def _batched(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int, device
-) -> torch.Tensor:
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            out.append(fn(x[i : i + batch_size].to(device)).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
 
 
 # ---------------------------------------------------------------- Inception (FID)
@@ -124,11 +108,6 @@ def build_fid_inception_net() -> nn.Module:
     return net
 
 
-def _file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:12]
-
-
 class InceptionExtractor:
     name = "fid"
     dim = 2048
@@ -159,304 +138,20 @@ class InceptionExtractor:
         self.model.eval().to(device)
         self.device, self.batch_size = device, batch_size
         # The weights' content, not their name: a wrong file must not reuse cached stats.
-        self.key = key or f"inception-{_file_digest(weights_path)}"
+        self.key = key or f"inception-{file_digest(weights_path)}"
 
     def payload(self) -> dict:
         """What another rank needs to rebuild this extractor (sent over MPI)."""
         return {"kind": "inception", "state_dict": self._state, "key": self.key}
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _to_unit_quantized(x)  # InceptionV3 expects [0, 1]
+        x = to_unit_quantized(x)  # InceptionV3 expects [0, 1]
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)  # as pytorch-fid's RGB conversion of grey PNGs
         return self.model(x)[0].flatten(1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return _batched(self._forward, x, self.batch_size, self.device)
-
-
-# ---------------------------------------------------------------- classifier
-
-# Everything that changes the trained classifier; its hash is part of the cache key.
-# Version 2 trains on the test split; version 1 trained on the training set, which the
-# federator does not own, and its cache files (another hash) are never read again.
-CLASSIFIER_SETTINGS = {
-    "arch": "cnn8-32-fc128",
-    "version": 2,
-    "data": "test split",
-    "holdout": 0.2,
-    "epochs": 20,
-    "batch_size": 128,
-    "lr": 3e-3,
-    "schedule": "onecycle",
-    "augment": "flip+shift2-per-image",
-    "seed": 0,
-}
-MIN_CLASSIFIER_IMAGES = 20  # fewer leave no fit part and held-out part worth the names
-
-
-class SmallCNN(nn.Module):
-    def __init__(
-        self,
-        in_channels: int = 1,
-        image_size: int = 28,
-        num_classes: int = 10,
-        feat_dim: int = 128,
-        widths: tuple = (8, 32),
-    ):
-        super().__init__()
-        w1, w2 = widths
-        self.args = {
-            "in_channels": in_channels,
-            "image_size": image_size,
-            "num_classes": num_classes,
-            "feat_dim": feat_dim,
-            "widths": list(widths),
-        }
-
-        def block(i, o):
-            return nn.Sequential(
-                nn.Conv2d(i, o, 3, padding=1, bias=False),
-                nn.BatchNorm2d(o),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-            )
-
-        self.body = nn.Sequential(block(in_channels, w1), block(w1, w2), nn.Flatten())
-        self.penultimate = nn.Linear(w2 * (image_size // 4) ** 2, feat_dim)
-        self.head = nn.Sequential(
-            nn.BatchNorm1d(feat_dim), nn.ReLU(), nn.Dropout(0.2), nn.Linear(feat_dim, num_classes)
-        )
-
-    def features(self, x):
-        # Before the ReLU: dense features give a well-conditioned covariance.
-        return self.penultimate(self.body(x))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-class ClassifierExtractor:
-    name = "fd_classifier"
-
-    def __init__(
-        self,
-        net: SmallCNN,
-        dataset: str,
-        key: str,
-        accuracy: float,
-        device="cpu",
-        batch_size: int = 500,
-    ):
-        """`key` names the weights (cache file stem or file digest); reference statistics
-        are cached under it. `accuracy` is measured on images the net never trained on."""
-        self.net = net.eval().to(device)
-        self.dataset, self.key, self.accuracy = dataset, key, accuracy
-        self.dim = net.penultimate.out_features
-        self.device, self.batch_size = device, batch_size
-
-    def payload(self) -> dict:
-        """What another rank needs to rebuild this extractor (sent over MPI)."""
-        return {
-            "kind": "classifier",
-            "net_args": self.net.args,
-            "dataset": self.dataset,
-            "state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
-            "key": self.key,
-            "accuracy": self.accuracy,
-        }
-
-    def _prep(self, x):
-        return _to_unit_quantized(x) * 2 - 1  # the classifier saw uint8 data in [-1, 1]
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return _batched(lambda b: self.net.features(self._prep(b)), x, self.batch_size, self.device)
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return _batched(
-            lambda b: self.net(self._prep(b)).argmax(1), x, self.batch_size, self.device
-        ).long()
-
-
-def _settings_hash() -> str:
-    blob = json.dumps(CLASSIFIER_SETTINGS, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:10]
-
-
-def data_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """Content hash of the images and labels a classifier is trained on (part of its
-    cache key: another test split, e.g. a smaller file, trains another classifier)."""
-    h = hashlib.sha256()
-    h.update(images.contiguous().cpu().numpy().tobytes())
-    h.update(labels.contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:10]
-
-
-def classifier_cache_path(dataset: str, cache_dir: str | Path, digest: str) -> Path:
-    """The cache file of the classifier trained on the test split whose data_digest is
-    `digest`: classifier-<dataset>-testsplit-<data digest>-<settings hash>.pt"""
-    return (
-        Path(cache_dir).expanduser()
-        / f"classifier-{dataset}-testsplit-{digest}-{_settings_hash()}.pt"
-    )
-
-
-def holdout_split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fit indices, held-out indices) of n test images: a seeded permutation, the last
-    CLASSIFIER_SETTINGS['holdout'] of it held out to measure accuracy."""
-    s = CLASSIFIER_SETTINGS
-    if n < MIN_CLASSIFIER_IMAGES:
-        raise DataError(
-            f"the fd_classifier network trains on the test split, which has only "
-            f"{n} images (at least {MIN_CLASSIFIER_IMAGES} needed); give a larger "
-            f"test set, or a trained classifier with --eval.classifier_weights=PATH"
-        )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(s["seed"]))
-    held = max(1, round(n * s["holdout"]))
-    return perm[: n - held], perm[n - held :]
-
-
-def _accuracy(net, images, labels, device) -> float:
-    net.eval()
-    pred = _batched(lambda b: net(b).argmax(1), images, 1000, device)
-    return float((pred == labels.cpu()).float().mean())
-
-
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """A random horizontal flip and a random shift of up to 2 pixels, per image: a few
-    thousand test images overfit the CNN without them (Fashion-MNIST, 20 epochs: fit
-    accuracy 1.00 and held-out 0.886 without; held-out 0.878 with one shift per batch,
-    0.891 with one per image)."""
-    b, c, h, w = x.shape
-    flip = torch.rand(b, generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    padded = F.pad(x, (2, 2, 2, 2), value=-1.0)  # -1: black, the images' background
-    dy, dx = torch.randint(0, 5, (2, b), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (b, 1, h, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (b, 1, 1, w)
-    return padded[
-        torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
-    ]
-
-
-def train_classifier(
-    images: torch.Tensor, labels: torch.Tensor, device="cpu", log=print
-) -> tuple[SmallCNN, float, int]:
-    """Train SmallCNN with CLASSIFIER_SETTINGS on the fit part of the test split.
-
-    Returns (net, accuracy on the held-out part, number of images fitted). Images in
-    [-1, 1] (N, C, H, W), labels int64."""
-    s = CLASSIFIER_SETTINGS
-    fit, held = holdout_split(len(images))
-    n, (c, h, _) = len(fit), images.shape[1:]
-    num_classes = int(labels.max()) + 1
-    batch = min(s["batch_size"], n)
-    steps_per_epoch = max(1, n // batch)
-    # fork_rng: seed the training without moving the caller's global RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(s["seed"])
-        net = SmallCNN(c, h, num_classes).to(device)
-        gen = torch.Generator().manual_seed(s["seed"])
-        opt = torch.optim.Adam(net.parameters(), lr=s["lr"])
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, s["lr"], total_steps=s["epochs"] * steps_per_epoch
-        )
-        t0 = time.time()
-        for epoch in range(s["epochs"]):
-            net.train()
-            perm = fit[torch.randperm(n, generator=gen)]
-            for i in range(steps_per_epoch):
-                idx = perm[i * batch : (i + 1) * batch]
-                x = _augment(images[idx], gen).to(device)
-                loss = F.cross_entropy(net(x), labels[idx].to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-            if (epoch + 1) % 5 == 0 or epoch + 1 == s["epochs"]:
-                log(
-                    f"classifier epoch {epoch + 1}/{s['epochs']}: loss {loss.item():.3f}, "
-                    f"{time.time() - t0:.0f}s"
-                )
-    return net, _accuracy(net, images[held], labels[held], device), n
-
-
-def load_classifier(path: str | Path, device="cpu", key: str | None = None) -> ClassifierExtractor:
-    """A classifier file written by load_or_train_classifier (weights_only: no code runs)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    net = SmallCNN(**ckpt["net_args"])
-    net.load_state_dict(ckpt["state_dict"])
-    return ClassifierExtractor(net, ckpt["dataset"], key or ckpt["key"], ckpt["accuracy"], device)
-
-
-def load_classifier_weights(path: str | Path, dataset: str, device="cpu") -> ClassifierExtractor:
-    """eval.classifier_weights: a classifier file made elsewhere (e.g. the cache file of
-    `python -m fedmpi.extractors train-classifier`); keyed by its content."""
-    path = Path(path).expanduser()
-    how = (
-        "write one with `python -m fedmpi.extractors train-classifier --config CONFIG` "
-        "(it prints the file) or leave eval.classifier_weights unset to train one on the "
-        "test split"
-    )
-    try:
-        ext = load_classifier(path, device, key=f"classifier-file-{_file_digest(path)}")
-    except Exception as e:  # missing, truncated, pickled code, another format: all refused
-        raise ConfigError(
-            f"eval.classifier_weights: {path} is not a usable fedmpi classifier "
-            f"file ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
-            f"{how}"
-        ) from None
-    if ext.dataset != dataset:
-        raise ConfigError(
-            f"eval.classifier_weights: {path} is a classifier for {ext.dataset}, "
-            f"but data.dataset is {dataset}; {how}"
-        )
-    return ext
-
-
-def load_or_train_classifier(
-    dataset: str,
-    test_images: torch.Tensor,
-    test_labels: torch.Tensor,
-    cache_dir,
-    device="cpu",
-    log=print,
-) -> ClassifierExtractor:
-    """The classifier trained on this test split (the federator's own data), from the
-    cache or trained and cached first. Images in [-1, 1], labels int64."""
-    path = classifier_cache_path(dataset, cache_dir, data_digest(test_images, test_labels))
-    if path.is_file():
-        try:
-            ext = load_classifier(path, device)
-            log(f"classifier loaded from {path} (held-out accuracy {ext.accuracy:.4f})")
-            return ext
-        except Exception as e:  # a truncated or stale file: train again
-            log(f"classifier cache {path} unreadable ({type(e).__name__}: {e}); retraining")
-    t0 = time.time()
-    net, acc, num_fit = train_classifier(test_images, test_labels, device, log)
-    seconds = time.time() - t0
-    ckpt = {
-        "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
-        "net_args": net.args,
-        "dataset": dataset,
-        "key": path.stem,
-        "settings": json.dumps(CLASSIFIER_SETTINGS),
-        "accuracy": acc,
-        "trained_on": "test split",
-        "num_fit": num_fit,
-        "num_heldout": len(test_images) - num_fit,
-        "train_seconds": seconds,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees no file or a whole one
-    log(
-        f"classifier trained in {seconds:.0f}s on {num_fit} of the {len(test_images)} test "
-        f"images, held-out accuracy {acc:.4f} on the other {len(test_images) - num_fit}; "
-        f"saved to {path}"
-    )
-    return ClassifierExtractor(net, dataset, path.stem, acc, device)
+        return batched(self._forward, x, self.batch_size, self.device)
 
 
 # ---------------------------------------------------------------- dispatch and stats
@@ -518,6 +213,3 @@ def reference_stats(
     path.parent.mkdir(parents=True, exist_ok=True)
     stats.save(path)
     return stats
-
-
-# ---------------------------------------------------------------- CLI

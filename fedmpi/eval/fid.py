@@ -5,18 +5,48 @@ running float64 sums (count, sum of features, sum of outer products) so that sta
 can be accumulated batch by batch and reduced across ranks as ONE flat buffer
 (`to_array` / `from_array`) without ever gathering features (as NVlabs/edm does).
 `frechet_distance` follows pytorch-fid's `calculate_frechet_distance`, so Inception
-scores match pytorch-fid's. Which network produces the features lives in extractors.py.
+scores match pytorch-fid's. Also the small helpers every extractor shares (8-bit
+quantization of images, batched feature calls, a weights file's digest). Which network
+produces the features lives in extractors.py and classifier.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import linalg
+
+
+def to_unit_quantized(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] on the 256 levels of an 8-bit image.
+
+    pytorch-fid scores PNG files, and real data is uint8, so samples are quantized the
+    same way before scoring: a score must not depend on sub-8-bit noise.
+    """
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 255
+
+
+def batched(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int, device
+) -> torch.Tensor:
+    """fn over x in batches on `device`, without gradients; CPU float32 results joined."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            out.append(fn(x[i : i + batch_size].to(device)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def file_digest(path: Path) -> str:
+    """The first 12 hex digits of a file's SHA-256 (weights are keyed by content)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:12]
 
 
 class FeatureStats:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedmpi.config import DataCfg, EvalCfg
+from fedmpi.eval.classifier import classifier_cache_path, data_digest, load_or_train_classifier
 from fedmpi.eval.extractors import (
     INCEPTION_FILE,
     INCEPTION_URL,
@@ -17,10 +18,7 @@ from fedmpi.eval.extractors import (
     build_extractor,
     build_fid_inception_net,
     check_inception_weights,
-    classifier_cache_path,
     compute_stats,
-    data_digest,
-    load_or_train_classifier,
     reference_stats,
 )
 from fedmpi.eval.fid import (
@@ -215,7 +213,7 @@ def test_classifier_accuracy_and_cache(classifier, classifier_cache, fmnist):
     # The cache is used: no training, and the network is the same.
     cfg = EvalCfg(extractor="classifier", cache_dir=str(classifier_cache))
     with mock.patch(
-        "fedmpi.eval.extractors.train_classifier", side_effect=AssertionError("trained")
+        "fedmpi.eval.classifier.train_classifier", side_effect=AssertionError("trained")
     ):
         again = build_extractor(cfg, "fashion_mnist", lambda: (fmnist[2], fmnist[3]), "cpu")
     assert again.key == classifier.key and again.accuracy == classifier.accuracy
