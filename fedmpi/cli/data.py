@@ -6,8 +6,9 @@ import argparse
 import sys
 
 from fedmpi.config import ConfigError, load_config
-from fedmpi.data.datasets import _split_seed, compute_split, dataset_info, load_arrays, write_shards
+from fedmpi.data.datasets import _split_seed, compute_split, dataset_info, load_arrays
 from fedmpi.data.partition import client_table, format_table, plot_report, save_report_json
+from fedmpi.data.shards import write_shards
 from fedmpi.errors import DataError
 
 

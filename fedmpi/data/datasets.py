@@ -1,35 +1,26 @@
-"""Datasets: finding and reading image files, HDF5 client shards, the `split` CLI.
+"""Datasets: finding and reading image files, and each client's part of them.
 
 Owns where data comes from. Images are uint8 numpy arrays shaped (N, C, H, W) with
 int64 labels; `to_float` turns them into a float tensor in [-1, 1] for the model.
 Fashion-MNIST and MNIST are read straight from IDX files (flat or torchvision's
 `<root>/FashionMNIST/raw/` layout); CIFAR-10 goes through torchvision. A client gets
-its part either from an HDF5 shards file (`data.shards`, one group per client, and a
-client reads only its own group) or by recomputing the deterministic split.
-
-    python -m fedmpi.data split --config CONFIG [--clients K] [--out shards.h5]
-        [--report] [--json report.json] [--png report.png] [--split.kind=label_skew ...]
+its part either from an HDF5 shards file (`data.shards`, shards.py: one group per
+client, and a client reads only its own group) or by recomputing the deterministic
+split. The `split` CLI that writes shards files is fedmpi.cli.data.
 """
+
 from __future__ import annotations
 
-import argparse
 import gzip
-import json
-import os
-import sys
 import zlib
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from fedmpi.config import Config, ConfigError, DataCfg, load_config
-from fedmpi.data.partition import (client_table, format_table, plot_report, save_report_json,
-                              split_indices)
-
-
-from fedmpi.errors import DataError  # noqa: E402
-
+from fedmpi.config import Config, DataCfg
+from fedmpi.data.partition import split_indices
+from fedmpi.data.shards import read_shard, read_test, shards_info
+from fedmpi.errors import DataError
 
 # dataset -> (channels, image_size, num_classes)
 INFO = {"fashion_mnist": (1, 28, 10), "mnist": (1, 28, 10), "cifar10": (3, 32, 10)}
@@ -39,7 +30,6 @@ IDX_FILES = {
 }
 TORCHVISION_DIR = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
 CIFAR_DIR = "cifar-10-batches-py"
-SHARDS_FORMAT = "fedmpi-shards-v1"
 
 
 def dataset_info(name: str) -> tuple[int, int, int]:
@@ -52,12 +42,17 @@ def dataset_info(name: str) -> tuple[int, int, int]:
 def to_float(images_uint8):
     """uint8 (N, C, H, W) array or tensor -> float32 tensor scaled to [-1, 1]."""
     import torch  # imported here so the split CLI and partition work stay torch-free
-    t = images_uint8 if isinstance(images_uint8, torch.Tensor) else torch.from_numpy(
-        np.ascontiguousarray(images_uint8))
+
+    t = (
+        images_uint8
+        if isinstance(images_uint8, torch.Tensor)
+        else torch.from_numpy(np.ascontiguousarray(images_uint8))
+    )
     return t.float() / 127.5 - 1.0
 
 
 # ---------------------------------------------------------------- locating files
+
 
 def _candidates(data_cfg: DataCfg) -> list[Path]:
     if data_cfg.root:
@@ -68,14 +63,14 @@ def _candidates(data_cfg: DataCfg) -> list[Path]:
     return roots
 
 
-def _find_file(folder: Path, name: str) -> Optional[Path]:
+def _find_file(folder: Path, name: str) -> Path | None:
     for candidate in (folder / (name + ".gz"), folder / name):
         if candidate.is_file():
             return candidate
     return None
 
 
-def _data_dir(root: Path, dataset: str, splits=("train", "test")) -> Optional[Path]:
+def _data_dir(root: Path, dataset: str, splits=("train", "test")) -> Path | None:
     """The folder under root that holds the dataset's files of `splits`, or None (a
     federator's root holds the test split alone)."""
     if dataset == "cifar10":
@@ -92,20 +87,27 @@ def _expected(dataset: str) -> str:
     if dataset == "cifar10":
         return f"{CIFAR_DIR}/ (torchvision CIFAR10 layout)"
     names = IDX_FILES["train"] + IDX_FILES["test"]
-    return (", ".join(n + ".gz" for n in names)
-            + f" (directly in the root or in <root>/{TORCHVISION_DIR[dataset]}/raw/)")
+    return (
+        ", ".join(n + ".gz" for n in names)
+        + f" (directly in the root or in <root>/{TORCHVISION_DIR[dataset]}/raw/)"
+    )
 
 
 def _missing_message(data_cfg: DataCfg, extra: str = "") -> str:
     searched = ", ".join(str(p.resolve()) for p in _candidates(data_cfg))
-    hint = ("  - on Debian/Ubuntu: apt-get install dataset-fashion-mnist "
-            "(installs /usr/share/datasets/fashion-mnist)\n" if data_cfg.dataset == "fashion_mnist"
-            else "")
-    return (f"{data_cfg.dataset} data not found. Searched: {searched}. "
-            f"Expected files: {_expected(data_cfg.dataset)}.{extra}\nTo get them:\n{hint}"
-            f"  - copy the files somewhere and set data.root (e.g. --data.root=/path/to/data)\n"
-            f"  - run once on a machine with internet with data.download=true "
-            f"(torchvision downloads into data.root or ./data)")
+    hint = (
+        "  - on Debian/Ubuntu: apt-get install dataset-fashion-mnist "
+        "(installs /usr/share/datasets/fashion-mnist)\n"
+        if data_cfg.dataset == "fashion_mnist"
+        else ""
+    )
+    return (
+        f"{data_cfg.dataset} data not found. Searched: {searched}. "
+        f"Expected files: {_expected(data_cfg.dataset)}.{extra}\nTo get them:\n{hint}"
+        f"  - copy the files somewhere and set data.root (e.g. --data.root=/path/to/data)\n"
+        f"  - run once on a machine with internet with data.download=true "
+        f"(torchvision downloads into data.root or ./data)"
+    )
 
 
 def find_root(data_cfg: DataCfg, splits=("train", "test")) -> Path:
@@ -124,12 +126,30 @@ def find_root(data_cfg: DataCfg, splits=("train", "test")) -> Path:
 def _download(dataset: str, root: Path) -> None:
     """torchvision's downloader; writes the torchvision layout under root."""
     import torchvision.datasets as tvd
+
     cls = {"fashion_mnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "cifar10": tvd.CIFAR10}[dataset]
     for train in (True, False):
         cls(str(root), train=train, download=True)
 
 
+def _download_root(data_cfg: DataCfg, split: str) -> Path:
+    """data.root (or ./data) after torchvision's download into it (data.download)."""
+    root = Path(data_cfg.root).expanduser() if data_cfg.root else Path("data")
+    try:
+        _download(data_cfg.dataset, root)
+    except Exception as e:  # no network, proxy, disk full...: all end the same way
+        raise DataError(
+            _missing_message(
+                data_cfg, f" Download into {root.resolve()} failed: {type(e).__name__}: {e}."
+            )
+        ) from None
+    if _data_dir(root, data_cfg.dataset, (split,)) is None:
+        raise DataError(_missing_message(data_cfg, " The download left no usable files."))
+    return root
+
+
 # ---------------------------------------------------------------- reading files
+
 
 def read_idx(path: str | Path) -> np.ndarray:
     """Strict IDX reader (unsigned-byte data only), gzip or raw, by file name."""
@@ -140,8 +160,10 @@ def read_idx(path: str | Path) -> np.ndarray:
             raw = f.read()
     # BadGzipFile is an OSError, a truncated gzip an EOFError, damaged deflate data zlib.error
     except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e}); the file is corrupt "
-                        f"or truncated, delete it and fetch it again") from None
+        raise DataError(
+            f"{path}: cannot read ({type(e).__name__}: {e}); the file is corrupt "
+            f"or truncated, delete it and fetch it again"
+        ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
     if raw[2] != 0x08:
@@ -153,8 +175,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(dims))
     if len(raw) - header != expected:
-        raise DataError(f"{path}: IDX size mismatch: dimensions {dims} need {expected} data "
-                        f"bytes, file has {len(raw) - header} (truncated or corrupt)")
+        raise DataError(
+            f"{path}: IDX size mismatch: dimensions {dims} need {expected} data "
+            f"bytes, file has {len(raw) - header} (truncated or corrupt)"
+        )
     # copy: arrays over the read-only bytes object would be read-only (torch warns)
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
@@ -175,8 +199,9 @@ def _load_idx(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     if images.ndim != 3:
         raise DataError(f"{img_path}: expected images shaped (N, H, W), got {images.shape}")
     if labels.ndim != 1 or len(labels) != len(images):
-        raise DataError(f"{lbl_path}: {labels.shape} labels do not match {len(images)} images "
-                        f"in {img_path}")
+        raise DataError(
+            f"{lbl_path}: {labels.shape} labels do not match {len(images)} images in {img_path}"
+        )
     return images[:, None], labels.astype(np.int64)
 
 
@@ -185,6 +210,7 @@ def _load_cifar(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         # Read as torchvision does, but alone: torchvision's CIFAR10 opens (checksums)
         # every training batch too, which the federator does not hold and must not read.
         import pickle
+
         path = root / CIFAR_DIR / "test_batch"
         try:
             with open(path, "rb") as f:
@@ -194,6 +220,7 @@ def _load_cifar(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as e:
             raise DataError(f"{path}: cannot read CIFAR-10 ({type(e).__name__}: {e})") from None
     import torchvision.datasets as tvd
+
     try:
         ds = tvd.CIFAR10(str(root), train=(split == "train"), download=False)
     except Exception as e:  # torchvision raises RuntimeError for a failed integrity check
@@ -211,15 +238,7 @@ def load_arrays(data_cfg: DataCfg, split: str) -> tuple[np.ndarray, np.ndarray]:
     except DataError:
         if not data_cfg.download:
             raise
-        root = Path(data_cfg.root).expanduser() if data_cfg.root else Path("data")
-        try:
-            _download(data_cfg.dataset, root)
-        except Exception as e:  # no network, proxy, disk full...: all end the same way
-            raise DataError(_missing_message(
-                data_cfg, f" Download into {root.resolve()} failed: {type(e).__name__}: {e}."
-            )) from None
-        if _data_dir(root, data_cfg.dataset, (split,)) is None:
-            raise DataError(_missing_message(data_cfg, " The download left no usable files."))
+        root = _download_root(data_cfg, split)
     folder = _data_dir(root, data_cfg.dataset, (split,))
     if data_cfg.dataset == "cifar10":
         images, labels = _load_cifar(folder, split)
@@ -231,100 +250,8 @@ def load_arrays(data_cfg: DataCfg, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-# ---------------------------------------------------------------- HDF5 shards
-
-def write_shards(path: str | Path, train_images: np.ndarray, train_labels: np.ndarray,
-                 parts: list[np.ndarray], test_images: np.ndarray, test_labels: np.ndarray,
-                 meta: dict) -> None:
-    """One group per client (images, labels, original indices) plus `test`; atomic.
-
-    meta should hold 'dataset', 'split_kind' and 'seed' (stored as attributes of
-    their own for quick checks); all of it is also stored as JSON.
-    """
-    import h5py
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = SHARDS_FORMAT
-            f.attrs["num_clients"] = len(parts)
-            f.attrs["dataset"] = str(meta.get("dataset", ""))
-            f.attrs["split_kind"] = str(meta.get("split_kind", ""))
-            f.attrs["seed"] = int(meta.get("seed", -1))
-            f.attrs["sizes"] = np.array([len(p) for p in parts], dtype=np.int64)
-            f.attrs["meta"] = json.dumps(meta)
-            for k, idx in enumerate(parts):
-                _write_group(f.create_group(f"client_{k}"), train_images[idx], train_labels[idx])
-                f[f"client_{k}"].create_dataset("indices", data=np.asarray(idx, dtype=np.int64))
-            _write_group(f.create_group("test"), test_images, test_labels)
-        os.replace(tmp, path)  # readers never see a half-written file
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_group(group, images, labels) -> None:
-    # gzip level 1 with per-image chunks: small files, fast enough on 2 cores, and any
-    # HDF5 tool can read it (lzf is h5py-only).
-    chunks = (min(len(images), 1024),) + images.shape[1:] if len(images) else None
-    group.create_dataset("images", data=np.asarray(images, dtype=np.uint8), chunks=chunks,
-                         compression="gzip" if len(images) else None,
-                         compression_opts=1 if len(images) else None)
-    group.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-
-
-def _open_shards(path: str | Path):
-    import h5py
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"shards file {path} does not exist; write it with "
-                        f"`python -m fedmpi.data split --config CONFIG --out {path}`")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
-    if f.attrs.get("format") != SHARDS_FORMAT:
-        f.close()
-        raise DataError(f"{path}: not a fedmpi shards file (no '{SHARDS_FORMAT}' format "
-                        f"attribute); write it with `python -m fedmpi.data split`")
-    return f
-
-
-def _read_group(path, f, name: str) -> tuple[np.ndarray, ...]:
-    try:
-        g = f[name]
-        keys = ("images", "labels", "indices") if "indices" in g else ("images", "labels")
-        return tuple(g[key][()] for key in keys)
-    except (KeyError, OSError) as e:
-        raise DataError(f"{path}: group '{name}' is missing or damaged ({e})") from None
-
-
-def read_shard(path: str | Path, client: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(images, labels, original indices) of one client; reads only that group."""
-    with _open_shards(path) as f:
-        k = int(f.attrs["num_clients"])
-        if not (isinstance(client, (int, np.integer)) and 0 <= client < k):
-            raise DataError(f"{path} holds {k} clients (numbered 0..{k - 1}); "
-                            f"client {client!r} is not one of them")
-        images, labels, indices = _read_group(path, f, f"client_{client}")
-    return images, labels, indices
-
-
-def read_test(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    with _open_shards(path) as f:
-        images, labels = _read_group(path, f, "test")[:2]
-    return images, labels
-
-
-def shards_info(path: str | Path) -> dict:
-    """The file's attributes, with 'meta' decoded from JSON."""
-    with _open_shards(path) as f:
-        info = {k: (v.tolist() if isinstance(v, np.ndarray) else
-                    v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
-    info["meta"] = json.loads(info.get("meta", "{}"))
-    return info
-
-
 # ---------------------------------------------------------------- per-client data
+
 
 def _split_seed(cfg: Config) -> int:
     return cfg.split.seed if cfg.split.seed is not None else cfg.run.seed
@@ -334,12 +261,20 @@ def compute_split(cfg: Config, labels: np.ndarray, num_clients: int) -> list[np.
     """The configured split of these labels (same answer on every rank)."""
     s = cfg.split
     try:
-        return split_indices(labels, num_clients, s.kind, beta=s.beta, min_size=s.min_size,
-                             classes_per_client=s.classes_per_client, seed=_split_seed(cfg),
-                             rng=s.rng)
+        return split_indices(
+            labels,
+            num_clients,
+            s.kind,
+            beta=s.beta,
+            min_size=s.min_size,
+            classes_per_client=s.classes_per_client,
+            seed=_split_seed(cfg),
+            rng=s.rng,
+        )
     except ValueError as e:
-        raise DataError(f"cannot split {cfg.data.dataset} over {num_clients} clients: {e}"
-                        ) from None
+        raise DataError(
+            f"cannot split {cfg.data.dataset} over {num_clients} clients: {e}"
+        ) from None
 
 
 def load_client_data(cfg: Config, client: int, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
@@ -351,17 +286,22 @@ def load_client_data(cfg: Config, client: int, num_clients: int) -> tuple[np.nda
     if not 0 <= client < num_clients:
         raise DataError(f"client {client} is out of range for {num_clients} clients")
     if cfg.split.num_clients is not None and cfg.split.num_clients != num_clients:
-        raise DataError(f"split.num_clients is {cfg.split.num_clients} but {num_clients} "
-                        f"clients are running; make them agree (or set split.num_clients: null)")
+        raise DataError(
+            f"split.num_clients is {cfg.split.num_clients} but {num_clients} "
+            f"clients are running; make them agree (or set split.num_clients: null)"
+        )
     if cfg.data.shards:
         info = shards_info(cfg.data.shards)
         if info["num_clients"] != num_clients:
-            raise DataError(f"{cfg.data.shards} was split for {info['num_clients']} clients but "
-                            f"{num_clients} are running; re-run `python -m fedmpi.data split "
-                            f"--clients {num_clients}` or change the number of processes")
+            raise DataError(
+                f"{cfg.data.shards} was split for {info['num_clients']} clients but "
+                f"{num_clients} are running; re-run `python -m fedmpi.data split "
+                f"--clients {num_clients}` or change the number of processes"
+            )
         if info["dataset"] and info["dataset"] != cfg.data.dataset:
-            raise DataError(f"{cfg.data.shards} holds {info['dataset']} but data.dataset is "
-                            f"{cfg.data.dataset}")
+            raise DataError(
+                f"{cfg.data.shards} holds {info['dataset']} but data.dataset is {cfg.data.dataset}"
+            )
         images, labels, _ = read_shard(cfg.data.shards, client)
         return images, labels
     images, labels = load_arrays(cfg.data, "train")
@@ -376,6 +316,3 @@ def load_test_data(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
         n = cfg.data.test_subset
         return (images[:n], labels[:n]) if n is not None else (images, labels)
     return load_arrays(cfg.data, "test")
-
-
-# ---------------------------------------------------------------- CLI
