@@ -1,4 +1,9 @@
-"""Tabular files: JSON lines (one row per event) and CSV tables, read and written one way.
+"""Tables, read, written and shown one way: JSON lines, CSV files and text tables.
+
+The one CSV reader (`read_csv`), writer (`write_csv`) and appender (`append_csv`), the
+JSON-lines reader and writers (`read_jsonl`, `write_jsonl`, `JsonlWriter`) and the one
+table formatter (`format_table`: aligned plain text or markdown) of fedmpi; the run
+folder (`runfolder.py`), the ledger, the reports, evaluate and the benchmarks use them.
 
 Rows are appended and flushed as they happen, so a killed job loses nothing; a crash in
 the middle of a write can leave a partial last line, which the readers drop (with a
@@ -14,6 +19,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from fedmpi.store.atomic import atomic_write
@@ -99,14 +105,50 @@ def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> 
     atomic_write(path, out.getvalue())
 
 
-def append_csv(path: Path, rows: list[dict]) -> None:
-    """Append rows to a CSV file, writing the header when the file is new."""
-    if not rows:
+def append_csv(path: Path, rows: list[dict], fields: Sequence[str] | None = None) -> None:
+    """Append rows to a CSV file, writing the header (`fields`, else the first row's keys)
+    when the file is new. With `fields`, a new file gets its header even without rows and
+    keys outside `fields` are left out."""
+    if not rows and fields is None:
         return
     path = Path(path)
     new = not path.exists()
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        extra = "ignore" if fields else "raise"
+        w = csv.DictWriter(f, fieldnames=list(fields or rows[0]), extrasaction=extra)
         if new:
             w.writeheader()
         w.writerows(rows)
+
+
+def format_table(
+    head: Sequence[str],
+    rows: Iterable[Sequence | None],
+    align: str | None = None,
+    markdown: bool = False,
+) -> str:
+    """A table as aligned plain text (a rule under the header) or as markdown.
+
+    `align`: one 'l' or 'r' per column (default: the first column left, the others
+    right). Cells are shown with str(). A row that is None draws a rule across the
+    table in plain text (before a total, say); markdown has no such rules and skips it.
+    """
+    head = [str(h) for h in head]
+    align = align or "l" + "r" * (len(head) - 1)
+    cells = [None if row is None else [str(c) for c in row] for row in rows]
+    if markdown:
+
+        def line(row):
+            return "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+
+        rule = "| " + " | ".join("--:" if a == "r" else "---" for a in align) + " |"
+        return "\n".join([line(head), rule] + [line(r) for r in cells if r is not None])
+    widths = [max(len(c) for c in col) for col in zip(head, *(r for r in cells if r is not None))]
+
+    def line(row):
+        return "  ".join(
+            c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(row, widths, align)
+        ).rstrip()
+
+    rule = "-" * len(line(head))
+    return "\n".join([line(head), rule] + [rule if r is None else line(r) for r in cells])
