@@ -15,7 +15,7 @@ from mpihelp import mpirun, train
 
 from fedmpi.store.checkpoint import checkpoint_dir
 from fedmpi.train.progress import Progress, RoundProgress
-from fedmpi.train.trainer import LRSchedule
+from fedmpi.train.recipe import LRSchedule
 
 
 class FakeClock:

@@ -153,7 +153,7 @@ def test_cli_missing_data_is_a_clear_error(tmp_path):
 
 
 def test_lr_schedule_warmup_and_cosine():
-    from fedmpi.train.trainer import LRSchedule
+    from fedmpi.train.recipe import LRSchedule
 
     s = LRSchedule(1e-3, warmup=4, kind="cosine", total=104, lr_min=1e-4)
     assert [s(i) for i in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
@@ -192,7 +192,7 @@ def test_thread_sharing_and_all_cores_for_the_waiting_federator(monkeypatch):
 def test_ema_math_state_and_swap():
     from fedmpi.model.regions import bind_flat
     from fedmpi.model.unet import UNet
-    from fedmpi.train.trainer import EMA
+    from fedmpi.train.recipe import EMA
 
     torch.manual_seed(0)
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
@@ -241,7 +241,8 @@ def test_ema_follows_the_model_to_the_training_device():
 
     from fedmpi.model.diffusion import Diffusion
     from fedmpi.model.unet import UNet
-    from fedmpi.train.trainer import EMA, LocalTrainer
+    from fedmpi.train.recipe import EMA
+    from fedmpi.train.trainer import LocalTrainer
 
     model = UNet(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     ema = EMA(model, 0.9)
