@@ -1,4 +1,7 @@
-"""Shared helpers of the benchmarks: environment report, launcher, tables, CSV, charts.
+"""Shared helpers of the benchmarks: environment report, launcher, statistics, charts.
+
+Tables and CSV files are fedmpi's own (fedmpi.store.tables): `markdown_table`,
+`write_csv(rows, path)` and `read_csv` call the one formatter, writer and reader.
 
 Not a benchmark itself. Importing it puts the repository root on sys.path, so the
 benchmarks run as `python bench/NAME.py` from a checkout without installing fedmpi.
@@ -6,7 +9,6 @@ benchmarks run as `python bench/NAME.py` from a checkout without installing fedm
 
 from __future__ import annotations
 
-import csv
 import os
 import platform
 import shlex
@@ -21,6 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import fedmpi.store.tables as tables
+from fedmpi.store.tables import format_table, read_csv  # noqa: F401  (bench's CSV reader)
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -167,43 +172,14 @@ def median(values: Iterable[float]) -> float:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], align: str = "") -> str:
-    """A GitHub markdown table; align: one char per column, 'l' or 'r' (default r, first l)."""
-    align = align or "l" + "r" * (len(headers) - 1)
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max(3, len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-
-    def line(values):
-        return (
-            "| "
-            + " | ".join(
-                v.ljust(w) if a == "l" else v.rjust(w) for v, w, a in zip(values, widths, align)
-            )
-            + " |"
-        )
-
-    sep = (
-        "| "
-        + " | ".join(("-" * (w - 1) + ":") if a == "r" else "-" * w for w, a in zip(widths, align))
-        + " |"
-    )
-    return "\n".join([line(headers), sep] + [line(r) for r in cells])
+    """A markdown table (fedmpi.store.tables.format_table); align: one char per column,
+    'l' or 'r' (default r, first l)."""
+    return format_table(headers, rows, align=align or None, markdown=True)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with Path(path).open() as f:
-        return [dict(r) for r in csv.DictReader(f)]
+    """Write rows as a CSV table (fedmpi.store.tables.write_csv: header from the rows' keys)."""
+    tables.write_csv(path, rows)
 
 
 def pyplot():

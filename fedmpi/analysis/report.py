@@ -22,8 +22,7 @@ Runs that did not finish are shown as such ("incomplete (3/15 rounds)"), never d
 The metric keeps its name: `fid` (Inception) and `fd_classifier` (offline classifier)
 never share a table, and an fd_classifier table says it is not comparable with FID.
 
-This module also owns `format_table` (plain or markdown tables, used by fedmpi.analysis.sweep)
-and `run_progress` (how far a run folder got; fedmpi.analysis.sweep skips finished runs with it).
+This module also owns `run_progress` (how far a run folder got; fedmpi.analysis.sweep skips finished runs with it).
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ import numpy as np
 from fedmpi.config import Config, ConfigError, load_config
 from fedmpi.fl.methods import METHODS, personal_regions
 from fedmpi.store.checkpoint import latest_complete
-from fedmpi.store.tables import append_csv, read_jsonl
+from fedmpi.store.tables import format_table, read_jsonl, write_csv
 
 METRIC_OF_EXTRACTOR = {"inception": "fid", "classifier": "fd_classifier"}
 SPLIT_ORDER = ("centralized", "iid", "label_skew", "quantity_skew", "shards")
@@ -143,38 +142,6 @@ _NOT_A_SETTING = {
 
 class ReportError(ValueError):
     """Arguments that name no run folders, or a run folder that cannot be read."""
-
-
-# ---------------------------------------------------------------- tables
-
-
-def format_table(
-    head: list[str], rows: list[list], markdown: bool = False, align: str | None = None
-) -> str:
-    """A table as aligned plain text or as markdown. `align`: one 'l' or 'r' per
-    column (default: first column left, the others right)."""
-    cells = [[str(c) for c in row] for row in rows]
-    align = align or "l" + "r" * (len(head) - 1)
-    if markdown:
-
-        def line(row):
-            return "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
-
-        rule = "| " + " | ".join("--:" if a == "r" else "---" for a in align) + " |"
-        return "\n".join([line(head), rule] + [line(r) for r in cells])
-    widths = [max(len(c) for c in col) for col in zip(head, *cells)]
-
-    def line(row):
-        return "  ".join(
-            c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(row, widths, align)
-        ).rstrip()
-
-    return "\n".join([line(head), "-" * len(line(head))] + [line(r) for r in cells])
-
-
-def _write_csv(rows: list[dict], path: Path) -> None:
-    path.unlink(missing_ok=True)
-    append_csv(path, rows)
 
 
 # ---------------------------------------------------------------- run folders
@@ -784,8 +751,8 @@ def write_report(runs: list[RunResult], out: Path, sources: list[str]) -> dict:
     ]
     md = out / "report.md"
     md.write_text("\n".join(lines))
-    _write_csv(_table_csv_rows(tables), out / "table.csv")
-    _write_csv(_runs_rows(runs), out / "runs.csv")
+    write_csv(out / "table.csv", _table_csv_rows(tables))
+    write_csv(out / "runs.csv", _runs_rows(runs))
     return {
         "markdown": md,
         "table_csv": out / "table.csv",

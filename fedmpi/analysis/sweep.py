@@ -47,9 +47,10 @@ from pathlib import Path
 
 import yaml
 
-from fedmpi.analysis.report import Progress, format_table, run_progress
+from fedmpi.analysis.report import Progress, run_progress
 from fedmpi.config import Config, ConfigError, load_config
 from fedmpi.store.checkpoint import save_config
+from fedmpi.store.tables import format_table
 
 SPEC_KEYS = ("name", "base", "out", "overrides", "grid")
 CLIENTS = "clients"  # spec shorthand for split.num_clients

@@ -4,13 +4,34 @@ from __future__ import annotations
 
 import sys
 
+from fedmpi.store.tables import format_table
+
+
+def comm_table(results: list[dict], rule: str = "paper", unit: str = "fp32") -> str:
+    """The comparison of every method (fedmpi.fl.ledger.comparison) as a text table."""
+    head = ["method", "clients", "rounds", "parameters", f"MB ({unit})", "vs FULL"]
+    rows = []
+    for res in results:
+        t = res[rule]
+        rows.append(
+            [
+                res["method"].upper(),
+                res["clients"],
+                res["rounds"],
+                f"{t['params']:,}",
+                f"{t['bytes'] / 1e6:.1f}",
+                f"{-100 * t['reduction_vs_full']:+.1f}%",
+            ]
+        )
+    return format_table(head, rows)
+
 
 def main(argv=None) -> int:
     """`python -m fedmpi.comm`: the analytical communication table."""
     import argparse
 
     from fedmpi.config import ConfigError, load_config
-    from fedmpi.fl.ledger import FLOAT_BYTES, SECURE_VALUE_BYTES, comparison, format_table
+    from fedmpi.fl.ledger import FLOAT_BYTES, SECURE_VALUE_BYTES, comparison
     from fedmpi.fl.methods import METHODS
     from fedmpi.model.summary import model_region_sizes
 
@@ -50,7 +71,7 @@ def main(argv=None) -> int:
         f"parameters exchanged, K={args.clients}, R={rounds}, rule={args.rule}"
         + (", secure: uploads uint64 (8 bytes/value), downloads fp32" if secure else "")
     )
-    print(format_table(results, args.rule, "secure" if secure else "fp32"))
+    print(comm_table(results, args.rule, "secure" if secure else "fp32"))
     return 0
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmpi.store.tables import format_table as text_table
+
 KINDS = ("iid", "label_skew", "quantity_skew", "shards")
 RNGS = ("default", "numpy_legacy")
 LEGACY_KINDS = ("iid", "label_skew", "quantity_skew")
@@ -219,17 +221,10 @@ def format_table(rows: list[dict]) -> str:
         return "(no clients)"
     num_classes = len(rows[0]["histogram"])
     total_hist = np.sum([r["histogram"] for r in rows], axis=0).tolist()
-    body = [[str(r["client"]), str(r["size"]), f"{100 * r['share']:.1f}%"]
-            + [str(v) for v in r["histogram"]] for r in rows]
-    total = str(sum(r["size"] for r in rows))
-    body.append(["total", total, "100.0%"] + [str(v) for v in total_hist])
+    body = [[r["client"], r["size"], f"{100 * r['share']:.1f}%", *r["histogram"]] for r in rows]
+    total = ["total", sum(r["size"] for r in rows), "100.0%", *total_hist]
     head = ["client", "size", "share"] + [f"c{j}" for j in range(num_classes)]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-
-    def line(cells):
-        return "  ".join(x.rjust(w) for x, w in zip(cells, widths))
-    rule = "-" * len(line(head))
-    return "\n".join([line(head), rule] + [line(b) for b in body[:-1]] + [rule, line(body[-1])])
+    return text_table(head, [*body, None, total], align="r" * len(head))
 
 
 def save_report_json(rows: list[dict], path: str | Path) -> None:

@@ -30,7 +30,7 @@ from fedmpi.model.diffusion import Diffusion
 from fedmpi.model.unet import compile_unet
 from fedmpi.runtime import all_cpu_threads, autocast_for, derive_seed
 from fedmpi.store.runfolder import save_grid
-from fedmpi.store.tables import append_csv, write_csv
+from fedmpi.store.tables import append_csv, format_table, write_csv
 
 
 def _share(n: int, parts: int, index: int) -> int:
@@ -278,24 +278,18 @@ def _fmt(v) -> str:
 
 
 def _format_table(rows: list[dict], keys: list[str]) -> str:
+    """The re-scored models, one row each (a rule before the mean and std rows)."""
     head = ["client"] + keys + ["seconds"]
-    body = [
-        [str(r["client"])]
-        + [_fmt(r.get(k, "")) for k in keys]
-        + [_fmt(r["seconds"]) if "seconds" in r else ""]
-        for r in rows
-    ]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-
-    def line(cells):
-        return "  ".join(x.rjust(w) for x, w in zip(cells, widths))
-
-    lines = [line(head), "-" * len(line(head))]
-    for r, b in zip(rows, body):
+    body = []
+    for r in rows:
         if r["client"] == "mean":
-            lines.append("-" * len(line(head)))
-        lines.append(line(b))
-    return "\n".join(lines)
+            body.append(None)
+        body.append(
+            [r["client"]]
+            + [_fmt(r.get(k, "")) for k in keys]
+            + [_fmt(r["seconds"]) if "seconds" in r else ""]
+        )
+    return format_table(head, body, align="r" * len(head))
 
 
 def rescore(run_dir: Path, index: int | None, cfg: Config, device=None, log=print) -> dict:

@@ -24,12 +24,11 @@ count per round) and is not written twice.
 
 from __future__ import annotations
 
-import csv
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fedmpi.store.tables as metrics
+import fedmpi.store.tables as tables
 from fedmpi.fl.methods import make_plan
 from fedmpi.model.regions import REGIONS
 from fedmpi.store.atomic import atomic_write
@@ -202,16 +201,16 @@ def comparison(
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    metrics.write_csv(path, client_rows(rows), list(FIELDS))
+    """Write the client rows of `rows` as a whole comm.csv (atomically)."""
+    tables.write_csv(path, client_rows(rows), list(FIELDS))
 
 
-def read_csv(path: Path) -> list[dict]:
-    """comm.csv rows with integer columns (a partial last row, from a crash, is dropped).
-    A file of the older layout (rank, 0-based client, federator rows) is read as the
-    current one, so runs written before still resume, plot and report."""
+def typed_rows(rows: list[dict]) -> list[dict]:
+    """comm.csv rows as read (strings) with integer columns as ints. Rows of the older
+    layout (rank, 0-based client, federator rows) become rows of the current one, so runs
+    written before still resume, plot and report."""
     rows = [
-        {k: (v if k in ("region", "direction") else int(v)) for k, v in row.items()}
-        for row in metrics.read_csv(path)
+        {k: (v if k in ("region", "direction") else int(v)) for k, v in row.items()} for row in rows
     ]
     if rows and "src" not in rows[0]:
         rows = [
@@ -222,31 +221,14 @@ def read_csv(path: Path) -> list[dict]:
     return rows
 
 
-def format_table(results: list[dict], rule: str = "paper", unit: str = "fp32") -> str:
-    mb = f"MB ({unit})"
-    lines = [
-        f"{'method':<8} {'clients':>7} {'rounds':>6} {'parameters':>14} {mb:>11} {'vs FULL':>8}"
-    ]
-    for res in results:
-        t = res[rule]
-        lines.append(
-            f"{res['method'].upper():<8} {res['clients']:>7} {res['rounds']:>6} "
-            f"{t['params']:>14,} {t['bytes'] / 1e6:>11.1f} "
-            f"{-100 * t['reduction_vs_full']:>+7.1f}%"
-        )
-    return "\n".join(lines)
+def read_csv(path: Path) -> list[dict]:
+    """comm.csv rows with integer columns (a partial last row, from a crash, is dropped)."""
+    return typed_rows(tables.read_csv(path))
 
 
 def append_rows(rows: list[dict], path: Path) -> None:
     """Append the client rows of `rows` (one per transfer) to comm.csv."""
-    path = Path(path)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(FIELDS))
-        if new:
-            w.writeheader()
-        for r in client_rows(rows):
-            w.writerow({k: r[k] for k in FIELDS})
+    tables.append_csv(path, client_rows(rows), FIELDS)
 
 
 def _key(row: dict) -> tuple:
