@@ -37,6 +37,13 @@ from fedmpi.store.tables import (
 
 MARKER = "COMPLETE"
 STOP_FILE = "PREEMPT"  # created by slurm/run.sh (or a user) to ask a job to checkpoint and stop
+FEDERATOR_FILE = "federator.pt"  # a federated checkpoint: the federator's (global) model
+MODEL_FILE = "model.pt"  # a centralized checkpoint: the one model
+
+
+def client_file(client: int) -> str:
+    """A federated checkpoint's file of client `client` (1..K): client_001.pt, ..."""
+    return f"client_{client:03d}.pt"
 
 
 class RunFolder:
@@ -79,6 +86,15 @@ class RunFolder:
     def is_run(self) -> bool:
         """Whether this folder holds a run (its config.yaml)."""
         return (self.path / self.CONFIG).is_file()
+
+    def has_results(self) -> bool:
+        """Whether a run started here: it wrote metrics.jsonl or a checkpoint folder."""
+        return (self.path / self.METRICS).is_file() or (self.path / "checkpoints").is_dir()
+
+    @property
+    def config_file(self) -> Path:
+        """config.yaml's path (for a job script that reads it itself)."""
+        return self.path / self.CONFIG
 
     def write_config(self, cfg: Config) -> None:
         atomic_write(self.path / self.CONFIG, dump_config(cfg))
@@ -153,6 +169,22 @@ class RunFolder:
                 )
         return None
 
+    def checkpoint_models(self, index: int) -> tuple[bool, list[tuple[str, Path]]]:
+        """(centralized, [(label, path)]) of the model files of checkpoint `index`:
+        centralized, [("global", model.pt)]; or federated, federator.pt as "global" when
+        present, then client_NNN.pt as "N" (the client's number). [] if it holds none."""
+        d = self.checkpoint_dir(index)
+        if (d / MODEL_FILE).is_file():
+            return True, [("global", d / MODEL_FILE)]
+        files = [(str(int(p.stem.split("_")[1])), p) for p in sorted(d.glob("client_[0-9]*.pt"))]
+        if (d / FEDERATOR_FILE).is_file():
+            files.insert(0, ("global", d / FEDERATOR_FILE))
+        return False, files
+
+    def has_centralized_checkpoint(self) -> bool:
+        """Whether any checkpoint folder (complete or not) holds a centralized model.pt."""
+        return any(self.path.glob(f"checkpoints/round_*/{MODEL_FILE}"))
+
     def newest_verified(self, warn=print) -> int | None:
         """The newest complete checkpoint whose files verify; warns about each one skipped."""
         for index in reversed(self.complete_checkpoints()):
@@ -178,6 +210,18 @@ class RunFolder:
     def read_eval(self) -> list[dict]:
         return read_csv(self.path / self.EVAL)
 
+    def last_eval(self) -> list[dict]:
+        """eval.csv's rows, the last one of each (round, client): a run resumed from a
+        folder written before truncation existed re-wrote the rounds it replayed."""
+        last = {(r.get("round"), r.get("client")): r for r in self.read_eval()}
+        return list(last.values())
+
+    def write_rescore(self, rows: list[dict], extractor: str, index: int) -> Path:
+        """rescore_<extractor>_round_<index>.csv (fedmpi.evaluate's scores); returns its path."""
+        path = self.path / f"rescore_{extractor}_round_{index}.csv"
+        write_csv(path, rows)
+        return path
+
     def append_comm(self, rows: list[dict]) -> None:
         append_csv(self.path / self.COMM, rows)
 
@@ -196,6 +240,10 @@ class RunFolder:
     def read_summary(self) -> dict | None:
         p = self.path / self.SUMMARY
         return json.loads(p.read_text()) if p.is_file() else None
+
+    def has_summary(self) -> bool:
+        """Whether comm_summary.json was written (a federated run writes it at its end)."""
+        return (self.path / self.SUMMARY).is_file()
 
     def truncate(self, last: int, key: str = "round") -> None:
         """Drop the rows of rounds (or epochs, `key`) after `last` from metrics.jsonl,
@@ -229,6 +277,12 @@ class RunFolder:
         path = self.samples_dir / f"{name}.png"
         save_grid(images, path, nrow)
         return path
+
+    def save_round_grid(self, images, index: int, client: int | None = None) -> Path:
+        """The grid of round (epoch) `index`: samples/round_NNNN.png of the global model,
+        samples/round_NNNN_client_KKK.png of client `client`'s (1..K) personal model."""
+        name = f"round_{index:04d}" + (f"_client_{client:03d}" if client is not None else "")
+        return self.save_grid(images, name)
 
 
 def save_grid(images, path: Path, nrow: int | None = None) -> None:
