@@ -1,8 +1,9 @@
 """Client-level differential privacy: DP-FedAvg (McMahan et al., 2018) building blocks.
 
-This module owns the transport-free half of `privacy.dp`: clipping a client's update,
-the Gaussian noise (central or distributed), the uniform-weight average and the
-privacy accountant. It moves no bytes.
+This module owns `privacy.dp`: clipping a client's update, the Gaussian noise (central
+or distributed), the uniform-weight average, the privacy accountant, and the aggregation
+strategy that applies them around plain or secure FedAvg (`DifferentialPrivacy`, a
+wrapper of `fedmpi.fl.strategy.AggregationStrategy`). It moves no bytes itself.
 
 One round, per client k: delta_k = (local - global at round start) over all shared
 regions of the round, flattened; `clip_update` scales it to L2 norm <= C. The released
@@ -35,6 +36,8 @@ import math
 import dp_accounting
 import numpy as np
 from dp_accounting import rdp
+
+from fedmpi.fl.strategy import AggregationStrategy, host_view, write_back
 
 MODES = ("central", "distributed")
 
@@ -193,3 +196,116 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float, sample_rate: flo
     accountant = rdp.RdpAccountant()
     accountant.compose(event)
     return float(accountant.get_epsilon(delta))
+
+
+# --- the strategy ---------------------------------------------------------------------
+
+
+class DifferentialPrivacy(AggregationStrategy):
+    """DP-FedAvg around another strategy (`inner`: plain or secure FedAvg).
+
+    Uniform weights (every client of size > 0 counts 1). Before the inner strategy sees
+    them, a client replaces the regions it uploads by start + clip(theta - start), one
+    L2 norm over all of them, plus its noise share in distributed mode (1/sqrt(m) of the
+    noise for the m reporters of the region that are not left out, so that their sum
+    carries all of it); its weights may be overwritten because every region a client
+    uploads comes back to it in the same round's broadcast. In central mode the
+    federator's own summand of the sum is the noise (the inner strategy must allow a
+    float summand: not the secure one). `rng`: the noise generator (default
+    `noise_generator()`)."""
+
+    def __init__(
+        self,
+        inner: AggregationStrategy,
+        clip: float,
+        noise_multiplier: float,
+        mode: str = "central",
+        delta: float = 1e-5,
+        rng: np.random.Generator | None = None,
+    ):
+        if mode == "central" and not inner.federator_summand:
+            raise PrivacyError(
+                f"central DP adds the noise as the federator's summand, which "
+                f"{type(inner).__name__} does not have; use privacy.mode=distributed"
+            )
+        self.inner = inner
+        self.clip, self.noise_multiplier, self.mode, self.delta = (
+            clip,
+            noise_multiplier,
+            mode,
+            delta,
+        )
+        self.rng = rng if rng is not None else noise_generator()
+
+    @classmethod
+    def from_config(cls, inner: AggregationStrategy, privacy_cfg) -> DifferentialPrivacy:
+        p = privacy_cfg
+        return cls(inner, p.clip, p.noise_multiplier, p.mode, p.delta)
+
+    @property
+    def value_bytes(self) -> int:
+        return self.inner.value_bytes
+
+    @property
+    def min_reporters(self) -> int:
+        return self.inner.min_reporters
+
+    @property
+    def federator_summand(self) -> bool:
+        return self.inner.federator_summand
+
+    def fedavg_sizes(self, sizes):
+        return [1.0 if n > 0 else 0.0 for n in self.inner.fedavg_sizes(sizes)]
+
+    def begin_round(self, bufs, round_index, client, uploads, start):
+        stats = self._privatize(bufs, uploads, start) if client is not None else {}
+        return {**stats, **self.inner.begin_round(bufs, round_index, client, uploads, start)}
+
+    def _privatize(self, bufs, uploads, start) -> dict:
+        """A client's clipped (and noised) update, in place; its norm before and after."""
+        if not uploads:
+            return {}
+        if start is None:
+            raise RuntimeError(
+                "privacy.dp needs the client's weights at the round's start "
+                "(Aggregator.exchange(..., start=RoundStart.weights))"
+            )
+        stds = [
+            noise_std(
+                self.noise_multiplier, self.clip, self.mode, max(1, sum(n > 0 for n in job.sizes))
+            )
+            if self.mode == "distributed"
+            else 0.0
+            for job in uploads
+        ]
+        thetas = [host_view(bufs.flat[job.region]) for job in uploads]
+        starts = [host_view(start[job.region]) for job in uploads]
+        norm, clipped = privatize_update(thetas, starts, self.clip, stds, self.rng)
+        for job, host in zip(uploads, thetas):
+            write_back(bufs.flat[job.region], host)
+        return {"dp_update_norm": norm, "dp_clipped_norm": clipped}
+
+    def upload(self, bufs, job, client):
+        return self.inner.upload(bufs, job, client)
+
+    def receive(self, bufs, job):
+        """Central DP: N(0, (z C)^2) per coordinate on the sum of the clipped uploads,
+        i.e. N(0, (z C / m)^2) on the average of m reporters, as the federator's summand."""
+        dst, own = self.inner.receive(bufs, job)
+        if self.mode == "central" and job.reported:
+            own = bufs.upload_buffer(job.region).zero_()
+            std = noise_std(self.noise_multiplier, self.clip, "central", 1) / sum(job.sizes)
+            host = host_view(own[:-1])
+            add_noise(host, std, self.rng)
+            write_back(own[:-1], host)
+        return dst, own
+
+    def reduce(self, world, group, buf, own=None):
+        self.inner.reduce(world, group, buf, own)
+
+    def finish(self, bufs, job, total):
+        return self.inner.finish(bufs, job, total)
+
+    def epsilon(self, rounds: int) -> float:
+        """The (epsilon, delta) guarantee after `rounds` rounds."""
+        return epsilon(self.noise_multiplier, rounds, self.delta)
