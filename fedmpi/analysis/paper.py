@@ -1,0 +1,175 @@
+"""The paper's published numbers and the report's cells.
+
+Owns the paper's values (Inception FID on 1,000 samples, /work/shared/PAPER.md: the main
+table, the K x E study, the centralized baseline, the parameters exchanged), when a
+table's setting is the paper's (`paper_value`), and a cell of a table (`Cell`: mean +-
+sample std over runs, or over every client of every run for personal models, with the
+runs that did not finish or have no score named).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedmpi.analysis.report import RunResult, Table
+
+# The paper's published numbers (Inception FID on 1,000 samples, /work/shared/PAPER.md).
+PAPER_MAIN = {  # (K, split) -> method -> (mean, std); R = 15, E = 5
+    (2, "iid"): {
+        "full": (38.5, 1.8),
+        "usplit": (37.2, 3.1),
+        "udec": (49.0, 16.3),
+        "ulatdec": (44.7, 13.4),
+    },
+    (2, "label_skew"): {
+        "full": (32.9, 1.1),
+        "usplit": (37.6, 4.0),
+        "udec": (49.4, 5.3),
+        "ulatdec": (48.6, 4.5),
+    },
+    (2, "quantity_skew"): {
+        "full": (33.2, 3.3),
+        "usplit": (54.8, 3.6),
+        "udec": (78.5, 47.9),
+        "ulatdec": (54.0, 24.3),
+    },
+    (5, "iid"): {
+        "full": (39.4, 4.2),
+        "usplit": (40.7, 5.1),
+        "udec": (51.1, 14.6),
+        "ulatdec": (52.6, 14.9),
+    },
+    (5, "label_skew"): {
+        "full": (42.8, 3.7),
+        "usplit": (61.4, 5.2),
+        "udec": (74.9, 30.9),
+        "ulatdec": (72.0, 30.5),
+    },
+    (5, "quantity_skew"): {
+        "full": (22.8, 4.6),
+        "usplit": (38.8, 9.0),
+        "udec": (139.0, 135.0),
+        "ulatdec": (121.7, 138.2),
+    },
+    (10, "iid"): {
+        "full": (60.5, 1.7),
+        "usplit": (62.1, 3.1),
+        "udec": (71.5, 20.0),
+        "ulatdec": (70.2, 14.2),
+    },
+    (10, "label_skew"): {
+        "full": (64.4, 2.8),
+        "usplit": (69.6, 7.6),
+        "udec": (98.0, 66.5),
+        "ulatdec": (100.8, 83.3),
+    },
+    (10, "quantity_skew"): {
+        "full": (75.7, 11.2),
+        "usplit": (86.8, 19.0),
+        "udec": (146.2, 119.4),
+        "ulatdec": (136.8, 125.2),
+    },
+}
+PAPER_K_BY_E = {  # FULL, IID, R = 15: K -> E -> FID (single values, no std published)
+    2: {1: 65.7, 2: 40.8, 3: 35.4, 5: 28.2, 8: 31.8},
+    5: {1: 105.3, 2: 56.2, 3: 48.9, 5: 39.0, 8: 32.3},
+    10: {1: 147.0, 2: 110.9, 3: 70.9, 5: 58.1, 8: 47.8},
+}
+PAPER_CENTRALIZED = (42.5, 1.1)  # K = 1, 15 epochs
+PAPER_PARAMS_K10_R15 = {"full": 898.9e6, "usplit": 674.2e6, "udec": 237.7e6, "ulatdec": 527.5e6}
+
+
+# ---------------------------------------------------------------- the paper's numbers
+
+
+def paper_setting(s: dict) -> bool:
+    return (
+        s["data.dataset"] == "fashion_mnist"
+        and not s.get("data.train_subset")
+        and s["model.dim"] == 28
+        and list(s["model.dim_mults"]) == [1, 2, 4]
+        and s["train.batch_size"] == 128
+        and s["diffusion.timesteps"] == 1000
+    )
+
+
+def paper_value(table: Table, clients, split: str, method: str) -> tuple | None:
+    """(mean, std or None) the paper published for this cell, if the setting is the paper's."""
+    s = table.setting
+    if table.metric != "fid" or not paper_setting(s):
+        return None
+    if split == "centralized":
+        runs = list(table.cell_runs(clients, split, method))
+        return PAPER_CENTRALIZED if runs and runs[0].cfg.train.epochs == 15 else None
+    if s.get("fed.rounds") != 15 or s.get("fed.local_steps"):
+        return None
+    e = s.get("fed.local_epochs")
+    if e == 5 and (clients, split) in PAPER_MAIN:
+        return PAPER_MAIN[(clients, split)].get(method)
+    if method == "full" and split == "iid" and e in PAPER_K_BY_E.get(clients, {}):
+        return PAPER_K_BY_E[clients][e], None
+    return None
+
+
+# ---------------------------------------------------------------- cells
+
+
+def fmt_value(v: float | None) -> str:
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+
+
+def millions(p: float) -> str:
+    return f"{p / 1e6:,.1f}M" if p >= 1e7 else f"{p / 1e6:.3g}M"
+
+
+@dataclass
+class Cell:
+    runs: list[RunResult]
+
+    @property
+    def values(self) -> list[float]:
+        return [v for r in self.runs if r.scored for v in r.scores]
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.values)) if self.values else None
+
+    @property
+    def std(self) -> float | None:  # sample std (ddof 1), as the reference reports
+        return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else None
+
+    def incomplete(self) -> list[RunResult]:
+        return [r for r in self.runs if not r.progress.finished]
+
+    def unscored(self) -> list[RunResult]:
+        return [r for r in self.runs if r.progress.finished and not r.scores]
+
+    def text(self, paper: tuple | None) -> str:
+        if not self.runs:
+            return ""
+        parts = []
+        scored = [r for r in self.runs if r.scored]
+        if scored:
+            n = f"{len(scored)} run{'s' if len(scored) > 1 else ''}"
+            if any(r.personal for r in scored):
+                n += f", n={len(self.values)}"
+            sd = f" ± {fmt_value(self.std)}" if self.std is not None else ""
+            parts.append(f"{fmt_value(self.mean)}{sd} ({n})")
+        if paper:
+            parts.append(
+                f"paper {fmt_value(paper[0])}" + (f" ± {fmt_value(paper[1])}" if paper[1] else "")
+            )
+        inc = self.incomplete()
+        if inc:
+            prog = ", ".join(f"{r.progress.done}/{r.progress.total}" for r in inc)
+            unit = inc[0].progress.unit
+            count = f"{len(inc)} " if scored or len(inc) > 1 else ""
+            parts.append(f"{count}incomplete ({prog} {unit})")
+        for note in sorted({r.note for r in self.unscored()}):
+            parts.append(note)
+        return "; ".join(parts)
