@@ -1,4 +1,36 @@
-"""`python -m fedmpi.sweep SPEC`: write, launch (mpirun or Slurm) and follow an experiment grid."""
+"""`python -m fedmpi.sweep SPEC`: write, launch (mpirun or Slurm) and follow an experiment grid.
+
+    python -m fedmpi.sweep SPEC.yaml --dry-run                  # list runs, world sizes, bytes
+    python -m fedmpi.sweep SPEC.yaml --launcher local           # one after another, mpirun
+    python -m fedmpi.sweep SPEC.yaml --launcher slurm           # one sbatch slurm/run.sh each
+    python -m fedmpi.report SWEEP_DIR                           # the tables
+
+A spec (configs/paper/sweeps/*.yaml)::
+
+    name: main_table              # sweep name (default: the spec file's name)
+    base: ../fmnist_full.yaml     # base config, relative to the spec file
+    out: runs/main_table          # sweep folder (default: <base run.out_dir>/<name>)
+    overrides:                    # dotted keys applied to every run
+      fed.rounds: 15
+    grid:                         # one run per combination, in this order
+      clients: [2, 5, 10]         # K (sets split.num_clients); K = 1: the centralized baseline
+      split.kind: [iid, label_skew, quantity_skew]
+      fed.method: [full, usplit, udec, ulatdec]
+      run.seed: [2023, 2024, 2025]
+
+Run folders are SWEEP_DIR/<run name>, the name joining the grid values in grid order
+(`K2-iid-full-s2023`; `E5` for fed.local_epochs, `lr_0.0002` for other keys): the same
+spec always gives the same names. Every run's config is resolved and validated before
+anything is written or launched (a bad key or value stops the sweep, naming the run);
+then each folder gets its config.yaml, and a run is always started as
+`python -m fedmpi.train --run-dir RUN_DIR`, which resumes a folder that has checkpoints.
+A finished run (fedmpi.analysis.report.run_progress) is skipped. Trailing `--section.key=value`
+arguments override every run (not the grid's keys).
+
+World sizes: K + 1 ranks (federator + K clients) under `mpirun -n K+1` or
+`sbatch --ntasks=K+1`; K = 1 runs the one-process centralized baseline (no mpirun;
+under Slurm one task, which fedmpi.cli.train treats the same).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +40,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from fedmpi.analysis.sweep import (
-    SweepError,
-    _default_mpirun,
-    _default_script,
-    dry_run_text,
-    launch_local,
-    launch_slurm,
-    load_sweep,
-    write_configs,
-)
+from fedmpi.analysis.launch import _default_mpirun, _default_script, launch_local, launch_slurm
+from fedmpi.analysis.sweep import SweepError, dry_run_text, load_sweep, write_configs
 from fedmpi.config import ConfigError, parse_overrides
 from fedmpi.errors import EXIT_USER_ERROR
 

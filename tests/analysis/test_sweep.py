@@ -33,11 +33,13 @@ import pytest
 import yaml
 from mpihelp import ROOT, mpi_env
 
+import fedmpi.analysis.launch as launch
+import fedmpi.analysis.paper as paper
 import fedmpi.analysis.report as report
 import fedmpi.analysis.sweep as sweep
 import fedmpi.cli.sweep as sweep_cli
 from fedmpi.config import load_config
-from fedmpi.store.checkpoint import checkpoint_dir
+from fedmpi.store.runfolder import RunFolder
 
 TINY_SPEC = ROOT / "tests/configs/sweep_tiny.yaml"
 PAPER_SWEEPS = ROOT / "configs/paper/sweeps"
@@ -256,7 +258,7 @@ def test_local_command_lines(tmp_path):
     runs = sweep.load_sweep(
         write_spec(tmp_path / "s.yaml", grid={"clients": [1, 2, 5]}), out=tmp_path / "o"
     ).runs
-    cmds = [sweep.train_command(r, "PY", mpirun, ["--bind-to", "none"]) for r in runs]
+    cmds = [launch.train_command(r, "PY", mpirun, ["--bind-to", "none"]) for r in runs]
     assert cmds[0] == ["PY", "-m", "fedmpi.train", "--run-dir", str(tmp_path / "o/K1")]
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     many = ["--oversubscribe"] if 6 > len(os.sched_getaffinity(0)) else []
@@ -347,8 +349,8 @@ def test_slurm_submission_command_lines(tmp_path, monkeypatch, capsys):
     )
     assert sweep_cli.main([str(spec), "--launcher", "slurm", "--out", str(out)]) == 1
     assert "sbatch FAILED (exit 1): sbatch: error: invalid partition" in capsys.readouterr().out
-    assert sweep.parse_job_id("Submitted batch job 1234\n") == "1234"
-    assert sweep.parse_job_id("77;cluster\n") == "77"
+    assert launch.parse_job_id("Submitted batch job 1234\n") == "1234"
+    assert launch.parse_job_id("77;cluster\n") == "77"
 
 
 # ---------------------------------------------------------------- report cells
@@ -371,15 +373,15 @@ def test_paper_values_only_for_fid_at_the_paper_setting(tmp_path):
         return report.Table(report.setting(res), [res])
 
     udec = next(r for r in main if r.name == "K5-quantity_skew-udec-s2023")
-    assert report.paper_value(table(udec, "inception"), 5, "quantity_skew", "udec") == (
+    assert paper.paper_value(table(udec, "inception"), 5, "quantity_skew", "udec") == (
         139.0,
         135.0,
     )
-    assert report.paper_value(table(udec, "classifier"), 5, "quantity_skew", "udec") is None
+    assert paper.paper_value(table(udec, "classifier"), 5, "quantity_skew", "udec") is None
     e2 = next(r for r in ke if r.name == "K10-E2-s2023")
-    assert report.paper_value(table(e2, "inception"), 10, "iid", "full") == (110.9, None)
+    assert paper.paper_value(table(e2, "inception"), 10, "iid", "full") == (110.9, None)
     tiny = sweep.load_sweep(TINY_SPEC, out=tmp_path).runs[0]
-    assert report.paper_value(table(tiny, "inception"), 2, "iid", "full") is None
+    assert paper.paper_value(table(tiny, "inception"), 2, "iid", "full") is None
 
 
 # ---------------------------------------------------------------- end to end
@@ -413,7 +415,7 @@ def test_local_sweep_runs_every_run(tiny_sweep):
         ), stdout
         d = out / name
         assert json.loads((d / "comm_summary.json").read_text())["matches_analytical"] is True
-        assert (checkpoint_dir(d, 2) / "COMPLETE").is_file()
+        assert (RunFolder(d).checkpoint_dir(2) / "COMPLETE").is_file()
         assert "-n 3" in (d / "train.log").read_text()
         assert report.run_progress(d).finished
     assert "sweep sweep_tiny: 4 of 4 runs finished" in stdout
@@ -485,16 +487,14 @@ def test_report_tables_csv_and_png(tiny_sweep):
 
 @pytest_mpi
 def test_rerun_skips_finished_and_resumes_interrupted(tiny_sweep, tmp_path):
-    from fedmpi.train.loop import _truncate_logs
-
     out, _ = tiny_sweep
     name = "K2-iid-udec-s7"
     d = out / name
     before = [float(r["fd_classifier"]) for r in final_eval(d)]
     # as if the job had been killed during round 2: round 1's checkpoint and logs only
-    shutil.rmtree(checkpoint_dir(d, 2))
+    shutil.rmtree(RunFolder(d).checkpoint_dir(2))
     (d / "comm_summary.json").unlink()
-    _truncate_logs(d, 1)
+    RunFolder(d).truncate(1)
     res = cli("fedmpi.report", out, "--out", tmp_path / "rep", timeout=180)
     assert res.returncode == 0, res.stderr
     md = (tmp_path / "rep/report.md").read_text()
