@@ -1,44 +1,31 @@
 """Plots of finished (or running) runs: scores, the score / bytes trade-off, losses, splits.
 
-    python -m fedmpi.plot RUN_DIR [RUN_DIR ...] [--out DIR] [--metric fd_classifier|fid]
-
-Writes PNG files (matplotlib, Agg backend, no display needed) and prints their paths:
-
-- score_vs_round.png   the score (FID or fd_classifier; lower is better) after each
-                       round, one line per run; personal-model runs (UDEC, ULATDEC) show
-                       the mean over clients with a +-1 sample-std band. Centralized
-                       runs are plotted against their epochs.
-- score_vs_bytes.png   the same scores against the cumulative bytes every client sent
-                       and received (comm.csv, round 0's initial model included): the
-                       communication / quality trade-off. Centralized runs move nothing
-                       and are left out.
-- loss.png             the training loss per round (epoch), with the min..max band of
-                       the clients' losses for federated runs.
-- per_client_<run>.png personal-model runs: each client's score per round (eval.csv).
-- split_<run>.png      federated runs: the class counts of every client, recomputed
-                       from the run's config (needs the dataset's labels only).
-
-The default output folder is RUN_DIR/plots for one run and ./plots for several.
-Exit status 2 for a folder that is not a run folder or a bad option.
+Owns the figures (`make_plots` writes every one the runs have data for; matplotlib's Agg
+backend, no display needed); the runs and their series come from `runs.py`. What each
+PNG shows is `python -m fedmpi.plot --help` (fedmpi.cli.plot).
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import math
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fedmpi.config import Config, ConfigError, load_config
-from fedmpi.store.tables import read_jsonl
+from fedmpi.analysis.runs import (
+    Run,
+    RunError,
+    cumulative_bytes,
+    has_metric,
+    num,
+    pick_metric,
+    score_series,
+    split_rows,
+)
 
-METRICS = ("fid", "fd_classifier")
 CLASS_NAMES = {
     "fashion_mnist": (
         "T-shirt/top",
@@ -66,164 +53,6 @@ CLASS_NAMES = {
     ),
 }
 METRIC_LABEL = {"fid": "FID (Inception)", "fd_classifier": "fd_classifier (classifier FD)"}
-PERSONAL = ("udec", "ulatdec")
-
-
-class RunError(ValueError):
-    """A folder that cannot be read as a run folder."""
-
-
-@dataclass
-class Run:
-    path: Path
-    name: str
-    cfg: Config | None
-    method: str  # full | usplit | udec | ulatdec | centralized
-    rows: list[dict]  # metrics rows of kind round (or epoch), one per index, sorted
-    eval_rows: list[dict] = field(default_factory=list)  # eval.csv, last row per (round, client)
-    comm_rows: list[dict] = field(default_factory=list)  # comm.csv client rows
-    num_clients: int | None = None
-
-    @property
-    def centralized(self) -> bool:
-        return self.method == "centralized"
-
-    @property
-    def personal(self) -> bool:
-        return self.method in PERSONAL
-
-    @property
-    def label(self) -> str:
-        return f"{self.method.upper() if not self.centralized else 'centralized'} ({self.name})"
-
-    @property
-    def index_name(self) -> str:
-        return "epoch" if self.centralized else "round"
-
-
-# ---------------------------------------------------------------- reading a run
-
-
-def _num(v) -> float:
-    """A metrics value as float (None / missing / text -> nan)."""
-    try:
-        return float(v) if v is not None and v != "" else math.nan
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def load_run(path: str | Path) -> Run:
-    """Read a run folder; raises RunError when it is not one."""
-    path = Path(path)
-    if not path.is_dir():
-        raise RunError(f"{path}: no such folder")
-    if not (path / "config.yaml").is_file():
-        raise RunError(
-            f"{path} is not a fedmpi run folder (no config.yaml; a run folder "
-            f"holds config.yaml, metrics.jsonl, eval.csv, ...)"
-        )
-    if not (path / "metrics.jsonl").is_file():
-        raise RunError(
-            f"{path} is not a fedmpi run folder with results (no metrics.jsonl; "
-            f"did the run reach its first round?)"
-        )
-    try:
-        cfg = load_config(path / "config.yaml")
-    except ConfigError as e:
-        raise RunError(f"{path}: cannot read its config: {e}") from None
-    try:
-        metrics = read_jsonl(path / "metrics.jsonl")
-    except ValueError as e:
-        raise RunError(f"{path}/metrics.jsonl: not JSON lines ({e})") from None
-    fed = {int(r["round"]): r for r in metrics if r.get("kind") == "round" and "round" in r}
-    cen = {int(r["epoch"]): r for r in metrics if r.get("kind") == "epoch" and "epoch" in r}
-    ckpt = path / "checkpoints"
-    centralized = bool(cen) and not fed or (not fed and any(ckpt.glob("round_*/model.pt")))
-    rows = [dict(r, index=i) for i, r in sorted((cen if centralized else fed).items())]
-    method = "centralized" if centralized else cfg.fed.method
-    if rows and not centralized:
-        method = rows[-1].get("method", method)
-    run = Run(path=path, name=path.resolve().name, cfg=cfg, method=method, rows=rows)
-
-    # eval.csv is appended to (a resumed run re-writes the rounds it replays): last wins
-    last: dict = {}
-    for r in _read_csv(path / "eval.csv"):
-        last[(r.get("round"), r.get("client"))] = r
-    run.eval_rows = list(last.values())
-
-    try:
-        from fedmpi.fl.ledger import (
-            read_csv as read_ledger,
-        )  # clients 1..K, older layouts converted
-
-        comm = path / "comm.csv"
-        run.comm_rows = read_ledger(comm) if comm.is_file() else []
-    except (KeyError, ValueError) as e:
-        raise RunError(f"{path}/comm.csv: unexpected content ({e})") from None
-
-    if not centralized:
-        k = cfg.split.num_clients
-        if k is None and run.comm_rows:
-            k = max(r["client"] for r in run.comm_rows)
-        if k is None and rows and isinstance(rows[0].get("client_loss"), list):
-            k = len(rows[0]["client_loss"])
-        run.num_clients = k
-    return run
-
-
-def _series(run: Run, metric: str):
-    """(index, mean, std or None) of `metric` per round (epoch); empty arrays if absent."""
-    xs, ys, sd = [], [], []
-    for r in run.rows:
-        if metric in r:
-            xs.append(r["index"]), ys.append(_num(r[metric])), sd.append(math.nan)
-        elif f"{metric}_mean" in r:
-            xs.append(r["index"]), ys.append(_num(r[f"{metric}_mean"]))
-            sd.append(_num(r.get(f"{metric}_std")))
-    if not xs:  # e.g. metrics.jsonl without scores: fall back to eval.csv
-        by_round: dict = {}
-        for r in run.eval_rows:
-            if metric in r and r[metric] not in ("", None):
-                by_round.setdefault(int(r["round"]), []).append(_num(r[metric]))
-        for i, vals in sorted(by_round.items()):
-            xs.append(i), ys.append(float(np.mean(vals)))
-            sd.append(float(np.std(vals, ddof=1)) if run.personal and len(vals) > 1 else math.nan)
-    xs, ys, sd = np.array(xs, dtype=float), np.array(ys, dtype=float), np.array(sd, dtype=float)
-    ok = np.isfinite(ys)
-    xs, ys, sd = xs[ok], ys[ok], sd[ok]
-    return xs, ys, (sd if run.personal and np.isfinite(sd).any() else None)
-
-
-def has_metric(run: Run, metric: str) -> bool:
-    return len(_series(run, metric)[0]) > 0
-
-
-def cumulative_bytes(run: Run) -> dict[int, int]:
-    """round -> bytes all clients sent and received in rounds 0..round (comm.csv)."""
-    per_round: dict[int, int] = {}
-    for r in run.comm_rows:
-        per_round[r["round"]] = per_round.get(r["round"], 0) + r["bytes"]
-    out, total = {}, 0
-    for rnd in sorted(per_round):
-        total += per_round[rnd]
-        out[rnd] = total
-    return out
-
-
-def pick_metric(runs: list[Run], wanted: str | None) -> str | None:
-    if wanted:
-        return wanted
-    counts = Counter(m for run in runs for m in METRICS if has_metric(run, m))
-    if not counts:
-        return None
-    return max(METRICS, key=lambda m: (counts[m], m == "fid"))
 
 
 # ---------------------------------------------------------------- plotting
@@ -281,7 +110,7 @@ def plot_score_vs_round(runs: list[Run], metric: str, path: Path) -> Path | None
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = 0
     for run in runs:
-        xs, ys, sd = _series(run, metric)
+        xs, ys, sd = score_series(run, metric)
         if not len(xs):
             continue
         c = colors[run.name]
@@ -316,7 +145,7 @@ def plot_score_vs_bytes(runs: list[Run], metric: str, path: Path) -> Path | None
     data = []
     for run in runs:
         cum = cumulative_bytes(run)
-        xs, ys, sd = _series(run, metric)
+        xs, ys, sd = score_series(run, metric)
         if run.centralized or not cum or not len(xs):
             continue
         keep = [i for i, x in enumerate(xs) if int(x) in cum]
@@ -367,14 +196,14 @@ def plot_loss(runs: list[Run], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = 0
     for run in runs:
-        pts = [(r["index"], _num(r.get("loss")), r.get("client_loss")) for r in run.rows]
+        pts = [(r["index"], num(r.get("loss")), r.get("client_loss")) for r in run.rows]
         pts = [p for p in pts if math.isfinite(p[1])]
         if not pts:
             continue
         c = colors[run.name]
         xs = np.array([p[0] for p in pts], dtype=float)
         ax.plot(xs, [p[1] for p in pts], marker="o", ms=4, color=c, label=run.label)
-        band = [(x, [_num(v) for v in cl]) for x, _, cl in pts if isinstance(cl, list) and cl]
+        band = [(x, [num(v) for v in cl]) for x, _, cl in pts if isinstance(cl, list) and cl]
         band = [(x, [v for v in vals if math.isfinite(v)]) for x, vals in band]
         band = [(x, vals) for x, vals in band if vals]
         if band and any(len(v) > 1 for _, v in band):
@@ -409,7 +238,7 @@ def plot_per_client(run: Run, metric: str, path: Path) -> Path | None:
         client = str(r.get("client", ""))
         if client in ("", "global") or r.get(metric) in (None, ""):
             continue
-        per.setdefault(client, []).append((int(r["round"]), _num(r[metric])))
+        per.setdefault(client, []).append((int(r["round"]), num(r[metric])))
     if not per:
         return None
     plt = _plt()
@@ -425,7 +254,7 @@ def plot_per_client(run: Run, metric: str, path: Path) -> Path | None:
             color=cmap(i % cmap.N),
             label=f"client {client}",
         )
-    xs, ys, _ = _series(run, metric)
+    xs, ys, _ = score_series(run, metric)
     if len(xs):
         ax.plot(xs, ys, color="black", ls="--", lw=1.5, label="mean")
     ax.set_xlabel("round")
@@ -435,61 +264,6 @@ def plot_per_client(run: Run, metric: str, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     _legend(ax, len(per) + 1)
     return _save(fig, path)
-
-
-def split_rows(run: Run) -> tuple[list[dict], str]:
-    """The run's client table (client_table rows) and a one-line description.
-
-    Raises RunError / DataError when the labels are not available here."""
-    from fedmpi.data import (
-        DataError,
-        compute_split,
-        dataset_info,
-        load_arrays,
-        read_shard,
-        shards_info,
-    )
-    from fedmpi.data.partition import client_table
-
-    cfg, k = run.cfg, run.num_clients
-    if k is None:
-        raise RunError(
-            "the number of clients is unknown (no split.num_clients, comm.csv or client losses)"
-        )
-    num_classes = dataset_info(cfg.data.dataset)[2]
-    s = cfg.split
-    if cfg.data.shards and Path(cfg.data.shards).is_file():
-        info = shards_info(cfg.data.shards)
-        parts, labels, start = [], [], 0
-        for c in range(info["num_clients"]):
-            lab = read_shard(cfg.data.shards, c)[1]
-            labels.append(lab)
-            parts.append(np.arange(start, start + len(lab)))
-            start += len(lab)
-        labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-        source = f"shards file {cfg.data.shards}"
-    else:
-        try:
-            _, labels = load_arrays(cfg.data, "train")
-        except DataError:
-            if cfg.data.root is None:
-                raise
-            # data.root is often relative to where the run was launched: look in the
-            # usual places (the labels of a dataset are the same everywhere)
-            _, labels = load_arrays(
-                dataclasses.replace(cfg.data, root=None, download=False), "train"
-            )
-        parts = compute_split(cfg, labels, k)
-        source = f"{s.kind}" + (
-            f", beta={s.beta}"
-            if s.kind in ("label_skew", "quantity_skew")
-            else f", {s.classes_per_client} classes/client"
-            if s.kind == "shards"
-            else ""
-        )
-    rows = client_table(labels, parts, num_classes)
-    desc = f"{cfg.data.dataset}, {len(labels)} images, {len(rows)} clients, split {source}"
-    return rows, desc
 
 
 def plot_split(run: Run, path: Path) -> Path | None:
@@ -528,7 +302,7 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
 
 
-def _unique_names(runs: list[Run]) -> None:
+def unique_names(runs: list[Run]) -> None:
     """Distinct run names (used in legends and file names) even for same-named folders."""
     seen = Counter(run.name for run in runs)
     for run in runs:
