@@ -17,11 +17,12 @@ def load_states(run_dir: Path, round_index: int, clients: int):
     """(federator state dict, [client state dicts]) of a federated run's checkpoint."""
     import torch
 
-    from fedmpi.store.checkpoint import checkpoint_dir, client_state
+    from fedmpi.store.checkpoint import client_state
+    from fedmpi.store.runfolder import FEDERATOR_FILE, RunFolder, client_file
 
-    d = checkpoint_dir(run_dir, round_index)
-    fed = torch.load(d / "federator.pt", weights_only=True)["model"]
-    clients_ = [client_state(d, f"client_{k + 1:03d}.pt")[0] for k in range(clients)]
+    d = RunFolder(run_dir).checkpoint_dir(round_index)
+    fed = torch.load(d / FEDERATOR_FILE, weights_only=True)["model"]
+    clients_ = [client_state(d, client_file(k + 1))[0] for k in range(clients)]
     return fed, clients_
 
 

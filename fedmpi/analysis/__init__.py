@@ -1,8 +1,11 @@
 """After the runs: experiment grids, tables and plots.
 
-Owns sweeps (`sweep.py`: a grid of configs launched with mpirun or Slurm and followed), the
-paper-layout report (`report.py`) and plots (`plot.py`). Run folders are read only through
-fedmpi.store.RunFolder.
+Owns sweeps (`sweep.py`: a spec expanded into a grid of validated configs, the dry run;
+`launch.py`: the runs started with mpirun or as Slurm jobs and followed), the paper-layout
+report (`report.py`: run folders read and grouped into tables; `paper.py`: the paper's
+numbers and the cells; `report_output.py`: report.md, the CSV files and the PNG) and plots
+(`runs.py`: run folders read as series; `plot.py`: the figures). Run folders are read only
+through fedmpi.store.RunFolder.
 
 May import: fedmpi.store, fedmpi.eval, fedmpi.fl, fedmpi.model, fedmpi.config,
 fedmpi.errors.

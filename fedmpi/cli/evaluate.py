@@ -6,11 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedmpi.config import Config, ConfigError, load_config
+from fedmpi.config import Config, ConfigError
 from fedmpi.data import DataError
 from fedmpi.errors import EXIT_USER_ERROR
-from fedmpi.eval.evaluate import rescore
+from fedmpi.eval.rescore import rescore
 from fedmpi.store.checkpoint import CheckpointError
+from fedmpi.store.runfolder import RunFolder
 
 _CLI_OPTIONS = {
     "extractor": "eval.extractor",
@@ -24,13 +25,14 @@ def _rescore_config(run_dir: Path, args, overrides: list[str]) -> Config:
     """The run's config with the CLI's eval options and dotted overrides applied."""
     from fedmpi.config import parse_overrides
 
-    if not (run_dir / "config.yaml").is_file():
+    run = RunFolder(run_dir)
+    if not run.is_run():
         raise ConfigError(f"{run_dir} is not a fedmpi run folder (no config.yaml)")
     dotted = parse_overrides(overrides)
     for opt, key in _CLI_OPTIONS.items():
         if getattr(args, opt) is not None:
             dotted[key] = getattr(args, opt)
-    cfg = load_config(run_dir / "config.yaml", dotted)
+    cfg = run.read_config(dotted)
     if cfg.eval.extractor == "none":
         raise ConfigError(
             "eval.extractor is 'none': nothing to score; "

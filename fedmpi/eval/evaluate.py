@@ -10,8 +10,9 @@
   sample standard deviation over clients plus the per-client table.
 
 The metric is named by the extractor: `fid` only for pytorch-fid's Inception features,
-`fd_classifier` for the offline classifier. `python -m fedmpi.evaluate RUN_DIR`
-re-scores a finished run's checkpoints.
+`fd_classifier` for the offline classifier. Scores go to the run folder's eval.csv and
+the sample grids to its samples/ (through RunFolder). `python -m fedmpi.evaluate RUN_DIR`
+re-scores a finished run's checkpoints (`rescore.py`).
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmpi.config import Config, ConfigError
+from fedmpi.config import Config
 from fedmpi.data import dataset_info, load_arrays, load_test_data, to_float
 from fedmpi.eval.fid import FeatureStats, class_distribution, frechet_distance
 from fedmpi.model.diffusion import Diffusion
 from fedmpi.model.unet import compile_unet
 from fedmpi.runtime import all_cpu_threads, autocast_for, derive_seed
-from fedmpi.store.runfolder import save_grid
-from fedmpi.store.tables import append_csv, format_table, write_csv
+from fedmpi.store.runfolder import RunFolder
 
 
 def _share(n: int, parts: int, index: int) -> int:
@@ -42,6 +42,7 @@ class Evaluator:
 
     def __init__(self, cfg: Config, world, run_dir: Path, device: torch.device):
         self.cfg, self.world, self.run_dir, self.device = cfg, world, Path(run_dir), device
+        self.folder = RunFolder(run_dir)
         self.rank = world.rank if world else 0
         self.size = world.size if world else 1
         self.diffusion = Diffusion.from_config(cfg.diffusion)
@@ -189,11 +190,10 @@ class Evaluator:
                 torch.cat([g for g in grids if len(g)]) if any(len(g) for g in grids) else images
             )
         if e.grid and len(images):
-            save_grid(images, self.run_dir / "samples" / f"round_{index:04d}.png")
+            self.folder.save_round_grid(images, index)
         scores = self._scores(stats, hist)
-        append_csv(
-            self.run_dir / "eval.csv",
-            [dict(round=index, client="global", num_samples=e.num_samples, **scores)],
+        self.folder.append_eval(
+            [dict(round=index, client="global", num_samples=e.num_samples, **scores)]
         )
         return scores
 
@@ -213,13 +213,9 @@ class Evaluator:
         rows = [r for r in rows if r[0] >= 0]
         for client, _, imgs in rows:
             if e.grid and len(imgs):
-                save_grid(
-                    imgs,
-                    self.run_dir / "samples" / f"round_{index:04d}_client_{client + 1:03d}.png",
-                )
-        append_csv(
-            self.run_dir / "eval.csv",
-            [dict(round=index, client=c + 1, num_samples=e.num_samples, **s) for c, s, _ in rows],
+                self.folder.save_round_grid(imgs, index, client + 1)
+        self.folder.append_eval(
+            [dict(round=index, client=c + 1, num_samples=e.num_samples, **s) for c, s, _ in rows]
         )
         out = {}
         if rows and rows[0][1]:
@@ -248,180 +244,3 @@ class Evaluator:
 
     def close(self) -> None:
         pass
-
-
-# ---------------------------------------------------------------- re-scoring CLI
-
-
-def _checkpoint_files(run_dir: Path, index: int) -> tuple[str, list[tuple[str, Path]]]:
-    """(kind, [(client label, path)]) of one checkpoint folder: kind 'centralized'
-    ([('global', model.pt)]) or 'federated' (federator.pt as 'global' when present, then
-    client_NNN.pt as 'N')."""
-    from fedmpi.store.checkpoint import checkpoint_dir
-
-    d = checkpoint_dir(run_dir, index)
-    if (d / "model.pt").is_file():
-        return "centralized", [("global", d / "model.pt")]
-    clients = sorted(d.glob("client_[0-9]*.pt"))
-    files = [(str(int(p.stem.split("_")[1])), p) for p in clients]
-    if (d / "federator.pt").is_file():
-        files.insert(0, ("global", d / "federator.pt"))
-    if not files:
-        raise ConfigError(f"{d} holds no model.pt, federator.pt or client_NNN.pt")
-    return "federated", files
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e-3 and v != 0 else f"{v:.3f}"
-    return str(v)
-
-
-def _format_table(rows: list[dict], keys: list[str]) -> str:
-    """The re-scored models, one row each (a rule before the mean and std rows)."""
-    head = ["client"] + keys + ["seconds"]
-    body = []
-    for r in rows:
-        if r["client"] == "mean":
-            body.append(None)
-        body.append(
-            [r["client"]]
-            + [_fmt(r.get(k, "")) for k in keys]
-            + [_fmt(r["seconds"]) if "seconds" in r else ""]
-        )
-    return format_table(head, body, align="r" * len(head))
-
-
-def rescore(run_dir: Path, index: int | None, cfg: Config, device=None, log=print) -> dict:
-    """Score the checkpoint of round (epoch) `index` (None: the latest complete one).
-
-    Global models (FULL, USPLIT, centralized): the federator's (or model.pt's) model.
-    Personal models (UDEC, ULATDEC): every client_NNN.pt, then mean and sample std.
-    Returns {"round", "method", "rows" (per model), "summary" (personal: mean / std),
-    "csv" (path written)}; raises ConfigError for user errors."""
-    import time
-
-    from fedmpi.fl.methods import personal_regions
-    from fedmpi.model.summary import model_shape
-    from fedmpi.model.unet import build_unet
-    from fedmpi.runtime import pick_device
-    from fedmpi.store.checkpoint import client_state, complete_checkpoints, load_checkpoint
-
-    done = complete_checkpoints(run_dir)
-    if not done:
-        raise ConfigError(
-            f"{run_dir} has no complete checkpoint (checkpoints/round_*/COMPLETE); "
-            f"nothing to re-score"
-        )
-    if index is None:
-        index = done[-1]
-    elif index not in done:
-        raise ConfigError(
-            f"{run_dir} has no complete checkpoint for round {index}; "
-            f"complete: {', '.join(map(str, done))}"
-        )
-    kind, files = _checkpoint_files(run_dir, index)
-    method = "centralized" if kind == "centralized" else cfg.fed.method
-    personal = kind == "federated" and bool(personal_regions(method))
-    if personal:
-        files = [f for f in files if f[0] != "global"]
-        if not files:
-            raise ConfigError(
-                f"{method} keeps personal models but round {index}'s checkpoint "
-                f"has no client_NNN.pt"
-            )
-    elif files[0][0] != "global":
-        raise ConfigError(f"round {index}'s checkpoint has no federator.pt")
-    else:
-        files = files[:1]
-
-    device = device or pick_device(cfg.run.device)
-    channels, size = model_shape(cfg)
-    model = build_unet(cfg.model, channels, size).to(device)
-    model.channels_last = cfg.train.channels_last  # sampling as the run trained
-    e = cfg.eval
-    log(
-        f"re-scoring {run_dir}: {method.upper() if method != 'centralized' else method}, "
-        f"checkpoint of {'epoch' if kind == 'centralized' else 'round'} {index}, "
-        f"{len(files)} model{'s' if len(files) > 1 else ''} x {e.num_samples} samples "
-        f"({e.sampler}{f' {e.ddim_steps} steps' if e.sampler == 'ddim' else ''}), "
-        f"extractor {e.extractor}, device {device}"
-    )
-    evaluator = None
-    rows = []
-    for client, path in files:
-        # tensors and primitives only: never runs code. A client file holds its personal
-        # regions; the shared ones are the federator's.
-        if personal:
-            state, ckpt = client_state(path.parent, path.name, device)
-        else:
-            ckpt = load_checkpoint(path, device)
-            state = ckpt["model"]
-        try:
-            model.load_state_dict(state)
-            if ckpt.get("ema") is not None:  # train.ema_decay: training scored the EMA weights
-                model.load_state_dict(ckpt["ema"]["shadow"], strict=False)
-        except (RuntimeError, KeyError) as err:
-            detail = " ".join(str(err).split())
-            raise ConfigError(
-                f"{path} does not fit the model of the run's config "
-                f"(model.* overridden?): {detail[:400]}"
-            ) from None
-        if evaluator is None:  # after the first checkpoint loaded: no extractor work for nothing
-            evaluator = Evaluator(cfg, None, run_dir, device)
-        t0 = time.perf_counter()
-        rank = int(client) if personal else 0  # the seeds training used (see score_model)
-        scores = evaluator.score_model(model, index, rank)
-        rows.append(
-            dict(
-                round=index,
-                client=client if personal else "global",
-                checkpoint=path.name,
-                num_samples=e.num_samples,
-                sampler=e.sampler,
-                ddim_steps=e.ddim_steps,
-                **scores,
-                seconds=round(time.perf_counter() - t0, 2),
-            )
-        )
-    keys = [
-        k
-        for k in rows[0]
-        if k
-        not in ("round", "client", "checkpoint", "num_samples", "sampler", "ddim_steps", "seconds")
-    ]
-    summary = {}
-    out_rows = list(rows)
-    if personal:
-        mean = dict(
-            round=index,
-            client="mean",
-            checkpoint="",
-            num_samples=e.num_samples,
-            sampler=e.sampler,
-            ddim_steps=e.ddim_steps,
-        )
-        std = dict(mean, client="std")
-        for k in keys:
-            vals = np.array([r[k] for r in rows if k in r], dtype=np.float64)
-            mean[k] = float(vals.mean())
-            std[k] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-            summary[f"{k}_mean"], summary[f"{k}_std"] = mean[k], std[k]
-        out_rows += [mean, std]
-    log(_format_table(out_rows, keys))
-    if personal and keys:
-        k = keys[0]
-        log(
-            f"{k}: {summary[k + '_mean']:.3f} +- {summary[k + '_std']:.3f} "
-            f"(mean +- sample std over {len(rows)} clients)"
-        )
-    csv_path = run_dir / f"rescore_{e.extractor}_round_{index}.csv"
-    write_csv(csv_path, out_rows)
-    log(f"wrote {csv_path}")
-    return {
-        "round": index,
-        "method": method,
-        "rows": rows,
-        "summary": summary,
-        "csv": str(csv_path),
-    }

@@ -86,7 +86,7 @@ def test_plot_cli_writes_every_png(udec_run):
 
 
 def test_plot_several_runs_default_out_and_data(udec_run, tmp_path, monkeypatch, capsys):
-    import fedmpi.analysis.plot as plot
+    import fedmpi.analysis.runs as runs
     import fedmpi.cli.plot as plot_cli
 
     other = tmp_path / "copy"
@@ -99,7 +99,7 @@ def test_plot_several_runs_default_out_and_data(udec_run, tmp_path, monkeypatch,
     assert all(w.startswith("plots/") for w in written) and len(written) == 7, written
     assert (tmp_path / "plots" / "score_vs_bytes.png").is_file()
 
-    run = plot.load_run(udec_run)
+    run = runs.load_run(udec_run)
     assert run.method == "udec" and run.personal and run.num_clients == 2
     # cumulative client bytes: round 0 = the full model to both clients, then UDEC's decoder
     # up (with its weight) and down for both clients every round
@@ -109,10 +109,10 @@ def test_plot_several_runs_default_out_and_data(udec_run, tmp_path, monkeypatch,
     sizes = model_region_sizes(load_config(udec_run / "config.yaml"))
     r0 = 2 * 4 * sum(sizes.values())
     per_round = 2 * (4 * (sizes["decoder"] + 1) + 4 * sizes["decoder"])
-    assert plot.cumulative_bytes(run) == {0: r0, 1: r0 + per_round, 2: r0 + 2 * per_round}
-    xs, mean, std = plot._series(run, "fd_classifier")
+    assert runs.cumulative_bytes(run) == {0: r0, 1: r0 + per_round, 2: r0 + 2 * per_round}
+    xs, mean, std = runs.score_series(run, "fd_classifier")
     assert list(xs) == [1, 2] and std is not None and np.all(std >= 0)
-    rows, desc = plot.split_rows(run)
+    rows, desc = runs.split_rows(run)
     assert [r["size"] for r in rows] == [120, 120] and "2 clients" in desc
 
 
@@ -155,7 +155,7 @@ def test_evaluate_rescores_personal_models(udec_run):
 
 
 def test_evaluate_bad_round_and_folder(udec_run, tmp_path, capsys):
-    from fedmpi.eval.evaluate import main
+    from fedmpi.cli.evaluate import main
 
     assert main([str(udec_run), "--round", "9"]) == 2
     assert "complete: 1, 2" in capsys.readouterr().err
