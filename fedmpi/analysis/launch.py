@@ -38,7 +38,7 @@ ACTIVE_SLURM_STATES = (
 # ---------------------------------------------------------------- local launcher
 
 
-def _default_mpirun() -> str:
+def default_mpirun() -> str:
     here = Path(sys.executable).parent / "mpirun"
     return str(here) if here.exists() else "mpirun"
 
@@ -129,7 +129,7 @@ def launch_local(sweep: Sweep, python: str, mpirun: str, extra_flags: list[str],
 # ---------------------------------------------------------------- Slurm launcher
 
 
-def _default_script() -> Path:
+def default_script() -> Path:
     repo = Path(__file__).resolve().parents[2] / "slurm" / "run.sh"
     return repo if repo.is_file() else Path("slurm/run.sh")
 

