@@ -16,6 +16,8 @@ import numpy as np
 
 from fedmpi.analysis.report import RunResult, Table
 
+# ---------------------------------------------------------------- the paper's numbers
+
 # The paper's published numbers (Inception FID on 1,000 samples, /work/shared/PAPER.md).
 PAPER_MAIN = {  # (K, split) -> method -> (mean, std); R = 15, E = 5
     (2, "iid"): {
@@ -82,10 +84,8 @@ PAPER_CENTRALIZED = (42.5, 1.1)  # K = 1, 15 epochs
 PAPER_PARAMS_K10_R15 = {"full": 898.9e6, "usplit": 674.2e6, "udec": 237.7e6, "ulatdec": 527.5e6}
 
 
-# ---------------------------------------------------------------- the paper's numbers
-
-
 def paper_setting(s: dict) -> bool:
+    """Whether a table's setting is the paper's (Fashion-MNIST, its UNet, B=128, T=1000)."""
     return (
         s["data.dataset"] == "fashion_mnist"
         and not s.get("data.train_subset")
