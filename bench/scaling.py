@@ -100,14 +100,8 @@ def parse_args(argv=None):
     return args, overrides
 
 
-def one_run(args, overrides, method: str, W: int) -> dict:
-    from fedmpi.fl.ledger import read_csv as read_ledger
-    from fedmpi.store.tables import read_jsonl
-
-    K = W - 1
-    run_dir = Path(args.out_dir) / "scaling" / f"{method}_W{W}"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+def _settings(args, method: str, K: int) -> list[str]:
+    """The fedmpi overrides of one run: fixed work per client, no evaluation."""
     settings = [
         f"--fed.method={method}",
         f"--fed.rounds={args.rounds}",
@@ -123,27 +117,16 @@ def one_run(args, overrides, method: str, W: int) -> dict:
         settings.append(f"--train.batch_size={args.batch_size}")
     if args.backend:
         settings.append(f"--fed.backend={args.backend}")
-    proc = C.run_ranks(
-        args.launcher,
-        W,
-        [
-            "-m",
-            "fedmpi.train",
-            "--config",
-            args.config,
-            "--run-dir",
-            str(run_dir),
-            *settings,
-            *overrides,
-        ],
-        log_path=run_dir.with_suffix(".log"),
-        timeout=args.timeout,
-        echo=False,
-    )
-    tail = "\n".join(proc.stdout.splitlines()[-6:])
-    if proc.returncode != 0:
-        raise SystemExit(f"run W={W} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
-    print(tail, flush=True)
+    return settings
+
+
+def _medians(args, run_dir: Path, method: str, W: int) -> dict:
+    """The row of one finished run: medians of the rounds after --skip, from its
+    metrics.jsonl and comm.csv."""
+    from fedmpi.fl.ledger import read_csv as read_ledger
+    from fedmpi.store.tables import read_jsonl
+
+    K = W - 1
     rounds = [
         r
         for r in read_jsonl(run_dir / "metrics.jsonl")
@@ -168,7 +151,7 @@ def one_run(args, overrides, method: str, W: int) -> dict:
         for r in rounds
     )
     ips = [v for r in rounds for v in (r.get("images_per_s") or []) if v]
-    out = dict(
+    return dict(
         method=method,
         W=W,
         K=K,
@@ -182,6 +165,35 @@ def one_run(args, overrides, method: str, W: int) -> dict:
         bytes_per_client_round=C.median(per_round.values()) / K,
         client_images_per_s=C.median(ips),
     )
+
+
+def one_run(args, overrides, method: str, W: int) -> dict:
+    K = W - 1
+    run_dir = Path(args.out_dir) / "scaling" / f"{method}_W{W}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    proc = C.run_ranks(
+        args.launcher,
+        W,
+        [
+            "-m",
+            "fedmpi.train",
+            "--config",
+            args.config,
+            "--run-dir",
+            str(run_dir),
+            *_settings(args, method, K),
+            *overrides,
+        ],
+        log_path=run_dir.with_suffix(".log"),
+        timeout=args.timeout,
+        echo=False,
+    )
+    tail = "\n".join(proc.stdout.splitlines()[-6:])
+    if proc.returncode != 0:
+        raise SystemExit(f"run W={W} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+    print(tail, flush=True)
+    out = _medians(args, run_dir, method, W)
     if not args.keep_runs:
         shutil.rmtree(run_dir, ignore_errors=True)
     return out

@@ -175,7 +175,7 @@ def measure(variant, args, cfg, device, diffusion, images, channels, size, flops
     ]
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/speed.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/paper/fmnist_full.yaml")
     p.add_argument("--device", default="auto")
@@ -211,7 +211,45 @@ def main(argv=None) -> int:
         default=None,
         help="import fedmpi from this checkout instead (a baseline's code)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def _all_variants(args, cfg, device, diffusion, images, channels, size, flops):
+    """(table rows, trainers by variant): every variant measured, a failing one noted."""
+    rows, trainers = [], {}
+    for variant in args.variants.split(","):
+        try:
+            trainers[variant], row = measure(
+                variant, args, cfg, device, diffusion, images, channels, size, flops
+            )
+            rows.append(row)
+        except Exception as e:  # one failing variant must not cost the others' figures
+            print(f"{variant}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+            rows.append([variant, "failed", "-", "-", "-", "-", "-"])
+    return rows, trainers
+
+
+def _print_table(args, rows: list) -> None:
+    print()
+    print(
+        C.markdown_table(
+            [
+                "variant",
+                "train img/s",
+                "TFLOP/s",
+                "of peak",
+                "peak assumed",
+                f"DDIM-{args.ddim_steps} img/s",
+                "train img/s after sampling",
+            ],
+            rows,
+        ),
+        flush=True,
+    )
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     if args.fedmpi_src:
         sys.path.insert(0, str(Path(args.fedmpi_src).resolve()))
 
@@ -245,32 +283,8 @@ def main(argv=None) -> int:
         f"{args.batch}",
         flush=True,
     )
-    rows, trainers = [], {}
-    for variant in args.variants.split(","):
-        try:
-            trainers[variant], row = measure(
-                variant, args, cfg, device, diffusion, images, channels, size, flops
-            )
-            rows.append(row)
-        except Exception as e:  # one failing variant must not cost the others' figures
-            print(f"{variant}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
-            rows.append([variant, "failed", "-", "-", "-", "-", "-"])
-    print()
-    print(
-        C.markdown_table(
-            [
-                "variant",
-                "train img/s",
-                "TFLOP/s",
-                "of peak",
-                "peak assumed",
-                f"DDIM-{args.ddim_steps} img/s",
-                "train img/s after sampling",
-            ],
-            rows,
-        ),
-        flush=True,
-    )
+    rows, trainers = _all_variants(args, cfg, device, diffusion, images, channels, size, flops)
+    _print_table(args, rows)
     # profiles after every timing: the profiler leaves hooks that slow a later
     # launch-bound (eager) variant of the same process
     if args.profile and device.type == "cuda":
