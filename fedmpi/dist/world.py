@@ -19,17 +19,25 @@ losses, ledgers) use mpi4py's pickled lower-case methods; model bytes never do.
 
 The backends are in `backends.py`, the clients' progress messages in `relay.py`.
 """
+
 from __future__ import annotations
 
 import os
-import time
 import sys
-from typing import Optional, Sequence
+import time
+from collections.abc import Sequence
 
 import numpy as np
 
-MPI_ENV_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MPI_LOCALNRANKS",
-                "MV2_COMM_WORLD_SIZE", "I_MPI_HYDRA_TOPOLIB")
+MPI_ENV_VARS = (
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "PMIX_RANK",
+    "PMI_RANK",
+    "MPI_LOCALNRANKS",
+    "MV2_COMM_WORLD_SIZE",
+    "I_MPI_HYDRA_TOPOLIB",
+)
 
 
 def launched_by_mpi() -> bool:
@@ -46,6 +54,7 @@ class World:
 
     def __init__(self, backend: str = "mpi"):
         from mpi4py import MPI
+
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
@@ -86,6 +95,16 @@ class World:
         """This rank's client index 0..K-1 (-1 on the federator)."""
         return self.rank - 1
 
+    @property
+    def trains(self) -> bool:
+        """Whether this rank trains a model (a client)."""
+        return self.rank != 0
+
+    @property
+    def client_ranks(self) -> range:
+        """The ranks that train, in client order (the rows of `flags` that are clients')."""
+        return range(1, self.size)
+
     # subgroups and collectives on flat buffers ----------------------------------------
     def group(self, clients: Sequence[int]) -> Group:
         """The group of the federator and these clients (0-based client indices)."""
@@ -105,6 +124,7 @@ class World:
         transport stages `t` through host memory (then it is handed over without a
         device-to-host copy), else t's own device."""
         import torch
+
         return torch.device("cpu") if self.backend.stages_on_host(t) else t.device
 
     def bcast(self, group: Group, t) -> None:
@@ -120,7 +140,7 @@ class World:
         self.backend.reduce_sum_u64(group, arr)
 
     # control plane ------------------------------------------------------------------
-    def _wait(self, req, phase: Optional[str]) -> None:
+    def _wait(self, req, phase: str | None) -> None:
         """Complete a non-blocking collective by polling with sleeps: ranks that finish
         early (and the federator) must not spin on a core that the training ranks need
         when several ranks share a node. Past `timeout` seconds, raise StallError."""
@@ -135,25 +155,26 @@ class World:
                 raise StallError(
                     f"waited {time.monotonic() - start:.0f} s in phase '{self.phase}' for the "
                     f"slowest rank (fed.round_timeout={self.timeout:g}); a rank is stuck or "
-                    f"much slower than the others: stopping the job")
+                    f"much slower than the others: stopping the job"
+                )
             if self.waiting_hook is not None and time.monotonic() >= next_hook:
                 self.waiting_hook()
                 next_hook = time.monotonic() + 0.1
             time.sleep(nap)
             nap = min(nap * 1.5, 0.002)
 
-    def flags(self, values: Sequence[int], phase: Optional[str] = None) -> np.ndarray:
+    def flags(self, values: Sequence[int], phase: str | None = None) -> np.ndarray:
         """Allgather a few small integers per rank: an array (world size, len(values))."""
         send = np.asarray(values, dtype=np.int32)
         recv = np.zeros((self.size, send.size), dtype=np.int32)
         self._wait(self.comm.Iallgather(send, recv), phase)
         return recv
 
-    def any(self, flag: bool, phase: Optional[str] = None) -> bool:
+    def any(self, flag: bool, phase: str | None = None) -> bool:
         """Logical OR over all ranks (waits with sleeps, see `_wait`)."""
         return bool(self.flags([int(bool(flag))], phase).any())
 
-    def wait_all(self, phase: Optional[str] = None) -> None:
+    def wait_all(self, phase: str | None = None) -> None:
         """A barrier that sleeps while it waits: use it before a collective that follows
         uneven work (training, sampling, the classifier on rank 0, writing files)."""
         self._wait(self.comm.Ibarrier(), phase)
@@ -168,6 +189,7 @@ class World:
         collective: a buffer reused across calls (pinned where CUDA is up), holding t's
         values if `sends` (the call reads them), else left for the call to write."""
         import torch
+
         key = ("host", t.numel(), t.dtype)
         host = self._scratch.get(key)
         if host is None:
@@ -198,7 +220,7 @@ class World:
         self.comm.Allreduce(arr, out, op=self.MPI.SUM)
         return out
 
-    def reduce_array(self, arr: np.ndarray) -> Optional[np.ndarray]:
+    def reduce_array(self, arr: np.ndarray) -> np.ndarray | None:
         out = np.empty_like(arr) if self.rank == 0 else None
         self.comm.Reduce(arr, out, op=self.MPI.SUM, root=0)
         return out
