@@ -17,6 +17,9 @@ bar drawn with carriage returns only would appear at the end of the round.
 (steps done of its steps in the round, images done), relayed by
 `fedmpi.dist.relay.ProgressRelay` while the federator waits; it shows the steps of all clients
 together, their images/s, and the slowest client, whose pace sets the ETA.
+
+`LocalProgress` is the same relay's interface for the one process of the centralized
+baseline: its reports go straight to a `Progress` of the epoch.
 """
 
 from __future__ import annotations
@@ -209,3 +212,66 @@ class RoundProgress:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
+
+
+class LocalProgress:
+    """The progress of a one-process job's epochs, shown as it trains. It has the
+    interface of `ProgressRelay` that the round loop uses; nothing is sent."""
+
+    enabled = False  # nothing to poll: the display is drawn at each report
+
+    def __init__(self, log: Callable[[str], None], rounds: int, batch_size: int):
+        self.log, self.rounds = log, rounds
+        self.bar: Progress | None = None
+
+    def report(self, round_index: int, done: int, total: int, images: int) -> None:
+        if self.bar is None:
+            self.bar = Progress(total, f"epoch {round_index}/{self.rounds}", self.log)
+        rate = images / max(self.bar.elapsed, 1e-9)
+        self.bar.update(done, f"{rate:.0f} img/s")
+
+    def finish(self, round_index: int, done: int, total: int, images: int) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = None
+
+    def poll(self) -> list:
+        return []
+
+    drain = poll
+
+    def end_round(self) -> None:
+        pass
+
+    close = end_round
+
+
+def watch_round(job, r: int) -> RoundProgress | None:
+    """Federator: show the clients' relayed progress while it waits for the round's
+    first collective (`World.waiting_hook`, called about every 0.1 s)."""
+    world, relay = job.world, job.relay
+    if not (world.is_federator and relay.enabled):
+        return None
+    display = RoundProgress(r, job.schedule.rounds, world.num_clients, job.log)
+
+    def hook():
+        for rank, msg in relay.poll():
+            display.add(rank, int(msg[1]), int(msg[2]), int(msg[3]))
+        display.show()
+
+    world.waiting_hook = hook
+    return display
+
+
+def end_watch(job, display: RoundProgress | None) -> None:
+    """After the round's first collective: the federator receives the rest of the
+    round's progress messages, the clients complete their sends; none is left."""
+    job.world.waiting_hook = None
+    if job.world.is_federator:
+        for rank, msg in job.relay.drain():
+            if display is not None:
+                display.add(rank, int(msg[1]), int(msg[2]), int(msg[3]))
+        if display is not None:
+            display.close()
+    else:
+        job.relay.end_round()

@@ -10,7 +10,7 @@ from fedmpi.config import load_config
 from fedmpi.model.diffusion import Diffusion
 from fedmpi.model.regions import bind_flat
 from fedmpi.model.unet import UNet
-from fedmpi.train.loop import RoundStart
+from fedmpi.train.state import RoundStart
 from fedmpi.train.trainer import LocalTrainer
 
 
@@ -75,7 +75,7 @@ def test_client_checkpoint_entries_are_its_personal_regions():
     """own_entries builds a client's file from its personal submodules alone: the same
     entries as filtering the whole state dict, the same tensors (no copies)."""
     from fedmpi.fl.methods import METHODS, personal_regions
-    from fedmpi.train.loop import own_entries
+    from fedmpi.train.state import own_entries
 
     model = _trainer().model
     full = model.state_dict()

@@ -13,10 +13,11 @@ import torch
 import yaml
 from mpihelp import ROOT
 
-from fedmpi.cli.train import main, run_centralized
+from fedmpi.cli.train import main
+from fedmpi.train.loop import run_job
 from fedmpi.config import load_config
 from fedmpi.store.checkpoint import checkpoint_dir, latest_complete
-from fedmpi.train.loop import Preempted
+from fedmpi.train.stop import Preempted
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -44,7 +45,7 @@ def test_centralized_loss_decreases_and_writes_run_folder(tmp_path):
     run.mkdir()
     from fedmpi.cli.train import _evaluator_factory
 
-    run_centralized(cfg, run, log=quiet, evaluator_factory=_evaluator_factory(cfg))
+    run_job(cfg, None, run, log=quiet, evaluator_factory=_evaluator_factory(cfg))
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "step"]
     epochs = [r for r in rows if r["kind"] == "epoch"]
@@ -75,7 +76,7 @@ def test_centralized_preempted_then_resumed_matches_uninterrupted(tmp_path):
         "data.train_subset": 80,
         "train.precision": "fp16",
     }
-    run_centralized(tiny_cfg(tmp_path, **opts), full, log=quiet)
+    run_job(tiny_cfg(tmp_path, **opts), None, full, log=quiet)
     assert latest_complete(full) == 3 and not (checkpoint_dir(full, 1) / "COMPLETE").exists()
     lines = []
 
@@ -86,15 +87,15 @@ def test_centralized_preempted_then_resumed_matches_uninterrupted(tmp_path):
 
     handler = signal.getsignal(signal.SIGUSR1)
     with pytest.raises(Preempted) as stop:
-        run_centralized(tiny_cfg(tmp_path, **opts), part, log=stop_after_epoch_1)
+        run_job(tiny_cfg(tmp_path, **opts), None, part, log=stop_after_epoch_1)
     assert stop.value.exit_code == 75 and signal.getsignal(signal.SIGUSR1) == handler
     assert latest_complete(part) == 1
     assert any(
         l.startswith("preempted (SIGUSR1): epoch 2 abandoned; checkpoint of epoch 1 kept")
         for l in lines
     ), lines
-    run_centralized(tiny_cfg(tmp_path, **opts), part, resume=True, log=lines.append)
-    assert "resume: continuing after epoch 1" in lines
+    run_job(tiny_cfg(tmp_path, **opts), None, part, resume=True, log=lines.append)
+    assert any(l.startswith("resume: continuing after epoch 1 (checkpoint") for l in lines), lines
     a = torch.load(checkpoint_dir(full, 3) / "model.pt", weights_only=True)
     b = torch.load(checkpoint_dir(part, 3) / "model.pt", weights_only=True)
     assert a["step"] == b["step"] == 3 * 5
@@ -275,14 +276,14 @@ def test_centralized_ema_and_schedule_resume_bit_exact(tmp_path):
     }
     full, part = tmp_path / "full", tmp_path / "part"
     full.mkdir()
-    run_centralized(tiny_cfg(tmp_path, **over), full, log=quiet)
+    run_job(tiny_cfg(tmp_path, **over), None, full, log=quiet)
     # stop after epoch 1 by keeping only its checkpoint (a copy of the same run: same
     # config, same seed), then resume with the same config
     import shutil
 
     shutil.copytree(full, part)
     shutil.rmtree(checkpoint_dir(part, 2))
-    run_centralized(tiny_cfg(tmp_path, **over), part, resume=True, log=quiet)
+    run_job(tiny_cfg(tmp_path, **over), None, part, resume=True, log=quiet)
     a = torch.load(checkpoint_dir(full, 2) / "model.pt", weights_only=True)
     b = torch.load(checkpoint_dir(part, 2) / "model.pt", weights_only=True)
     assert a["ema"]["updates"] == b["ema"]["updates"] == 80

@@ -1,0 +1,155 @@
+"""What a round leaves behind on the federator: its metrics rows, its log line, the ledger's
+rows in comm.csv, and at the end the communication summary and the last line."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from fedmpi.config import Config
+from fedmpi.fl.ledger import write_summary
+from fedmpi.model.regions import region_sizes
+
+
+def gather(job, r: int, stats=None):
+    """One gather per round: every rank's stats and ledger rows of this round; the
+    federator appends the rows to comm.csv and returns (stats, bytes it moved)."""
+    mine = job.ledger.pop_round(r)  # sent once: the ledger does not grow with R
+    gathered = job.world.gather((stats, mine))
+    if not job.world.is_federator:
+        return None
+    job.run_dir.append_comm([row for _, rows in gathered for row in rows])
+    return [s for s, _ in gathered], sum(row["bytes"] for row in mine)
+
+
+def record(job, r: int, stats: dict, scores, nonfinite: list[int], times: dict) -> None:
+    """The federator's metrics rows and one log line for round `r`."""
+    gathered = gather(job, r, dict(stats, client=job.world.rank, n=job.n_k))
+    if not job.world.is_federator:
+        return
+    client_stats, round_bytes = gathered
+    round_s = time.perf_counter() - times.pop("t_round")
+    if job.solo:
+        _record_epoch(job, r, client_stats[0], scores, round_s, times)
+        return
+    rows = [s for s in client_stats if s["client"] > 0]  # clients 1..K = their ranks
+    losses = [s.get("loss", float("nan")) for s in rows]
+    good = [x for x in losses if np.isfinite(x)]
+    t_train = max((s.get("train_s", 0.0) for s in rows), default=0.0)
+    row = dict(
+        kind="round",
+        round=r,
+        method=job.method,
+        loss=float(np.mean(good)) if good else float("nan"),
+        client_loss=losses,
+        nonfinite_clients=nonfinite,
+        train_s=t_train,
+        **times,
+        round_s=round_s,
+        bytes=round_bytes,
+        images_per_s=[s.get("images_per_s") for s in rows],
+    )
+    row.update(scores or {})
+    epsilon = job.aggregator.epsilon(r)  # privacy.dp: the guarantee after round r
+    if epsilon is not None:
+        row.update(epsilon=epsilon, dp_delta=job.cfg.privacy.delta)
+    job.metrics.write(**row)
+    for s in rows:
+        for step, loss in s.pop("step_losses", ()):  # train.log_every
+            job.metrics.write(kind="step", round=r, client=s["client"], step=step, loss=loss)
+        job.metrics.write(kind="client", round=r, **s)
+    score_txt = score_text(scores) + (f" | eps {epsilon:.3g}" if epsilon is not None else "")
+    span = f"clients {min(good):.4f}..{max(good):.4f}" if good else "no finite client"
+    nan_txt = (
+        f" | NaN: client{'s' if len(nonfinite) > 1 else ''} "
+        f"{', '.join(map(str, nonfinite))} skipped"
+        if nonfinite
+        else ""
+    )
+    job.log(
+        f"[round {r}/{job.schedule.rounds}] loss {row['loss']:.4f} ({span}){nan_txt} | "
+        f"train {t_train:.1f}s agg {times['agg_s']:.2f}s eval {times['eval_s']:.1f}s "
+        f"ckpt {times['ckpt_s']:.1f}s | {round_bytes / 1e6:.2f} MB{score_txt}"
+    )
+
+
+def _record_epoch(job, r: int, s: dict, scores, round_s: float, times: dict) -> None:
+    """The baseline's row and line: one per epoch, as the reference counts them."""
+    step = job.schedule.per_round * (r - 1) + s.get("steps", 0)
+    for at, loss in s.get("step_losses", ()):  # train.log_every
+        job.metrics.write(kind="step", epoch=r, step=at, loss=loss)
+    job.metrics.write(
+        kind="epoch",
+        epoch=r,
+        step=step,
+        loss=s["loss"],
+        images_per_s=s["images_per_s"],
+        train_s=s["train_s"],
+        eval_s=times["eval_s"],
+        epoch_s=round_s,
+        **(scores or {}),
+    )
+    job.log(
+        f"[epoch {r}/{job.schedule.rounds}] step {step} loss {s['loss']:.4f} | "
+        f"{s['images_per_s']:.0f} img/s | {round_s:.1f}s{score_text(scores)}"
+    )
+
+
+def finish(job) -> dict:
+    R, summary = job.schedule.rounds, {}
+    if job.world.is_federator and job.aggregator is not None:
+        cfg = job.cfg
+        extra = {"secure": cfg.fed.secure}
+        if cfg.privacy.dp:
+            extra["privacy"] = dict(
+                cfg.to_dict()["privacy"], rounds=R, epsilon=job.aggregator.epsilon(R)
+            )
+        summary = write_summary(
+            job.run_dir.path,
+            job.method,
+            job.world.num_clients,
+            R,
+            region_sizes(job.model),
+            cfg.run.seed,
+            job.aggregator.upload_value_bytes,
+            extra,
+        )
+        moved = summary["measured"]["moved"]
+        job.log(
+            f"done: moved {moved['params']:,} parameters ({moved['bytes'] / 1e6:.1f} MB), "
+            f"{100 * summary['moved']['reduction_vs_full']:.1f}% less than FULL would; "
+            f"ledger matches the analytical table: {summary['matches_analytical']}"
+        )
+    if job.world.is_federator:
+        grids = job.run_dir.grids(R)
+        more = f" (+{len(grids) - 1} more)" if len(grids) > 1 else ""
+        job.log((f"samples: {grids[0]}{more} | " if grids else "") + f"run folder: {job.run_dir}")
+    if job.evaluator is not None:
+        job.evaluator.close()
+    job.relay.close()
+    return summary
+
+
+def privacy_text(cfg: Config) -> str:
+    """The secure aggregation / DP settings for the start line ('' when both are off)."""
+    parts = []
+    if cfg.fed.secure:
+        parts.append(f"secure aggregation (uint64, 2^-{cfg.fed.secure_frac_bits})")
+    if cfg.privacy.dp:
+        p = cfg.privacy
+        parts.append(f"DP {p.mode} C={p.clip:g} z={p.noise_multiplier:g} delta={p.delta:g}")
+    return "".join(f" | {x}" for x in parts)
+
+
+def score_text(scores: dict | None) -> str:
+    """The headline scores for the one-line progress report."""
+    if not scores:
+        return ""
+    parts = []
+    for name in ("fid", "fd_classifier", "classes_present"):
+        if name in scores:
+            parts.append(f"{name} {scores[name]:.2f}")
+        elif f"{name}_mean" in scores:
+            parts.append(f"{name} {scores[name + '_mean']:.2f}+-{scores[name + '_std']:.2f}")
+    return "".join(f" | {p}" for p in parts)

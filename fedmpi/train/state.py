@@ -1,0 +1,244 @@
+"""What a rank keeps and saves: its round-start copy, its checkpoint file, and resuming.
+
+A checkpoint folder holds one file per rank, each with what that rank alone owns: the
+federator's `federator.pt` the global model (and the global model's EMA); a client's
+`client_NNN.pt` its personal regions (UDEC / ULATDEC), optimizer and loss-scale state (and
+its own EMA); the one process of the centralized baseline its `model.pt`, everything.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedmpi.config import Config, ConfigError, from_dict, get
+from fedmpi.errors import CheckpointError
+from fedmpi.fl.methods import personal_regions
+from fedmpi.model.regions import REGIONS
+from fedmpi.store.checkpoint import client_state, load_checkpoint
+from fedmpi.store.runfolder import RunFolder
+
+# What must not change between a checkpoint and the job that resumes it (and model.*).
+RESUME_KEYS = (
+    "fed.method",
+    "data.dataset",
+    "data.train_subset",
+    "data.shards",
+    "split.kind",
+    "split.beta",
+    "split.min_size",
+    "split.classes_per_client",
+    "split.rng",
+)
+SOLO_FILE = "model.pt"  # the centralized baseline's one file per checkpoint
+
+
+class RoundStart:
+    """A trainer's weights (and its Adam state, when kept across rounds) at the start of a
+    round, copied into buffers allocated once per run: an abandoned (preempted) round is
+    rolled back from it, and a non-finite client restarts from it. One memcpy per region
+    per round instead of deep copies of the state dicts.
+
+    `flat`: the regions to keep. The round loop keeps only those the client never gets
+    back (its personal regions) unless DP, secure aggregation or on_nonfinite=skip need
+    them all: every other region is overwritten by the round's broadcast, and after an
+    abandoned round the client's file holds no shared weights (they come from
+    federator.pt), so FULL and USPLIT clients copy nothing."""
+
+    def __init__(self, flat: dict, keep_optimizer: bool):
+        self.flat = flat
+        self.weights = {r: torch.empty_like(t) for r, t in flat.items()}
+        self.keep_optimizer = keep_optimizer
+        self.opt_state: dict = {}
+        self.scaler_state: dict | None = None  # fp16: the loss scale and its tracker
+
+    def save(self, trainer) -> None:
+        if trainer.ema is not None:  # UDEC / ULATDEC clients' EMA of their local training
+            trainer.ema.mark()
+        self.scaler_state = trainer.scaler_state()
+        with torch.no_grad():
+            for r, t in self.flat.items():
+                self.weights[r].copy_(t)
+            if self.keep_optimizer and trainer.optimizer is not None:
+                state = trainer.optimizer.state
+                for p in list(self.opt_state):
+                    if p not in state:
+                        del self.opt_state[p]
+                for p, st in state.items():
+                    saved = self.opt_state.setdefault(p, {})
+                    for k, v in st.items():
+                        if k not in saved:
+                            saved[k] = v.clone() if torch.is_tensor(v) else v
+                        elif torch.is_tensor(v):
+                            saved[k].copy_(v)
+                        else:
+                            saved[k] = v
+
+    def restore(self, trainer) -> None:
+        if trainer.ema is not None:
+            trainer.ema.rollback()
+        trainer.load_scaler_state(self.scaler_state)
+        with torch.no_grad():
+            for r, t in self.flat.items():
+                t.copy_(self.weights[r])
+            if self.keep_optimizer and trainer.optimizer is not None:
+                state = trainer.optimizer.state
+                for p in list(state):
+                    if p not in self.opt_state:
+                        del state[p]  # no step had been taken for it at the round's start
+                for p, saved in self.opt_state.items():
+                    for k, v in saved.items():
+                        if torch.is_tensor(v) and k in state[p]:
+                            state[p][k].copy_(v)
+                        else:
+                            state[p][k] = v.clone() if torch.is_tensor(v) else v
+
+
+def file_name(world) -> str:
+    """This rank's file in a checkpoint folder."""
+    if world.size == 1:
+        return SOLO_FILE
+    return "federator.pt" if world.is_federator else f"client_{world.client + 1:03d}.pt"
+
+
+def own_entries(model: torch.nn.Module, method: str) -> dict:
+    """The state-dict entries a client does not share with the federator: those of its
+    personal regions' submodules (and of any child outside the regions), built from those
+    submodules alone (FULL / USPLIT: nothing, without walking the model; the UNet has
+    no parameters of its own outside its children)."""
+    personal = set(personal_regions(method))
+    out: dict = {}
+    for name, child in model.named_children():
+        if name in personal or name not in REGIONS:
+            child.state_dict(destination=out, prefix=f"{name}.")
+    return out
+
+
+def rank_state(cfg: Config, world, index: int, model, trainer, ema, steps: int) -> dict:
+    """This rank's checkpoint contents after round (epoch) `index`."""
+    if world.size == 1:
+        obj = {
+            "epoch": index,
+            "step": steps,
+            "model": model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "config": cfg.to_dict(),
+            "rng": torch.get_rng_state(),
+            "scaler": trainer.scaler_state(),
+        }
+    elif world.is_federator:
+        obj = {
+            "round": index,
+            "clients": world.num_clients,
+            "model": model.state_dict(),
+            "config": cfg.to_dict(),
+        }
+    else:
+        keep = trainer.optimizer is not None and not cfg.fed.reset_optimizer
+        # Only what is this client's own: its personal regions (UDEC / ULATDEC). The
+        # shared regions equal the federator's after the exchange and are stored once,
+        # in federator.pt (FULL / USPLIT clients write no weights at all).
+        obj = {
+            "round": index,
+            "client": world.rank,
+            "model": own_entries(model, cfg.fed.method),
+            "optimizer": trainer.optimizer.state_dict() if keep else None,
+            "scaler": trainer.scaler_state(),
+        }
+    # the global model's EMA (FULL, USPLIT) is the same on every rank: stored once, by
+    # the federator; a trainer's own EMA (personal models, the baseline) by that trainer
+    if ema is not None and (world.is_federator or personal_regions(cfg.fed.method)):
+        obj["ema"] = ema.state_dict()
+    return obj
+
+
+def restore(world, run: RunFolder, index: int, model, trainer, device, ema=None) -> None:
+    """Load this rank's state of checkpoint `index` into the model, trainer and EMA."""
+    d = run.checkpoint_dir(index)
+    name = file_name(world)
+    if world.trains and not world.is_federator:
+        state, ckpt = client_state(d, name, device)
+    else:
+        ckpt = load_checkpoint(d / name, device)
+        state = ckpt["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise ConfigError(
+            f"cannot resume {run}: its checkpoint does not fit this model (model.* changed?): "
+            f"{detail}"
+        ) from None
+    if ema is not None:
+        if trainer is not None and trainer.ema is None:  # a global model's EMA: federator.pt
+            name, ckpt = "federator.pt", load_checkpoint(d / "federator.pt", device)
+        if ckpt.get("ema") is None:
+            raise CheckpointError(
+                f"{d / name} holds no EMA weights but train.ema_decay is {ema.decay}: resume "
+                f"with --train.ema_decay=0 (as the run was started)"
+            )
+        ema.load_state_dict(ckpt["ema"])
+    if trainer is not None and ckpt.get("optimizer") is not None:
+        trainer.new_optimizer().load_state_dict(ckpt["optimizer"])
+    if trainer is not None:
+        trainer.load_scaler_state(ckpt.get("scaler"))  # fp16: the loss scale goes on
+
+
+def resume_mismatch(cfg: Config, saved: dict, saved_clients: int | None, world_size: int, run):
+    """Why `cfg` on `world_size` ranks cannot continue a checkpoint, or None."""
+    problems = []
+    if saved_clients is not None and saved_clients != world_size - 1:
+        problems.append(
+            f"it was run with K={saved_clients} clients (world size "
+            f"{saved_clients + 1}) and this job has {world_size} ranks: launch it "
+            f"with mpirun -n {saved_clients + 1} ... --resume {run}"
+        )
+    try:
+        old = from_dict(saved, "<checkpoint config>")
+    except ConfigError:
+        old = None
+    if old is not None:
+        keys = list(RESUME_KEYS) + [f"model.{f}" for f in old.model.__dataclass_fields__]
+        if world_size == 1:  # the baseline has no federation and no split
+            keys = [k for k in keys if not k.startswith(("fed.", "split."))]
+        for key in keys:
+            try:
+                a, b = get(old, key), get(cfg, key)
+            except AttributeError:
+                continue
+            if a != b:
+                problems.append(f"{key} is {a!r} in the checkpoint but {b!r} now")
+        seeds = (
+            old.split.seed if old.split.seed is not None else old.run.seed,
+            cfg.split.seed if cfg.split.seed is not None else cfg.run.seed,
+        )
+        if world_size > 1 and seeds[0] != seeds[1]:
+            problems.append(
+                f"the split seed (split.seed, else run.seed) is {seeds[0]} in the "
+                f"checkpoint but {seeds[1]} now"
+            )
+    if not problems:
+        return None
+    return (
+        f"cannot resume {run}: "
+        + "; ".join(problems)
+        + ". Resume with the settings of the run (drop the overrides), or start a new run."
+    )
+
+
+def resume_decision(cfg: Config, world, run: RunFolder, log) -> tuple[int | None, str | None]:
+    """On the federator: the newest complete checkpoint whose files verify and fit this
+    job (falling back past corrupt ones), or an error message."""
+    index = run.newest_verified(warn=log)
+    if index is None:
+        return None, None
+    try:
+        ckpt = load_checkpoint(run.checkpoint_dir(index) / file_name(world))
+    except CheckpointError as e:
+        return None, str(e)
+    clients = None
+    if world.size > 1:
+        names = [n for n in run.marker_files(index) if n.startswith("client_")] or [
+            p.name for p in run.checkpoint_dir(index).glob("client_*.pt")
+        ]
+        clients = int(ckpt.get("clients", len(names)))
+    return index, resume_mismatch(cfg, ckpt.get("config") or {}, clients, world.size, run)
