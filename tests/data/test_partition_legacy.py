@@ -9,8 +9,8 @@ indices and the same order on the real Fashion-MNIST labels, for K = 2, 5, 10.
 import numpy as np
 import pytest
 
-from fedmpi.config import ConfigError, DataCfg, load_config
 from fedmpi.cli.data import main
+from fedmpi.config import ConfigError, DataCfg, load_config
 from fedmpi.data import DataError, compute_split, load_arrays, load_client_data
 from fedmpi.data.partition import split_indices
 

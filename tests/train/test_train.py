@@ -14,9 +14,9 @@ import yaml
 from mpihelp import ROOT
 
 from fedmpi.cli.train import main
-from fedmpi.train.loop import run_job
 from fedmpi.config import load_config
 from fedmpi.store.checkpoint import checkpoint_dir, latest_complete
+from fedmpi.train.loop import run_job
 from fedmpi.train.stop import Preempted
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
