@@ -181,14 +181,14 @@ def wait_requeued_and_done(slurm: LocalSlurm, job_id: int, timeout: float) -> li
 
 
 def check_run_folder(run_dir: Path, rounds: int) -> None:
-    from fedmpi.store.checkpoint import complete_checkpoints
+    from fedmpi.store.runfolder import RunFolder
 
     assert rounds_logged(run_dir) == list(range(1, rounds + 1))
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "comm.csv").is_file()
     summary = json.loads((run_dir / "comm_summary.json").read_text())
     assert summary["matches_analytical"] is True, summary
-    assert complete_checkpoints(run_dir)[-1] == rounds
+    assert RunFolder(run_dir).complete_checkpoints()[-1] == rounds
 
 
 # --------------------------------------------------------------------------- tests

@@ -21,7 +21,7 @@ import torch
 from mpihelp import ROOT, load_states, mpi_env, mpirun, mpirun_path, train
 
 from fedmpi.fl.ledger import read_csv
-from fedmpi.store.checkpoint import MARKER, checkpoint_dir, latest_complete, verify
+from fedmpi.store.runfolder import MARKER, RunFolder
 
 pytestmark = pytest.mark.mpi
 TINY = "tests/configs/tiny.yaml"
@@ -74,7 +74,7 @@ def test_nan_client_aborts_and_keeps_the_last_good_checkpoint(tmp_path):
     assert res.returncode == 3, res.stdout + res.stderr
     assert "round 2: the model of client 2 is not finite" in res.stdout
     assert "last good checkpoint is round 1" in res.stdout
-    assert latest_complete(run) == 1 and verify(run, 1) is None
+    assert RunFolder(run).latest_complete() == 1 and RunFolder(run).verify(1) is None
     fed, clients = load_states(run, 1, 2)
     assert all_finite(fed) and all(all_finite(c) for c in clients)
     assert [r["round"] for r in strict_rows(run / "metrics.jsonl") if r["kind"] == "round"] == [1]
@@ -124,14 +124,14 @@ def copy_run(src, tmp_path):
 
 def test_checkpoint_that_runs_code_is_refused(tmp_path, one_round_run):
     run, marker = copy_run(one_round_run, tmp_path), tmp_path / "pwned"
-    target = checkpoint_dir(run, 1) / "federator.pt"
+    target = RunFolder(run).checkpoint_dir(1) / "federator.pt"
     _evil_checkpoint(target, marker)
     # an attacker who can write the file can also fix the recorded hash
     from fedmpi.store.atomic import sha256_file
 
-    rec = json.loads((checkpoint_dir(run, 1) / MARKER).read_text())
+    rec = json.loads((RunFolder(run).checkpoint_dir(1) / MARKER).read_text())
     rec["files"]["federator.pt"] = sha256_file(target)
-    (checkpoint_dir(run, 1) / MARKER).write_text(json.dumps(rec))
+    (RunFolder(run).checkpoint_dir(1) / MARKER).write_text(json.dumps(rec))
     res = train(3, run, "--fed.rounds=2")
     assert res.returncode == 2, res.stdout + res.stderr
     assert "refusing to load" in res.stdout and "federator.pt" in res.stdout
@@ -158,14 +158,16 @@ def test_resume_with_another_world_size_or_model_is_refused(tmp_path, one_round_
     res = train(3, run, "--fed.rounds=2", "--model.dim=16")
     assert res.returncode == 2, res.stdout + res.stderr
     assert "model.dim is 8 in the checkpoint but 16 now" in res.stdout
-    assert latest_complete(run) == 1 and verify(run, 1) is None  # nothing touched
+    assert (
+        RunFolder(run).latest_complete() == 1 and RunFolder(run).verify(1) is None
+    )  # nothing touched
 
 
 def test_corrupt_checkpoint_and_partial_log_lines_fall_back(tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert train(3, run, "--checkpoint.keep=2").returncode == 0
     shutil.copytree(run, ref)  # the uninterrupted run, kept before the damage below
-    victim = checkpoint_dir(run, 2) / "client_002.pt"
+    victim = RunFolder(run).checkpoint_dir(2) / "client_002.pt"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"kind": "round", "rou')
@@ -185,7 +187,7 @@ def test_corrupt_checkpoint_and_partial_log_lines_fall_back(tmp_path):
 
 def test_disk_full_while_checkpointing(tmp_path, one_round_run):
     run = copy_run(one_round_run, tmp_path)
-    size_kb = (checkpoint_dir(run, 1) / "federator.pt").stat().st_size // 1024
+    size_kb = (RunFolder(run).checkpoint_dir(1) / "federator.pt").stat().st_size // 1024
     cmd = [
         mpirun_path(),
         "-n",
@@ -218,7 +220,7 @@ def test_disk_full_while_checkpointing(tmp_path, one_round_run):
     out = res.stdout + res.stderr
     assert "File too large while writing" in out and "round_000002" in out
     assert not list(run.rglob(".*.tmp*"))  # no temporary files left behind
-    assert latest_complete(run) == 1 and verify(run, 1) is None
+    assert RunFolder(run).latest_complete() == 1 and RunFolder(run).verify(1) is None
     again = train(3, run, "--fed.rounds=2")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "continuing after round 1" in again.stdout
@@ -243,7 +245,7 @@ def test_disk_full_in_a_background_checkpoint_write(tmp_path, one_round_run):
     and fails; the next checkpoint (round 3's) reports it on every rank: exit 4, the OS
     message and the path, round 2 never marked, round 1 intact and resumable."""
     run = copy_run(one_round_run, tmp_path)
-    size_kb = (checkpoint_dir(run, 1) / "federator.pt").stat().st_size // 1024
+    size_kb = (RunFolder(run).checkpoint_dir(1) / "federator.pt").stat().st_size // 1024
     cmd = [
         mpirun_path(),
         "-n",
@@ -273,9 +275,9 @@ def test_disk_full_in_a_background_checkpoint_write(tmp_path, one_round_run):
     assert res.returncode == 4, out
     assert "[round 2/3]" in out and "[round 3/3]" not in out  # found at round 3's checkpoint
     assert "File too large while writing" in out and "round_000002" in out
-    assert not (checkpoint_dir(run, 2) / MARKER).exists()
+    assert not (RunFolder(run).checkpoint_dir(2) / MARKER).exists()
     assert not list(run.rglob(".*.tmp*"))
-    assert latest_complete(run) == 1 and verify(run, 1) is None
+    assert RunFolder(run).latest_complete() == 1 and RunFolder(run).verify(1) is None
     again = train(3, run, "--fed.rounds=2")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "continuing after round 1" in again.stdout
@@ -308,7 +310,9 @@ def test_sigterm_stops_with_a_resumable_checkpoint(tmp_path, target):
         cmd, cwd=ROOT, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 180
-    while latest_complete(run) is None and time.time() < deadline and proc.poll() is None:
+    while (
+        RunFolder(run).latest_complete() is None and time.time() < deadline and proc.poll() is None
+    ):
         time.sleep(0.2)
     t0 = time.time()
     if target == "ranks":
@@ -320,8 +324,8 @@ def test_sigterm_stops_with_a_resumable_checkpoint(tmp_path, target):
         proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert time.time() - t0 < 60
-    done = latest_complete(run)
-    assert done in (1, 2) and verify(run, done) is None
+    done = RunFolder(run).latest_complete()
+    assert done in (1, 2) and RunFolder(run).verify(done) is None
     if target == "ranks":
         assert proc.returncode == 75, out + err
         assert "preempted (SIGTERM)" in out and "checkpoint of round" in out
@@ -340,7 +344,7 @@ def test_stalled_rank_times_out(tmp_path):
     assert res.returncode == 5, res.stdout + res.stderr
     assert "phase 'round 2: local training'" in res.stderr
     assert "fed.round_timeout=5" in res.stderr
-    assert latest_complete(run) == 1 and verify(run, 1) is None
+    assert RunFolder(run).latest_complete() == 1 and RunFolder(run).verify(1) is None
 
 
 @pytest.mark.parametrize(

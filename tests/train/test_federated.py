@@ -14,7 +14,7 @@ from mpihelp import ROOT, load_states, mpi_env, mpirun, mpirun_path, train
 
 from fedmpi.fl.ledger import analytical_rows, read_csv, summarize
 from fedmpi.model.regions import REGIONS
-from fedmpi.store.checkpoint import checkpoint_dir, latest_complete
+from fedmpi.store.runfolder import RunFolder
 
 pytestmark = pytest.mark.mpi
 
@@ -82,7 +82,7 @@ def test_resume_matches_uninterrupted(tmp_path):
     assert train(3, full, *opts).returncode == 0
     first = train(3, part, *opts, "--fed.rounds=1")
     assert first.returncode == 0, first.stderr
-    assert latest_complete(part) == 1
+    assert RunFolder(part).latest_complete() == 1
     second = train(3, part, *opts, "--fed.rounds=2")
     assert second.returncode == 0, second.stderr
     assert "continuing after round 1" in second.stdout
@@ -93,7 +93,7 @@ def test_resume_matches_uninterrupted(tmp_path):
     for k in (1, 2):
         name = f"client_{k:03d}.pt"
         sa, sb = (
-            torch.load(checkpoint_dir(run, 2) / name, weights_only=True)["scaler"]
+            torch.load(RunFolder(run).checkpoint_dir(2) / name, weights_only=True)["scaler"]
             for run in (full, part)
         )
         assert sa["_growth_tracker"] == 4 and sa == sb  # 2 rounds x 2 steps, none skipped
@@ -140,7 +140,9 @@ def test_preemption_checkpoints_and_resumes(how, tmp_path, preempt_reference):
         cmd, cwd=ROOT, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 180
-    while latest_complete(run) is None and time.time() < deadline and proc.poll() is None:
+    while (
+        RunFolder(run).latest_complete() is None and time.time() < deadline and proc.poll() is None
+    ):
         time.sleep(0.2)
     if how == "signal":
         proc.send_signal(signal.SIGUSR1)
@@ -148,7 +150,7 @@ def test_preemption_checkpoints_and_resumes(how, tmp_path, preempt_reference):
         (run / "PREEMPT").touch()
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 75, out + err
-    done = latest_complete(run)
+    done = RunFolder(run).latest_complete()
     assert done in (1, 2)
     assert "preempted" in out
     resumed = train(3, run, *opts)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mpihelp import mpirun, train
 
-from fedmpi.store.checkpoint import checkpoint_dir
+from fedmpi.store.runfolder import RunFolder
 from fedmpi.train.progress import Progress, RoundProgress
 from fedmpi.train.recipe import LRSchedule
 
@@ -171,7 +171,7 @@ def test_batch_log_shows_progress_steps_and_one_numbering(tmp_path):
     )
     assert len(comm) == len({tuple(r.values()) for r in comm})  # no duplicated rows
     # the global model's EMA (every rank holds the same): saved once, with the raw weights
-    d = checkpoint_dir(run, 2)
+    d = RunFolder(run).checkpoint_dir(2)
     fed = torch.load(d / "federator.pt", weights_only=True)
     c1 = torch.load(d / "client_001.pt", weights_only=True)
     assert c1["client"] == 1 and "ema" not in c1
@@ -197,13 +197,13 @@ def test_resume_with_ema_and_schedule_is_bit_exact(tmp_path, method):
     res = train(3, full, *args)
     assert res.returncode == 0, res.stdout + res.stderr
     shutil.copytree(full, part)
-    shutil.rmtree(checkpoint_dir(part, 2))
+    shutil.rmtree(RunFolder(part).checkpoint_dir(2))
     res = train(3, part, *args)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "resume: continuing after round 1" in res.stdout
     for name in ("federator.pt", "client_001.pt", "client_002.pt"):
-        a = torch.load(checkpoint_dir(full, 2) / name, weights_only=True)
-        b = torch.load(checkpoint_dir(part, 2) / name, weights_only=True)
+        a = torch.load(RunFolder(full).checkpoint_dir(2) / name, weights_only=True)
+        b = torch.load(RunFolder(part).checkpoint_dir(2) / name, weights_only=True)
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
         holds_ema = (name == "federator.pt") == (method == "full")
         assert ("ema" in a) == ("ema" in b) == holds_ema, name

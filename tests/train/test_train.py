@@ -15,7 +15,7 @@ from mpihelp import ROOT
 
 from fedmpi.cli.train import main
 from fedmpi.config import load_config
-from fedmpi.store.checkpoint import checkpoint_dir, latest_complete
+from fedmpi.store.runfolder import RunFolder
 from fedmpi.train.loop import run_job
 from fedmpi.train.stop import Preempted
 
@@ -52,8 +52,8 @@ def test_centralized_loss_decreases_and_writes_run_folder(tmp_path):
     assert len(epochs) == 3 and all(r["images_per_s"] > 0 for r in epochs)
     # 120 steps on real images: the epsilon loss must fall well below its start
     assert steps[-1]["loss"] < 0.6 * steps[0]["loss"], (steps[0], steps[-1])
-    assert latest_complete(run) == 3
-    ckpt = torch.load(checkpoint_dir(run, 3) / "model.pt", weights_only=True)
+    assert RunFolder(run).latest_complete() == 3
+    ckpt = torch.load(RunFolder(run).checkpoint_dir(3) / "model.pt", weights_only=True)
     assert {"model", "optimizer", "step", "rng", "config", "epoch"} <= set(ckpt)
     assert ckpt["step"] == 3 * 40 and ckpt["config"]["train"]["epochs"] == 3
     png = run / "samples" / "round_0003.png"
@@ -77,7 +77,10 @@ def test_centralized_preempted_then_resumed_matches_uninterrupted(tmp_path):
         "train.precision": "fp16",
     }
     run_job(tiny_cfg(tmp_path, **opts), None, full, log=quiet)
-    assert latest_complete(full) == 3 and not (checkpoint_dir(full, 1) / "COMPLETE").exists()
+    assert (
+        RunFolder(full).latest_complete() == 3
+        and not (RunFolder(full).checkpoint_dir(1) / "COMPLETE").exists()
+    )
     lines = []
 
     def stop_after_epoch_1(msg):  # the signal lands before epoch 2's first step ends
@@ -89,15 +92,15 @@ def test_centralized_preempted_then_resumed_matches_uninterrupted(tmp_path):
     with pytest.raises(Preempted) as stop:
         run_job(tiny_cfg(tmp_path, **opts), None, part, log=stop_after_epoch_1)
     assert stop.value.exit_code == 75 and signal.getsignal(signal.SIGUSR1) == handler
-    assert latest_complete(part) == 1
+    assert RunFolder(part).latest_complete() == 1
     assert any(
         l.startswith("preempted (SIGUSR1): epoch 2 abandoned; checkpoint of epoch 1 kept")
         for l in lines
     ), lines
     run_job(tiny_cfg(tmp_path, **opts), None, part, resume=True, log=lines.append)
     assert any(l.startswith("resume: continuing after epoch 1 (checkpoint") for l in lines), lines
-    a = torch.load(checkpoint_dir(full, 3) / "model.pt", weights_only=True)
-    b = torch.load(checkpoint_dir(part, 3) / "model.pt", weights_only=True)
+    a = torch.load(RunFolder(full).checkpoint_dir(3) / "model.pt", weights_only=True)
+    b = torch.load(RunFolder(part).checkpoint_dir(3) / "model.pt", weights_only=True)
     assert a["step"] == b["step"] == 3 * 5
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["scaler"]["_growth_tracker"] > 5 and a["scaler"] == b["scaler"]  # scale, tracker
@@ -282,10 +285,10 @@ def test_centralized_ema_and_schedule_resume_bit_exact(tmp_path):
     import shutil
 
     shutil.copytree(full, part)
-    shutil.rmtree(checkpoint_dir(part, 2))
+    shutil.rmtree(RunFolder(part).checkpoint_dir(2))
     run_job(tiny_cfg(tmp_path, **over), None, part, resume=True, log=quiet)
-    a = torch.load(checkpoint_dir(full, 2) / "model.pt", weights_only=True)
-    b = torch.load(checkpoint_dir(part, 2) / "model.pt", weights_only=True)
+    a = torch.load(RunFolder(full).checkpoint_dir(2) / "model.pt", weights_only=True)
+    b = torch.load(RunFolder(part).checkpoint_dir(2) / "model.pt", weights_only=True)
     assert a["ema"]["updates"] == b["ema"]["updates"] == 80
     for key in ("model", "ema"):
         x, y = (a[key], b[key]) if key == "model" else (a[key]["shadow"], b[key]["shadow"])
