@@ -13,6 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
+from fedmpi.store import tables
+
 METHOD_NAMES = ("full", "usplit", "udec", "ulatdec")
 
 
@@ -263,8 +265,8 @@ def report(args, backend, W, round_rows, summary_rows, all_ok) -> None:
             f"rounds x repeats)\n"
         )
         print(secure_table(summary_rows))
-    C.write_csv(round_rows, Path(f"{stem}_rounds.csv"))
-    C.write_csv(summary_rows, Path(f"{stem}.csv"))
+    tables.write_csv(Path(f"{stem}_rounds.csv"), round_rows)
+    tables.write_csv(Path(f"{stem}.csv"), summary_rows)
     plot(
         summary_rows,
         Path(f"{stem}.png"),

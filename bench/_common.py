@@ -1,7 +1,7 @@
 """Shared helpers of the benchmarks: environment report, launcher, statistics, charts.
 
-Tables and CSV files are fedmpi's own (fedmpi.store.tables): `markdown_table`,
-`write_csv(rows, path)` and `read_csv` call the one formatter, writer and reader.
+Tables and CSV files are fedmpi's own (fedmpi.store.tables): `markdown_table` calls the
+one formatter; the benchmarks write and read CSV with fedmpi.store.tables directly.
 
 Not a benchmark itself. Importing it puts the repository root on sys.path, so the
 benchmarks run as `python bench/NAME.py` from a checkout without installing fedmpi.
@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import fedmpi.store.tables as tables
-from fedmpi.store.tables import format_table, read_csv  # noqa: F401  (bench's CSV reader)
+from fedmpi.store.tables import format_table
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -175,11 +174,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], align: str 
     """A markdown table (fedmpi.store.tables.format_table); align: one char per column,
     'l' or 'r' (default r, first l)."""
     return format_table(headers, rows, align=align or None, markdown=True)
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    """Write rows as a CSV table (fedmpi.store.tables.write_csv: header from the rows' keys)."""
-    tables.write_csv(path, rows)
 
 
 def pyplot():

@@ -72,6 +72,8 @@ from _comm_report import (
 )
 from _exchange import print_profile
 
+from fedmpi.store import tables
+
 DEFAULT_CONFIG = "configs/paper/fmnist_full.yaml"
 
 
@@ -254,7 +256,7 @@ def _sweep_backend(args, backend: str, child: list[str], out: Path, failures: li
         if proc.returncode != 0 or not path.exists():
             failures.append(f"{backend} W={W} (exit {proc.returncode})")
             continue
-        merged += C.read_csv(path)
+        merged += tables.read_csv(path)
     if not merged:
         return True
     ok = all(
@@ -268,7 +270,7 @@ def _sweep_backend(args, backend: str, child: list[str], out: Path, failures: li
             f"{secure_verdict(merged)}"
         )
     stem = out / f"comm_{backend}_sweep"
-    C.write_csv(merged, Path(f"{stem}.csv"))
+    tables.write_csv(Path(f"{stem}.csv"), merged)
     Path(f"{stem}.md").write_text(table + "\n")
     plot(
         merged,

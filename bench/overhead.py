@@ -49,6 +49,8 @@ from _overhead_loops import BareLoop, FedmpiClientRound, client_trainer
 from _overhead_relay import relay_throughput, relay_worker
 from _overhead_split import round_split, short_run
 
+from fedmpi.store import tables
+
 DEFAULT_CONFIG = "configs/paper/fmnist_full.yaml"
 TARGET = 0.97
 
@@ -389,7 +391,7 @@ def main(argv=None) -> int:
         result["split"] = round_split(run_dir)
     path = out / f"overhead_{device.type}.json"
     path.write_text(json.dumps(result, indent=1, default=str))
-    C.write_csv(result["throughput"]["trials_rows"], out / f"overhead_{device.type}.csv")
+    tables.write_csv(out / f"overhead_{device.type}.csv", result["throughput"]["trials_rows"])
     print(f"\nwrote {path}, {out / f'overhead_{device.type}.csv'}")
     return 0
 

@@ -34,6 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
+from fedmpi.store import tables
+
 DEFAULT_CONFIG = "configs/paper/fmnist_full.yaml"
 
 
@@ -123,7 +125,7 @@ def _settings(args, method: str, K: int) -> list[str]:
 def _medians(args, run_dir: Path, method: str, W: int) -> dict:
     """The row of one finished run: medians of the rounds after --skip, from its
     metrics.jsonl and comm.csv."""
-    from fedmpi.fl.ledger import read_csv as read_ledger
+    from fedmpi.fl.ledger import read_ledger
     from fedmpi.store.tables import read_jsonl
 
     K = W - 1
@@ -290,7 +292,7 @@ def main(argv=None) -> int:
         f"rounds {args.skip + 1}..{args.rounds})\n"
     )
     print(table(rows))
-    C.write_csv(rows, out / f"scaling_{tag}.csv")
+    tables.write_csv(out / f"scaling_{tag}.csv", rows)
     plot(
         rows,
         out / f"scaling_{tag}.png",

@@ -7,7 +7,7 @@ import sys
 
 from fedmpi.config import ConfigError, load_config
 from fedmpi.data.datasets import _split_seed, compute_split, dataset_info, load_arrays
-from fedmpi.data.partition import client_table, format_table, plot_report, save_report_json
+from fedmpi.data.partition import client_table, plot_report, save_report_json, split_table
 from fedmpi.data.shards import write_shards
 from fedmpi.errors import DataError
 
@@ -32,7 +32,7 @@ def _cmd_split(args, overrides: list[str]) -> None:
             f"(beta={s.beta}, min_size={s.min_size}, classes_per_client={s.classes_per_client}, "
             f"seed={_split_seed(cfg)}, rng={s.rng})"
         )
-        print(format_table(rows))
+        print(split_table(rows))
     if args.json:
         save_report_json(rows, args.json)
     if args.png:

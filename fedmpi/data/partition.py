@@ -2,7 +2,7 @@
 
 Owns `split_indices` (IID, Dirichlet label skew, Dirichlet quantity skew, class
 shards, following NIID-Bench) and the report helpers (`client_table`,
-`format_table`, `save_report_json`, `plot_report`). Pure numpy: a split depends only
+`split_table`, `save_report_json`, `plot_report`). Pure numpy: a split depends only
 on (labels, num_clients, kind, parameters, seed, rng), never on MPI rank or world
 size, so every rank that computes it gets the same answer.
 
@@ -16,6 +16,7 @@ Two random sources (`split.rng`):
   Parts keep the reference's order (training order follows it). iid, label_skew and
   quantity_skew only: the reference has no shards split.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmpi.store.tables import format_table as text_table
+from fedmpi.store.tables import format_table
 
 KINDS = ("iid", "label_skew", "quantity_skew", "shards")
 RNGS = ("default", "numpy_legacy")
@@ -31,9 +32,17 @@ LEGACY_KINDS = ("iid", "label_skew", "quantity_skew")
 MAX_TRIES = 1000
 
 
-def split_indices(labels: np.ndarray, num_clients: int, kind: str, *, beta: float = 0.5,
-                  min_size: int = 10, classes_per_client: int = 2, seed: int = 2023,
-                  rng: str = "default") -> list[np.ndarray]:
+def split_indices(
+    labels: np.ndarray,
+    num_clients: int,
+    kind: str,
+    *,
+    beta: float = 0.5,
+    min_size: int = 10,
+    classes_per_client: int = 2,
+    seed: int = 2023,
+    rng: str = "default",
+) -> list[np.ndarray]:
     """Split range(len(labels)) into num_clients disjoint int64 index arrays.
 
     rng="default": sorted arrays. rng="numpy_legacy": the reference's arrays, in its order.
@@ -47,15 +56,18 @@ def split_indices(labels: np.ndarray, num_clients: int, kind: str, *, beta: floa
     if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
         raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
     if num_clients > n:
-        raise ValueError(f"cannot split {n} samples over {num_clients} clients "
-                         f"(more clients than samples)")
+        raise ValueError(
+            f"cannot split {n} samples over {num_clients} clients (more clients than samples)"
+        )
     if rng not in RNGS:
         raise ValueError(f"unknown split rng {rng!r}; choose one of {', '.join(RNGS)}")
     if rng == "numpy_legacy":
         if kind not in LEGACY_KINDS:
-            raise ValueError(f"split.rng=numpy_legacy replays the reference code, which has "
-                             f"no {kind!r} split; use {', '.join(LEGACY_KINDS)} or "
-                             f"split.rng=default")
+            raise ValueError(
+                f"split.rng=numpy_legacy replays the reference code, which has "
+                f"no {kind!r} split; use {', '.join(LEGACY_KINDS)} or "
+                f"split.rng=default"
+            )
         # No K = 1 shortcut here: the reference permutes even a single client's data.
         parts = _legacy(labels, num_clients, kind, beta, min_size, np.random.RandomState(seed))
         return [np.asarray(p, dtype=np.int64) for p in parts]
@@ -75,15 +87,18 @@ def split_indices(labels: np.ndarray, num_clients: int, kind: str, *, beta: floa
 
 def _check_min_size(n: int, num_clients: int, min_size: int) -> None:
     if num_clients * min_size > n:
-        raise ValueError(f"cannot give each of {num_clients} clients at least "
-                         f"min_size={min_size} samples from only {n}")
+        raise ValueError(
+            f"cannot give each of {num_clients} clients at least "
+            f"min_size={min_size} samples from only {n}"
+        )
 
 
 def _give_up(kind: str, num_clients: int, beta: float, min_size: int):
     return ValueError(
         f"{kind}: no Dirichlet(beta={beta}) draw in {MAX_TRIES} tries gave all "
         f"{num_clients} clients at least min_size={min_size} samples; "
-        f"raise split.beta, lower split.min_size or use fewer clients")
+        f"raise split.beta, lower split.min_size or use fewer clients"
+    )
 
 
 def _label_skew(labels, num_clients, beta, min_size, rng):
@@ -156,10 +171,12 @@ def _legacy(labels, k, kind, beta, min_size, rs: np.random.RandomState):
             p = rs.dirichlet(np.repeat(beta, k))
             p = np.array([q * (len(b) < n / k) for q, b in zip(p, batch)])
             if p.sum() == 0:  # the reference would divide by zero and cut at NaN
-                raise ValueError(f"label_skew with split.rng=numpy_legacy: every eligible "
-                                 f"Dirichlet(beta={beta}) share underflowed to 0, where the "
-                                 f"reference code is undefined; raise split.beta or use "
-                                 f"split.rng=default")
+                raise ValueError(
+                    f"label_skew with split.rng=numpy_legacy: every eligible "
+                    f"Dirichlet(beta={beta}) share underflowed to 0, where the "
+                    f"reference code is undefined; raise split.beta or use "
+                    f"split.rng=default"
+                )
             p = p / p.sum()
             cuts = (np.cumsum(p) * len(idx_c)).astype(int)[:-1]
             batch = [b + piece.tolist() for b, piece in zip(batch, np.split(idx_c, cuts))]
@@ -181,11 +198,15 @@ def _shards(labels, num_clients, classes_per_client, rng):
     classes, counts = np.unique(labels, return_counts=True)
     c, k = classes_per_client, num_clients
     if not 1 <= c <= len(classes):
-        raise ValueError(f"shards: classes_per_client={c} must be between 1 and the "
-                         f"number of classes present ({len(classes)})")
+        raise ValueError(
+            f"shards: classes_per_client={c} must be between 1 and the "
+            f"number of classes present ({len(classes)})"
+        )
     if k * c < len(classes):
-        raise ValueError(f"shards: {k} clients x {c} classes each cannot cover all "
-                         f"{len(classes)} classes; raise classes_per_client or clients")
+        raise ValueError(
+            f"shards: {k} clients x {c} classes each cannot cover all "
+            f"{len(classes)} classes; raise classes_per_client or clients"
+        )
     # Slot i of the cyclic sequence perm[0], perm[1], ... belongs to client i // c;
     # c consecutive slots are c distinct classes, and each class gets ~K*c/C slots.
     perm = rng.permutation(len(classes))
@@ -195,8 +216,10 @@ def _shards(labels, num_clients, classes_per_client, rng):
     for ci, cls in enumerate(classes):
         slots = np.flatnonzero(slot_class == ci)
         if counts[ci] < len(slots):
-            raise ValueError(f"shards: class {cls} has {counts[ci]} samples, fewer than "
-                             f"the {len(slots)} clients that should hold it")
+            raise ValueError(
+                f"shards: class {cls} has {counts[ci]} samples, fewer than "
+                f"the {len(slots)} clients that should hold it"
+            )
         idx = rng.permutation(np.flatnonzero(labels == cls))
         for slot, piece in zip(slots, np.array_split(idx, len(slots))):
             parts[owners[slot // c]].append(piece)
@@ -205,17 +228,24 @@ def _shards(labels, num_clients, classes_per_client, rng):
 
 # ---------------------------------------------------------------- reports
 
+
 def client_table(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> list[dict]:
     """One row per client (numbered 1..K, as the client ranks): size, share of all
     samples, class histogram."""
     labels = np.asarray(labels)
     total = sum(len(p) for p in parts) or 1
-    return [{"client": i + 1, "size": int(len(p)), "share": len(p) / total,
-             "histogram": np.bincount(labels[p], minlength=num_classes).astype(int).tolist()}
-            for i, p in enumerate(parts)]
+    return [
+        {
+            "client": i + 1,
+            "size": int(len(p)),
+            "share": len(p) / total,
+            "histogram": np.bincount(labels[p], minlength=num_classes).astype(int).tolist(),
+        }
+        for i, p in enumerate(parts)
+    ]
 
 
-def format_table(rows: list[dict]) -> str:
+def split_table(rows: list[dict]) -> str:
     """Fixed-width text table: client, size, share, then the count of every class."""
     if not rows:
         return "(no clients)"
@@ -224,7 +254,7 @@ def format_table(rows: list[dict]) -> str:
     body = [[r["client"], r["size"], f"{100 * r['share']:.1f}%", *r["histogram"]] for r in rows]
     total = ["total", sum(r["size"] for r in rows), "100.0%", *total_hist]
     head = ["client", "size", "share"] + [f"c{j}" for j in range(num_classes)]
-    return text_table(head, [*body, None, total], align="r" * len(head))
+    return format_table(head, [*body, None, total], align="r" * len(head))
 
 
 def save_report_json(rows: list[dict], path: str | Path) -> None:
@@ -234,6 +264,7 @@ def save_report_json(rows: list[dict], path: str | Path) -> None:
 def plot_report(rows: list[dict], path: str | Path) -> None:
     """Stacked bar chart: one bar per client, one colour per class."""
     import matplotlib
+
     matplotlib.use("Agg")  # headless nodes have no display
     import matplotlib.pyplot as plt
 

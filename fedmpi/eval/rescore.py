@@ -30,7 +30,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _format_table(rows: list[dict], keys: list[str]) -> str:
+def _rescore_table(rows: list[dict], keys: list[str]) -> str:
     """The re-scored models, one row each (a rule before the mean and std rows)."""
     head = ["client"] + keys + ["seconds"]
     body = []
@@ -181,7 +181,7 @@ def rescore(run_dir: Path, index: int | None, cfg: Config, device=None, log=prin
     if personal:
         mean, std, summary = _mean_std_rows(rows, keys)
         out_rows += [mean, std]
-    log(_format_table(out_rows, keys))
+    log(_rescore_table(out_rows, keys))
     if personal and keys:
         k = keys[0]
         log(

@@ -31,7 +31,6 @@ from pathlib import Path
 import fedmpi.store.tables as tables
 from fedmpi.fl.methods import make_plan
 from fedmpi.model.regions import REGIONS
-from fedmpi.store.atomic import atomic_write
 
 FLOAT_BYTES = 4
 FIELDS = ("round", "client", "src", "dst", "region", "direction", "params", "bytes")
@@ -200,7 +199,7 @@ def comparison(
     return out
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_ledger(rows: list[dict], path: Path) -> None:
     """Write the client rows of `rows` as a whole comm.csv (atomically)."""
     tables.write_csv(path, client_rows(rows), list(FIELDS))
 
@@ -221,7 +220,7 @@ def typed_rows(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def read_csv(path: Path) -> list[dict]:
+def read_ledger(path: Path) -> list[dict]:
     """comm.csv rows with integer columns (a partial last row, from a crash, is dropped)."""
     return typed_rows(tables.read_csv(path))
 
@@ -235,8 +234,8 @@ def _key(row: dict) -> tuple:
     return tuple(int(row[k]) if k not in ("region", "direction") else row[k] for k in FIELDS)
 
 
-def write_summary(
-    run_dir: Path,
+def run_summary(
+    rows: list[dict],
     method: str,
     num_clients: int,
     rounds: int,
@@ -245,11 +244,8 @@ def write_summary(
     upload_value_bytes: int = FLOAT_BYTES,
     extra: dict | None = None,
 ) -> dict:
-    """Summarize RUN_DIR/comm.csv, check it against the analytical table, write JSON.
-    `upload_value_bytes`: 8 for fed.secure runs; `extra`: more keys for the JSON."""
-    import json
-
-    rows = read_csv(Path(run_dir) / "comm.csv")
+    """A run's comm.csv `rows` (typed) summarized and checked against the analytical table
+    (comm_summary.json). `upload_value_bytes`: 8 for fed.secure runs; `extra`: more keys."""
     expected = analytical_rows(method, num_clients, rounds, sizes, seed, upload_value_bytes)
     measured = summarize(rows, rounds)
     out = comparison(method, num_clients, rounds, sizes, seed, upload_value_bytes)
@@ -262,5 +258,4 @@ def write_summary(
         "per_round": measured["per_round"],
     }
     out["matches_analytical"] = sorted(map(_key, client_rows(rows))) == sorted(map(_key, expected))
-    atomic_write(Path(run_dir) / "comm_summary.json", json.dumps(out, indent=1))
     return out

@@ -222,17 +222,13 @@ class RunFolder:
         write_csv(path, rows)
         return path
 
-    def append_comm(self, rows: list[dict]) -> None:
-        append_csv(self.path / self.COMM, rows)
+    def append_comm(self, rows: list[dict], fields) -> None:
+        """Append ledger rows to comm.csv (the header `fields` when the file is new)."""
+        append_csv(self.path / self.COMM, rows, fields)
 
     def read_comm(self) -> list[dict]:
-        """The ledger's rows with integer fields as ints."""
-        rows = read_csv(self.path / self.COMM)
-        for r in rows:
-            for k in ("round", "client", "src", "dst", "params", "bytes"):
-                if k in r and r[k] not in (None, ""):
-                    r[k] = int(r[k])
-        return rows
+        """comm.csv's rows as read (strings); fedmpi.fl.ledger.typed_rows gives them types."""
+        return read_csv(self.path / self.COMM)
 
     def write_summary(self, summary: dict) -> None:
         atomic_write(self.path / self.SUMMARY, json.dumps(summary, indent=1))

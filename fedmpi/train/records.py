@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from fedmpi.config import Config
-from fedmpi.fl.ledger import write_summary
+from fedmpi.fl.ledger import FIELDS, client_rows, run_summary, typed_rows
 from fedmpi.model.regions import region_sizes
 
 
@@ -19,7 +19,9 @@ def gather(job, r: int, stats=None):
     gathered = job.world.gather((stats, mine))
     if not job.world.is_federator:
         return None
-    job.run_dir.append_comm([row for _, rows in gathered for row in rows])
+    rows = [row for _, rows in gathered for row in rows]
+    if rows:  # a federation of one moves nothing (and writes no comm.csv)
+        job.run_dir.append_comm(client_rows(rows), FIELDS)  # not the federator's mirror rows
     return [s for s, _ in gathered], sum(row["bytes"] for row in mine)
 
 
@@ -105,8 +107,8 @@ def finish(job) -> dict:
             extra["privacy"] = dict(
                 cfg.to_dict()["privacy"], rounds=R, epsilon=job.aggregator.epsilon(R)
             )
-        summary = write_summary(
-            job.run_dir.path,
+        summary = run_summary(
+            typed_rows(job.run_dir.read_comm()),
             job.method,
             job.world.num_clients,
             R,
@@ -115,6 +117,7 @@ def finish(job) -> dict:
             job.aggregator.upload_value_bytes,
             extra,
         )
+        job.run_dir.write_summary(summary)
         moved = summary["measured"]["moved"]
         job.log(
             f"done: moved {moved['params']:,} parameters ({moved['bytes'] / 1e6:.1f} MB), "

@@ -1,4 +1,5 @@
 """Client splits: complete, disjoint, deterministic, and skewed the way they claim."""
+
 import gzip
 import json
 from pathlib import Path
@@ -6,8 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmpi.data.partition import (client_table, format_table, plot_report, save_report_json,
-                              split_indices)
+from fedmpi.data.partition import (
+    client_table,
+    plot_report,
+    save_report_json,
+    split_indices,
+    split_table,
+)
 
 FMNIST_LABELS = Path("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz")
 KINDS = ("iid", "label_skew", "quantity_skew", "shards")
@@ -25,8 +31,13 @@ def labels():
 def tv_from_global(labels, parts, min_size=0):
     """Mean total-variation distance of each client's class mix from the global mix."""
     glob = np.bincount(labels, minlength=10) / len(labels)
-    return np.mean([0.5 * np.abs(np.bincount(labels[p], minlength=10) / len(p) - glob).sum()
-                    for p in parts if len(p) >= min_size])
+    return np.mean(
+        [
+            0.5 * np.abs(np.bincount(labels[p], minlength=10) / len(p) - glob).sum()
+            for p in parts
+            if len(p) >= min_size
+        ]
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -87,15 +98,18 @@ def test_shards_exact_classes_per_client(labels, k, c):
         assert len(np.unique(labels[p])) == c
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(num_clients=11, kind="iid"), "more clients than samples"),
-    (dict(num_clients=0, kind="iid"), "positive"),
-    (dict(num_clients=2, kind="bogus"), "unknown split kind"),
-    (dict(num_clients=3, kind="label_skew", min_size=5), "min_size=5"),
-    (dict(num_clients=3, kind="quantity_skew", min_size=4), "min_size=4"),
-    (dict(num_clients=2, kind="shards", classes_per_client=1), "cannot cover"),
-    (dict(num_clients=2, kind="shards", classes_per_client=5), "between 1 and"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_clients=11, kind="iid"), "more clients than samples"),
+        (dict(num_clients=0, kind="iid"), "positive"),
+        (dict(num_clients=2, kind="bogus"), "unknown split kind"),
+        (dict(num_clients=3, kind="label_skew", min_size=5), "min_size=5"),
+        (dict(num_clients=3, kind="quantity_skew", min_size=4), "min_size=4"),
+        (dict(num_clients=2, kind="shards", classes_per_client=1), "cannot cover"),
+        (dict(num_clients=2, kind="shards", classes_per_client=5), "between 1 and"),
+    ],
+)
 def test_impossible_requests_raise(kwargs, match):
     tiny = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
     with pytest.raises(ValueError, match=match):
@@ -115,7 +129,7 @@ def test_reports(labels, tmp_path):
     assert [r["size"] for r in rows] == [len(p) for p in parts]
     assert abs(sum(r["share"] for r in rows) - 1) < 1e-9
     assert sum(sum(r["histogram"]) for r in rows) == len(labels)
-    text = format_table(rows)
+    text = split_table(rows)
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["client", "size", "share"] and lines[0].split()[-1] == "c9"
     assert lines[-1].split()[:2] == ["total", str(len(labels))]

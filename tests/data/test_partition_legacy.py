@@ -6,6 +6,7 @@ once, then numpy's *global* permutation / shuffle / dirichlet. fedmpi's version 
 private RandomState; these tests pin that both give the same clients, the same
 indices and the same order on the real Fashion-MNIST labels, for K = 2, 5, 10.
 """
+
 import numpy as np
 import pytest
 
@@ -61,12 +62,18 @@ def _reference(y_train, kind, n_users, seed, beta, num_classes):
                 idx_k = np.where(y_train == k)[0]
                 np.random.shuffle(idx_k)
                 proportions = np.random.dirichlet(np.repeat(beta, n_users))
-                proportions = np.array([p * (len(idx_j) < len(y_train) / n_users)
-                                        for p, idx_j in zip(proportions, idx_batch)])
+                proportions = np.array(
+                    [
+                        p * (len(idx_j) < len(y_train) / n_users)
+                        for p, idx_j in zip(proportions, idx_batch)
+                    ]
+                )
                 proportions = proportions / proportions.sum()
                 proportions = (np.cumsum(proportions) * len(idx_k)).astype(int)[:-1]
-                idx_batch = [idx_j + idx.tolist()
-                             for idx_j, idx in zip(idx_batch, np.split(idx_k, proportions))]
+                idx_batch = [
+                    idx_j + idx.tolist()
+                    for idx_j, idx in zip(idx_batch, np.split(idx_k, proportions))
+                ]
                 min_size = min(len(idx_j) for idx_j in idx_batch)
         for j in range(n_users):
             np.random.shuffle(idx_batch[j])
@@ -140,13 +147,26 @@ def test_client_rank_gets_its_reference_part(labels):
 
 
 def test_cli_prints_reference_sizes(labels, capsys):
-    rc = main(["split", "--config", PAPER, "--clients", "5", "--split.kind=quantity_skew",
-               "--split.rng=numpy_legacy", "--report"])
+    rc = main(
+        [
+            "split",
+            "--config",
+            PAPER,
+            "--clients",
+            "5",
+            "--split.kind=quantity_skew",
+            "--split.rng=numpy_legacy",
+            "--report",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "rng=numpy_legacy" in out and "seed=2023" in out
-    sizes = [int(line.split()[1]) for line in out.splitlines()  # clients numbered 1..K
-             if line.split()[:1] in (["1"], ["2"], ["3"], ["4"], ["5"])]
+    sizes = [
+        int(line.split()[1])
+        for line in out.splitlines()  # clients numbered 1..K
+        if line.split()[:1] in (["1"], ["2"], ["3"], ["4"], ["5"])
+    ]
     assert sizes == REFERENCE_K5_QUANTITY
 
 

@@ -145,8 +145,8 @@ def test_ledger_record_sizes():
 
 def test_csv_round_trip(tmp_path):
     rows = analytical_rows("usplit", 3, 2, SIZES, 1)
-    ledger.write_csv(rows, tmp_path / "comm.csv")
-    assert ledger.read_csv(tmp_path / "comm.csv") == rows
+    ledger.write_ledger(rows, tmp_path / "comm.csv")
+    assert ledger.read_ledger(tmp_path / "comm.csv") == rows
 
 
 def test_comm_csv_one_row_per_transfer(tmp_path):
@@ -178,7 +178,7 @@ def test_old_comm_csv_layout_is_read_as_the_new(tmp_path):
         "0,1,0,encoder,down,5,20\n0,0,-1,encoder,down,5,20\n"
         "1,2,1,decoder,up,3,16\n1,0,-1,decoder,up,3,16\n"
     )
-    assert ledger.read_csv(old) == [
+    assert ledger.read_ledger(old) == [
         ledger.transfer(0, 1, "encoder", "down", 5, 20),
         ledger.transfer(1, 2, "decoder", "up", 3, 16),
     ]

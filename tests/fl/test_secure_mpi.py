@@ -19,7 +19,7 @@ import pytest
 from mpihelp import load_states, mpirun, train
 
 import fedmpi.fl.privacy as privacy
-from fedmpi.fl.ledger import client_rows, read_csv
+from fedmpi.fl.ledger import client_rows, read_ledger
 from fedmpi.fl.secure import DEFAULT_FRAC_BITS
 from fedmpi.model.regions import REGIONS
 
@@ -91,7 +91,7 @@ def test_secure_run_equals_plain(world, backend, method, tmp_path):
     def rows(run):
         return {
             (r["round"], r["client"], r["region"], r["direction"]): r
-            for r in client_rows(read_csv(run / "comm.csv"))
+            for r in client_rows(read_ledger(run / "comm.csv"))
         }
 
     plain_rows, secure_rows = rows(runs[False]), rows(runs[True])
@@ -149,7 +149,7 @@ def test_dp_run_reports_epsilon_and_clips(backend, mode, secure, tmp_path):
     assert summary["privacy"]["mode"] == mode and summary["matches_analytical"] is True
     assert summary["upload_value_bytes"] == (8 if secure else 4)
     # UDEC: the personal encoder + bottleneck never left the clients (no noise, no upload)
-    assert {r["region"] for r in read_csv(run / "comm.csv") if r["direction"] == "up"} == {
+    assert {r["region"] for r in read_ledger(run / "comm.csv") if r["direction"] == "up"} == {
         "decoder"
     }
 

@@ -343,7 +343,7 @@ def preempted(slurm: LocalSlurm, tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("launcher", ["mpirun", "srun"])
 def test_checkpoint_signal_requeue_resume(preempted: dict, launcher: str):
-    from fedmpi.fl.ledger import read_csv
+    from fedmpi.fl.ledger import read_ledger
 
     if launcher not in preempted["jobs"]:
         pytest.skip("libpmix.so for slurm's mpi/pmix plugin not installed (libpmix-dev)")
@@ -381,7 +381,9 @@ def test_checkpoint_signal_requeue_resume(preempted: dict, launcher: str):
     assert sorted((c["round"], c["client"]) for c in clients) == [
         (r, k) for r in (1, 2, 3) for k in range(1, W_LONG)
     ]  # clients 1..K
-    assert read_csv(run / "comm.csv") == read_csv(ref_run / "comm.csv")  # no round counted twice
+    assert read_ledger(run / "comm.csv") == read_ledger(
+        ref_run / "comm.csv"
+    )  # no round counted twice
     fa, ca = load_states(ref_run, 3, W_LONG - 1)
     fb, cb = load_states(run, 3, W_LONG - 1)
     for a, b in zip([fa, *ca], [fb, *cb]):

@@ -77,12 +77,13 @@ def test_truncate_drops_the_rounds_a_resume_replays(tmp_path):
         log.write(kind="round", round=r, loss=1.0 / r)
     run.append_eval([{"round": r, "client": "global", "fid": 10.0 * r} for r in (1, 2, 3)])
     run.append_comm(
-        [{"round": r, "client": 1, "bytes": 40} for r in (0, 1, 2, 3)]  # round 0: initial model
+        [{"round": r, "client": 1, "bytes": 40} for r in (0, 1, 2, 3)],  # round 0: initial model
+        ["round", "client", "bytes"],
     )
     run.truncate(2)
     assert [r["round"] for r in run.read_metrics()] == [1, 2]
     assert [r["round"] for r in run.read_eval()] == ["1", "2"]
-    assert [r["round"] for r in run.read_comm()] == [0, 1, 2]
+    assert [r["round"] for r in run.read_comm()] == ["0", "1", "2"]
     run.truncate(0)  # from the start: the initial broadcast is sent again
     assert run.read_metrics() == [] and run.read_eval() == []
     assert not (run / "comm.csv").exists() and not (run / "eval.csv").exists()

@@ -20,7 +20,7 @@ import pytest
 import torch
 from mpihelp import ROOT, load_states, mpi_env, mpirun, mpirun_path, train
 
-from fedmpi.fl.ledger import read_csv
+from fedmpi.fl.ledger import read_ledger
 from fedmpi.store.runfolder import MARKER, RunFolder
 
 pytestmark = pytest.mark.mpi
@@ -178,7 +178,7 @@ def test_corrupt_checkpoint_and_partial_log_lines_fall_back(tmp_path):
     assert "checkpoint of round 2 is unusable" in res.stdout and "client_002.pt" in res.stdout
     assert "continuing after round 1" in res.stdout
     assert same_weights(ref, run, 2, 2)
-    assert read_csv(run / "comm.csv") == read_csv(ref / "comm.csv")
+    assert read_ledger(run / "comm.csv") == read_ledger(ref / "comm.csv")
     assert [r["round"] for r in strict_rows(run / "metrics.jsonl") if r["kind"] == "round"] == [
         1,
         2,

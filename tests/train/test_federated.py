@@ -12,7 +12,7 @@ import pytest
 import torch
 from mpihelp import ROOT, load_states, mpi_env, mpirun, mpirun_path, train
 
-from fedmpi.fl.ledger import analytical_rows, read_csv, summarize
+from fedmpi.fl.ledger import analytical_rows, read_ledger, summarize
 from fedmpi.model.regions import REGIONS
 from fedmpi.store.runfolder import RunFolder
 
@@ -64,7 +64,7 @@ def test_method_run(method, world, tmp_path):
     cfg_seed = 7
     sizes = {r: sum(v.numel() for k, v in fed.items() if k.startswith(r + ".")) for r in REGIONS}
     expected = summarize(analytical_rows(method, K, R, sizes, cfg_seed), R)
-    measured = summarize(read_csv(run / "comm.csv"), R)
+    measured = summarize(read_ledger(run / "comm.csv"), R)
     assert measured["moved"] == expected["moved"]
     rounds = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     per_round = [r for r in rounds if r["kind"] == "round"]
@@ -97,8 +97,8 @@ def test_resume_matches_uninterrupted(tmp_path):
             for run in (full, part)
         )
         assert sa["_growth_tracker"] == 4 and sa == sb  # 2 rounds x 2 steps, none skipped
-    rows = read_csv(part / "comm.csv")
-    assert rows == read_csv(full / "comm.csv")  # no round counted twice
+    rows = read_ledger(part / "comm.csv")
+    assert rows == read_ledger(full / "comm.csv")  # no round counted twice
 
 
 PREEMPT_OPTS = ["--fed.rounds=3", "--fed.local_steps=15", "--fed.method=full"]
@@ -161,7 +161,7 @@ def test_preemption_checkpoints_and_resumes(how, tmp_path, preempt_reference):
     fb, cb = load_states(run, 3, 2)
     for a, b in zip([fa, *ca], [fb, *cb]):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    assert read_csv(run / "comm.csv") == read_csv(ref / "comm.csv")
+    assert read_ledger(run / "comm.csv") == read_ledger(ref / "comm.csv")
 
 
 def test_failing_rank_ends_job(tmp_path):

@@ -345,8 +345,8 @@ def test_print_config_lists_every_key_and_loads_back(tmp_path):
 def test_split_report_numbers_clients_from_one():
     import numpy as np
 
-    from fedmpi.data.partition import client_table, format_table
+    from fedmpi.data.partition import client_table, split_table
 
     rows = client_table(np.arange(12) % 3, [np.arange(6), np.arange(6, 12)], 3)
     assert [r["client"] for r in rows] == [1, 2]
-    assert [l.split()[0] for l in format_table(rows).splitlines()[2:4]] == ["1", "2"]
+    assert [l.split()[0] for l in split_table(rows).splitlines()[2:4]] == ["1", "2"]
