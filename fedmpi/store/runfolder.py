@@ -152,10 +152,12 @@ class RunFolder:
             text = (d / MARKER).read_text()
         except OSError as e:
             return f"{d / MARKER}: {e.strerror}"
+        if text.strip().isdigit():  # a marker of the first layout: the bare round number
+            return None
         try:
             record = json.loads(text)
         except json.JSONDecodeError:
-            return None if text.strip().isdigit() else f"{d / MARKER} is corrupt"
+            return f"{d / MARKER} is corrupt"
         if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
             return f"{d / MARKER} is corrupt"
         for name, digest in record["files"].items():

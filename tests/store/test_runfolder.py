@@ -140,3 +140,14 @@ def test_sample_grids(tmp_path):
         run.samples_dir / "round_0002_client_003.png",
     ]
     assert run.grids(1) == []
+
+
+def test_a_bare_round_number_marker_is_trusted_and_garbage_is_not(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    for index, text in ((1, "1\n"), (2, "{not json")):
+        d = run.checkpoint_dir(index)
+        d.mkdir(parents=True)
+        (d / "COMPLETE").write_text(text)
+    assert run.verify(1) is None
+    assert "is corrupt" in run.verify(2)
+    assert run.newest_verified(lambda msg: None) == 1
