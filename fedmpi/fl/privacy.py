@@ -11,35 +11,45 @@ quantity is the SUM of clipped deltas plus N(0, (z*C)^2) per coordinate, where z
 noise multiplier; the average divides by the number of reporters m (uniform weights,
 not n_k, so one client's influence on the sum is bounded by C):
 
-- central DP: the federator adds std z*C to the sum (`noise_std(..., "central")`);
-  it sees the noise-free sum, so this trusts the federator.
-- distributed DP: each of the m clients adds std z*C/sqrt(m) to its own clipped delta,
-  so the sum carries std z*C and, under `fed.secure`, the federator never sees a
-  noise-free sum. This holds only if all m clients add their share.
+- central DP (plain aggregation only): the federator adds std z*C to the sum
+  (`noise_std(..., "central")`); it sees the noise-free sum, and clients that relay
+  inside the Reduce see noise-free partial sums, so this trusts them.
+- distributed DP (fed.secure only; the config refuses it without): each of the m
+  clients adds std z*C/sqrt(m) to its own clipped delta, so the sum carries std z*C and
+  the federator never sees a noise-free sum. This holds only if all m clients add
+  their share.
 
-Personal regions (UDEC / ULATDEC personal decoders) are never uploaded, so nothing
-about them is released and they need no clipping or noise; only shared regions count.
+Personal regions (UDEC's encoder + bottleneck, ULATDEC's encoder) are never uploaded,
+so nothing about them is released and they need no clipping or noise; only shared
+regions count.
 
 Every client reports every round (sample rate q = 1), so the accountant composes
 `rounds` Gaussian mechanisms of noise multiplier z (`epsilon`, using dp_accounting's
-RDP accountant). The noise comes from numpy's PCG64 seeded from OS entropy
-(`noise_generator`: not replayable from the config, so runs with DP are not bit-for-bit
-reproducible); PCG64 is not a cryptographic generator and the Gaussian sampling has the
-usual floating-point caveats (Mironov 2012): fine for research runs, not a certified
-release.
+RDP accountant). The neighbouring relation is `ADJACENCY`: two federations are
+neighbours when one has one client more (client level, add/remove); one client changes
+the released sum by at most C. Under replace-one adjacency a client changes it by up to
+2C, which doubles the sensitivity (the epsilon of z/2). Who sees what in each mode, and
+what the epsilon does not cover, is in docs/privacy.md.
+
+The noise comes from numpy's PCG64 seeded from OS entropy (`noise_generator`: not
+replayable from the config, so runs with DP are not bit-for-bit reproducible); PCG64 is
+not a cryptographic generator and the Gaussian sampling has the usual floating-point
+caveats (Mironov 2012): fine for research runs, not a certified release.
 """
 
 from __future__ import annotations
 
 import math
 
-import dp_accounting
 import numpy as np
-from dp_accounting import rdp
 
 from fedmpi.fl.strategy import AggregationStrategy, host_view, write_back
 
 MODES = ("central", "distributed")
+
+# The neighbouring relation of every epsilon fedmpi reports (metrics.jsonl's
+# `dp_adjacency`, the round and start lines, comm_summary.json's privacy block).
+ADJACENCY = "add/remove one client"
 
 
 class PrivacyError(ValueError):
@@ -177,8 +187,11 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float, sample_rate: flo
     """Epsilon after `rounds` rounds of the (sampled) Gaussian mechanism, for `delta`.
 
     dp_accounting's RDP accountant over SelfComposed(PoissonSampled(q, Gaussian(z))),
-    add-or-remove-one-client adjacency. q = 1: every client reports every round.
+    `ADJACENCY` (add/remove one client). q = 1: every client reports every round.
     """
+    import dp_accounting  # only DP runs need it (a second of import time)
+    from dp_accounting import rdp
+
     if not 0 < delta < 1:
         raise PrivacyError(f"delta must be in (0, 1) (privacy.delta), got {delta}")
     if not 0 < sample_rate <= 1:
@@ -196,6 +209,16 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float, sample_rate: flo
     accountant = rdp.RdpAccountant()
     accountant.compose(event)
     return float(accountant.get_epsilon(delta))
+
+
+def epsilon_fields(eps: float, delta: float) -> dict:
+    """The guarantee as metrics.jsonl's round rows record it."""
+    return {"epsilon": eps, "dp_delta": delta, "dp_adjacency": ADJACENCY}
+
+
+def epsilon_text(eps: float, delta: float) -> str:
+    """The guarantee as the round line prints it."""
+    return f"eps {eps:.3g} (delta {delta:g}, {ADJACENCY})"
 
 
 # --- the strategy ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ import numpy as np
 
 from fedmpi.config import Config
 from fedmpi.fl.ledger import FIELDS, client_rows, run_summary, typed_rows
+from fedmpi.fl.privacy import ADJACENCY, epsilon_fields, epsilon_text
 from fedmpi.model.regions import region_sizes
 
 
@@ -55,13 +56,15 @@ def record(job, r: int, stats: dict, scores, nonfinite: list[int], times: dict) 
     row.update(scores or {})
     epsilon = job.aggregator.epsilon(r)  # privacy.dp: the guarantee after round r
     if epsilon is not None:
-        row.update(epsilon=epsilon, dp_delta=job.cfg.privacy.delta)
+        row.update(epsilon_fields(epsilon, job.cfg.privacy.delta))
     job.metrics.write(**row)
     for s in rows:
         for step, loss in s.pop("step_losses", ()):  # train.log_every
             job.metrics.write(kind="step", round=r, client=s["client"], step=step, loss=loss)
         job.metrics.write(kind="client", round=r, **s)
-    score_txt = score_text(scores) + (f" | eps {epsilon:.3g}" if epsilon is not None else "")
+    score_txt = score_text(scores) + (
+        f" | {epsilon_text(epsilon, job.cfg.privacy.delta)}" if epsilon is not None else ""
+    )
     span = f"clients {min(good):.4f}..{max(good):.4f}" if good else "no finite client"
     nan_txt = (
         f" | NaN: client{'s' if len(nonfinite) > 1 else ''} "
@@ -105,7 +108,10 @@ def finish(job) -> dict:
         extra = {"secure": cfg.fed.secure}
         if cfg.privacy.dp:
             extra["privacy"] = dict(
-                cfg.to_dict()["privacy"], rounds=R, epsilon=job.aggregator.epsilon(R)
+                cfg.to_dict()["privacy"],
+                rounds=R,
+                epsilon=job.aggregator.epsilon(R),
+                adjacency=ADJACENCY,
             )
         summary = run_summary(
             typed_rows(job.run_dir.read_comm()),
@@ -141,7 +147,9 @@ def privacy_text(cfg: Config) -> str:
         parts.append(f"secure aggregation (uint64, 2^-{cfg.fed.secure_frac_bits})")
     if cfg.privacy.dp:
         p = cfg.privacy
-        parts.append(f"DP {p.mode} C={p.clip:g} z={p.noise_multiplier:g} delta={p.delta:g}")
+        parts.append(
+            f"DP {p.mode} C={p.clip:g} z={p.noise_multiplier:g} delta={p.delta:g} ({ADJACENCY})"
+        )
     return "".join(f" | {x}" for x in parts)
 
 

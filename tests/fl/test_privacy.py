@@ -6,7 +6,7 @@ import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting import rdp
-from scipy import stats
+from scipy import optimize, stats
 
 import fedmpi.fl.privacy as privacy
 from fedmpi.fl.privacy import PrivacyError
@@ -123,6 +123,100 @@ def test_epsilon_monotone_in_rounds_and_noise():
     assert privacy.epsilon(1.0, 50, 1e-5, sample_rate=0.1) < privacy.epsilon(1.0, 50, 1e-5)
     with pytest.raises(PrivacyError, match="privacy.delta"):
         privacy.epsilon(1.0, 5, 0.0)
+
+
+# --- the accountant against independent references -----------------------------------
+# At sample rate 1, R rounds of the Gaussian mechanism with noise multiplier z (sensitivity
+# 1, add/remove adjacency) compose exactly to ONE Gaussian mechanism with mu = sqrt(R) / z
+# (Dong, Roth & Su 2019). Its exact (epsilon, delta) curve is the analytic Gaussian
+# mechanism's (Balle & Wang 2018). RDP accounting is an upper bound on it; the classic RDP
+# conversion min_alpha R alpha / (2 z^2) + log(1/delta) / (alpha - 1) bounds fedmpi's
+# (dp_accounting's improved conversion over its grid of orders) from above wherever the
+# best order 1 + z sqrt(2 log(1/delta) / R) is inside that grid (>= 1.3 here).
+
+ACCOUNTANT_CASES = [
+    (0.5, 1, 1e-5),
+    (0.8, 2, 1e-5),
+    (1.1, 5, 1e-5),
+    (1.0, 10, 1e-5),
+    (0.7, 10, 1e-6),
+    (2.0, 100, 1e-6),
+    (4.0, 300, 1e-5),
+    (10.0, 1, 1e-3),
+]
+RDP_SLACK = 1.25  # fedmpi's epsilon / the exact one: 1.03-1.2 over ACCOUNTANT_CASES
+
+
+def exact_gaussian_epsilon(mu: float, delta: float) -> float:
+    """The smallest epsilon with delta(epsilon) <= delta for the mu-Gaussian mechanism:
+    delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) (Balle & Wang 2018,
+    Theorem 8), decreasing in eps; the second term in logs (no overflow)."""
+
+    def excess(eps):
+        tail = math.exp(eps + stats.norm.logcdf(-eps / mu - mu / 2))
+        return stats.norm.cdf(-eps / mu + mu / 2) - tail - delta
+
+    if excess(0.0) <= 0:
+        return 0.0
+    hi = 1.0
+    while excess(hi) > 0:
+        hi *= 2
+    return optimize.brentq(excess, 0.0, hi, xtol=1e-12, rtol=1e-12)
+
+
+def classic_rdp_epsilon(z: float, rounds: int, delta: float) -> float:
+    """min over alpha > 1 of R alpha / (2 z^2) + log(1/delta) / (alpha - 1), in closed
+    form: with c = R / (2 z^2) and L = log(1/delta), c + 2 sqrt(c L) at alpha = 1 + sqrt(L/c)."""
+    c, log_inv_delta = rounds / (2 * z * z), math.log(1 / delta)
+    return c + 2 * math.sqrt(c * log_inv_delta)
+
+
+@pytest.mark.parametrize("z,rounds,delta", ACCOUNTANT_CASES)
+def test_epsilon_between_the_exact_gaussian_and_the_classic_rdp_bound(z, rounds, delta):
+    exact = exact_gaussian_epsilon(math.sqrt(rounds) / z, delta)
+    eps = privacy.epsilon(z, rounds, delta)
+    assert exact <= eps <= classic_rdp_epsilon(z, rounds, delta)
+    assert eps <= RDP_SLACK * exact
+    # the bounds discriminate: a formula that forgot R (one round) or used z / 2 (twice
+    # the sensitivity: replace-one adjacency) falls outside them
+    if rounds > 1:
+        assert privacy.epsilon(z, 1, delta) < exact
+    assert privacy.epsilon(z / 2, rounds, delta) > classic_rdp_epsilon(z, rounds, delta)
+
+
+def test_exact_gaussian_epsilon_is_the_mechanisms():
+    """The reference itself: at its epsilon, the mechanism's delta is the one asked for,
+    and a mechanism twice as noisy needs less epsilon."""
+    mu, delta = 1.7, 1e-5
+    eps = exact_gaussian_epsilon(mu, delta)
+    at = stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
+    assert at == pytest.approx(delta, rel=1e-6)
+    assert exact_gaussian_epsilon(mu / 2, delta) < eps
+    assert exact_gaussian_epsilon(0.01, 0.5) == 0.0  # delta(0) below delta
+
+
+@pytest.mark.parametrize("z,rounds,delta", [(0.8, 2, 1e-5), (1.1, 5, 1e-5), (4.0, 300, 1e-5)])
+def test_pld_accountant_agrees_with_the_exact_gaussian(z, rounds, delta):
+    """Two independent references agree: dp_accounting's privacy-loss-distribution
+    accountant (add/remove adjacency, its default) and the analytic Gaussian mechanism."""
+    from dp_accounting import pld
+
+    accountant = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    accountant.compose(dp_accounting.GaussianDpEvent(z), rounds)
+    exact = exact_gaussian_epsilon(math.sqrt(rounds) / z, delta)
+    assert accountant.get_epsilon(delta) == pytest.approx(exact, rel=0.01)
+    assert exact_gaussian_epsilon(1 / z, delta) < 0.99 * exact  # one round is not enough
+
+
+def test_epsilon_is_reported_with_its_adjacency():
+    """metrics.jsonl's round fields and the round line name the neighbouring relation."""
+    assert privacy.ADJACENCY == "add/remove one client"
+    assert privacy.epsilon_fields(8.04, 1e-5) == {
+        "epsilon": 8.04,
+        "dp_delta": 1e-5,
+        "dp_adjacency": "add/remove one client",
+    }
+    assert privacy.epsilon_text(8.0412, 1e-5) == "eps 8.04 (delta 1e-05, add/remove one client)"
 
 
 # --- (d) a client's whole upload: one clip over all its regions ------------------------
