@@ -26,7 +26,6 @@ from fedmpi.errors import (
     exit_code,
 )
 from fedmpi.store.runfolder import RunFolder
-from fedmpi.train.loop import run_job
 from fedmpi.train.stop import JobStop, SetupError
 
 
@@ -72,26 +71,35 @@ def _check_eval(cfg: Config) -> None:
             raise ConfigError(str(e)) from None
 
 
-def _prepare(args, overrides, is_root: bool) -> tuple[Config, Path, bool]:
-    """Load the config and pick the run folder; raises ConfigError on bad input."""
+def _prepare(args, overrides, log) -> tuple[Config, RunFolder, bool, object]:
+    """Rank 0: load the config, pick the run folder and take its lock (before anything in
+    it is written); raises UserError on bad input, DiskError on an unwritable folder,
+    FolderBusy when another job holds the folder."""
     resume_dir = args.resume or args.run_dir
     if args.resume and not Path(args.resume).is_dir():
         raise ConfigError(f"--resume {args.resume}: no such run folder")
-    if resume_dir and (Path(resume_dir) / "config.yaml").is_file():
-        cfg = load_config(args.config or Path(resume_dir) / "config.yaml", overrides)
+    if args.resume and not RunFolder(args.resume).is_run():
+        raise ConfigError(
+            f"--resume {args.resume}: not a run folder (it has no config.yaml); give the folder "
+            f"a job wrote (runs/NAME-DATE), or start a run there with --run-dir and --config"
+        )
+    if resume_dir and RunFolder(resume_dir).is_run():
+        run = RunFolder(resume_dir)
+        cfg = load_config(args.config or run.config_file, overrides)
         _check_eval(cfg)
-        return cfg, Path(resume_dir), True
+        return cfg, run, True, run.lock(log)
     if args.config is None:
         raise ConfigError("give --config CONFIG (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
     cfg = load_config(args.config, overrides)
     _check_eval(cfg)
     if resume_dir:
-        run_dir = Path(resume_dir)
-        if is_root:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            RunFolder(run_dir).write_config(cfg)
-        return cfg, run_dir, False
-    return cfg, None, False
+        run = RunFolder(resume_dir)
+        lock = run.lock(log)
+        run.write_config(cfg)
+    else:
+        run = RunFolder.create(cfg)
+        lock = run.lock(log)
+    return cfg, run, False, lock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
         return 0
+    from fedmpi.train.loop import run_job  # torch: not needed to print a config
+
     world = None
     if launched_by_mpi():
         from fedmpi.dist.world import World
@@ -119,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(msg, flush=True)
 
+    lock = None  # rank 0: the run folder's lock, held until the job ends
     try:
-        cfg, run_dir, resume = _decide(args, overrides, world if distributed else None)
+        cfg, run_dir, resume, lock = _decide(args, overrides, world if distributed else None, log)
         if distributed:
             world.backend_name = cfg.fed.backend
         run_job(
@@ -148,31 +159,33 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return code
     finally:
+        if lock is not None:
+            lock.release()
         if world is not None:
             world.close()
 
 
-def _decide(args, overrides, world) -> tuple[Config, Path, bool]:
+def _decide(args, overrides, world, log):
     """Rank 0 alone decides (config, run folder, resume) and tells the others, so that no
     rank can see a folder another rank is creating at the same moment. A bad config or
-    folder ends every rank with the same one-line message (exit 2)."""
-    decision, error = None, None
+    folder ends every rank with the same exit code; rank 0 prints the one-line reason."""
+    decision, error, lock = None, None, None
     if world is None or world.rank == 0:
         try:
-            cfg, run_dir, resume = _prepare(args, overrides, True)
-            run_dir = run_dir or RunFolder.create(cfg).path
-            RunFolder(run_dir).stop_file.unlink(missing_ok=True)  # served by an earlier start
-            decision = (cfg.to_dict(), str(run_dir), resume)
-        except UserError as e:
-            error = str(e)
+            cfg, run, resume, lock = _prepare(args, overrides, log)
+            run.stop_file.unlink(missing_ok=True)  # a stop request served by an earlier start
+            decision = (cfg.to_dict(), str(run), resume)
+        except (UserError, DiskError) as e:
+            error = (str(e), exit_code(e))
     if world is not None:
         decision, error = world.bcast_obj((decision, error))
     if error:
         if world is None or world.rank == 0:
-            print(f"error: {error}", flush=True)
-        raise SetupError(error)  # collective: every rank has the same decision
-    cfg = from_dict(decision[0], "<resolved>")
-    return cfg, Path(decision[1]), decision[2]
+            print(f"error: {error[0]}", flush=True)
+        stop = SetupError(error[0])  # collective: every rank has the same decision
+        stop.exit_code = error[1]
+        raise stop
+    return from_dict(decision[0], "<resolved>"), Path(decision[1]), decision[2], lock
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -34,6 +35,16 @@ def _set_dotted(data: dict, key: str, value, source: str) -> None:
     node[parts[-1]] = value
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 6, 6, 60, 60
+
+
+def _show(value) -> str:
+    """`value` for an error message, cut short: a YAML alias bomb (a few hundred bytes that
+    expand to millions of strings) must not be expanded to be printed."""
+    return _SHORT.repr(value)
+
+
 def _check_type(value, tp, key: str, source: str):
     """Return value coerced to tp (int->float, list->tuple) or raise ConfigError."""
     origin = typing.get_origin(tp)
@@ -46,35 +57,35 @@ def _check_type(value, tp, key: str, source: str):
         if not isinstance(value, (list, tuple)) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
         ):
-            raise ConfigError(f"{source}: '{key}' must be a list of integers, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be a list of integers, got {_show(value)}")
         return tuple(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be a number, got {_show(value)}")
         try:
             value = float(value)
         except OverflowError:  # an integer literal with hundreds of digits
             value = math.inf
         if not math.isfinite(value):
             raise ConfigError(
-                f"{source}: '{key}' must be a finite number, got {value!r} "
+                f"{source}: '{key}' must be a finite number, got {_show(value)} "
                 f"(.inf, .nan and values beyond 1.8e308 such as 1e400 are "
                 f"not allowed)"
             )
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {_show(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {_show(value)}")
         return value
     if tp is str:
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)  # e.g. --run.name=2023
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be a string, got {_show(value)}")
         return value
     raise TypeError(f"unsupported schema type {tp} for {key}")
 
@@ -115,17 +126,32 @@ def get(cfg: Config, key: str):
     return getattr(getattr(cfg, section), name)
 
 
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
+
+
+def _check_run_name(name: str, source: str) -> None:
+    """run.name names a folder inside run.out_dir: one plain path component, never a path
+    ('../x', '/abs', 'a/b') that would write outside it."""
+    if not _RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(
+            f"{source}: 'run.name' is {_show(name)}; it names a folder inside run.out_dir, so "
+            f"use letters, digits and . _ + = - only (no '/', no '..', at most 128 characters); "
+            f"to write elsewhere set run.out_dir"
+        )
+
+
 def _validate(cfg: Config, source: str) -> None:
     for key, options in CHOICES.items():
         if get(cfg, key) not in options:
             raise ConfigError(
-                f"{source}: '{key}' is {get(cfg, key)!r}; choose one of {', '.join(options)}"
+                f"{source}: '{key}' is {_show(get(cfg, key))}; choose one of {', '.join(options)}"
             )
     for key, allowed in RANGES.items():
         v = get(cfg, key)
         for x in v if isinstance(v, tuple) else (v,):
             if x is not None and x not in allowed:
-                raise ConfigError(f"{source}: '{key}' must be {allowed}, got {v!r}")
+                raise ConfigError(f"{source}: '{key}' must be {allowed}, got {_show(v)}")
+    _check_run_name(cfg.run.name, source)
     d = cfg.diffusion
     if not d.beta_start < d.beta_end:
         raise ConfigError(
@@ -145,13 +171,7 @@ def _validate(cfg: Config, source: str) -> None:
             f"{source}: 'eval.ddim_steps' ({cfg.eval.ddim_steps}) cannot exceed "
             f"'diffusion.timesteps' ({d.timesteps})"
         )
-    if cfg.fed.secure and cfg.privacy.dp and cfg.privacy.mode != "distributed":
-        raise ConfigError(
-            f"{source}: 'privacy.mode' is 'central' but 'fed.secure' is on: the "
-            f"federator would add the noise to a sum it sees noise-free; set "
-            f"--privacy.mode=distributed (each client adds its share of the "
-            f"noise before masking)"
-        )
+    _check_privacy(cfg, source)
     if cfg.train.compile_mode != "default" and not cfg.train.compile:
         raise ConfigError(
             f"{source}: 'train.compile_mode' is {cfg.train.compile_mode!r} but "
@@ -180,6 +200,32 @@ def _validate(cfg: Config, source: str) -> None:
             f"{source}: 'eval.classifier_weights' points to {cfg.eval.classifier_weights}, which "
             f"is not a file. Give the file printed by `python -m fedmpi.extractors "
             f"train-classifier`, or leave it unset to train the classifier on the test split."
+        )
+
+
+def _check_privacy(cfg: Config, source: str) -> None:
+    """DP's noise mode must match the aggregation: central DP adds the noise on the
+    federator, so it cannot be combined with fed.secure (the federator would still see
+    the noise-free sum); distributed DP gives each upload only its 1/sqrt(m) share of
+    the noise, so without fed.secure the federator would see each upload with far less
+    noise than the reported epsilon assumes."""
+    if not cfg.privacy.dp:
+        return
+    if cfg.fed.secure and cfg.privacy.mode != "distributed":
+        raise ConfigError(
+            f"{source}: 'privacy.mode' is 'central' but 'fed.secure' is on: the "
+            f"federator would add the noise to a sum it sees noise-free; set "
+            f"--privacy.mode=distributed (each client adds its share of the "
+            f"noise before masking)"
+        )
+    if not cfg.fed.secure and cfg.privacy.mode == "distributed":
+        raise ConfigError(
+            f"{source}: 'privacy.mode' is 'distributed' but 'fed.secure' is off: each "
+            f"client would upload its update with only its 1/sqrt(m) share of the noise, "
+            f"in the clear to the federator (and to the clients that relay the Reduce), "
+            f"so the reported epsilon would not hold; set --fed.secure=true (the shares "
+            f"add up under the masks) or --privacy.mode=central (the federator adds all "
+            f"the noise)"
         )
 
 

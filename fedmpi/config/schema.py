@@ -267,7 +267,7 @@ RANGES = {
     "diffusion.beta_end": UNIT_OPEN,
     "diffusion.snr_gamma": POSITIVE,
     "train.lr": POSITIVE,
-    "train.batch_size": POSITIVE,
+    "train.batch_size": Range(1, 65536),  # a larger batch is a typo, not a recipe
     "train.epochs": NON_NEGATIVE,
     "train.max_steps": POSITIVE,
     "train.log_every": POSITIVE,
@@ -290,7 +290,7 @@ RANGES = {
     "eval.num_samples": POSITIVE,
     "eval.ddim_steps": POSITIVE,
     "eval.eta": Range(0, 1),  # 0: deterministic DDIM, 1: DDPM-like noise
-    "eval.batch_size": POSITIVE,
+    "eval.batch_size": Range(1, 65536),
     "eval.grid": NON_NEGATIVE,
     "checkpoint.every": NON_NEGATIVE,
     "checkpoint.keep": NON_NEGATIVE,  # 0: keep all (checkpoint.mark_complete)

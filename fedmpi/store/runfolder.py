@@ -9,6 +9,7 @@ Layout::
     RUN_DIR/comm_summary.json           its totals against the analytical table
     RUN_DIR/samples/round_NNNN*.png     sample grids
     RUN_DIR/checkpoints/round_NNNNNN/   federator.pt, client_001.pt, ..., COMPLETE
+    RUN_DIR/LOCK                        held by the job writing the folder (lock.py)
 
 Everything that reads or writes these files (the round loop, evaluate, plot, report,
 sweep) goes through this class, so the layout and the file formats live in one place.
@@ -25,7 +26,9 @@ import time
 from pathlib import Path
 
 from fedmpi.config import Config, dump_config, load_config
+from fedmpi.errors import DiskError
 from fedmpi.store.atomic import atomic_write, sha256_file
+from fedmpi.store.lock import RunLock
 from fedmpi.store.tables import (
     JsonlWriter,
     append_csv,
@@ -78,7 +81,14 @@ class RunFolder:
         path, n = base, 1
         while path.exists():
             path, n = Path(f"{base}-{n}"), n + 1
-        path.mkdir(parents=True)
+        try:
+            path.mkdir(parents=True)
+        except OSError as e:
+            raise DiskError(
+                e.errno,
+                f"cannot create a run folder in {cfg.run.out_dir} ({e.strerror}): set "
+                f"run.out_dir (--run.out_dir=DIR) to a writable folder",
+            ) from None
         run = cls(path)
         run.write_config(cfg)
         return run
@@ -101,6 +111,10 @@ class RunFolder:
 
     def read_config(self, overrides=None) -> Config:
         return load_config(self.path / self.CONFIG, overrides)
+
+    def lock(self, log=print) -> RunLock:
+        """Take this folder's lock for a job (see lock.py); release() when the job ends."""
+        return RunLock(self.path, log).acquire()
 
     @property
     def stop_file(self) -> Path:

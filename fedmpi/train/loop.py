@@ -364,15 +364,19 @@ class Job:
         if not nonfinite:
             return nonfinite
         who = ", ".join(f"client {k}" for k in nonfinite)
-        if cfg.fed.on_nonfinite == "abort" or self.solo:
+        everyone = len(nonfinite) == len(world.client_ranks)  # skipping leaves nothing to train
+        if cfg.fed.on_nonfinite == "abort" or everyone:
             if world.is_federator:
                 kept = checkpointing.settled_latest(self)
                 whose = "the model" if self.solo else f"the model of {who}"
-                skip = (
-                    ""
-                    if self.solo
-                    else (" fed.on_nonfinite=skip leaves such clients out of a round instead.")
-                )
+                if self.solo:
+                    skip = ""
+                elif everyone and cfg.fed.on_nonfinite == "skip":
+                    skip = (
+                        " Every client diverged, so fed.on_nonfinite=skip has none left to average."
+                    )
+                else:
+                    skip = " fed.on_nonfinite=skip leaves such clients out of a round instead."
                 self.log(
                     f"error: {unit} {r}: {whose} is not finite (NaN / inf: diverged? lower "
                     f"train.lr). Stopped before aggregation; "

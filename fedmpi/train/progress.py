@@ -225,10 +225,11 @@ class LocalProgress:
         self.bar: Progress | None = None
 
     def report(self, round_index: int, done: int, total: int, images: int) -> None:
-        if self.bar is None:
+        if self.bar is None:  # after the epoch's first step: the pace counts from here
             self.bar = Progress(total, f"epoch {round_index}/{self.rounds}", self.log)
-        rate = images / max(self.bar.elapsed, 1e-9)
-        self.bar.update(done, f"{rate:.0f} img/s")
+            self.first = images
+        rate = (images - self.first) / max(self.bar.elapsed, 1e-9)
+        self.bar.update(done, f"{rate:.0f} img/s" if images > self.first else "")
 
     def finish(self, round_index: int, done: int, total: int, images: int) -> None:
         if self.bar is not None:

@@ -10,24 +10,30 @@ from __future__ import annotations
 
 import torch
 
-from fedmpi.config import Config, ConfigError, from_dict, get
+from fedmpi.config import Config, ConfigError, from_dict
 from fedmpi.errors import CheckpointError
 from fedmpi.fl.methods import personal_regions
 from fedmpi.model.regions import REGIONS
 from fedmpi.store.checkpoint import client_state, load_checkpoint
 from fedmpi.store.runfolder import RunFolder
 
-# What must not change between a checkpoint and the job that resumes it (and model.*).
-RESUME_KEYS = (
-    "fed.method",
-    "data.dataset",
-    "data.train_subset",
-    "data.shards",
-    "split.kind",
-    "split.beta",
-    "split.min_size",
-    "split.classes_per_client",
-    "split.rng",
+# What a resumed job may set differently from the run it continues: settings that cannot
+# change the trained weights (rounds to add, evaluation, logging, progress, output, where
+# the data and the job live). Everything else must be as the checkpoint's config says.
+RESUME_MAY_CHANGE = (
+    "eval.",
+    "checkpoint.",
+    "run.out_dir",
+    "run.name",
+    "run.device",
+    "run.progress_every",
+    "train.log_every",
+    "fed.rounds",
+    "fed.round_timeout",
+    "train.epochs",
+    "train.max_steps",
+    "data.root",
+    "data.download",
 )
 SOLO_FILE = "model.pt"  # the centralized baseline's one file per checkpoint
 
@@ -183,6 +189,29 @@ def restore(world, run: RunFolder, index: int, model, trainer, device, ema=None)
         trainer.load_scaler_state(ckpt.get("scaler"))  # fp16: the loss scale goes on
 
 
+def changed_settings(old: Config, new: Config, baseline: bool = False) -> list[str]:
+    """The settings of `new` that differ from the checkpoint's `old` and could change the
+    trained weights (the baseline has no federation and no split: fed.* and split.* are
+    not its settings)."""
+    may_change = RESUME_MAY_CHANGE + (("fed.", "split.") if baseline else ())
+    a, b = _flat(old.to_dict()), _flat(new.to_dict())
+    return [
+        f"{key} is {a.get(key)!r} in the checkpoint but {b[key]!r} now"
+        for key in b
+        if a.get(key) != b[key] and not key.startswith(may_change)
+    ]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def resume_mismatch(cfg: Config, saved: dict, saved_clients: int | None, world_size: int, run):
     """Why `cfg` on `world_size` ranks cannot continue a checkpoint, or None."""
     problems = []
@@ -197,31 +226,15 @@ def resume_mismatch(cfg: Config, saved: dict, saved_clients: int | None, world_s
     except ConfigError:
         old = None
     if old is not None:
-        keys = list(RESUME_KEYS) + [f"model.{f}" for f in old.model.__dataclass_fields__]
-        if world_size == 1:  # the baseline has no federation and no split
-            keys = [k for k in keys if not k.startswith(("fed.", "split."))]
-        for key in keys:
-            try:
-                a, b = get(old, key), get(cfg, key)
-            except AttributeError:
-                continue
-            if a != b:
-                problems.append(f"{key} is {a!r} in the checkpoint but {b!r} now")
-        seeds = (
-            old.split.seed if old.split.seed is not None else old.run.seed,
-            cfg.split.seed if cfg.split.seed is not None else cfg.run.seed,
-        )
-        if world_size > 1 and seeds[0] != seeds[1]:
-            problems.append(
-                f"the split seed (split.seed, else run.seed) is {seeds[0]} in the "
-                f"checkpoint but {seeds[1]} now"
-            )
+        problems += changed_settings(old, cfg, baseline=world_size == 1)
     if not problems:
         return None
     return (
         f"cannot resume {run}: "
         + "; ".join(problems)
-        + ". Resume with the settings of the run (drop the overrides), or start a new run."
+        + ". Only rounds to add (fed.rounds, train.epochs), evaluation (eval.*), checkpointing, "
+        "logging, progress and output settings may differ: resume with the run's settings "
+        "(drop the overrides), or start a new run."
     )
 
 
@@ -229,6 +242,12 @@ def resume_decision(cfg: Config, world, run: RunFolder, log) -> tuple[int | None
     """On the federator: the newest complete checkpoint whose files verify and fit this
     job (falling back past corrupt ones), or an error message."""
     index = run.newest_verified(warn=log)
+    if index is None and run.complete_checkpoints():
+        return None, (
+            f"cannot resume {run}: none of its {len(run.complete_checkpoints())} checkpoints "
+            f"verifies (see the warnings above); nothing in the folder was changed. Restore "
+            f"the checkpoint files, or start a new run in another folder"
+        )
     if index is None:
         return None, None
     try:
