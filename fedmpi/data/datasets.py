@@ -19,7 +19,7 @@ import numpy as np
 
 from fedmpi.config import Config, DataCfg
 from fedmpi.data.partition import split_indices
-from fedmpi.data.shards import read_shard, read_test, shards_info
+from fedmpi.data.shards import ShardSpec, read_shard, read_test
 from fedmpi.errors import DataError
 
 # dataset -> (channels, image_size, num_classes)
@@ -277,6 +277,12 @@ def compute_split(cfg: Config, labels: np.ndarray, num_clients: int) -> list[np.
         ) from None
 
 
+def _shard_spec(cfg: Config) -> ShardSpec:
+    """What a shard must hold for data.dataset (read_shard / read_test check it)."""
+    channels, size, num_classes = dataset_info(cfg.data.dataset)
+    return ShardSpec(cfg.data.dataset, (channels, size, size), num_classes)
+
+
 def load_client_data(cfg: Config, client: int, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of client `client` (0-based) out of num_clients.
 
@@ -291,18 +297,8 @@ def load_client_data(cfg: Config, client: int, num_clients: int) -> tuple[np.nda
             f"clients are running; make them agree (or set split.num_clients: null)"
         )
     if cfg.data.shards:
-        info = shards_info(cfg.data.shards)
-        if info["num_clients"] != num_clients:
-            raise DataError(
-                f"{cfg.data.shards} was split for {info['num_clients']} clients but "
-                f"{num_clients} are running; re-run `python -m fedmpi.data split "
-                f"--clients {num_clients}` or change the number of processes"
-            )
-        if info["dataset"] and info["dataset"] != cfg.data.dataset:
-            raise DataError(
-                f"{cfg.data.shards} holds {info['dataset']} but data.dataset is {cfg.data.dataset}"
-            )
-        images, labels, _ = read_shard(cfg.data.shards, client)
+        spec = _shard_spec(cfg)
+        images, labels, _ = read_shard(cfg.data.shards, client, spec, num_clients=num_clients)
         return images, labels
     images, labels = load_arrays(cfg.data, "train")
     part = compute_split(cfg, labels, num_clients)[client]
@@ -312,7 +308,7 @@ def load_client_data(cfg: Config, client: int, num_clients: int) -> tuple[np.nda
 def load_test_data(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """The global test set (from the shards file when set), cut to data.test_subset."""
     if cfg.data.shards:
-        images, labels = read_test(cfg.data.shards)
+        images, labels = read_test(cfg.data.shards, _shard_spec(cfg))
         n = cfg.data.test_subset
         return (images[:n], labels[:n]) if n is not None else (images, labels)
     return load_arrays(cfg.data, "test")
