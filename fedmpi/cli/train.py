@@ -115,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
         return 0
-    from fedmpi.train.loop import run_job  # torch: not needed to print a config
-
     world = None
     if launched_by_mpi():
         from fedmpi.dist.world import World
@@ -132,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     lock = None  # rank 0: the run folder's lock, held until the job ends
     try:
         cfg, run_dir, resume, lock = _decide(args, overrides, world if distributed else None, log)
+        from fedmpi.train.loop import run_job  # torch: imported once the input is known good
+
         if distributed:
             world.backend_name = cfg.fed.backend
         run_job(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 import time
@@ -27,22 +26,34 @@ def alias_bomb(path, key_path=("train", "lr"), levels=10):
     return path
 
 
+PEAK = (
+    "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+    "print('peak_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+    "sys.exit(p.returncode)"
+)
+
+
 def run_limited(args, timeout=60):
-    """Run a fedmpi command; returns (process, seconds, peak memory in MB of the child)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run a fedmpi command; returns (process, seconds, its peak memory in MB), the peak
+    measured by a fresh parent whose only child the command is."""
     t0 = time.monotonic()
     res = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", PEAK, sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return res, time.monotonic() - t0, max(peak, before) / 1024
+    peak_kb = int(res.stderr.rsplit("peak_kb", 1)[1].split()[0])
+    res.stderr = res.stderr.rsplit("peak_kb", 1)[0]
+    return res, time.monotonic() - t0, peak_kb / 1024
 
 
 @pytest.mark.parametrize("command", [["--print-config"], []])
 def test_yaml_alias_bomb_is_one_line_fast_and_small(tmp_path, command):
     bomb = alias_bomb(tmp_path / "bomb.yaml")
     res, seconds, peak_mb = run_limited(
-        ["-m", "fedmpi.train", "--config", str(bomb), "--run.out_dir", str(tmp_path), *command]
+        ["-m", "fedmpi.train", "--config", str(bomb), f"--run.out_dir={tmp_path}", *command]
     )
     assert res.returncode == 2, res.stderr[-2000:]
     out = res.stdout + res.stderr
