@@ -368,3 +368,31 @@ def test_bad_config_file_is_refused_before_any_work(tmp_path, capsys, text, mess
     assert rc == 2, out.out + out.err
     assert message in out.out + out.err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_hdf5_shard_is_refused_with_one_line(tmp_path):
+    # NaN pixels in client 1's shard: refused when the shard is read (exit 2, one line
+    # naming the file and the dataset in it), never trained on until train.lr gets the blame
+    import h5py
+    import numpy as np
+
+    from fedmpi.data.shards import write_shards
+
+    x = np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28)).astype(np.uint8)
+    y = np.arange(40) % 10
+    bad = tmp_path / "bad.h5"
+    parts = [np.arange(0, 40, 2), np.arange(1, 40, 2)]
+    write_shards(bad, x, y, parts, x[:10], y[:10], {"dataset": "fashion_mnist"})
+    with h5py.File(bad, "r+") as f:
+        del f["client_1/images"]
+        f["client_1/images"] = np.full((20, 1, 28, 28), np.nan)
+    t0 = time.time()
+    res = train(3, tmp_path / "run", f"--data.shards={bad}", timeout=150)
+    assert time.time() - t0 < 120
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    message = f"{bad}: /client_1/images holds float64 images (NaN possible); shards hold uint8"
+    lines = [line for line in out.splitlines() if message in line]
+    assert len(lines) == 1 and f"--clients 2 --out {bad}`" in lines[0], out
+    assert "Traceback" not in out and "train.lr" not in out
+    assert not (tmp_path / "run" / "checkpoints").exists()
