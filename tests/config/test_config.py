@@ -298,6 +298,24 @@ def test_new_fed_keys_defaults():
     assert cfg.fed.round_timeout == 0.0 and type(cfg.fed.round_timeout) is float
 
 
+def test_dp_mode_must_match_secure_aggregation(tmp_path):
+    """Distributed DP without fed.secure would hand the federator every client's update
+    with only its 1/sqrt(m) share of the noise; central DP with fed.secure would give
+    it the noise-free sum. Both are refused, naming the way out; the two valid
+    combinations load, and without DP the mode does not matter."""
+    with pytest.raises(ConfigError, match=r"'fed\.secure' is off") as err:
+        load_config(None, {"privacy.dp": True, "privacy.mode": "distributed"})
+    assert "--fed.secure=true" in str(err.value) and "--privacy.mode=central" in str(err.value)
+    path = _write(tmp_path, {"privacy": {"dp": True, "mode": "distributed"}})
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*'privacy\.mode' is 'distributed'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"'fed\.secure' is on.*--privacy\.mode=distributed"):
+        load_config(None, {"privacy.dp": True, "fed.secure": True})
+    load_config(path, {"fed.secure": True})
+    load_config(None, {"privacy.dp": True, "privacy.mode": "central"})
+    load_config(None, {"privacy.mode": "distributed"})  # DP off: nothing is released
+
+
 FLOATS = [k for k, tp in NUMERIC if tp is float]
 
 

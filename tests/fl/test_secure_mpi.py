@@ -5,8 +5,9 @@
   the fixed-point resolution, the masks cancel exactly in the integer reduce, and DP's
   noise on the sum has std z * C;
 - whole training runs: secure = plain within the resolution, comm.csv with the doubled
-  upload bytes, matches_analytical; USPLIT at K = 2 refused with exit 2; DP runs report
-  epsilon per round as the accountant computes it and every client update is clipped.
+  upload bytes, matches_analytical; USPLIT at K = 2 and distributed DP without fed.secure
+  refused with exit 2; DP runs report epsilon per round as the accountant computes it,
+  with its neighbouring relation, and every client update is clipped.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def test_secure_aggregation_every_method(world, backend):
     # client 1 left out: K - 1 reporters; at K = 2 the secure sum would be one upload
     left = "1 reporter left: every region withheld" if world == 3 else "3 reporters; noise"
     assert f"DP OK distributed (secure=True, {left}" in res.stdout, res.stdout
-    assert f"DP OK distributed (secure=False, {world - 2} reporter" in res.stdout, res.stdout
+    # regions of one reporter let through: the K - 1 others' shares still add up to z C
+    left = f"secure_min_reporters=1, {world - 2} reporter"
+    assert f"DP OK distributed (secure=True, {left}" in res.stdout, res.stdout
 
 
 def _region(state: dict, region: str):
@@ -115,6 +118,15 @@ def test_secure_usplit_at_two_clients_is_refused(tmp_path):
     assert not (tmp_path / "run" / "comm.csv").exists()  # refused before any work
 
 
+def test_distributed_dp_without_secure_is_refused(tmp_path):
+    """Each upload would carry only its own share of the noise, in the clear."""
+    res = train(3, tmp_path / "run", "--privacy.dp=true", "--privacy.mode=distributed")
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "'fed.secure' is off" in out and "--fed.secure=true" in out, out
+    assert not (tmp_path / "run" / "comm.csv").exists()
+
+
 @pytest.mark.parametrize(
     "backend,mode,secure", [("mpi", "central", False), ("torch", "distributed", True)]
 )
@@ -139,7 +151,9 @@ def test_dp_run_reports_epsilon_and_clips(backend, mode, secure, tmp_path):
     assert [r["round"] for r in per_round] == list(range(1, R + 1))
     for r in per_round:  # the accountant's epsilon for (q = 1, z, r rounds, delta)
         assert r["epsilon"] == pytest.approx(privacy.epsilon(z, r["round"], delta), rel=1e-12)
-        assert f"eps {r['epsilon']:.3g}" in res.stdout
+        assert r["dp_adjacency"] == privacy.ADJACENCY == "add/remove one client"
+        assert f"eps {r['epsilon']:.3g} (delta {delta:g}, add/remove one client)" in res.stdout
+    assert f"delta={delta:g} (add/remove one client)" in res.stdout  # the start line
     clients = [r for r in rows if r["kind"] == "client"]
     assert len(clients) == K * R
     for c in clients:  # every client update was clipped (the tiny run moves far more than C)
@@ -147,6 +161,7 @@ def test_dp_run_reports_epsilon_and_clips(backend, mode, secure, tmp_path):
     summary = json.loads((run / "comm_summary.json").read_text())
     assert summary["privacy"]["epsilon"] == pytest.approx(privacy.epsilon(z, R, delta), rel=1e-12)
     assert summary["privacy"]["mode"] == mode and summary["matches_analytical"] is True
+    assert summary["privacy"]["adjacency"] == "add/remove one client"
     assert summary["upload_value_bytes"] == (8 if secure else 4)
     # UDEC: the personal encoder + bottleneck never left the clients (no noise, no upload)
     assert {r["region"] for r in read_ledger(run / "comm.csv") if r["direction"] == "up"} == {

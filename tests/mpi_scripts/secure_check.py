@@ -171,15 +171,17 @@ for m_index, method in enumerate(METHODS):
 
 # ---- DP-FedAvg: clipping bound and noise on the sum, through the transport -----------
 # Then with client 1 left out (size 0, as fed.on_nonfinite=skip does): the noise on the
-# sum of the m = K - 1 others must still be z * C; with fed.secure and m below
-# fed.secure_min_reporters (K = 2) every region is withheld: the federator keeps its
-# weights instead of decoding one client's upload in the clear.
+# sum of the m = K - 1 others must still be z * C (shown with fed.secure_min_reporters=1,
+# which lets a region of one reporter through at K = 2); with fed.secure and m below
+# fed.secure_min_reporters (the default 2, K = 2) every region is withheld: the federator
+# keeps its weights instead of decoding one client's upload in the clear. Distributed DP
+# always runs with fed.secure (the config refuses it without).
 Z, C = 0.5, 0.05
-for mode, sec, left_out in (
-    ("central", False, False),
-    ("distributed", True, False),
-    ("distributed", False, True),
-    ("distributed", True, True),
+for mode, sec, left_out, min_reporters in (
+    ("central", False, False, 2),
+    ("distributed", True, False, 2),
+    ("distributed", True, True, 1),
+    ("distributed", True, True, 2),
 ):
     cfg = load_config(
         None,
@@ -189,6 +191,7 @@ for mode, sec, left_out in (
             "privacy.noise_multiplier": Z,
             "privacy.mode": mode,
             "fed.secure": sec,
+            "fed.secure_min_reporters": min_reporters,
         },
     )
     model = fresh_model(77)  # the same global model everywhere
@@ -235,7 +238,9 @@ for mode, sec, left_out in (
         if not lo <= Z * C <= hi:
             fail(f"{what}: noise std on the sum in [{lo:.4g}, {hi:.4g}], configured {Z * C}", 6)
         print(
-            f"DP OK {mode} (secure={sec}, {m} reporters; noise std on the sum "
+            f"DP OK {mode} (secure={sec}, "
+            + ("secure_min_reporters=1, " if min_reporters == 1 else "")
+            + f"{m} reporters; noise std on the sum "
             f"{math.sqrt(ss / n):.4g}, configured {Z * C:.4g})",
             flush=True,
         )
