@@ -154,7 +154,7 @@ def test_paper_specs(tmp_path):
         (
             {"clients": [2], "train.batch_size": [0, 16]},
             {},
-            r"run 'K2-B0'.*'train.batch_size' must be > 0",
+            r"run 'K2-B0'.*'train.batch_size' must be in \[1, 65536\]",
         ),
         ({"fed.method": ["full"]}, {}, r"run 'full'.*number of clients is not set"),
         (
