@@ -18,6 +18,11 @@ client: the client keeps its model object across rounds and only overwrites the
 regions it receives. The baseline (the reference's "K = 1, E = 1 per round") trains one
 epoch of the whole training set per round, has nothing to average, and names its rounds
 epochs in its logs, metrics and checkpoints (`Schedule`).
+
+At a little over 400 lines this module is the loop and nothing else: set-up, one round,
+and the three ways a round ends early (a stop request, a non-finite model, a non-finite
+average) read best side by side; what a round records, saves and shows lives in
+records.py, checkpointing.py, state.py and progress.py.
 """
 
 from __future__ import annotations
