@@ -249,21 +249,11 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 # ---------------------------------------------------------------- grouping
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def setting(run: RunResult) -> dict:
     """The config keys that make an experiment, minus the table's axes and the seeds.
     Centralized runs ignore fed.*, federated runs train.epochs / max_steps, so that a
     baseline and the federated runs of the same setting share a table."""
-    flat = _flat(run.cfg.to_dict())
+    flat = run.cfg.dotted()
     skip = set(_NOT_A_SETTING)
     if run.centralized:
         skip |= {k for k in flat if k.startswith("fed.")}

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedmpi.config import Config, ConfigError
+from fedmpi.config import Config, ConfigError, get
 from fedmpi.data import DataError
 from fedmpi.errors import EXIT_USER_ERROR
 from fedmpi.eval.rescore import rescore
@@ -48,28 +48,17 @@ def _rescore_config(run_dir: Path, args, overrides: list[str]) -> Config:
     # Relative data / cache folders name places seen from where the run was launched;
     # when they are not here, use the usual places (overridable on the command line).
     fix = {}
-    if (
-        cfg.data.root
-        and "data.root" not in dotted
-        and not Path(cfg.data.root).expanduser().is_dir()
+    for key, instead in (
+        ("data.root", "looking in the usual places"),
+        ("eval.cache_dir", "using ~/.cache/fedmpi"),
     ):
-        print(
-            f"note: data.root {cfg.data.root} not found here; looking in the usual places "
-            f"(or give --data.root=...)",
-            file=sys.stderr,
-        )
-        fix["data.root"] = None
-    if (
-        cfg.eval.cache_dir
-        and "eval.cache_dir" not in dotted
-        and not Path(cfg.eval.cache_dir).expanduser().is_dir()
-    ):
-        print(
-            f"note: eval.cache_dir {cfg.eval.cache_dir} not found here; using "
-            f"~/.cache/fedmpi (or give --eval.cache_dir=...)",
-            file=sys.stderr,
-        )
-        fix["eval.cache_dir"] = None
+        folder = get(cfg, key)
+        if folder and key not in dotted and not Path(folder).expanduser().is_dir():
+            print(
+                f"note: {key} {folder} not found here; {instead} (or give --{key}=...)",
+                file=sys.stderr,
+            )
+            fix[key] = None
     return cfg.replace(fix) if fix else cfg
 
 

@@ -185,6 +185,14 @@ class Config:
     def to_dict(self) -> dict:
         return _to_plain(self)
 
+    def dotted(self) -> dict[str, Any]:
+        """Every key as 'section.key' -> value (lists for tuples)."""
+        return {
+            f"{section}.{key}": value
+            for section, part in self.to_dict().items()
+            for key, value in part.items()
+        }
+
     def replace(self, dotted: dict[str, Any]) -> Config:
         """A copy with dotted keys replaced (values already typed), re-validated."""
         from fedmpi.config.loader import _set_dotted, from_dict

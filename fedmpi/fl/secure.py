@@ -140,17 +140,7 @@ class SecureAggregator:
         reporters = {int(p) for p in peers} | {self.client_id}
         where = f" (client {self.client_id}, region {region!r}, round {round_index})"
         enc = encode(values, self.frac_bits, reporters=len(reporters), out=out, where=where)
-        if self._scratch.size < enc.size + 2:
-            self._scratch = np.empty(enc.size + 2, np.uint64)
-        return mask_inplace(
-            enc,
-            self.client_id,
-            mask_peers(self.client_id, reporters, neighbors),
-            self.secrets,
-            round_index,
-            region,
-            scratch=self._scratch,
-        )
+        return self._mask(enc, reporters, round_index, region, neighbors)
 
     def upload_fedavg(
         self,
@@ -183,10 +173,14 @@ class SecureAggregator:
             out=out[-1:],
             where=where,
         )
-        if self._scratch.size < out.size + 2:
-            self._scratch = np.empty(out.size + 2, np.uint64)
+        return self._mask(out, reporters, round_index, region, neighbors)
+
+    def _mask(self, enc, reporters, round_index: int, region: str, neighbors) -> np.ndarray:
+        """Add this client's pair masks to its encoded upload `enc`, in place."""
+        if self._scratch.size < enc.size + 2:
+            self._scratch = np.empty(enc.size + 2, np.uint64)
         return mask_inplace(
-            out,
+            enc,
             self.client_id,
             mask_peers(self.client_id, reporters, neighbors),
             self.secrets,

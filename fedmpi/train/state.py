@@ -194,22 +194,12 @@ def changed_settings(old: Config, new: Config, baseline: bool = False) -> list[s
     trained weights (the baseline has no federation and no split: fed.* and split.* are
     not its settings)."""
     may_change = RESUME_MAY_CHANGE + (("fed.", "split.") if baseline else ())
-    a, b = _flat(old.to_dict()), _flat(new.to_dict())
+    a, b = old.dotted(), new.dotted()
     return [
         f"{key} is {a.get(key)!r} in the checkpoint but {b[key]!r} now"
         for key in b
         if a.get(key) != b[key] and not key.startswith(may_change)
     ]
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def resume_mismatch(cfg: Config, saved: dict, saved_clients: int | None, world_size: int, run):
