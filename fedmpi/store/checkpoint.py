@@ -34,6 +34,7 @@ import torch
 
 from fedmpi.errors import CheckpointError
 from fedmpi.store.atomic import DiskError, atomic_write
+from fedmpi.store.runfolder import FEDERATOR_FILE
 
 
 def atomic_save(obj, path: Path) -> str:
@@ -139,6 +140,6 @@ def client_state(folder: Path, name: str, device="cpu") -> tuple[dict, dict]:
     the federator's model (the shared regions) overlaid with the client's own entries
     (its personal regions; a client file holding a whole model overrides everything)."""
     own = load_checkpoint(Path(folder) / name, device)
-    state = dict(load_checkpoint(Path(folder) / "federator.pt", device)["model"])
+    state = dict(load_checkpoint(Path(folder) / FEDERATOR_FILE, device)["model"])
     state.update(own["model"])
     return state, own

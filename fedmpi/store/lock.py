@@ -23,15 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-from fedmpi.errors import EXIT_DISK, DiskError
+from fedmpi.errors import DiskError
 
 LOCK_FILE = "LOCK"
 
 
 class FolderBusy(DiskError):
-    """Another job holds the run folder's lock (exit 4)."""
-
-    exit_code = EXIT_DISK
+    """Another job holds the run folder's lock (a DiskError: exit 4)."""
 
 
 def _start_time(pid: int) -> str | None:

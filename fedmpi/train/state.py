@@ -15,7 +15,7 @@ from fedmpi.errors import CheckpointError
 from fedmpi.fl.methods import personal_regions
 from fedmpi.model.regions import REGIONS
 from fedmpi.store.checkpoint import client_state, load_checkpoint
-from fedmpi.store.runfolder import RunFolder
+from fedmpi.store.runfolder import FEDERATOR_FILE, MODEL_FILE, RunFolder, client_file
 
 # What a resumed job may set differently from the run it continues: settings that cannot
 # change the trained weights (rounds to add, evaluation, logging, progress, output, where
@@ -35,7 +35,6 @@ RESUME_MAY_CHANGE = (
     "data.root",
     "data.download",
 )
-SOLO_FILE = "model.pt"  # the centralized baseline's one file per checkpoint
 
 
 class RoundStart:
@@ -102,8 +101,8 @@ class RoundStart:
 def file_name(world) -> str:
     """This rank's file in a checkpoint folder."""
     if world.size == 1:
-        return SOLO_FILE
-    return "federator.pt" if world.is_federator else f"client_{world.client + 1:03d}.pt"
+        return MODEL_FILE
+    return FEDERATOR_FILE if world.is_federator else client_file(world.client + 1)
 
 
 def own_entries(model: torch.nn.Module, method: str) -> dict:
@@ -176,7 +175,7 @@ def restore(world, run: RunFolder, index: int, model, trainer, device, ema=None)
         ) from None
     if ema is not None:
         if trainer is not None and trainer.ema is None:  # a global model's EMA: federator.pt
-            name, ckpt = "federator.pt", load_checkpoint(d / "federator.pt", device)
+            name, ckpt = FEDERATOR_FILE, load_checkpoint(d / FEDERATOR_FILE, device)
         if ckpt.get("ema") is None:
             raise CheckpointError(
                 f"{d / name} holds no EMA weights but train.ema_decay is {ema.decay}: resume "
