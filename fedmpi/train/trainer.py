@@ -12,6 +12,12 @@ and off in the paper configs): gradient clipping (`train.grad_clip`, in
 `LRSchedule` (the learning rate of each run-wide optimizer step) and the `EMA` of the
 weights (for sampling and scoring only). `EMA`, `LRSchedule`, `ema_applied` and
 `schedule_for` stay importable from here.
+
+FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020):
+with `prox_mu` > 0, each `run` minimizes loss + (mu / 2) ||w - w_0||^2 over the
+trainable weights, w_0 being the weights at the run's start (a client's round starts
+from the global model). The term enters as its gradient, mu (w - w_0), added after the
+backward pass (after fp16's unscaling) and before clipping and Adam.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ class LocalTrainer:
     run-wide index (`run(start_step=...)`). `ema` (an `EMA`): updated after every
     optimizer step when given. `grad_clip` (`train.grad_clip`, 0: off): each step's
     gradient is scaled to L2 norm at most this before Adam sees it (what lets the
-    quickstart train at a high learning rate without its early spikes)."""
+    quickstart train at a high learning rate without its early spikes). `prox_mu`
+    (FedProx's mu, 0: off): the proximal pull towards the weights each `run` starts
+    from. `use_images` swaps the training set (one trainer for several clients)."""
 
     def __init__(
         self,
@@ -50,21 +58,35 @@ class LocalTrainer:
         schedule: LRSchedule | None = None,
         ema: EMA | None = None,
         grad_clip: float = 0.0,
+        prox_mu: float = 0.0,
     ):
-        if len(images) == 0:
-            raise ValueError("this client has no training images")
+        if not prox_mu >= 0:
+            raise ValueError(f"prox_mu must be >= 0, not {prox_mu}")
+        self.device = device
+        self.use_images(images)  # (refuses an empty set before anything moves)
         self.model = model.to(device)
         self.diffusion = diffusion
-        self.device = device
         self.batch_size = batch_size
         self.lr = lr
         self.schedule = schedule if schedule is not None and schedule.active else None
         self.ema = ema.to(device) if ema is not None else None
         self.grad_clip = float(grad_clip)
+        self.prox_mu = float(prox_mu)
+        # FedProx's w_0, one buffer per parameter ever trained (allocated once, copied
+        # into at each run's start), and this run's [params, anchors]
+        self._anchors: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._prox: tuple[list, list] = ([], [])
         # what set_speed changes: fp32, no gradient scaler, the eager model
         self.precision, self.scaler, self.net = "fp32", None, self.model
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
         self.optimizer: torch.optim.Optimizer | None = None
+
+    def use_images(self, images: np.ndarray) -> None:
+        """Train on `images` (uint8, N x C x H x W) from now on, held on the trainer's
+        device (the previous set is released first)."""
+        if len(images) == 0:
+            raise ValueError("this client has no training images")
+        self.images = None
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
 
     @property
     def num_samples(self) -> int:
@@ -156,6 +178,53 @@ class LocalTrainer:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
 
+    @torch.no_grad()
+    def _mark_anchor(self) -> None:
+        """FedProx's w_0: the trainable weights now, copied into buffers kept across runs."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        anchors = []
+        for p in params:
+            a = self._anchors.get(p)
+            if a is None or a.shape != p.shape or a.device != p.device or a.dtype != p.dtype:
+                a = self._anchors[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            anchors.append(a)
+        torch._foreach_copy_(anchors, params)
+        self._prox = (params, anchors)
+
+    @torch.no_grad()
+    def _add_prox(self) -> None:
+        """grad += mu (w - w_0) for every parameter with a gradient (foreach: fused)."""
+        params, grads, anchors = [], [], []
+        for p, a in zip(*self._prox):
+            if p.grad is not None:
+                params.append(p)
+                grads.append(p.grad)
+                anchors.append(a)
+        if params:
+            torch._foreach_add_(grads, torch._foreach_sub(params, anchors), alpha=self.prox_mu)
+
+    def _update(self, loss: torch.Tensor, prox: bool) -> None:
+        """One step's backward pass, FedProx's pull (`prox`), clipping and Adam step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler = self.scaler
+        if scaler is not None:  # fp16: scale the loss so small gradients survive
+            scaler.scale(loss).backward()
+            if self.grad_clip > 0 or prox:
+                scaler.unscale_(self.optimizer)  # clip / pull on the true gradient
+                if prox:
+                    self._add_prox()
+                if self.grad_clip > 0:
+                    self._clip()
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if prox:
+                self._add_prox()
+            if self.grad_clip > 0:
+                self._clip()
+            self.optimizer.step()
+
     def steps_for(self, epochs: int | None = None, steps: int | None = None) -> int:
         """Optimizer steps that run(epochs=..., steps=...) takes."""
         return steps if steps is not None else epochs * self.steps_per_epoch()
@@ -177,6 +246,9 @@ class LocalTrainer:
         losses are read once, at the end)."""
         if self.optimizer is None:
             self.new_optimizer()
+        prox = self.prox_mu > 0
+        if prox:
+            self._mark_anchor()
         cpu_gen = torch.Generator().manual_seed(seed)
         dev_gen = torch.Generator(device=self.device).manual_seed(seed ^ 0x5DEECE66D)
         if not self.model.training:  # train() walks every module (1.4 ms, paper UNet);
@@ -198,20 +270,7 @@ class LocalTrainer:
             cudagraph_step(net)
             with self.autocast():
                 loss = self.diffusion.loss(net, x0, generator=dev_gen)
-            self.optimizer.zero_grad(set_to_none=True)
-            scaler = self.scaler
-            if scaler is not None:  # fp16: scale the loss so small gradients survive
-                scaler.scale(loss).backward()
-                if self.grad_clip > 0:
-                    scaler.unscale_(self.optimizer)  # clip the true gradient
-                    self._clip()
-                scaler.step(self.optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                if self.grad_clip > 0:
-                    self._clip()
-                self.optimizer.step()
+            self._update(loss, prox)
             if self.ema is not None:
                 self.ema.update(self.model)
             losses.append(loss.detach())
