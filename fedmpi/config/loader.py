@@ -211,6 +211,20 @@ def _check_privacy(cfg: Config, source: str) -> None:
     noise than the reported epsilon assumes."""
     if not cfg.privacy.dp:
         return
+    f = cfg.fed
+    if f.participation < 1 and f.sampling != "poisson":
+        raise ConfigError(
+            f"{source}: 'privacy.dp' with 'fed.participation' {f.participation} needs "
+            f"--fed.sampling=poisson: the accountant amplifies Poisson sampling only, and "
+            f"would overstate the privacy of fixed-size draws"
+        )
+    if f.participation < 1 and f.method == "usplit":
+        raise ConfigError(
+            f"{source}: 'privacy.dp' with client sampling supports full, udec and ulatdec: "
+            f"usplit's regions are assigned among the round's sampled clients, so their "
+            f"number per region is not the fixed denominator the estimator needs; set "
+            f"--fed.method=full (or --fed.participation=1)"
+        )
     if cfg.fed.secure and cfg.privacy.mode != "distributed":
         raise ConfigError(
             f"{source}: 'privacy.mode' is 'central' but 'fed.secure' is on: the "

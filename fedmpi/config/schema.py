@@ -127,6 +127,25 @@ class FedCfg:
     secure_frac_bits: int = 24  # fixed-point fraction bits (resolution 2^-frac_bits)
     secure_min_reporters: int = 2  # 1: accept regions with a single reporter, in the clear
     secure_neighbors: int | None = None  # mask with k ring neighbours each side (None: all)
+    # Virtual clients (fedmpi.fl.population): N clients spread over the client ranks
+    # (None: one per client rank, the cross-silo layout), and the share of them that
+    # takes part in each round: fixed draws round(C * N) clients, poisson each with
+    # probability C (the form DP's accountant amplifies).
+    clients: int | None = None
+    participation: float = 1.0  # C
+    sampling: str = "fixed"  # fixed | poisson
+    # Memory (MiB) a client rank may use for its clients' personal regions (UDEC,
+    # ULATDEC) between rounds; beyond it they are spilled to the run folder.
+    client_state_mb: float = 2048.0
+    # FedProx: (mu / 2) ||w - w_global||^2 added to each client's objective (0: off)
+    prox_mu: float = 0.0
+    # Server optimizer on the averaged update (Reddi et al., ICLR 2021): none is FedAvg
+    server_opt: str = "none"  # none | fedavgm | fedadam | fedyogi
+    server_lr: float = 1.0
+    server_momentum: float = 0.9  # fedavgm
+    server_beta1: float = 0.9  # fedadam, fedyogi
+    server_beta2: float = 0.99
+    server_tau: float = 1.0e-3  # adaptivity (epsilon) of fedadam, fedyogi
 
 
 @dataclass(frozen=True)
@@ -146,6 +165,9 @@ class EvalCfg:
     # the round's aggregation (local: its own decoder, as the reference scores), or after
     # it (aggregated: personal encoder + the averaged shared regions)
     personal: str = "aggregated"
+    # UDEC / ULATDEC with many clients: score this many clients' personal models, a
+    # deterministic sample (None: every client)
+    clients: int | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +236,8 @@ CHOICES = {
     "fed.method": ("full", "usplit", "udec", "ulatdec"),
     "fed.backend": ("mpi", "torch"),
     "fed.on_nonfinite": ("abort", "skip"),
+    "fed.sampling": ("fixed", "poisson"),
+    "fed.server_opt": ("none", "fedavgm", "fedadam", "fedyogi"),
     "train.lr_schedule": ("constant", "cosine"),
     "eval.sampler": ("ddim", "ddpm"),
     "eval.extractor": ("classifier", "inception", "none"),
@@ -291,6 +315,15 @@ RANGES = {
     "fed.secure_frac_bits": Range(1, 62),  # the int64 sum needs >= 1 integer bit
     "fed.secure_min_reporters": Range(1, 2),  # 2: every region needs 2 reporters; 1: opt-out
     "fed.secure_neighbors": POSITIVE,
+    "fed.clients": Range(1, 1_000_000),
+    "fed.participation": Range(0, 1, lo_open=True),
+    "fed.client_state_mb": NON_NEGATIVE,
+    "fed.prox_mu": NON_NEGATIVE,
+    "fed.server_lr": POSITIVE,
+    "fed.server_momentum": Range(0, 1, hi_open=True),
+    "fed.server_beta1": Range(0, 1, hi_open=True),
+    "fed.server_beta2": Range(0, 1, hi_open=True),
+    "fed.server_tau": POSITIVE,
     "privacy.clip": POSITIVE,
     "privacy.noise_multiplier": POSITIVE,  # 0 would give epsilon = infinity
     "privacy.delta": UNIT_OPEN,
@@ -300,6 +333,7 @@ RANGES = {
     "eval.eta": Range(0, 1),  # 0: deterministic DDIM, 1: DDPM-like noise
     "eval.batch_size": Range(1, 65536),
     "eval.grid": NON_NEGATIVE,
+    "eval.clients": POSITIVE,
     "checkpoint.every": NON_NEGATIVE,
     "checkpoint.keep": NON_NEGATIVE,  # 0: keep all (checkpoint.mark_complete)
 }

@@ -19,7 +19,7 @@ import numpy as np
 
 from fedmpi.config import Config, DataCfg
 from fedmpi.data.partition import split_indices
-from fedmpi.data.shards import ShardSpec, read_shard, read_test
+from fedmpi.data.shards import ShardSpec, read_shard, read_test, shards_info
 from fedmpi.errors import DataError
 
 # dataset -> (channels, image_size, num_classes)
@@ -303,6 +303,43 @@ def load_client_data(cfg: Config, client: int, num_clients: int) -> tuple[np.nda
     images, labels = load_arrays(cfg.data, "train")
     part = compute_split(cfg, labels, num_clients)[client]
     return images[part], labels[part]
+
+
+def client_sizes(cfg: Config, num_clients: int) -> list[int]:
+    """Every client's number of training images (the shards file's record of them, or
+    the split of the training labels), for placing clients on ranks."""
+    if cfg.data.shards:
+        info = shards_info(cfg.data.shards)
+        sizes = [int(n) for n in info.get("sizes", [])]
+        if len(sizes) != num_clients:
+            raise DataError(
+                f"{cfg.data.shards} was split for {len(sizes)} clients but {num_clients} "
+                f"are running; re-run `python -m fedmpi.data split --clients {num_clients}` "
+                f"or set --fed.clients={len(sizes)}"
+            )
+        return sizes
+    _, labels = load_arrays(cfg.data, "train")
+    return [len(p) for p in compute_split(cfg, labels, num_clients)]
+
+
+def load_clients_data(cfg: Config, clients, num_clients: int) -> dict[int, np.ndarray]:
+    """The training images of each of `clients` (0-based, out of num_clients): the
+    training set is read and split once for all of them."""
+    if not cfg.data.shards:
+        images, labels = load_arrays(cfg.data, "train")
+        parts = compute_split(cfg, labels, num_clients)
+        return {c: images[parts[c]] for c in clients}
+    declared = client_sizes(cfg, num_clients)
+    out = {}
+    for c in clients:
+        out[c] = load_client_data(cfg, c, num_clients)[0]
+        if len(out[c]) != declared[c]:
+            raise DataError(
+                f"{cfg.data.shards}: client {c} holds {len(out[c])} images but the file's "
+                f"'sizes' record says {declared[c]}; write the file again with "
+                f"`python -m fedmpi.data split`"
+            )
+    return out
 
 
 def load_test_data(cfg: Config) -> tuple[np.ndarray, np.ndarray]:

@@ -53,7 +53,15 @@ import torch
 
 from fedmpi.fl.ledger import Ledger
 from fedmpi.fl.methods import make_plan
-from fedmpi.fl.strategy import AggregationStrategy, PlainFedAvg, RegionBuffers, RegionRound
+from fedmpi.fl.population import Population
+from fedmpi.fl.strategy import (
+    AggregationStrategy,
+    FedProx,
+    PlainFedAvg,
+    RegionBuffers,
+    RegionRound,
+    ServerOptimized,
+)
 from fedmpi.model.regions import REGIONS, bind_flat, finite, region_send_buffer, region_tensor
 
 
@@ -61,37 +69,54 @@ class NonFiniteAverage(RuntimeError):
     """Finite uploads whose average is not finite (float32 overflow of the sum)."""
 
 
-def check_secure_plans(cfg, num_clients: int) -> None:
-    """At set-up (pure, identical on every rank): every region of every round's plan must
-    have enough reporters to hide a single upload; raises ConfigError naming the first
-    region and round that does not, and the fix."""
+def check_secure_plans(cfg, population: Population) -> None:
+    """At set-up (pure, identical on every rank): with every client in every round, every
+    region of every round's plan must have enough reporting ranks (a rank is the trust
+    domain of the clients it hosts) to hide a single upload; raises ConfigError naming
+    the first region and round that does not, and the fix. With client sampling the
+    rounds are drawn at run time: a region short of reporters in a round is withheld
+    then (`Aggregator.reporting`) and the round line says so."""
     from fedmpi.config import ConfigError
     from fedmpi.fl.secure import SecureAggError, check_reporters
 
-    if not cfg.fed.secure:
+    if not cfg.fed.secure or not population.everyone:
         return
+    n = population.num_clients
     for r in range(1, cfg.fed.rounds + 1):
-        plan = make_plan(cfg.fed.method, r, num_clients, cfg.run.seed)
+        plan = make_plan(cfg.fed.method, r, n, cfg.run.seed)
         for region in REGIONS:
+            slots = sorted({population.hosts[c] for c in plan.uploaders(region)})
             try:
-                check_reporters(region, r, plan.uploaders(region), cfg.fed.secure_min_reporters)
+                check_reporters(region, r, slots, cfg.fed.secure_min_reporters)
             except SecureAggError as e:
-                raise ConfigError(f"{e} (fed.method={cfg.fed.method}, K={num_clients})") from None
+                raise ConfigError(
+                    f"{e} (fed.method={cfg.fed.method}, {n} clients on {population.slots} ranks)"
+                ) from None
 
 
-def make_strategy(world, cfg=None) -> AggregationStrategy:
+def make_strategy(world, cfg=None, population: Population | None = None) -> AggregationStrategy:
     """The strategy that `cfg` (a Config, or None: plain) asks for: plain or secure
-    FedAvg, wrapped in DP-FedAvg with privacy.dp. fed.secure runs the key agreement, a
-    collective on every rank."""
+    FedAvg, wrapped in DP-FedAvg with privacy.dp (with the population's sample rate),
+    FedProx with fed.prox_mu > 0 and a server optimizer with fed.server_opt, in that
+    order (the server optimizer post-processes the DP average). fed.secure runs the key
+    agreement, a collective on every rank."""
     strategy = PlainFedAvg()
-    if cfg is not None and cfg.fed.secure:
+    if cfg is None:
+        return strategy
+    if cfg.fed.secure:
         from fedmpi.fl.secure import SecureFedAvg
 
         strategy = SecureFedAvg.agree(world, cfg.fed)
-    if cfg is not None and cfg.privacy.dp:
+    if cfg.privacy.dp:
         from fedmpi.fl.privacy import DifferentialPrivacy
 
-        strategy = DifferentialPrivacy.from_config(strategy, cfg.privacy)
+        strategy = DifferentialPrivacy.from_config(strategy, cfg.privacy, population)
+    if cfg.fed.prox_mu > 0:
+        strategy = FedProx(strategy, cfg.fed.prox_mu)
+    if cfg.fed.server_opt != "none":
+        from fedmpi.fl.server_opt import ServerOptimizer
+
+        strategy = ServerOptimized(strategy, ServerOptimizer.from_config(cfg.fed))
     return strategy
 
 
@@ -117,8 +142,11 @@ class Aggregator(RegionBuffers):
         ledger: Ledger,
         cfg=None,
         strategy: AggregationStrategy | None = None,
+        population: Population | None = None,
     ):
         self.world, self.ledger = world, ledger
+        # which rank hosts each client (default: client k on rank k + 1)
+        self.population = population or Population.place([1] * world.num_clients, world.num_clients)
         if not all(region_tensor(model, r, required=False) is not None for r in REGIONS):
             bind_flat(model)
         super().__init__(
@@ -126,7 +154,9 @@ class Aggregator(RegionBuffers):
             {r: region_send_buffer(model, r) for r in REGIONS},  # flat + 1 spare value
             world.summand_device,
         )
-        self.strategy = strategy if strategy is not None else make_strategy(world, cfg)
+        self.strategy = (
+            strategy if strategy is not None else make_strategy(world, cfg, self.population)
+        )
 
     @property
     def secure(self):
@@ -162,21 +192,23 @@ class Aggregator(RegionBuffers):
     ) -> dict:
         """Aggregate every region shared in this round (every rank calls this).
 
-        `sizes`: every client's FedAvg size n_k (K values, client 0 first), the same on
-        every rank; 0 leaves a client out of this round's averages. `start`: with
-        privacy.dp, a client's weights at the start of the round, per region
-        (federated.RoundStart.weights). Returns this rank's DP statistics (a client's
-        update norm before and after clipping), else {}."""
+        `plan`: the round's plan over the population's N clients. `sizes`: every client's
+        FedAvg size n_k (N values, client 0 first), the same on every rank; 0 leaves a
+        client out of this round's averages. A rank uploads, per region, the n-weighted
+        mean of its clients' models that report it (`fedmpi.train.clients` leaves it in
+        the rank's weights) with their summed size, so the wire carries one buffer per
+        rank and region whatever N is. `start`: with privacy.dp, this rank's weights at
+        the start of the round, per region. Returns this rank's strategy statistics."""
         jobs = {
-            region: RegionRound(region, round_index, plan.uploaders(region), region_sizes)
-            for region, region_sizes in self.reporting(plan, sizes).items()
+            region: RegionRound(region, round_index, slots, slot_sizes)
+            for region, (slots, slot_sizes) in self.reporting(plan, sizes).items()
         }
-        client = None if self.world.is_federator else self.world.client
-        mine = [job for job in jobs.values() if client in job.uploaders]
-        stats = self.strategy.begin_round(self, round_index, client, mine, start)
+        slot = None if self.world.is_federator else self.world.client
+        mine = [job for job in jobs.values() if slot in job.uploaders]
+        stats = self.strategy.begin_round(self, round_index, slot, mine, start)
         averaged, sums = [], []  # regions the federator averaged in float; their sums
         for region in REGIONS:
-            total = self._exchange_region(plan, region, jobs.get(region), round_index, timings)
+            total = self._exchange_region(region, jobs.get(region), round_index, timings)
             if total is not None:
                 averaged.append(region)
                 sums.append(total)
@@ -190,29 +222,30 @@ class Aggregator(RegionBuffers):
             )
         return stats
 
-    def _exchange_region(self, plan, region: str, job, round_index: int, timings):
-        """One region: the Reduce of its uploads over the reporters' subgroup (through the
-        strategy), then the Bcast of the federator's weights over the receivers'. Returns,
-        on the federator when the strategy averaged in float, the sum of the average (taken
+    def _exchange_region(self, region: str, job, round_index: int, timings):
+        """One region: the Reduce of its uploads over the reporting ranks' subgroup
+        (through the strategy), then the Bcast of the federator's weights to every client
+        rank (each holds the global model for its clients' next rounds). Returns, on the
+        federator when the strategy averaged in float, the sum of the average (taken
         while the clients pack the next region; the finiteness check), else None."""
+        if job is None:  # no client reports it this round: the global region is unchanged
+            return None
         world, theta = self.world, self.flat[region]
-        ups, downs = plan.uploaders(region), plan.receivers(region)
-        up_group = world.group(ups) if ups else None
-        down_group = None
-        if downs:
-            down_group = up_group if downs == ups else world.group(downs)
+        ups, downs = job.uploaders, list(range(world.num_clients))
+        up_group = world.group(ups)
+        down_group = up_group if downs == ups else world.group(downs)
         t0 = time.perf_counter()
         float_average = False
         with torch.no_grad():
-            if up_group is not None and up_group.is_member:
+            if up_group.is_member:
                 float_average = self._reduce(up_group, job)
-            if down_group is not None and down_group.is_member:
+            if down_group.is_member:
                 world.bcast(down_group, theta)
                 self._record_down(round_index, region, theta, downs)
             total = theta.sum(dtype=torch.float32) if float_average else None
         if timings is not None:
             timings[region] = timings.get(region, 0.0) + time.perf_counter() - t0
-        for g in {id(g): g for g in (up_group, down_group) if g is not None}.values():
+        for g in {id(g): g for g in (up_group, down_group)}.values():
             world.release(g)
         return total
 
@@ -225,42 +258,48 @@ class Aggregator(RegionBuffers):
             self.ledger.record(job.round_index, world.client, job.region, "up", n, _nbytes(buf))
             strategy.reduce(world, group, buf)
             return False
+        if strategy.needs_before:
+            self.save_before(job.region)
         dst, own = strategy.receive(self, job)
         strategy.reduce(world, group, dst, own)
         for _ in job.uploaders:
             self.ledger.record(job.round_index, -1, job.region, "up", n, _nbytes(dst))
         return strategy.finish(self, job, dst)
 
-    def reporting(self, plan, sizes) -> dict[str, list[float]]:
-        """Per region shared this round, the FedAvg sizes of its uploaders in plan order
-        (pure: the same on every rank). `sizes`: every client's n_k, 0 for a client left
-        out of the round (fed.on_nonfinite: skip). The strategy may change them (privacy.dp:
-        every size 1, 0 stays 0). A region left with fewer clients of size > 0 than the
-        strategy's `min_reporters` (fed.secure: fed.secure_min_reporters) gets all sizes
-        0: its sum would show the rest's upload in the clear, so the federator keeps the
-        region's previous average (`withheld`)."""
-        sizes = [float(n) for n in sizes]
-        if len(sizes) != self.world.num_clients:
-            raise ValueError(
-                f"exchange needs {self.world.num_clients} client sizes, got {len(sizes)}"
-            )
-        sizes = self.strategy.fedavg_sizes(sizes)
+    def reporting(self, plan, sizes) -> dict[str, tuple[list[int], list[float]]]:
+        """Per region reported this round: (the client ranks' slots that upload it, in
+        order; each slot's FedAvg size, the sum over its clients that report the region).
+        Pure: the same on every rank. `sizes`: every client's n_k, 0 for a client left out
+        of the round (fed.on_nonfinite: skip). The strategy may change them first
+        (privacy.dp: every size 1, 0 stays 0). A region left with fewer ranks of size > 0
+        than the strategy's `min_reporters` (fed.secure: fed.secure_min_reporters; a rank
+        is the trust domain of its clients) gets all sizes 0: its sum would show the
+        rest's upload in the clear, so the federator keeps the region's previous average
+        (`withheld`)."""
+        pop = self.population
+        if len(sizes) != pop.num_clients:
+            raise ValueError(f"exchange needs {pop.num_clients} client sizes, got {len(sizes)}")
+        sizes = self.strategy.fedavg_sizes([float(n) for n in sizes])
         out = {}
         for region in REGIONS:
-            ups = plan.uploaders(region)
-            if ups:
-                mine = [sizes[k] for k in ups]
+            per_slot: dict[int, float] = {}
+            for c in plan.uploaders(region):
+                slot = pop.hosts[c]
+                per_slot[slot] = per_slot.get(slot, 0.0) + sizes[c]
+            if per_slot:
+                slots = sorted(per_slot)
+                mine = [per_slot[s] for s in slots]
                 if 0 < sum(n > 0 for n in mine) < self.strategy.min_reporters:
-                    mine = [0.0] * len(ups)
-                out[region] = mine
+                    mine = [0.0] * len(slots)
+                out[region] = (slots, mine)
         return out
 
     def withheld(self, plan, sizes) -> list[str]:
         """The regions `reporting` leaves unaveraged because clients were left out."""
         return [
             r
-            for r, n in self.reporting(plan, sizes).items()
-            if not any(n) and any(sizes[k] > 0 for k in plan.uploaders(r))
+            for r, (_, n) in self.reporting(plan, sizes).items()
+            if not any(n) and any(sizes[c] > 0 for c in plan.uploaders(r))
         ]
 
     def epsilon(self, rounds: int) -> float | None:

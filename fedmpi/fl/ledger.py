@@ -30,6 +30,7 @@ from pathlib import Path
 
 import fedmpi.store.tables as tables
 from fedmpi.fl.methods import make_plan
+from fedmpi.fl.population import Population
 from fedmpi.model.regions import REGIONS
 
 FLOAT_BYTES = 4
@@ -106,6 +107,18 @@ class Ledger:
         return [transfer(r[0], *r[2:]) for r in self.rows]
 
 
+def deployment_bytes(plan, sizes: dict[str, int], upload_value_bytes: int = FLOAT_BYTES) -> dict:
+    """What the round's participating clients would send and receive in a deployment
+    where every client is its own process (the paper's per-client counts), whatever
+    ranks host them: metrics.jsonl's `client_up_bytes` / `client_down_bytes` per round,
+    beside `bytes`, what went over the wire between the ranks."""
+    up = down = 0
+    for ups, downs in zip(plan.uploads, plan.downloads):
+        up += sum(upload_bytes(sizes[r], upload_value_bytes) for r in ups)
+        down += sum(download_bytes(sizes[r]) for r in downs)
+    return {"client_up_bytes": up, "client_down_bytes": down}
+
+
 def analytical_rows(
     method: str,
     num_clients: int,
@@ -113,36 +126,34 @@ def analytical_rows(
     sizes: dict[str, int],
     seed: int,
     upload_value_bytes: int = FLOAT_BYTES,
+    population=None,
+    key: int | None = None,
 ) -> list[dict]:
-    """The comm.csv rows (one per transfer) a run with these settings must produce."""
+    """The comm.csv rows (one per transfer) a run with these settings must produce.
+    `population` (`fedmpi.fl.population.Population`, default: one client per rank, all
+    in every round) and its sampling `key` (default: the seed): which clients take part
+    in each round and which rank carries their uploads."""
+    if population is None:
+        population = Population.place([1] * num_clients, num_clients)
+    key = seed if key is None else key
     rows = []
-    for k in range(num_clients):
+    for k in range(population.slots):
         for region in REGIONS:
             rows.append(
                 transfer(0, k + 1, region, "down", sizes[region], download_bytes(sizes[region]))
             )
     for r in range(1, rounds + 1):
-        plan = make_plan(method, r, num_clients, seed)  # plans index clients 0..K-1
-        for k in range(num_clients):
+        sampled = population.sample(r, key)
+        plan = make_plan(method, r, population.num_clients, seed, sampled)
+        for k, (ups, downs) in enumerate(population.wire(plan)):
             for region in REGIONS:
-                if region in plan.uploads[k]:
-                    rows.append(
-                        transfer(
-                            r,
-                            k + 1,
-                            region,
-                            "up",
-                            sizes[region],
-                            upload_bytes(sizes[region], upload_value_bytes),
-                        )
-                    )
+                if region in ups:
+                    nbytes = upload_bytes(sizes[region], upload_value_bytes)
+                    rows.append(transfer(r, k + 1, region, "up", sizes[region], nbytes))
             for region in REGIONS:
-                if region in plan.downloads[k]:
-                    rows.append(
-                        transfer(
-                            r, k + 1, region, "down", sizes[region], download_bytes(sizes[region])
-                        )
-                    )
+                if region in downs:
+                    nbytes = download_bytes(sizes[region])
+                    rows.append(transfer(r, k + 1, region, "down", sizes[region], nbytes))
     return rows
 
 
@@ -184,13 +195,17 @@ def comparison(
     sizes: dict,
     seed: int,
     upload_value_bytes: int = FLOAT_BYTES,
+    population=None,
+    key: int | None = None,
 ) -> dict:
     """This method's totals against FULL's for the same clients and rounds (FULL plain:
     the reduction is in parameters, so the upload width does not change it)."""
+    args = (population, key)
     ours = summarize(
-        analytical_rows(method, num_clients, rounds, sizes, seed, upload_value_bytes), rounds
+        analytical_rows(method, num_clients, rounds, sizes, seed, upload_value_bytes, *args),
+        rounds,
     )
-    full = summarize(analytical_rows("full", num_clients, rounds, sizes, seed), rounds)
+    full = summarize(analytical_rows("full", num_clients, rounds, sizes, seed, 4, *args), rounds)
     out = {"method": method, "clients": num_clients, "rounds": rounds}
     for rule in ("moved", "paper"):
         out[rule] = dict(ours[rule])
@@ -243,12 +258,16 @@ def run_summary(
     seed: int,
     upload_value_bytes: int = FLOAT_BYTES,
     extra: dict | None = None,
+    population=None,
+    key: int | None = None,
 ) -> dict:
     """A run's comm.csv `rows` (typed) summarized and checked against the analytical table
-    (comm_summary.json). `upload_value_bytes`: 8 for fed.secure runs; `extra`: more keys."""
-    expected = analytical_rows(method, num_clients, rounds, sizes, seed, upload_value_bytes)
+    (comm_summary.json). `upload_value_bytes`: 8 for fed.secure runs; `extra`: more keys;
+    `population`, `key`: the clients and their sampling (`analytical_rows`)."""
+    args = (upload_value_bytes, population, key)
+    expected = analytical_rows(method, num_clients, rounds, sizes, seed, *args)
     measured = summarize(rows, rounds)
-    out = comparison(method, num_clients, rounds, sizes, seed, upload_value_bytes)
+    out = comparison(method, num_clients, rounds, sizes, seed, *args)
     out["upload_value_bytes"] = upload_value_bytes
     out.update(extra or {})
     out["measured"] = {

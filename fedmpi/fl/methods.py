@@ -1,9 +1,10 @@
 """FULL / USPLIT / UDEC / ULATDEC as pure plans, and FedAvg as pure functions.
 
 A `Plan` says, for one round, which regions each client uploads and which it receives
-back. Plans depend only on (method, round, number of clients, run seed), so every rank
-computes the same plan with no communication. Clients are numbered 0..K-1 here; client
-k runs on MPI rank k + 1.
+back. Plans depend only on (method, round, number of clients, run seed, the round's
+participants), so every rank computes the same plan with no communication. Clients are
+numbered 0..N-1 (`fedmpi.fl.population` says which rank hosts each); a client that does
+not take part in the round uploads and receives nothing.
 """
 
 from __future__ import annotations
@@ -66,17 +67,27 @@ def usplit_assignment(num_clients: int, round_index: int, seed: int) -> list[fro
     return [frozenset(p) for p in parts]
 
 
-def make_plan(method: str, round_index: int, num_clients: int, seed: int) -> Plan:
+def make_plan(
+    method: str, round_index: int, num_clients: int, seed: int, participants=None
+) -> Plan:
+    """The plan of one round. `participants`: the clients taking part (None: all); USPLIT
+    pairs them among themselves (with all clients: the pairing of every round so far)."""
     if num_clients < 1:
         raise ValueError("need at least one client")
-    if method == "usplit":
-        ups = tuple(usplit_assignment(num_clients, round_index, seed))
-        # Each part is averaged over its reporters; every client gets the whole model back.
-        return Plan(round_index, ups, tuple(frozenset(REGIONS) for _ in range(num_clients)))
-    if method not in SHARED:
+    if method not in METHODS:
         raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
-    shared = frozenset(SHARED[method])
-    return Plan(round_index, (shared,) * num_clients, (shared,) * num_clients)
+    taking = list(range(num_clients)) if participants is None else sorted(participants)
+    nothing = frozenset()
+    ups, downs = [nothing] * num_clients, [nothing] * num_clients
+    if method == "usplit":
+        # Each part is averaged over its reporters; every client gets the whole model back.
+        parts = usplit_assignment(len(taking), round_index, seed) if taking else []
+        for c, part in zip(taking, parts):
+            ups[c], downs[c] = part, frozenset(REGIONS)
+    else:
+        for c in taking:
+            ups[c] = downs[c] = frozenset(SHARED[method])
+    return Plan(round_index, tuple(ups), tuple(downs))
 
 
 def personal_regions(method: str) -> tuple[str, ...]:

@@ -23,9 +23,12 @@ Personal regions (UDEC's encoder + bottleneck, ULATDEC's encoder) are never uplo
 so nothing about them is released and they need no clipping or noise; only shared
 regions count.
 
-Every client reports every round (sample rate q = 1), so the accountant composes
-`rounds` Gaussian mechanisms of noise multiplier z (`epsilon`, using dp_accounting's
-RDP accountant). The neighbouring relation is `ADJACENCY`: two federations are
+With every client in every round (q = 1) the accountant composes `rounds` Gaussian
+mechanisms of noise multiplier z; with Poisson sampling of rate q (fed.sampling=poisson,
+fed.participation=q) it composes `rounds` Poisson-subsampled Gaussian mechanisms, the
+amplification of DP-FedAvg (`epsilon`, dp_accounting's RDP accountant; an independent
+implementation in tests/fl/test_accountant.py agrees to 1%). Fixed-size sampling is
+refused with DP (the config check): this accountant does not cover it. The neighbouring relation is `ADJACENCY`: two federations are
 neighbours when one has one client more (client level, add/remove); one client changes
 the released sum by at most C. Under replace-one adjacency a client changes it by up to
 2C, which doubles the sensitivity (the epsilon of z/2). Who sees what in each mode, and
@@ -42,8 +45,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
-from fedmpi.fl.strategy import AggregationStrategy, host_view, write_back
+from fedmpi.fl.strategy import AggregationStrategy, Wrapper, host_view, write_back
 
 MODES = ("central", "distributed")
 
@@ -224,17 +228,24 @@ def epsilon_text(eps: float, delta: float) -> str:
 # --- the strategy ---------------------------------------------------------------------
 
 
-class DifferentialPrivacy(AggregationStrategy):
+class DifferentialPrivacy(Wrapper):
     """DP-FedAvg around another strategy (`inner`: plain or secure FedAvg).
 
-    Uniform weights (every client of size > 0 counts 1). Before the inner strategy sees
-    them, a client replaces the regions it uploads by start + clip(theta - start), one
-    L2 norm over all of them, plus its noise share in distributed mode (1/sqrt(m) of the
-    noise for the m reporters of the region that are not left out, so that their sum
-    carries all of it); its weights may be overwritten because every region a client
-    uploads comes back to it in the same round's broadcast. In central mode the
-    federator's own summand of the sum is the noise (the inner strategy must allow a
-    float summand: not the secure one). `rng`: the noise generator (default
+    Uniform weights (every client of size > 0 counts 1). After its local training, each
+    client's uploaded regions become start + clip(theta - start), one L2 norm over all of
+    them (`prepare_client`), before they join its rank's mean. In distributed mode each
+    reporting rank then adds its noise share to its mean (`begin_round`): std
+    z C / (c sqrt(m)) for a rank of c clients among m reporting ranks, so that the sum of
+    the clipped updates carries std z C. In central mode the federator's own summand of
+    the sum is the noise (the inner strategy must allow a float summand: not the secure
+    one).
+
+    `denominator` (Poisson sampling): the average divides the noised sum of clipped
+    updates by this fixed expected number of clients q N instead of the number m that
+    reported (DP-FedAvg's fixed-denominator estimator, McMahan et al. 2018): the federator
+    rescales the inner strategy's average, before + (average - before) m / (q N), so the
+    released model depends on m only through the noised sum. None: divide by m (every
+    client reports every round, m is public). `rng`: the noise generator (default
     `noise_generator()`)."""
 
     def __init__(
@@ -245,71 +256,74 @@ class DifferentialPrivacy(AggregationStrategy):
         mode: str = "central",
         delta: float = 1e-5,
         rng: np.random.Generator | None = None,
+        sample_rate: float = 1.0,
+        denominator: float | None = None,
     ):
         if mode == "central" and not inner.federator_summand:
             raise PrivacyError(
                 f"central DP adds the noise as the federator's summand, which "
                 f"{type(inner).__name__} does not have; use privacy.mode=distributed"
             )
-        self.inner = inner
+        if denominator is not None and not denominator > 0:
+            raise PrivacyError(f"the fixed denominator must be > 0, got {denominator}")
+        super().__init__(inner)
         self.clip, self.noise_multiplier, self.mode, self.delta = (
             clip,
             noise_multiplier,
             mode,
             delta,
         )
+        self.sample_rate, self.denominator = float(sample_rate), denominator
         self.rng = rng if rng is not None else noise_generator()
 
     @classmethod
-    def from_config(cls, inner: AggregationStrategy, privacy_cfg) -> DifferentialPrivacy:
+    def from_config(
+        cls, inner: AggregationStrategy, privacy_cfg, population=None
+    ) -> DifferentialPrivacy:
+        """From privacy.*; with a sampled population (`fedmpi.fl.population`), its
+        sample rate q and fixed denominator q N."""
         p = privacy_cfg
-        return cls(inner, p.clip, p.noise_multiplier, p.mode, p.delta)
+        q, denominator = 1.0, None
+        if population is not None and not population.everyone:
+            q, denominator = population.participation, population.expected()
+        return cls(inner, p.clip, p.noise_multiplier, p.mode, p.delta, None, q, denominator)
 
     @property
-    def value_bytes(self) -> int:
-        return self.inner.value_bytes
-
-    @property
-    def min_reporters(self) -> int:
-        return self.inner.min_reporters
-
-    @property
-    def federator_summand(self) -> bool:
-        return self.inner.federator_summand
+    def needs_before(self) -> bool:
+        return self.denominator is not None or self.inner.needs_before
 
     def fedavg_sizes(self, sizes):
         return [1.0 if n > 0 else 0.0 for n in self.inner.fedavg_sizes(sizes)]
 
-    def begin_round(self, bufs, round_index, client, uploads, start):
-        stats = self._privatize(bufs, uploads, start) if client is not None else {}
-        return {**stats, **self.inner.begin_round(bufs, round_index, client, uploads, start)}
-
-    def _privatize(self, bufs, uploads, start) -> dict:
-        """A client's clipped (and noised) update, in place; its norm before and after."""
-        if not uploads:
-            return {}
+    def prepare_client(self, bufs, regions, start) -> dict:
+        """A client's update of the regions it uploads, clipped in place (one L2 norm over
+        all of them); its norm before and after."""
+        stats = self.inner.prepare_client(bufs, regions, start)
+        if not regions:
+            return stats
         if start is None:
             raise RuntimeError(
                 "privacy.dp needs the client's weights at the round's start "
-                "(Aggregator.exchange(..., start=RoundStart.weights))"
+                "(prepare_client(..., start=RoundStart.weights))"
             )
-        stds = [
-            noise_std(
-                self.noise_multiplier, self.clip, self.mode, max(1, sum(n > 0 for n in job.sizes))
-            )
-            if self.mode == "distributed"
-            else 0.0
-            for job in uploads
-        ]
-        thetas = [host_view(bufs.flat[job.region]) for job in uploads]
-        starts = [host_view(start[job.region]) for job in uploads]
-        norm, clipped = privatize_update(thetas, starts, self.clip, stds, self.rng)
-        for job, host in zip(uploads, thetas):
-            write_back(bufs.flat[job.region], host)
-        return {"dp_update_norm": norm, "dp_clipped_norm": clipped}
+        thetas = [host_view(bufs.flat[r]) for r in regions]
+        starts = [host_view(start[r]) for r in regions]
+        norm, clipped = privatize_update(thetas, starts, self.clip, [0.0] * len(regions), None)
+        for r, host in zip(regions, thetas):
+            write_back(bufs.flat[r], host)
+        return {**stats, "dp_update_norm": norm, "dp_clipped_norm": clipped}
 
-    def upload(self, bufs, job, client):
-        return self.inner.upload(bufs, job, client)
+    def begin_round(self, bufs, round_index, client, uploads, start):
+        if client is not None and self.mode == "distributed":
+            for job in uploads:
+                ranks = max(1, sum(n > 0 for n in job.sizes))
+                own = job.size_of(client)
+                if own > 0:
+                    std = noise_std(self.noise_multiplier, self.clip, self.mode, ranks) / own
+                    host = host_view(bufs.flat[job.region])
+                    add_noise(host, std, self.rng)
+                    write_back(bufs.flat[job.region], host)
+        return self.inner.begin_round(bufs, round_index, client, uploads, start)
 
     def receive(self, bufs, job):
         """Central DP: N(0, (z C)^2) per coordinate on the sum of the clipped uploads,
@@ -323,12 +337,15 @@ class DifferentialPrivacy(AggregationStrategy):
             write_back(own[:-1], host)
         return dst, own
 
-    def reduce(self, world, group, buf, own=None):
-        self.inner.reduce(world, group, buf, own)
-
     def finish(self, bufs, job, total):
-        return self.inner.finish(bufs, job, total)
+        out = self.inner.finish(bufs, job, total)
+        if self.denominator is not None and job.reported:
+            # before + (average - before) * m / (q N): the fixed-denominator estimator
+            theta, before = bufs.flat[job.region], bufs.before(job.region)
+            with torch.no_grad():
+                theta.sub_(before).mul_(sum(job.sizes) / self.denominator).add_(before)
+        return out
 
     def epsilon(self, rounds: int) -> float:
-        """The (epsilon, delta) guarantee after `rounds` rounds."""
-        return epsilon(self.noise_multiplier, rounds, self.delta)
+        """The (epsilon, delta) guarantee after `rounds` rounds (sample rate q)."""
+        return epsilon(self.noise_multiplier, rounds, self.delta, self.sample_rate)

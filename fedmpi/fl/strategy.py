@@ -11,8 +11,10 @@ strategy and keeps the ledger; a strategy never records bytes.
 
 One region of one round, on the ranks that take part:
 
+    client rank  prepare_client(...) -> stats  after each of its clients' training: that
+                                             client's model (DP's clipping)
     every rank   begin_round(...) -> stats   once per round, before the first Reduce: a
-                                             client's work on all its uploads at once
+                                             rank's work on all its uploads at once
     client       upload(...) -> buf          what it contributes to the region's SUM
     federator    receive(...) -> (dst, own)  where the sum lands, and its own summand
                                              (None: dst's contents are its summand)
@@ -84,6 +86,7 @@ class RegionBuffers:
         self.flat, self.send = dict(flat), dict(send)
         self.sizes = {r: t.numel() for r, t in self.flat.items()}
         self._upload: dict[str, torch.Tensor] = {}
+        self._before: dict[str, torch.Tensor] = {}
         self._zeros: torch.Tensor | None = None  # the federator's summand, allocated once
         self._summand_device = summand_device or (lambda t: t.device)
 
@@ -101,6 +104,22 @@ class RegionBuffers:
             t = self.flat[region]
             buf = self._upload[region] = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
         return buf
+
+    def save_before(self, region: str) -> torch.Tensor:
+        """The federator's copy of the region's global weights before this round's Reduce
+        overwrites them (a server optimizer's and DP's fixed denominator's `before`), in a
+        buffer allocated once per run."""
+        t = self.flat[region]
+        buf = self._before.get(region)
+        if buf is None:
+            buf = self._before[region] = torch.empty_like(t)
+        with torch.no_grad():
+            buf.copy_(t)
+        return buf
+
+    def before(self, region: str) -> torch.Tensor:
+        """The copy `save_before` made this round."""
+        return self._before[region]
 
     def zeros(self, region: str) -> torch.Tensor:
         """[n + 1] zeros: the federator's own summand in a plain Reduce (one buffer, the
@@ -129,9 +148,27 @@ class AggregationStrategy(ABC):
     federator_summand = True
     inner: AggregationStrategy | None = None
 
+    @property
+    def needs_before(self) -> bool:
+        """The federator keeps each region's weights from before the Reduce
+        (`RegionBuffers.before`): a server optimizer's start, DP's fixed denominator."""
+        return self.inner.needs_before if self.inner is not None else False
+
+    @property
+    def prox_mu(self) -> float:
+        """FedProx's proximal weight mu for the clients' local objective (0: none)."""
+        return self.inner.prox_mu if self.inner is not None else 0.0
+
     def fedavg_sizes(self, sizes: list[float]) -> list[float]:
         """The FedAvg sizes this strategy averages with, from every client's n_k."""
         return sizes
+
+    def prepare_client(self, bufs: RegionBuffers, regions: list, start) -> dict:
+        """A client rank, once per client it trained this round, before that client's
+        model joins the rank's mean: `bufs.flat` holds the client's weights, `regions`
+        are those it uploads, `start` the round's global weights per region (DP clips the
+        update here). Returns the client's statistics."""
+        return self.inner.prepare_client(bufs, regions, start) if self.inner is not None else {}
 
     def begin_round(
         self, bufs: RegionBuffers, round_index: int, client, uploads: list, start
@@ -192,3 +229,80 @@ class PlainFedAvg(AggregationStrategy):
 
     def finish(self, bufs, job, total):
         return job.reported  # the Reduce wrote the average into the weights
+
+
+class Wrapper(AggregationStrategy):
+    """A strategy around another (`inner`) that changes some steps and passes the rest on:
+    DP (`fedmpi.fl.privacy.DifferentialPrivacy`), FedProx and server optimizers."""
+
+    def __init__(self, inner: AggregationStrategy):
+        self.inner = inner
+
+    @property
+    def value_bytes(self) -> int:
+        return self.inner.value_bytes
+
+    @property
+    def min_reporters(self) -> int:
+        return self.inner.min_reporters
+
+    @property
+    def federator_summand(self) -> bool:
+        return self.inner.federator_summand
+
+    def fedavg_sizes(self, sizes):
+        return self.inner.fedavg_sizes(sizes)
+
+    def begin_round(self, bufs, round_index, client, uploads, start):
+        return self.inner.begin_round(bufs, round_index, client, uploads, start)
+
+    def upload(self, bufs, job, client):
+        return self.inner.upload(bufs, job, client)
+
+    def receive(self, bufs, job):
+        return self.inner.receive(bufs, job)
+
+    def reduce(self, world, group, buf, own=None):
+        self.inner.reduce(world, group, buf, own)
+
+    def finish(self, bufs, job, total):
+        return self.inner.finish(bufs, job, total)
+
+    def epsilon(self, rounds: int) -> float | None:
+        return self.inner.epsilon(rounds)
+
+
+class FedProx(Wrapper):
+    """FedProx (Li et al., MLSys 2020): the clients add (mu / 2) ||w - w_global||^2 to
+    their local objective (`fedmpi.train.trainer.LocalTrainer`'s prox_mu); the
+    aggregation itself is the inner strategy's."""
+
+    def __init__(self, inner: AggregationStrategy, mu: float):
+        super().__init__(inner)
+        self.mu = float(mu)
+
+    @property
+    def prox_mu(self) -> float:
+        return self.mu
+
+
+class ServerOptimized(Wrapper):
+    """A server optimizer (`fedmpi.fl.server_opt.ServerOptimizer`: FedAvgM, FedAdam,
+    FedYogi) on the inner strategy's average: the federator turns each region's average
+    into before + step(average - before) before the broadcast, so the clients receive
+    the server-updated weights. Its moments are the federator's checkpoint state."""
+
+    def __init__(self, inner: AggregationStrategy, optimizer):
+        super().__init__(inner)
+        self.optimizer = optimizer
+
+    @property
+    def needs_before(self) -> bool:
+        return True
+
+    def finish(self, bufs, job, total):
+        out = self.inner.finish(bufs, job, total)
+        if job.reported:
+            with torch.no_grad():
+                self.optimizer.step(job.region, bufs.before(job.region), bufs.flat[job.region])
+        return out

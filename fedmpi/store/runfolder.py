@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -119,6 +121,42 @@ class RunFolder:
     @property
     def stop_file(self) -> Path:
         return self.path / STOP_FILE
+
+    # -- the federation's clients -------------------------------------------------------
+    PLACEMENT = "clients.csv"
+    SAMPLING_KEY = "sampling.key"
+
+    def write_placement(self, rows: list[dict]) -> None:
+        """clients.csv: each client's rank and number of training images."""
+        write_csv(self.path / self.PLACEMENT, rows, ["client", "rank", "images"])
+
+    def read_placement(self) -> list[dict]:
+        p = self.path / self.PLACEMENT
+        return read_csv(p) if p.is_file() else []
+
+    def client_state_dir(self, rank: int) -> Path:
+        """Where rank `rank` spills its clients' personal regions beyond
+        fed.client_state_mb (state/rank_NNN/client_NNNNNN.pt; the checkpoints hold them)."""
+        return self.path / "state" / f"rank_{rank:03d}"
+
+    def sampling_key(self) -> int:
+        """The secret key of the rounds' client samples under privacy.dp: drawn from the
+        operating system's entropy on first use, kept in `sampling.key` (readable by its
+        owner only) so that a resumed run samples the same clients. Whoever reads it can
+        tell who was sampled, which voids the amplification by sampling (docs/privacy.md)."""
+        p = self.path / self.SAMPLING_KEY
+        if p.is_file():
+            text = p.read_text().strip()
+            if text.isdigit():
+                return int(text)
+            raise DiskError(
+                0, f"{p} does not hold a key (digits); restore it from a backup, or start a new run"
+            )
+        key = secrets.randbits(63)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{key}\n")
+        return key
 
     # -- checkpoints --------------------------------------------------------------------
     def checkpoint_dir(self, index: int) -> Path:

@@ -28,7 +28,8 @@ def write(job, index: int, final: bool = True, on_complete=None) -> None:
     steps = sum(job.schedule.steps(i) for i in range(1, index + 1))
 
     def contents() -> dict:
-        return state.rank_state(cfg, world, index, job.model, job.trainer, job.ema, steps)
+        obj = state.rank_state(cfg, world, index, job.model, job.trainer, job.ema, steps)
+        return state.add_job_state(obj, job)
 
     background = world.is_federator and writer.enabled and not final
     obj = None if background else contents()  # background: built by the thread

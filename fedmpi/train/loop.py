@@ -32,13 +32,14 @@ import time
 import torch
 
 from fedmpi.config import Config
-from fedmpi.data import load_arrays, load_client_data
+from fedmpi.data import client_sizes, load_arrays, load_client_data, load_clients_data
 from fedmpi.dist.relay import ProgressRelay
 from fedmpi.dist.solo import SoloWorld
 from fedmpi.errors import CheckpointError, ConfigError
 from fedmpi.fl.aggregate import Aggregator, NonFiniteAverage, check_secure_plans
 from fedmpi.fl.ledger import Ledger
 from fedmpi.fl.methods import make_plan, personal_regions
+from fedmpi.fl.population import Population
 from fedmpi.model.diffusion import Diffusion
 from fedmpi.model.regions import (
     REGIONS,
@@ -53,6 +54,7 @@ from fedmpi.runtime import derive_seed, pick_device, share_cpu_threads
 from fedmpi.store.checkpoint import BackgroundWriter
 from fedmpi.store.runfolder import RunFolder
 from fedmpi.train import checkpointing, progress, records, state
+from fedmpi.train.clients import ClientPool
 from fedmpi.train.progress import LocalProgress
 from fedmpi.train.schedule import Schedule
 from fedmpi.train.state import RoundStart
@@ -103,7 +105,14 @@ class Job:
             )
             self.ledger = Ledger(world.rank)
             # fed.secure: key agreement here
-            self.aggregator = None if self.solo else Aggregator(world, self.model, self.ledger, cfg)
+            self.aggregator = None
+            if not self.solo:
+                self.aggregator = Aggregator(
+                    world, self.model, self.ledger, cfg, population=self.population
+                )
+                if self.trainer is not None:  # fed.prox_mu: the FedProx strategy's term
+                    self.trainer.prox_mu = self.aggregator.strategy.prox_mu
+                self.sampling_key = self._sampling_key()
             self.round_start = self._round_start()
             self.metrics = self.run_dir.metrics_writer() if world.is_federator else None
             self.evaluator = None
@@ -140,20 +149,25 @@ class Job:
             known = (ConfigError, ValueError, CheckpointError)
             error = f"{e}" if isinstance(e, known) else f"{type(e).__name__}: {e}"
         self._report_errors(error)
+        if not self.solo:  # every client's size, from the rank that loaded it
+            held: dict = {}
+            for part in world.allgather(self.pool.sizes() if self.pool else {}):
+                held.update(part)
+            f = self.cfg.fed
+            self.population = Population.place(
+                [held[c] for c in range(len(held))], world.num_clients, f.participation, f.sampling
+            )
         return done
 
     def _build(self) -> None:
         """Model, EMA, data and trainer of this rank; raises user errors with the fix."""
         cfg, world = self.cfg, self.world
         K = world.num_clients
+        self.pool = None
         if not self.solo:
-            if cfg.split.num_clients is not None and cfg.split.num_clients != K:
-                raise ConfigError(
-                    f"split.num_clients is {cfg.split.num_clients} but the job has {world.size} "
-                    f"ranks (= 1 federator + {K} clients); launch with mpirun -n "
-                    f"{cfg.split.num_clients + 1} or set --split.num_clients={K}"
-                )
-            check_secure_plans(cfg, K)  # fed.secure: every region of every round needs 2
+            N = self._check_clients(K)
+            if N == K:  # with sampling or N > K the rounds' reporters are checked as they come
+                check_secure_plans(cfg, Population.place([1] * N, K))
         channels, size = model_shape(cfg)
         torch.manual_seed(derive_seed(cfg.run.seed, 0xC0FFEE))
         self.model = build_unet(cfg.model, channels, size).to(self.device)
@@ -172,7 +186,7 @@ class Job:
             if self.solo:
                 images, _ = load_arrays(cfg.data, "train")
             else:
-                images, _ = load_client_data(cfg, world.client, K)
+                images = self._load_clients(K)
             self.trainer = LocalTrainer(
                 self.model,
                 Diffusion.from_config(cfg.diffusion),
@@ -182,6 +196,7 @@ class Job:
                 self.device,
                 ema=self.ema if own_ema else None,
                 grad_clip=cfg.train.grad_clip,
+                prox_mu=cfg.fed.prox_mu,
             )
             self.trainer.speed_from(cfg.train)
             self.trainer.new_optimizer()  # first Adam imports torch._dynamo: not in round 1
@@ -189,6 +204,60 @@ class Job:
         self.schedule = Schedule.of(cfg, world, self.trainer)
         if self.trainer is not None:
             self.trainer.schedule = schedule_for(cfg.train, self.schedule.total_steps())
+
+    def _check_clients(self, K: int) -> int:
+        """fed.clients (default K) against the ranks and the other settings; returns N."""
+        cfg = self.cfg
+        N = cfg.fed.clients or K
+        if cfg.split.num_clients is not None and cfg.split.num_clients != N:
+            raise ConfigError(
+                f"split.num_clients is {cfg.split.num_clients} but the job has {N} clients "
+                f"(fed.clients, default: one per client rank, {K} here); set "
+                f"--fed.clients={cfg.split.num_clients} or --split.num_clients={N}"
+            )
+        if N < K:
+            raise ConfigError(
+                f"fed.clients is {N} but the job has {K} client ranks: every rank must host "
+                f"at least one client; launch with mpirun -n {N + 1} or set --fed.clients={K}"
+            )
+        if N > K and self.personal and cfg.train.ema_decay > 0:
+            raise ConfigError(
+                f"train.ema_decay with {cfg.fed.method} and {N} clients on {K} ranks: the "
+                f"personal models' EMA is kept for one client per rank only; set "
+                f"--train.ema_decay=0 or launch one rank per client"
+            )
+        if N > K and self.personal and cfg.eval.personal == "local":
+            raise ConfigError(
+                f"eval.personal=local scores one client's model per rank before the "
+                f"aggregation; with {N} clients on {K} ranks use --eval.personal=aggregated"
+            )
+        return N
+
+    def _load_clients(self, K: int):
+        """This rank's clients' data (placed by size), its ClientPool; the first client's
+        images (the trainer's to start with)."""
+        cfg, world = self.cfg, self.world
+        N = cfg.fed.clients or K
+        if N == K:
+            mine = [world.client]
+            data = {world.client: load_client_data(cfg, world.client, K)[0]}
+        else:  # placed by the sizes the split declares (the same on every rank)
+            mine = Population.place(client_sizes(cfg, N), K).clients_of(world.client)
+            data = load_clients_data(cfg, mine, N)
+        personal = personal_regions(self.method)
+        self.pool = ClientPool(
+            self, mine, data, personal, self.run_dir.client_state_dir(world.rank)
+        )
+        return data[mine[0]]
+
+    def _sampling_key(self) -> int:
+        """The key of the rounds' client samples: the run seed, or with privacy.dp the run
+        folder's secret key (the amplification by sampling assumes nobody outside can tell
+        who was sampled; a collective)."""
+        cfg, world = self.cfg, self.world
+        if not (cfg.privacy.dp and not self.population.everyone):
+            return cfg.run.seed
+        return world.bcast_obj(self.run_dir.sampling_key() if world.is_federator else None)
 
     def _round_start(self) -> RoundStart | None:
         """A trainer's weights at the round's start: the regions it never gets back from
@@ -199,10 +268,12 @@ class Job:
         if self.trainer is None:
             return None
         cfg = self.cfg
-        every = self.solo or cfg.privacy.dp or cfg.fed.secure or cfg.fed.on_nonfinite == "skip"
+        multi = self.pool is not None and not self.pool.single  # each client from the start
+        every = self.solo or multi or cfg.privacy.dp or cfg.fed.secure
+        every = every or cfg.fed.on_nonfinite == "skip"
         kept = REGIONS if every else personal_regions(self.method)
         frozen = cfg.fed.freeze_unshared and not self.solo  # a new Adam every round then
-        keep_optimizer = not (self.schedule.reset_optimizer(cfg) or frozen)
+        keep_optimizer = not (self.schedule.reset_optimizer(cfg) or frozen or multi)
         return RoundStart({r: region_tensor(self.model, r) for r in kept}, keep_optimizer)
 
     def _report_errors(self, error: str | None) -> None:
@@ -228,9 +299,16 @@ class Job:
     def _start(self, done: int | None, resume: bool) -> int:
         """The first round to run: after the resume point, or 1 after the initial broadcast."""
         world, run, unit = self.world, self.run_dir, self.schedule.unit
+        if world.is_federator and not self.solo:
+            run.write_placement(self.population.rows())
         if resume and done is None and world.is_federator:
             self.log(f"resume: no usable checkpoint in {run}; starting from {unit} 1")
+        if self.pool is not None and self.pool.states is not None:
+            # a never-trained client's personal regions: the initial model's (what the
+            # client model holds after the set-up's restore, or after the broadcast below)
+            self.pool.states.set_initial(self.model)
         if done is not None:
+            state.restore_job_state(self, done)
             self.preempt.note = (
                 f"the last complete checkpoint is {unit} {done}; resume with --resume {run}"
             )
@@ -245,6 +323,8 @@ class Job:
         if self.aggregator is not None:
             self.aggregator.initial_broadcast()
             records.gather(self, 0)
+            if self.pool is not None and self.pool.states is not None:
+                self.pool.states.set_initial(self.model)
         if world.is_federator:
             self.log(self._headline())
         return 1
@@ -256,10 +336,21 @@ class Job:
                 f"fedmpi centralized: {int(self.n_k)} images | {s.rounds} epochs x {s.per_round} "
                 f"steps | device {self.device} | run {self.run_dir}"
             )
+        pop = self.population
+        if pop.one_per_slot and pop.everyone:
+            who = f"K={pop.num_clients} clients"
+        else:
+            each = (
+                f"{pop.fixed_count()} per round"
+                if pop.sampling == "fixed" or pop.everyone
+                else f"Poisson q={pop.participation:g}"
+            )
+            adam = "" if cfg.fed.reset_optimizer or pop.one_per_slot else ", a fresh Adam each"
+            who = f"N={pop.num_clients} clients on {pop.slots} ranks ({each}{adam})"
         return (
-            f"fedmpi: {self.method.upper()} | K={self.world.num_clients} clients | "
-            f"R={s.rounds} rounds | {self.world.describe()} | device {self.device} | "
-            f"run {self.run_dir}" + records.privacy_text(cfg)
+            f"fedmpi: {self.method.upper()} | {who} | R={s.rounds} rounds | "
+            f"{self.world.describe()} | device {self.device} | run {self.run_dir}"
+            + records.privacy_text(cfg)
         )
 
     # -- one round ----------------------------------------------------------------------
@@ -267,24 +358,29 @@ class Job:
         cfg, world = self.cfg, self.world
         t_round = time.perf_counter()
         self.writer.join()  # federator: the last checkpoint's file is written
-        plan = make_plan(self.method, r, world.num_clients, cfg.run.seed)
-        stats = self._train(r, plan)
-        # One small collective per round carries the stop request, whether each
-        # trainer's model is finite, its steps and its FedAvg size n_k (every rank then
-        # knows every weight of the averages), before anything is reduced.
-        model_ok = self.trainer is None or all_finite(self.model)
+        sampled = [0] if self.solo else self.population.sample(r, self.sampling_key)
+        n_all = 1 if self.solo else self.population.num_clients
+        plan = make_plan(self.method, r, n_all, cfg.run.seed, sampled)
+        stats = self._train(r, plan, sampled)
+        # One small collective per round carries the stop request, how many of each rank's
+        # clients are not finite, their steps and how many trained, before anything is
+        # reduced (every client's FedAvg size n_k is known everywhere from the set-up).
         display = progress.watch_round(self, r)  # federator: live progress while waiting
         flags = world.flags(
-            [int(self.preempt.requested), int(not model_ok), stats.get("steps", 0), int(self.n_k)],
+            [
+                int(self.preempt.requested),
+                len(stats.get("nonfinite", ())),
+                stats.get("steps", 0),
+                stats.get("trained", 0),
+            ],
             phase=f"round {r}: local training",
         )
         progress.end_watch(self, display)  # every progress message of the round delivered
         t_wait = time.perf_counter() - t_round  # local training incl. waiting for the slowest
         if flags[:, 0].any():
             self._abandon(r)
-        nonfinite = self._nonfinite(r, plan, flags)
-        ranks = list(world.client_ranks)
-        n_clients = [0 if k in nonfinite else int(flags[k, 3]) for k in ranks]
+        nonfinite = self._nonfinite(r, plan, flags, stats)
+        sizes = self._sizes(sampled, nonfinite)
 
         evaluate = self.evaluator is not None and (
             (cfg.eval.every and r % cfg.eval.every == 0) or r == self.schedule.rounds
@@ -294,11 +390,17 @@ class Job:
         if local_scoring:  # each client's own model, before the aggregation
             scores, t_eval = self._evaluate(r)
         t0 = time.perf_counter()
-        stats.update(self._exchange(r, plan, n_clients))
+        exchanged = self._exchange(r, plan, sizes)
+        stats.update(exchanged)
+        if self.pool is not None and self.pool.single and stats.get("per_client"):
+            stats["per_client"][0].update(exchanged)  # the one client's row shows them
         t_agg = time.perf_counter() - t0
-        if self.ema is not None and not (self.personal or self.solo):
+        if self.pool is not None and self.pool.states is not None:
+            self.pool.commit()  # the round's personal regions, now that it completed
+        trained = int(flags[:, 3].sum())
+        if self.ema is not None and not (self.personal or self.solo) and trained:
             # the global model's EMA, identical on every rank
-            self.ema.update(self.model, steps=max(1, round(float(flags[ranks, 2].mean()))))
+            self.ema.update(self.model, steps=max(1, round(float(flags[:, 2].sum()) / trained)))
         if evaluate and not local_scoring:
             scores, t_eval = self._evaluate(r)
 
@@ -307,39 +409,84 @@ class Job:
             self._checkpoint(r, final=r == self.schedule.rounds)
         t_ckpt = time.perf_counter() - t0
         times = dict(wait_s=t_wait, agg_s=t_agg, eval_s=t_eval, ckpt_s=t_ckpt, t_round=t_round)
-        records.record(self, r, stats, scores, nonfinite, times)
+        records.record(self, r, stats, scores, nonfinite, times, plan)
         self.writer.start()  # the federator's checkpoint file, while the next round trains
 
-    def _train(self, r: int, plan) -> dict:
-        """This rank's local training of round `r` ({} on the federator, or when a stop
-        request cut it short)."""
-        cfg, trainer = self.cfg, self.trainer
+    def _sizes(self, sampled: list[int], nonfinite: list[int]) -> list[int]:
+        """Every client's FedAvg size this round: its images if it trained and stayed
+        finite, else 0 (numbered 1..N in `nonfinite`)."""
+        if self.solo:
+            return [int(self.n_k)]
+        sizes = [0] * self.population.num_clients
+        for c in sampled:
+            if c + 1 not in nonfinite:
+                sizes[c] = self.population.sizes[c]
+        return sizes
+
+    def _train(self, r: int, plan, sampled: list[int]) -> dict:
+        """This rank's local training of round `r`: the rank's statistics ({} on the
+        federator, or when a stop request cut it short)."""
+        trainer = self.trainer
         if trainer is None:
             return {}
         self.round_start.save(trainer)
+        mine = [0] if self.solo else [c for c in sampled if c in self.pool.data]
+        steps = {c: self._steps(r, c) for c in mine}
+        self.progress = [0, sum(steps.values()), 0]  # steps and images done, steps due
+        if self.solo:
+            stats = self._train_one(r, 0, plan, steps[0])
+            if stats and not all_finite(self.model):
+                stats = dict(stats, nonfinite=[0], trained=1)
+            elif stats:
+                stats = dict(stats, trained=1, per_client=[stats])
+        else:
+            stats = self.pool.train_round(
+                r, plan, mine, lambda c: self._train_one(r, c, plan, steps[c])
+            )
+        done, total, images = self.progress
+        self.relay.finish(r, done, total, images)
+        return stats
+
+    def _steps(self, r: int, client: int) -> int:
+        """Optimizer steps of `client` in round `r` (its data decides with local epochs)."""
+        if self.solo:
+            return self.schedule.steps(r)
+        n = self.pool.size(client)
+        f = self.cfg.fed
+        return (
+            f.local_steps
+            if f.local_steps is not None
+            else f.local_epochs * -(-n // self.cfg.train.batch_size)
+        )
+
+    def _train_one(self, r: int, client: int, plan, steps: int) -> dict:
+        """One client's local training in round `r` (stats; {} when a stop request cut it)."""
+        cfg, trainer = self.cfg, self.trainer
         if cfg.fed.freeze_unshared and not self.solo:
-            set_trainable(self.model, plan.uploads[self.world.client])
+            set_trainable(self.model, plan.uploads[client])
             trainer.new_optimizer()
         elif self.schedule.reset_optimizer(cfg) or trainer.optimizer is None:
             trainer.reset_optimizer()
-        steps = self.schedule.steps(r)
+        base, total, images = self.progress
 
         def on_step(step, loss):
-            self.relay.report(r, step + 1, steps, (step + 1) * cfg.train.batch_size)
+            done = step + 1
+            self.relay.report(r, base + done, total, images + done * cfg.train.batch_size)
             if self.preempt.requested:
                 raise StopTraining
 
+        per_round = self.schedule.per_round if self.solo else steps
         try:
             stats = trainer.run(
-                seed=self.schedule.seed(cfg, r, self.world.client),
+                seed=self.schedule.seed(cfg, r, client),
                 steps=steps,
                 on_step=on_step,
-                start_step=(r - 1) * self.schedule.per_round,
+                start_step=(r - 1) * per_round,
                 log_every=cfg.train.log_every,
             )
         except StopTraining:
             stats = {}
-        self.relay.finish(r, stats.get("steps", 0), steps, stats.get("images", 0))
+        self.progress = [base + stats.get("steps", 0), total, images + stats.get("images", 0)]
         return stats
 
     def _abandon(self, r: int) -> None:
@@ -348,6 +495,8 @@ class Job:
         unit, run = self.schedule.unit, self.run_dir
         if self.trainer is not None:
             self.round_start.restore(self.trainer)
+        if self.pool is not None:
+            self.pool.discard()  # the personal regions the round trained
         if r - 1 >= 1 and checkpointing.latest_complete_bcast(self) != r - 1:
             self._checkpoint(r - 1, final=True)
         if self.world.is_federator:
@@ -361,15 +510,17 @@ class Job:
             self.log(f"preempted{why}: {unit} {r} abandoned; {where}")
         raise Preempted(r - 1)
 
-    def _nonfinite(self, r: int, plan, flags) -> list[int]:
-        """The trainers whose model is not finite: stop the job (fed.on_nonfinite=abort,
-        always for the baseline) or leave them out of this round (skip)."""
+    def _nonfinite(self, r: int, plan, flags, stats: dict) -> list[int]:
+        """The clients (numbered 1..N) whose model is not finite: stop the job
+        (fed.on_nonfinite=abort, always for the baseline) or leave them out of this round
+        (skip)."""
         world, cfg, unit = self.world, self.cfg, self.schedule.unit
-        nonfinite = [k for k in world.client_ranks if flags[k, 1]]
-        if not nonfinite:
-            return nonfinite
+        if not flags[:, 1].any():
+            return []
+        mine = [c + 1 for c in stats.get("nonfinite", ())]
+        nonfinite = sorted(c for part in world.allgather(mine) for c in part)
         who = ", ".join(f"client {k}" for k in nonfinite)
-        everyone = len(nonfinite) == len(world.client_ranks)  # skipping leaves nothing to train
+        everyone = len(nonfinite) == int(flags[:, 3].sum())  # skipping leaves nothing to train
         if cfg.fed.on_nonfinite == "abort" or everyone:
             if world.is_federator:
                 kept = checkpointing.settled_latest(self)
@@ -399,8 +550,8 @@ class Job:
                 f"warning: round {r}: {who} not finite: left out of this round's averages "
                 f"(fed.on_nonfinite=skip); their models restart from the round's start"
             )
-            n_clients = [0 if k in nonfinite else int(flags[k, 3]) for k in world.client_ranks]
-            withheld = self.aggregator.withheld(plan, n_clients)
+            sampled = [c for c in range(len(plan.uploads)) if plan.uploads[c]]
+            withheld = self.aggregator.withheld(plan, self._sizes(sampled, nonfinite))
             if withheld:
                 self.log(
                     f"warning: round {r}: region(s) {', '.join(withheld)} not averaged "
@@ -408,16 +559,17 @@ class Job:
                     f"{cfg.fed.secure_min_reporters} clients report them, and their "
                     f"secure sum would show the federator an upload in the clear"
                 )
-        if world.rank in nonfinite:  # uploads with weight 0, restarts from round start
-            self.round_start.restore(self.trainer)
+        single = self.pool is not None and self.pool.single
+        if single and world.client + 1 in nonfinite:  # uploads with weight 0, restarts from
+            self.round_start.restore(self.trainer)  # the round's start
         return nonfinite
 
-    def _exchange(self, r: int, plan, n_clients: list[int]) -> dict:
+    def _exchange(self, r: int, plan, sizes: list[int]) -> dict:
         if self.aggregator is None:  # a federation of one: nothing to average
             return {}
         start = self.round_start.weights if self.round_start else None
         try:
-            return self.aggregator.exchange(plan, n_clients, r, start=start)
+            return self.aggregator.exchange(plan, sizes, r, start=start)
         except NonFiniteAverage as e:  # the federator alone: it must take the job down
             raise NonFiniteError(
                 f"{e}; no checkpoint written for this round", collective=False

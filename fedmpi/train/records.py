@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from fedmpi.config import Config
-from fedmpi.fl.ledger import FIELDS, client_rows, run_summary, typed_rows
+from fedmpi.fl.ledger import FIELDS, client_rows, deployment_bytes, run_summary, typed_rows
 from fedmpi.fl.privacy import ADJACENCY, epsilon_fields, epsilon_text
 from fedmpi.model.regions import region_sizes
 
@@ -26,17 +26,18 @@ def gather(job, r: int, stats=None):
     return [s for s, _ in gathered], sum(row["bytes"] for row in mine)
 
 
-def record(job, r: int, stats: dict, scores, nonfinite: list[int], times: dict) -> None:
+def record(job, r: int, stats: dict, scores, nonfinite: list[int], times: dict, plan) -> None:
     """The federator's metrics rows and one log line for round `r`."""
-    gathered = gather(job, r, dict(stats, client=job.world.rank, n=job.n_k))
+    per_client = stats.pop("per_client", [])
+    gathered = gather(job, r, per_client)
     if not job.world.is_federator:
         return
     client_stats, round_bytes = gathered
     round_s = time.perf_counter() - times.pop("t_round")
     if job.solo:
-        _record_epoch(job, r, client_stats[0], scores, round_s, times)
+        _record_epoch(job, r, client_stats[0][0] if client_stats[0] else {}, scores, round_s, times)
         return
-    rows = [s for s in client_stats if s["client"] > 0]  # clients 1..K = their ranks
+    rows = [s for rank in client_stats for s in rank]  # the clients that trained, 1..N
     losses = [s.get("loss", float("nan")) for s in rows]
     good = [x for x in losses if np.isfinite(x)]
     t_train = max((s.get("train_s", 0.0) for s in rows), default=0.0)
@@ -52,6 +53,8 @@ def record(job, r: int, stats: dict, scores, nonfinite: list[int], times: dict) 
         round_s=round_s,
         bytes=round_bytes,
         images_per_s=[s.get("images_per_s") for s in rows],
+        participants=sum(1 for u in plan.uploads if u),
+        **deployment_bytes(plan, region_sizes(job.model), job.aggregator.upload_value_bytes),
     )
     row.update(scores or {})
     epsilon = job.aggregator.epsilon(r)  # privacy.dp: the guarantee after round r
@@ -122,6 +125,8 @@ def finish(job) -> dict:
             cfg.run.seed,
             job.aggregator.upload_value_bytes,
             extra,
+            job.population,
+            job.sampling_key,
         )
         job.run_dir.write_summary(summary)
         moved = summary["measured"]["moved"]

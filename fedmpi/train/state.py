@@ -156,6 +156,45 @@ def rank_state(cfg: Config, world, index: int, model, trainer, ema, steps: int) 
     return obj
 
 
+def add_job_state(obj: dict, job) -> dict:
+    """What a rank keeps beyond its model: a client rank's clients' personal regions
+    (several clients per rank), the federator's server-optimizer moments."""
+    pool = getattr(job, "pool", None)
+    if pool is not None and pool.states is not None:
+        obj["clients"] = pool.states.state_dict()
+    opt = server_optimizer(job)
+    if opt is not None and job.world.is_federator:
+        obj["server_opt"] = opt.state_dict()
+    return obj
+
+
+def server_optimizer(job):
+    """The job's server optimizer (fed.server_opt), else None."""
+    from fedmpi.fl.strategy import ServerOptimized
+
+    agg = getattr(job, "aggregator", None)
+    wrapper = agg.strategy.find(ServerOptimized) if agg is not None else None
+    return wrapper.optimizer if wrapper is not None else None
+
+
+def restore_job_state(job, index: int) -> None:
+    """Load `add_job_state`'s part of checkpoint `index` (after the aggregator exists)."""
+    world = job.world
+    pool = getattr(job, "pool", None)
+    opt = server_optimizer(job)
+    wants_clients = pool is not None and pool.states is not None
+    if not (wants_clients or (opt is not None and world.is_federator)):
+        return
+    path = job.run_dir.checkpoint_dir(index) / file_name(world)
+    ckpt = load_checkpoint(path, torch.device("cpu"))
+    if wants_clients:
+        pool.states.load_state_dict(ckpt.get("clients") or {})
+    if opt is not None and world.is_federator:
+        if ckpt.get("server_opt") is None:
+            raise CheckpointError(f"{path} holds no server-optimizer state (fed.server_opt)")
+        opt.load_state_dict(ckpt["server_opt"])
+
+
 def restore(world, run: RunFolder, index: int, model, trainer, device, ema=None) -> None:
     """Load this rank's state of checkpoint `index` into the model, trainer and EMA."""
     d = run.checkpoint_dir(index)
