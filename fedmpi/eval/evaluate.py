@@ -162,11 +162,14 @@ class Evaluator:
             )
         return out
 
-    def run(self, index: int, model, personal: bool) -> dict | None:
-        """Score `model` after round (or epoch) `index`; returns the federator's summary."""
+    def run(self, index: int, model, personal: bool, clients=None) -> dict | None:
+        """Score `model` after round (or epoch) `index`; returns the federator's summary.
+        `clients` (personal models, several clients per rank): this rank's (client,
+        apply) pairs to score, apply() loading that client's personal regions into
+        `model`; None: the rank's one client."""
         was_training = model.training
         if personal:
-            result = self._run_personal(index, model)
+            result = self._run_personal(index, model, clients)
         else:
             result = self._run_global(index, model)
         model.train(was_training)
@@ -197,20 +200,22 @@ class Evaluator:
         )
         return scores
 
-    def _run_personal(self, index: int, model) -> dict | None:
+    def _run_personal(self, index: int, model, clients=None) -> dict | None:
         e = self.cfg.eval
-        mine = {}
-        images = torch.zeros(0)
+        mine = []
         if self.rank != 0:
-            stats, hist, images = self._score_local(
-                model, e.num_samples, self._seed(self.rank), e.grid
-            )
-            mine = self._scores(stats, hist)
+            for client, apply in clients if clients is not None else [(self.rank - 1, None)]:
+                if apply is not None:
+                    apply()
+                stats, hist, images = self._score_local(
+                    model, e.num_samples, self._seed(client + 1), e.grid
+                )
+                mine.append((client, self._scores(stats, hist), images))
         self.world.wait_all()
-        rows = self.world.gather((self.rank - 1, mine, images))
+        gathered = self.world.gather(mine)
         if self.rank != 0:
             return None
-        rows = [r for r in rows if r[0] >= 0]
+        rows = sorted((r for part in gathered for r in part), key=lambda r: r[0])
         for client, _, imgs in rows:
             if e.grid and len(imgs):
                 self.folder.save_round_grid(imgs, index, client + 1)
@@ -224,12 +229,14 @@ class Evaluator:
                 out[f"{key}_mean"] = float(vals.mean())
                 out[f"{key}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
             out["per_client"] = {str(c + 1): s for c, s, _ in rows}
+            out["scored_clients"] = len(rows)
         return out
 
     def _seed(self, rank: int) -> int:
-        """The sampling noise of a rank: the same after every round (and epoch), so the
-        grids of successive rounds show the same samples getting better, and the scores
-        of successive rounds differ by the model only."""
+        """The sampling noise of a rank (of client k's personal model: k + 1, its rank when
+        every client has its own): the same after every round (and epoch), so the grids
+        of successive rounds show the same samples getting better, and the scores of
+        successive rounds differ by the model only."""
         return derive_seed(self.cfg.run.seed, rank, 77)
 
     def score_model(self, model, index: int, rank: int = 0) -> dict:

@@ -61,7 +61,8 @@ class ClientStates:
         return self.spill_dir / f"client_{client:06d}.pt"
 
     def get(self, client: int) -> dict:
-        """The client's personal regions (the initial ones if it never trained)."""
+        """The client's personal regions (the initial ones if it never trained; -1: the
+        initial ones)."""
         if client in self.memory:
             self.memory.move_to_end(client)
             return self.memory[client]
@@ -108,11 +109,14 @@ class ClientStates:
 class ClientPool:
     """This rank's clients (`clients`: ids; `data[c]`: uint8 images) and their round."""
 
-    def __init__(self, job, clients: list[int], data: dict, personal, state_dir):
+    def __init__(self, job, clients: list[int], data: dict, personal, state_dir, single: bool):
+        """`single`: every rank of the job hosts one client (fed.clients = client ranks),
+        which then trains in place (decided for the whole job, so that where a client
+        lives never changes how it trains)."""
         self.job = job
         self.clients = list(clients)
         self.data = data
-        self.single = len(self.clients) == 1
+        self.single = single
         limit = job.cfg.fed.client_state_mb * 2**20
         self.states = (
             None if self.single or not personal else ClientStates(personal, limit, state_dir)

@@ -54,7 +54,7 @@ from fedmpi.runtime import derive_seed, pick_device, share_cpu_threads
 from fedmpi.store.checkpoint import BackgroundWriter
 from fedmpi.store.runfolder import RunFolder
 from fedmpi.train import checkpointing, progress, records, state
-from fedmpi.train.clients import ClientPool
+from fedmpi.train.clients import ClientPool, eval_clients
 from fedmpi.train.progress import LocalProgress
 from fedmpi.train.schedule import Schedule
 from fedmpi.train.state import RoundStart
@@ -245,9 +245,8 @@ class Job:
             mine = Population.place(client_sizes(cfg, N), K).clients_of(world.client)
             data = load_clients_data(cfg, mine, N)
         personal = personal_regions(self.method)
-        self.pool = ClientPool(
-            self, mine, data, personal, self.run_dir.client_state_dir(world.rank)
-        )
+        state_dir = self.run_dir.client_state_dir(world.rank)
+        self.pool = ClientPool(self, mine, data, personal, state_dir, single=N == K)
         return data[mine[0]]
 
     def _sampling_key(self) -> int:
@@ -577,8 +576,15 @@ class Job:
 
     def _evaluate(self, r: int) -> tuple[dict | None, float]:
         t0 = time.perf_counter()
+        clients = None
+        if self.personal and self.pool is not None:  # eval.clients of them, or all
+            cfg = self.cfg
+            chosen = eval_clients(self.population.num_clients, cfg.eval.clients, cfg.run.seed)
+            clients = self.pool.personal_models(chosen)
         with ema_applied(self.ema, self.model):  # train.ema_decay: sample from the average
-            scores = self.evaluator.run(r, self.model, personal=self.personal)
+            scores = self.evaluator.run(r, self.model, personal=self.personal, clients=clients)
+        if self.pool is not None and self.pool.states is not None:
+            self.pool.states.load_into(-1, self.model)  # back to the initial personal regions
         return scores, time.perf_counter() - t0
 
     def _checkpoint(self, r: int, final: bool) -> None:

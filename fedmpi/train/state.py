@@ -161,7 +161,7 @@ def add_job_state(obj: dict, job) -> dict:
     (several clients per rank), the federator's server-optimizer moments."""
     pool = getattr(job, "pool", None)
     if pool is not None and pool.states is not None:
-        obj["clients"] = pool.states.state_dict()
+        obj["client_states"] = pool.states.state_dict()
     opt = server_optimizer(job)
     if opt is not None and job.world.is_federator:
         obj["server_opt"] = opt.state_dict()
@@ -188,7 +188,7 @@ def restore_job_state(job, index: int) -> None:
     path = job.run_dir.checkpoint_dir(index) / file_name(world)
     ckpt = load_checkpoint(path, torch.device("cpu"))
     if wants_clients:
-        pool.states.load_state_dict(ckpt.get("clients") or {})
+        pool.states.load_state_dict(ckpt.get("client_states") or {})
     if opt is not None and world.is_federator:
         if ckpt.get("server_opt") is None:
             raise CheckpointError(f"{path} holds no server-optimizer state (fed.server_opt)")
