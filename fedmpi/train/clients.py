@@ -28,6 +28,7 @@ initial model's personal regions.
 
 from __future__ import annotations
 
+import resource
 from collections import OrderedDict
 
 import numpy as np
@@ -175,6 +176,9 @@ class ClientPool:
                     self.pending[c] = self.states.copy_of(model)
         if not self.single:
             self._finish_round(weights)
+        out["max_rss_mb"] = max_rss_mb()
+        for stats in out["per_client"]:
+            stats["rank_max_rss_mb"] = out["max_rss_mb"]
         return out
 
     def _begin_client(self, c: int) -> None:
@@ -223,6 +227,11 @@ class ClientPool:
         if self.single or self.states is None:
             return [(c, lambda: None) for c in mine]
         return [(c, lambda c=c: self.states.load_into(c, self.job.model)) for c in mine]
+
+
+def max_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def eval_clients(num_clients: int, count: int | None, seed: int) -> list[int]:

@@ -57,7 +57,7 @@ def load(run: Path, index: int) -> dict:
 def client_regions(files: dict) -> dict:
     """client id -> its personal regions, from every rank's file (several clients per rank)."""
     out = {}
-    for name, obj in files.items():
+    for obj in files.values():
         out.update(obj.get("client_states") or {})
     return out
 
