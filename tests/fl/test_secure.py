@@ -251,22 +251,31 @@ def test_ring_of_neighbours_cancels_and_is_symmetric():
 def test_secure_plans_checked_for_every_round_at_setup():
     from fedmpi.config import ConfigError, load_config
     from fedmpi.fl.aggregate import check_secure_plans
+    from fedmpi.fl.population import Population
 
     def cfg(method, **more):
         return load_config(
             None, {"fed.method": method, "fed.secure": True, "fed.rounds": 5, **more}
         )
 
-    with pytest.raises(ConfigError, match=r"USPLIT at K = 2.*fed\.method=usplit, K=2"):
-        check_secure_plans(cfg("usplit"), 2)
+    def one_per_rank(k):
+        return Population.place([1] * k, k)
+
+    with pytest.raises(ConfigError, match=r"USPLIT at K = 2.*usplit, 2 clients on 2 ranks"):
+        check_secure_plans(cfg("usplit"), one_per_rank(2))
     with pytest.raises(ConfigError, match="has 1 reporter"):  # odd K: one region has 1 reporter
-        check_secure_plans(cfg("usplit"), 3)
+        check_secure_plans(cfg("usplit"), one_per_rank(3))
     for k in (4, 5, 10):
-        check_secure_plans(cfg("usplit"), k)
+        check_secure_plans(cfg("usplit"), one_per_rank(k))
     for method in ("full", "udec", "ulatdec"):
-        check_secure_plans(cfg(method), 2)
-    check_secure_plans(cfg("usplit", **{"fed.secure_min_reporters": 1}), 2)  # explicit opt-out
-    check_secure_plans(load_config(None, {"fed.method": "usplit"}), 2)  # not secure: no check
+        check_secure_plans(cfg(method), one_per_rank(2))
+    check_secure_plans(cfg("usplit", **{"fed.secure_min_reporters": 1}), one_per_rank(2))
+    check_secure_plans(load_config(None, {"fed.method": "usplit"}), one_per_rank(2))  # no check
+    # a rank is the trust domain: 4 clients on 2 ranks report as 2 reporters at most
+    with pytest.raises(ConfigError, match="usplit, 4 clients on 2 ranks"):
+        check_secure_plans(cfg("usplit"), Population.place([1] * 4, 2))
+    # with client sampling the rounds are drawn at run time: nothing to check here
+    check_secure_plans(cfg("usplit"), Population.place([1] * 2, 2, participation=0.5))
 
 
 def test_secure_with_central_dp_is_a_config_error():

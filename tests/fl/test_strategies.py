@@ -74,7 +74,8 @@ def loopback_sum(dst, own, uploads) -> None:
 def run_round(strategies, bufs, uploaders, sizes, starts=None):
     """One round of every region through the strategy interface, in the order a job
     calls it. `uploaders`: per region, the reporting clients; `sizes`: every client's
-    n_k. Returns, per rank, begin_round's statistics and its weights after it (float64
+    n_k. Returns, per rank, prepare_client's and begin_round's statistics and its weights
+    after them (float64
     copies: what a client uploads, before plain FedAvg packs over them), and per region
     finish's answer."""
     sizes = strategies[0].fedavg_sizes([float(n) for n in sizes])
@@ -87,7 +88,11 @@ def run_round(strategies, bufs, uploaders, sizes, starts=None):
         client = None if rank == 0 else rank - 1
         mine = [job for job in jobs.values() if client in job.uploaders]
         start = starts[rank] if starts is not None else None
-        round_stats.append(strategy.begin_round(b, ROUND, client, mine, start))
+        stats = {}
+        if client is not None:  # the client step after local training (DP: the clipping)
+            stats = strategy.prepare_client(b, [job.region for job in mine], start)
+        stats.update(strategy.begin_round(b, ROUND, client, mine, start))
+        round_stats.append(stats)
         weights.append({r: t.numpy().astype(np.float64) for r, t in b.flat.items()})
     checked = {}
     for region, job in jobs.items():

@@ -204,7 +204,10 @@ for mode, sec, left_out, min_reporters in (
                 t.add_(torch.randn(t.shape, generator=torch.Generator().manual_seed(world.rank)))
     updates = {r: (agg.flat[r] - start[r]).numpy().astype(np.float64) for r in REGIONS}
     sizes = [0.0 if (left_out and k == 0) else 123.0 for k in range(K)]
-    dp = agg.exchange(plan, sizes, 1, start=start)
+    dp = {}
+    if not world.is_federator:  # the client step after local training: DP's clipping
+        dp = agg.strategy.prepare_client(agg, sorted(plan.uploads[world.client]), start)
+    dp.update(agg.exchange(plan, sizes, 1, start=start))
     reports = world.comm.gather((dp, updates), root=0)
     what = f"DP {mode}" + (" with client 1 left out" if left_out else "")
     if world.is_federator:
