@@ -9,11 +9,11 @@ epsilon about 8 and about 2 at delta = 1e-5 after R rounds (solved here with the
 accountant the job reports). Each run ends with fd_classifier over eval.num_samples
 samples and a sample grid.
 
-    python bench/privacy_utility.py                     # R = 200: about 15 minutes a run
+    python bench/privacy_utility.py                     # R = 100
     python bench/privacy_utility.py --rounds 5 --quick  # a smoke run of the script
 
 Writes a markdown table (and the grids, copied) to --out (default
-docs/privacy_utility/).
+docs/privacy_utility/); the run folders go to --runs (default runs/privacy_utility/).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def noise_for(target: float, rounds: int) -> float:
     return hi
 
 
-def run_job(out: Path, name: str, rounds: int, samples: int, extra: list[str]) -> Path:
-    run = out / "runs" / name
+def run_job(runs: Path, name: str, rounds: int, samples: int, extra: list[str]) -> Path:
+    run = runs / name
     if run.exists():
         shutil.rmtree(run)
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1")
@@ -71,10 +71,11 @@ def run_job(out: Path, name: str, rounds: int, samples: int, extra: list[str]) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "privacy_utility")
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "privacy_utility")
     ap.add_argument("--quick", action="store_true", help="128 samples (a smoke run)")
     args = ap.parse_args()
     samples = 128 if args.quick else args.samples
@@ -88,7 +89,7 @@ def main() -> None:
             extra = ["--privacy.dp=true", f"--privacy.noise_multiplier={z:.4f}"]
             extra += [f"--privacy.clip={args.clip}", f"--privacy.delta={DELTA}"]
         t0 = time.perf_counter()
-        run = RunFolder(run_job(args.out, name, args.rounds, samples, extra))
+        run = RunFolder(run_job(args.runs, name, args.rounds, samples, extra))
         minutes = (time.perf_counter() - t0) / 60
         rounds = [r for r in run.read_metrics() if r.get("kind") == "round"]
         last = rounds[-1]
