@@ -34,6 +34,7 @@ def pytest_configure(config):
 # keeps one worker from being left with a long file at the end.
 FILE_SECONDS = {
     "test_sweep.py": 310,
+    "test_virtual_clients.py": 200,
     "test_federated.py": 240,
     "test_train.py": 180,
     "test_secure_mpi.py": 150,
