@@ -114,6 +114,15 @@ class Population:
             return [int(c) for c in np.flatnonzero(rng.random(n) < self.participation)]
         return sorted(int(c) for c in rng.choice(n, size=self.fixed_count(), replace=False))
 
+    def round_sizes(self, sampled, nonfinite) -> list[int]:
+        """Every client's FedAvg size in a round: its images if it was sampled and stayed
+        finite (`nonfinite`: client numbers 1..N), else 0."""
+        sizes = [0] * self.num_clients
+        for c in sampled:
+            if c + 1 not in nonfinite:
+                sizes[c] = self.sizes[c]
+        return sizes
+
     def wire(self, plan) -> list[tuple[frozenset, frozenset]]:
         """Per client rank: (the regions it uploads, those it receives) in the round of
         `plan`. A rank uploads a region when one of its clients reports it (their mean, as

@@ -34,9 +34,50 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from fedmpi.data import client_sizes, load_client_data, load_clients_data
+from fedmpi.errors import ConfigError
+from fedmpi.fl.methods import personal_regions
+from fedmpi.fl.population import Population
 from fedmpi.model.regions import all_finite, region_tensor
 from fedmpi.store.checkpoint import atomic_save, load_checkpoint
 from fedmpi.train.trainer import schedule_for
+
+
+def check_clients(cfg, K: int, personal: bool) -> int:
+    """fed.clients (default K) against the ranks and the other settings; returns N."""
+    N = cfg.fed.clients or K
+    if cfg.split.num_clients is not None and cfg.split.num_clients != N:
+        raise ConfigError(
+            f"split.num_clients is {cfg.split.num_clients} but the job has {N} clients "
+            f"(fed.clients, default: one per client rank, {K} here); set "
+            f"--fed.clients={cfg.split.num_clients} or --split.num_clients={N}"
+        )
+    if N < K:
+        raise ConfigError(
+            f"fed.clients is {N} but the job has {K} client ranks: every rank must host "
+            f"at least one client; launch with mpirun -n {N + 1} or set --fed.clients={K}"
+        )
+    if N > K and personal and cfg.train.ema_decay > 0:
+        raise ConfigError(
+            f"train.ema_decay with {cfg.fed.method} and {N} clients on {K} ranks: the "
+            f"personal models' EMA is kept for one client per rank only; set "
+            f"--train.ema_decay=0 or launch one rank per client"
+        )
+    if N > K and personal and cfg.eval.personal == "local":
+        raise ConfigError(
+            f"eval.personal=local scores one client's model per rank before the "
+            f"aggregation; with {N} clients on {K} ranks use --eval.personal=aggregated"
+        )
+    return N
+
+
+def sampling_key(cfg, world, population, run_dir) -> int:
+    """The key of the rounds' client samples: the run seed, or with privacy.dp the run
+    folder's secret key (the amplification by sampling assumes nobody outside can tell
+    who was sampled; a collective)."""
+    if not (cfg.privacy.dp and not population.everyone):
+        return cfg.run.seed
+    return world.bcast_obj(run_dir.sampling_key() if world.is_federator else None)
 
 
 class ClientStates:
@@ -241,3 +282,18 @@ def eval_clients(num_clients: int, count: int | None, seed: int) -> list[int]:
         return list(range(num_clients))
     rng = np.random.default_rng([int(seed), 0xE7A1])
     return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))
+
+
+def make_pool(job, K: int) -> ClientPool:
+    """This rank's clients (placed by the sizes the split declares) with their data."""
+    cfg, world = job.cfg, job.world
+    N = cfg.fed.clients or K
+    if N == K:
+        mine = [world.client]
+        data = {world.client: load_client_data(cfg, world.client, K)[0]}
+    else:  # placed by the sizes the split declares (the same on every rank)
+        mine = Population.place(client_sizes(cfg, N), K).clients_of(world.client)
+        data = load_clients_data(cfg, mine, N)
+    personal = personal_regions(job.method)
+    state_dir = job.run_dir.client_state_dir(world.rank)
+    return ClientPool(job, mine, data, personal, state_dir, single=N == K)

@@ -1,27 +1,30 @@
-"""The one round loop: a federated job (rank 0 the federator, ranks 1..K the clients) and
-the centralized baseline (K = 1 in one process, `SoloWorld`) run through `Job.run`.
+"""The one round loop: a federated job (rank 0 the federator, ranks 1..K the client ranks)
+and the centralized baseline (one client in one process, `SoloWorld`) run through `Job.run`.
 
 Every rank walks through the same sequence of collectives:
 
     set-up (all ranks report errors together) -> initial broadcast of the full model
     for each round r = 1..R:
-        plan = make_plan(method, r, K, seed)          # pure, identical on every rank
-        trainers: local training (E epochs or N steps) through `LocalTrainer`
-        flag collective (one allgather): stop request, finite model, steps and n_k of
+        sample = population.sample(r, key); plan = make_plan(method, r, N, seed, sample)
+                     # pure, identical on every rank
+        client ranks: their sampled clients' local training (E epochs or N steps),
+                     one after another, through `ClientPool` and `LocalTrainer`
+        flag collective (one allgather): stop request, non-finite clients, steps of
                      every rank; abandon the round consistently if signalled
         aggregation: per region, Reduce (n_k / sum n) * theta_k to the federator over
-                     the subgroup of its reporters, Bcast the average to its receivers
+                     the subgroup of the ranks reporting it, Bcast the average back
         evaluation / checkpoint / one metrics row per round on the federator
 
 Personal regions (UDEC: encoder + bottleneck, ULATDEC: encoder) never leave their
-client: the client keeps its model object across rounds and only overwrites the
-regions it receives. The baseline (the reference's "K = 1, E = 1 per round") trains one
-epoch of the whole training set per round, has nothing to average, and names its rounds
-epochs in its logs, metrics and checkpoints (`Schedule`).
+client's rank: with one client per rank the client keeps its model object across
+rounds and only overwrites the regions it receives; with several, the rank keeps them
+per client (train/clients.py). The baseline (the reference's "K = 1, E = 1 per round")
+trains one epoch of the whole training set per round, has nothing to average, and
+names its rounds epochs in its logs, metrics and checkpoints (`Schedule`).
 
-At a little over 400 lines this module is the loop and nothing else: set-up, one round,
-and the three ways a round ends early (a stop request, a non-finite model, a non-finite
-average) read best side by side; what a round records, saves and shows lives in
+This module is the loop and nothing else: set-up, one round, and the ways a round ends
+early (a stop request, a non-finite average; non-finite models in nonfinite.py); a
+rank's clients live in clients.py, and what a round records, saves and shows in
 records.py, checkpointing.py, state.py and progress.py.
 """
 
@@ -32,7 +35,7 @@ import time
 import torch
 
 from fedmpi.config import Config
-from fedmpi.data import client_sizes, load_arrays, load_client_data, load_clients_data
+from fedmpi.data import load_arrays
 from fedmpi.dist.relay import ProgressRelay
 from fedmpi.dist.solo import SoloWorld
 from fedmpi.errors import CheckpointError, ConfigError
@@ -54,7 +57,8 @@ from fedmpi.runtime import derive_seed, pick_device, share_cpu_threads
 from fedmpi.store.checkpoint import BackgroundWriter
 from fedmpi.store.runfolder import RunFolder
 from fedmpi.train import checkpointing, progress, records, state
-from fedmpi.train.clients import ClientPool, eval_clients
+from fedmpi.train.clients import check_clients, eval_clients, make_pool, sampling_key
+from fedmpi.train.nonfinite import nonfinite_clients
 from fedmpi.train.progress import LocalProgress
 from fedmpi.train.schedule import Schedule
 from fedmpi.train.state import RoundStart
@@ -62,8 +66,8 @@ from fedmpi.train.stop import (
     NonFiniteError,
     Preempted,
     PreemptFlag,
-    SetupError,
     StopTraining,
+    report_errors,
 )
 from fedmpi.train.trainer import EMA, LocalTrainer, ema_applied, schedule_for
 
@@ -112,7 +116,7 @@ class Job:
                 )
                 if self.trainer is not None:  # fed.prox_mu: the FedProx strategy's term
                     self.trainer.prox_mu = self.aggregator.strategy.prox_mu
-                self.sampling_key = self._sampling_key()
+                self.sampling_key = sampling_key(cfg, world, self.population, self.run_dir)
             self.round_start = self._round_start()
             self.metrics = self.run_dir.metrics_writer() if world.is_federator else None
             self.evaluator = None
@@ -138,7 +142,7 @@ class Job:
             done, error = state.resume_decision(self.cfg, world, self.run_dir, self.log)
         done, error = world.bcast_obj((done, error))
         if error:
-            self._report_errors(error if world.is_federator else None)
+            report_errors(self, error if world.is_federator else None)
         error = None
         try:
             self._build()
@@ -148,7 +152,7 @@ class Job:
         except Exception as e:  # reported together below so no rank waits on a dead one
             known = (ConfigError, ValueError, CheckpointError)
             error = f"{e}" if isinstance(e, known) else f"{type(e).__name__}: {e}"
-        self._report_errors(error)
+        report_errors(self, error)
         if not self.solo:  # every client's size, from the rank that loaded it
             held: dict = {}
             for part in world.allgather(self.pool.sizes() if self.pool else {}):
@@ -165,7 +169,7 @@ class Job:
         K = world.num_clients
         self.pool = None
         if not self.solo:
-            N = self._check_clients(K)
+            N = check_clients(cfg, K, self.personal)
             if N == K:  # with sampling or N > K the rounds' reporters are checked as they come
                 check_secure_plans(cfg, Population.place([1] * N, K))
         channels, size = model_shape(cfg)
@@ -186,7 +190,8 @@ class Job:
             if self.solo:
                 images, _ = load_arrays(cfg.data, "train")
             else:
-                images = self._load_clients(K)
+                self.pool = make_pool(self, K)
+                images = self.pool.data[self.pool.clients[0]]
             self.trainer = LocalTrainer(
                 self.model,
                 Diffusion.from_config(cfg.diffusion),
@@ -205,59 +210,6 @@ class Job:
         if self.trainer is not None:
             self.trainer.schedule = schedule_for(cfg.train, self.schedule.total_steps())
 
-    def _check_clients(self, K: int) -> int:
-        """fed.clients (default K) against the ranks and the other settings; returns N."""
-        cfg = self.cfg
-        N = cfg.fed.clients or K
-        if cfg.split.num_clients is not None and cfg.split.num_clients != N:
-            raise ConfigError(
-                f"split.num_clients is {cfg.split.num_clients} but the job has {N} clients "
-                f"(fed.clients, default: one per client rank, {K} here); set "
-                f"--fed.clients={cfg.split.num_clients} or --split.num_clients={N}"
-            )
-        if N < K:
-            raise ConfigError(
-                f"fed.clients is {N} but the job has {K} client ranks: every rank must host "
-                f"at least one client; launch with mpirun -n {N + 1} or set --fed.clients={K}"
-            )
-        if N > K and self.personal and cfg.train.ema_decay > 0:
-            raise ConfigError(
-                f"train.ema_decay with {cfg.fed.method} and {N} clients on {K} ranks: the "
-                f"personal models' EMA is kept for one client per rank only; set "
-                f"--train.ema_decay=0 or launch one rank per client"
-            )
-        if N > K and self.personal and cfg.eval.personal == "local":
-            raise ConfigError(
-                f"eval.personal=local scores one client's model per rank before the "
-                f"aggregation; with {N} clients on {K} ranks use --eval.personal=aggregated"
-            )
-        return N
-
-    def _load_clients(self, K: int):
-        """This rank's clients' data (placed by size), its ClientPool; the first client's
-        images (the trainer's to start with)."""
-        cfg, world = self.cfg, self.world
-        N = cfg.fed.clients or K
-        if N == K:
-            mine = [world.client]
-            data = {world.client: load_client_data(cfg, world.client, K)[0]}
-        else:  # placed by the sizes the split declares (the same on every rank)
-            mine = Population.place(client_sizes(cfg, N), K).clients_of(world.client)
-            data = load_clients_data(cfg, mine, N)
-        personal = personal_regions(self.method)
-        state_dir = self.run_dir.client_state_dir(world.rank)
-        self.pool = ClientPool(self, mine, data, personal, state_dir, single=N == K)
-        return data[mine[0]]
-
-    def _sampling_key(self) -> int:
-        """The key of the rounds' client samples: the run seed, or with privacy.dp the run
-        folder's secret key (the amplification by sampling assumes nobody outside can tell
-        who was sampled; a collective)."""
-        cfg, world = self.cfg, self.world
-        if not (cfg.privacy.dp and not self.population.everyone):
-            return cfg.run.seed
-        return world.bcast_obj(self.run_dir.sampling_key() if world.is_federator else None)
-
     def _round_start(self) -> RoundStart | None:
         """A trainer's weights at the round's start: the regions it never gets back from
         the federator (its personal ones; the baseline all of them); all of them with DP
@@ -274,26 +226,6 @@ class Job:
         frozen = cfg.fed.freeze_unshared and not self.solo  # a new Adam every round then
         keep_optimizer = not (self.schedule.reset_optimizer(cfg) or frozen or multi)
         return RoundStart({r: region_tensor(self.model, r) for r in kept}, keep_optimizer)
-
-    def _report_errors(self, error: str | None) -> None:
-        """Allgather one optional error per rank; if any, the federator shows them (grouped
-        by message) and every rank raises SetupError together."""
-        errors = self.world.allgather(error)
-        if not any(errors):
-            return
-        if self.world.is_federator:
-            by_message: dict = {}
-            for rank, msg in enumerate(errors):
-                if msg:
-                    by_message.setdefault(msg, []).append(str(rank))
-            for msg, ranks in by_message.items():
-                who = (
-                    ""
-                    if self.solo
-                    else f" (rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)})"
-                )
-                self.log(f"error{who}: {msg}")
-        raise SetupError("set-up failed")
 
     def _start(self, done: int | None, resume: bool) -> int:
         """The first round to run: after the resume point, or 1 after the initial broadcast."""
@@ -325,32 +257,8 @@ class Job:
             if self.pool is not None and self.pool.states is not None:
                 self.pool.states.set_initial(self.model)
         if world.is_federator:
-            self.log(self._headline())
+            self.log(records.headline(self))
         return 1
-
-    def _headline(self) -> str:
-        cfg, s = self.cfg, self.schedule
-        if self.solo:
-            return (
-                f"fedmpi centralized: {int(self.n_k)} images | {s.rounds} epochs x {s.per_round} "
-                f"steps | device {self.device} | run {self.run_dir}"
-            )
-        pop = self.population
-        if pop.one_per_slot and pop.everyone:
-            who = f"K={pop.num_clients} clients"
-        else:
-            each = (
-                f"{pop.fixed_count()} per round"
-                if pop.sampling == "fixed" or pop.everyone
-                else f"Poisson q={pop.participation:g}"
-            )
-            adam = "" if cfg.fed.reset_optimizer or pop.one_per_slot else ", a fresh Adam each"
-            who = f"N={pop.num_clients} clients on {pop.slots} ranks ({each}{adam})"
-        return (
-            f"fedmpi: {self.method.upper()} | {who} | R={s.rounds} rounds | "
-            f"{self.world.describe()} | device {self.device} | run {self.run_dir}"
-            + records.privacy_text(cfg)
-        )
 
     # -- one round ----------------------------------------------------------------------
     def _round(self, r: int) -> None:
@@ -378,8 +286,8 @@ class Job:
         t_wait = time.perf_counter() - t_round  # local training incl. waiting for the slowest
         if flags[:, 0].any():
             self._abandon(r)
-        nonfinite = self._nonfinite(r, plan, flags, stats)
-        sizes = self._sizes(sampled, nonfinite)
+        nonfinite = nonfinite_clients(self, r, plan, flags, stats)
+        sizes = [int(self.n_k)] if self.solo else self.population.round_sizes(sampled, nonfinite)
 
         evaluate = self.evaluator is not None and (
             (cfg.eval.every and r % cfg.eval.every == 0) or r == self.schedule.rounds
@@ -411,17 +319,6 @@ class Job:
         records.record(self, r, stats, scores, nonfinite, times, plan)
         self.writer.start()  # the federator's checkpoint file, while the next round trains
 
-    def _sizes(self, sampled: list[int], nonfinite: list[int]) -> list[int]:
-        """Every client's FedAvg size this round: its images if it trained and stayed
-        finite, else 0 (numbered 1..N in `nonfinite`)."""
-        if self.solo:
-            return [int(self.n_k)]
-        sizes = [0] * self.population.num_clients
-        for c in sampled:
-            if c + 1 not in nonfinite:
-                sizes[c] = self.population.sizes[c]
-        return sizes
-
     def _train(self, r: int, plan, sampled: list[int]) -> dict:
         """This rank's local training of round `r`: the rank's statistics ({} on the
         federator, or when a stop request cut it short)."""
@@ -430,7 +327,8 @@ class Job:
             return {}
         self.round_start.save(trainer)
         mine = [0] if self.solo else [c for c in sampled if c in self.pool.data]
-        steps = {c: self._steps(r, c) for c in mine}
+        size = self.pool.size if self.pool is not None else lambda c: 0
+        steps = {c: self.schedule.client_steps(self.cfg, r, size(c)) for c in mine}
         self.progress = [0, sum(steps.values()), 0]  # steps and images done, steps due
         if self.solo:
             stats = self._train_one(r, 0, plan, steps[0])
@@ -445,18 +343,6 @@ class Job:
         done, total, images = self.progress
         self.relay.finish(r, done, total, images)
         return stats
-
-    def _steps(self, r: int, client: int) -> int:
-        """Optimizer steps of `client` in round `r` (its data decides with local epochs)."""
-        if self.solo:
-            return self.schedule.steps(r)
-        n = self.pool.size(client)
-        f = self.cfg.fed
-        return (
-            f.local_steps
-            if f.local_steps is not None
-            else f.local_epochs * -(-n // self.cfg.train.batch_size)
-        )
 
     def _train_one(self, r: int, client: int, plan, steps: int) -> dict:
         """One client's local training in round `r` (stats; {} when a stop request cut it)."""
@@ -508,60 +394,6 @@ class Job:
             )
             self.log(f"preempted{why}: {unit} {r} abandoned; {where}")
         raise Preempted(r - 1)
-
-    def _nonfinite(self, r: int, plan, flags, stats: dict) -> list[int]:
-        """The clients (numbered 1..N) whose model is not finite: stop the job
-        (fed.on_nonfinite=abort, always for the baseline) or leave them out of this round
-        (skip)."""
-        world, cfg, unit = self.world, self.cfg, self.schedule.unit
-        if not flags[:, 1].any():
-            return []
-        mine = [c + 1 for c in stats.get("nonfinite", ())]
-        nonfinite = sorted(c for part in world.allgather(mine) for c in part)
-        who = ", ".join(f"client {k}" for k in nonfinite)
-        everyone = len(nonfinite) == int(flags[:, 3].sum())  # skipping leaves nothing to train
-        if cfg.fed.on_nonfinite == "abort" or everyone:
-            if world.is_federator:
-                kept = checkpointing.settled_latest(self)
-                whose = "the model" if self.solo else f"the model of {who}"
-                if self.solo:
-                    skip = ""
-                elif everyone and cfg.fed.on_nonfinite == "skip":
-                    skip = (
-                        " Every client diverged, so fed.on_nonfinite=skip has none left to average."
-                    )
-                else:
-                    skip = " fed.on_nonfinite=skip leaves such clients out of a round instead."
-                self.log(
-                    f"error: {unit} {r}: {whose} is not finite (NaN / inf: diverged? lower "
-                    f"train.lr). Stopped before aggregation; "
-                    + (
-                        f"the last good checkpoint is {unit} {kept} (--resume {self.run_dir})"
-                        if kept
-                        else "no checkpoint was written yet"
-                    )
-                    + "."
-                    + skip
-                )
-            raise NonFiniteError(f"{unit} {r}: non-finite model ({who})")
-        if world.is_federator:
-            self.log(
-                f"warning: round {r}: {who} not finite: left out of this round's averages "
-                f"(fed.on_nonfinite=skip); their models restart from the round's start"
-            )
-            sampled = [c for c in range(len(plan.uploads)) if plan.uploads[c]]
-            withheld = self.aggregator.withheld(plan, self._sizes(sampled, nonfinite))
-            if withheld:
-                self.log(
-                    f"warning: round {r}: region(s) {', '.join(withheld)} not averaged "
-                    f"this round: without {who}, fewer than fed.secure_min_reporters="
-                    f"{cfg.fed.secure_min_reporters} clients report them, and their "
-                    f"secure sum would show the federator an upload in the clear"
-                )
-        single = self.pool is not None and self.pool.single
-        if single and world.client + 1 in nonfinite:  # uploads with weight 0, restarts from
-            self.round_start.restore(self.trainer)  # the round's start
-        return nonfinite
 
     def _exchange(self, r: int, plan, sizes: list[int]) -> dict:
         if self.aggregator is None:  # a federation of one: nothing to average

@@ -145,6 +145,31 @@ def finish(job) -> dict:
     return summary
 
 
+def headline(job) -> str:
+    """The federated job's start line (the baseline's: its data and epochs)."""
+    cfg, s = job.cfg, job.schedule
+    if job.solo:
+        return (
+            f"fedmpi centralized: {int(job.n_k)} images | {s.rounds} epochs x {s.per_round} "
+            f"steps | device {job.device} | run {job.run_dir}"
+        )
+    pop = job.population
+    if pop.one_per_slot and pop.everyone:
+        who = f"K={pop.num_clients} clients"
+    else:
+        each = (
+            f"{pop.fixed_count()} per round"
+            if pop.sampling == "fixed" or pop.everyone
+            else f"Poisson q={pop.participation:g}"
+        )
+        adam = "" if cfg.fed.reset_optimizer or pop.one_per_slot else ", a fresh Adam each"
+        who = f"N={pop.num_clients} clients on {pop.slots} ranks ({each}{adam})"
+    return (
+        f"fedmpi: {job.method.upper()} | {who} | R={s.rounds} rounds | "
+        f"{job.world.describe()} | device {job.device} | run {job.run_dir}" + privacy_text(cfg)
+    )
+
+
 def privacy_text(cfg: Config) -> str:
     """The secure aggregation / DP settings for the start line ('' when both are off)."""
     parts = []

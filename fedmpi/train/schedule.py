@@ -49,3 +49,13 @@ class Schedule:
 
     def reset_optimizer(self, cfg: Config) -> bool:
         return cfg.train.reset_optimizer_every_epoch if self.solo else cfg.fed.reset_optimizer
+
+    def client_steps(self, cfg: Config, r: int, images: int) -> int:
+        """Optimizer steps of a client of `images` images in round `r` (its data decides
+        with local epochs; the baseline: the epoch's)."""
+        if self.solo:
+            return self.steps(r)
+        f = cfg.fed
+        if f.local_steps is not None:
+            return f.local_steps
+        return f.local_epochs * -(-images // cfg.train.batch_size)

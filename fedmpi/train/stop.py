@@ -121,3 +121,20 @@ class PreemptFlag:
 
 class StopTraining(Exception):
     """Raised from a training step's callback when a stop was requested mid-round."""
+
+
+def report_errors(job, error: str | None) -> None:
+    """Allgather one optional error per rank; if any, the federator shows them (grouped
+    by message) and every rank raises SetupError together."""
+    errors = job.world.allgather(error)
+    if not any(errors):
+        return
+    if job.world.is_federator:
+        by_message: dict = {}
+        for rank, msg in enumerate(errors):
+            if msg:
+                by_message.setdefault(msg, []).append(str(rank))
+        for msg, ranks in by_message.items():
+            who = "" if job.solo else f" (rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)})"
+            job.log(f"error{who}: {msg}")
+    raise SetupError("set-up failed")
