@@ -40,7 +40,8 @@ def record(job, r: int, stats: dict, scores, nonfinite: list[int], times: dict, 
     rows = [s for rank in client_stats for s in rank]  # the clients that trained, 1..N
     losses = [s.get("loss", float("nan")) for s in rows]
     good = [x for x in losses if np.isfinite(x)]
-    t_train = max((s.get("train_s", 0.0) for s in rows), default=0.0)
+    # the slowest rank's local training: the sum over the clients it trained this round
+    t_train = max((sum(s.get("train_s", 0.0) for s in rank) for rank in client_stats), default=0.0)
     row = dict(
         kind="round",
         round=r,
