@@ -135,8 +135,9 @@ class RunFolder:
         return read_csv(p) if p.is_file() else []
 
     def client_state_dir(self, rank: int) -> Path:
-        """Where rank `rank` spills its clients' personal regions beyond
-        fed.client_state_mb (state/rank_NNN/client_NNNNNN.pt; the checkpoints hold them)."""
+        """Where rank `rank` keeps its clients' personal regions when it hosts several:
+        one file per client and round, state/rank_NNN/client_CCCCCC_rRRRRRR.pt (its
+        checkpoint files hold the index of the current ones)."""
         return self.path / "state" / f"rank_{rank:03d}"
 
     def sampling_key(self) -> int:

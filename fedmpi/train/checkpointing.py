@@ -46,6 +46,8 @@ def write(job, index: int, final: bool = True, on_complete=None) -> None:
             mine["sha256"] = atomic_save(obj, d / name)
         except DiskError as e:
             mine["error"] = str(e)
+    if mine["sha256"] and not world.is_federator:
+        state.collect_client_states(job)  # personal-region files no checkpoint refers to
     world.wait_all("checkpoint")
     results = world.allgather(mine)
     errors = [f"rank {rank}: {r['error']}" for rank, r in enumerate(results) if r["error"]]

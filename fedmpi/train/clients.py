@@ -20,14 +20,14 @@ layout, fed.clients at its default) the client trains in place and keeps its per
 regions (and Adam, with fed.reset_optimizer=false) in the model itself, as one process
 per client always has: no copies, the same numbers as ever.
 
-`ClientStates` holds the personal regions of the rank's clients between rounds: in
-memory up to fed.client_state_mb, spilled to the run folder (one file per client) beyond
-that, and all of them in the rank's checkpoint file. A client that never trained has the
-initial model's personal regions.
+`ClientStates` holds the personal regions of the rank's clients between rounds: one
+immutable file per client and round in the run folder, an index of the current ones in
+the rank's checkpoint file, and a bounded cache in memory (fed.client_state_mb).
 """
 
 from __future__ import annotations
 
+import re
 import resource
 from collections import OrderedDict
 
@@ -35,10 +35,11 @@ import numpy as np
 import torch
 
 from fedmpi.data import client_sizes, load_client_data, load_clients_data
-from fedmpi.errors import ConfigError
+from fedmpi.errors import CheckpointError, ConfigError
 from fedmpi.fl.methods import personal_regions
 from fedmpi.fl.population import Population
 from fedmpi.model.regions import all_finite, region_tensor
+from fedmpi.store.atomic import sha256_file
 from fedmpi.store.checkpoint import atomic_save, load_checkpoint
 from fedmpi.train.trainer import schedule_for
 
@@ -81,51 +82,90 @@ def sampling_key(cfg, world, population, run_dir) -> int:
 
 
 class ClientStates:
-    """Personal regions of a rank's clients, least recently used spilled to `spill_dir`
-    beyond `limit_bytes`."""
+    """Personal regions of a rank's clients between rounds (several clients per rank).
 
-    def __init__(self, regions, limit_bytes: float, spill_dir):
+    Every state a client's training produces is written once, as an immutable file per
+    (client, round): `state/rank_NNN/client_CCCCCC_rRRRRRR.pt` (atomically, its sha256
+    noted). `index` maps each client to its committed version (round, sha256): a
+    checkpoint stores only that index, so a round writes the states of the clients it
+    trained and a checkpoint costs nothing per client held. A least-recently-used cache
+    keeps up to `limit_bytes` of states in memory (fed.client_state_mb). A round's new
+    states count from `commit` (after its exchange) and are dropped by `discard` (an
+    abandoned round). `collect` deletes the files that neither the index nor any
+    checkpoint still on disk refers to. A client that never trained has the initial
+    model's personal regions."""
+
+    PATTERN = re.compile(r"client_(\d+)_r(\d+)\.pt$")
+
+    def __init__(self, regions, limit_bytes: float, folder):
         self.regions = tuple(regions)
         self.limit = float(limit_bytes)
-        self.spill_dir = spill_dir
-        self.memory: OrderedDict[int, dict] = OrderedDict()
-        self.spilled: set[int] = set()
+        self.folder = folder
+        self.index: dict[int, tuple[int, str]] = {}
+        self.pending: dict[int, tuple[int, str]] = {}
+        self.cache: OrderedDict[tuple[int, int], dict] = OrderedDict()
+        self.cache_bytes = 0
         self.initial: dict | None = None
 
     def set_initial(self, model) -> None:
-        self.initial = {r: region_tensor(model, r).detach().cpu().clone() for r in self.regions}
-
-    @property
-    def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in self.memory.values() for t in s.values())
-
-    def _path(self, client: int):
-        return self.spill_dir / f"client_{client:06d}.pt"
-
-    def get(self, client: int) -> dict:
-        """The client's personal regions (the initial ones if it never trained; -1: the
-        initial ones)."""
-        if client in self.memory:
-            self.memory.move_to_end(client)
-            return self.memory[client]
-        if client in self.spilled:
-            return load_checkpoint(self._path(client), torch.device("cpu"))
-        return self.initial
+        self.initial = self.copy_of(model)
 
     def copy_of(self, model) -> dict:
         """The model's personal regions, copied to host memory."""
         with torch.no_grad():
             return {r: region_tensor(model, r).detach().to("cpu", copy=True) for r in self.regions}
 
-    def put(self, client: int, state: dict) -> None:
-        self.memory[client] = state
-        self.memory.move_to_end(client)
-        self.spilled.discard(client)
-        while self.memory and self.memory_bytes > self.limit:
-            old, state = self.memory.popitem(last=False)
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
-            atomic_save(state, self._path(old))
-            self.spilled.add(old)
+    def path(self, client: int, version: int):
+        return self.folder / f"client_{client:06d}_r{version:06d}.pt"
+
+    def get(self, client: int) -> dict:
+        """The client's committed personal regions (-1, or a client that never trained:
+        the initial ones)."""
+        if client not in self.index:
+            return self.initial
+        version, sha = self.index[client]
+        key = (client, version)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        path = self.path(client, version)
+        if sha256_file_or_none(path) != sha:
+            raise CheckpointError(
+                f"{path} (client {client}'s personal regions after round {version}) is "
+                f"missing or does not match its checksum: restore the run folder's state/ "
+                f"files, or start a new run"
+            )
+        state = load_checkpoint(path, torch.device("cpu"))
+        self._cache(key, state)
+        return state
+
+    def stage(self, client: int, round_index: int, model) -> None:
+        """Write the client's personal regions after its training in `round_index`."""
+        state = self.copy_of(model)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        sha = atomic_save(state, self.path(client, round_index))
+        self.pending[client] = (round_index, sha)
+        self._cache((client, round_index), state)
+
+    def commit(self) -> None:
+        self.index.update(self.pending)
+        self.pending.clear()
+
+    def discard(self) -> None:
+        for client, (version, _) in self.pending.items():
+            state = self.cache.pop((client, version), None)
+            if state is not None:
+                self.cache_bytes -= _nbytes(state)
+        self.pending.clear()
+
+    def _cache(self, key, state: dict) -> None:
+        if key in self.cache:
+            self.cache_bytes -= _nbytes(self.cache.pop(key))
+        self.cache[key] = state
+        self.cache_bytes += _nbytes(state)
+        while self.cache and self.cache_bytes > self.limit:
+            _, old = self.cache.popitem(last=False)
+            self.cache_bytes -= _nbytes(old)
 
     def load_into(self, client: int, model) -> None:
         with torch.no_grad():
@@ -133,19 +173,40 @@ class ClientStates:
                 region_tensor(model, r).copy_(t)
 
     def state_dict(self) -> dict:
-        """Every client that trained: its personal regions (the checkpoint's content)."""
-        return {c: self.get(c) for c in sorted(set(self.memory) | self.spilled)}
+        """The index (client -> [round, sha256]): a checkpoint's record of the states."""
+        return {c: [v, sha] for c, (v, sha) in sorted(self.index.items())}
 
-    def load_state_dict(self, states: dict) -> None:
-        self.memory.clear()
-        self.spilled.clear()
-        for c, state in states.items():
-            self.memory[int(c)] = {r: t.cpu() for r, t in state.items()}
-        while self.memory and self.memory_bytes > self.limit:
-            old, state = self.memory.popitem(last=False)
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
-            atomic_save(state, self._path(old))
-            self.spilled.add(old)
+    def load_state_dict(self, index: dict) -> None:
+        self.index = {int(c): (int(v), str(sha)) for c, (v, sha) in index.items()}
+        self.pending.clear()
+        self.cache.clear()
+        self.cache_bytes = 0
+
+    def collect(self, kept_indexes) -> int:
+        """Delete the state files that neither this index, the pending round, nor any of
+        `kept_indexes` (those of the checkpoints on disk) refers to; returns how many."""
+        keep = {(c, v) for c, (v, _) in self.index.items()}
+        keep.update((c, v) for c, (v, _) in self.pending.items())
+        for index in kept_indexes:
+            keep.update((int(c), int(v)) for c, (v, _) in index.items())
+        removed = 0
+        for path in self.folder.glob("client_*_r*.pt") if self.folder.is_dir() else ():
+            m = self.PATTERN.search(path.name)
+            if m and (int(m.group(1)), int(m.group(2))) not in keep:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def _nbytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def sha256_file_or_none(path) -> str | None:
+    try:
+        return sha256_file(path)
+    except FileNotFoundError:
+        return None
 
 
 class ClientPool:
@@ -164,17 +225,16 @@ class ClientPool:
             None if self.single or not personal else ClientStates(personal, limit, state_dir)
         )
         self.mean: dict[str, torch.Tensor] = {}
-        # personal regions trained this round: kept once the round completes (`commit`),
-        # dropped when it is abandoned (`discard`)
-        self.pending: dict[int, dict] = {}
 
     def commit(self) -> None:
-        for c, state in self.pending.items():
-            self.states.put(c, state)
-        self.pending.clear()
+        """The round completed: its clients' new personal regions count from now on."""
+        if self.states is not None:
+            self.states.commit()
 
     def discard(self) -> None:
-        self.pending.clear()
+        """The round was abandoned: its clients keep the regions they started it with."""
+        if self.states is not None:
+            self.states.discard()
 
     def size(self, client: int) -> int:
         return len(self.data[client])
@@ -214,7 +274,7 @@ class ClientPool:
             if not self.single:
                 self._accumulate(c, plan.uploads[c], weights)
                 if self.states is not None:
-                    self.pending[c] = self.states.copy_of(model)
+                    self.states.stage(c, r, model)
         if not self.single:
             self._finish_round(weights)
         out["max_rss_mb"] = max_rss_mb()

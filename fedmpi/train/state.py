@@ -177,6 +177,22 @@ def server_optimizer(job):
     return wrapper.optimizer if wrapper is not None else None
 
 
+def collect_client_states(job) -> None:
+    """A client rank with several clients, after writing a checkpoint: delete the state
+    files of its clients that no checkpoint on disk (nor the current index) refers to."""
+    pool = getattr(job, "pool", None)
+    if pool is None or pool.states is None:
+        return
+    kept = []
+    name = file_name(job.world)
+    for d in sorted((job.run_dir.path / "checkpoints").glob("round_*")):
+        try:
+            kept.append(load_checkpoint(d / name).get("client_states") or {})
+        except CheckpointError:  # being pruned, or never finished: refers to nothing kept
+            continue
+    pool.states.collect(kept)
+
+
 def restore_job_state(job, index: int) -> None:
     """Load `add_job_state`'s part of checkpoint `index` (after the aggregator exists)."""
     world = job.world

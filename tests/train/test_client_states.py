@@ -1,6 +1,7 @@
-"""fedmpi.train.clients: `ClientStates` (the personal regions of a rank's clients, in
-memory up to a limit, the least recently used spilled to files) and `eval_clients` (the
-clients whose personal models are scored). A tiny UNet bound by `bind_flat`, no MPI."""
+"""fedmpi.train.clients: `ClientStates` (the personal regions of a rank's clients: one
+file per client and round, an index, a bounded cache, commit / discard of a round,
+collection of unreferenced files) and `eval_clients` (the clients whose personal models
+are scored). A tiny UNet bound by `bind_flat`, no MPI."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from fedmpi.config.schema import ModelCfg
+from fedmpi.errors import CheckpointError
 from fedmpi.model.regions import REGIONS, bind_flat, region_tensor
 from fedmpi.model.unet import build_unet
 from fedmpi.train.clients import ClientStates, eval_clients
@@ -42,121 +44,137 @@ def same(a: dict, b: dict) -> bool:
 
 
 def states(model, tmp_path, clients_in_memory: float) -> ClientStates:
-    s = ClientStates(PERSONAL, clients_in_memory * state_bytes(model), tmp_path / "spill")
+    s = ClientStates(PERSONAL, clients_in_memory * state_bytes(model), tmp_path / "state")
     s.set_initial(model)
     return s
+
+
+@pytest.fixture
+def restore_model(model):
+    keep = {r: region_tensor(model, r).detach().clone() for r in REGIONS}
+    yield
+    with torch.no_grad():
+        for r in REGIONS:
+            region_tensor(model, r).copy_(keep[r])
+
+
+def train_as(s: ClientStates, model, client: int, round_index: int, seed: int) -> dict:
+    """Give the model a made-up client's personal regions and stage them for the round."""
+    state = personal_state(model, seed)
+    with torch.no_grad():
+        for r in PERSONAL:
+            region_tensor(model, r).copy_(state[r])
+    s.stage(client, round_index, model)
+    return state
 
 
 def test_an_unknown_client_gets_the_initial_regions(model, tmp_path):
     s = states(model, tmp_path, 10)
     initial = {r: region_tensor(model, r).detach().clone() for r in PERSONAL}
     got = s.get(123)
-    assert same(got, initial)
+    assert same(got, initial) and same(s.get(-1), initial)
     # a copy, not the model's memory: later training does not change the initial regions
     assert all(got[r].data_ptr() != region_tensor(model, r).data_ptr() for r in PERSONAL)
     assert s.state_dict() == {}  # a client that never trained is not stored
 
 
-def test_put_get_round_trip_in_memory(model, tmp_path):
+def test_a_round_counts_from_its_commit(model, tmp_path, restore_model):
     s = states(model, tmp_path, 10)
-    a, b = personal_state(model, 1), personal_state(model, 2)
-    s.put(3, a)
-    s.put(8, b)
-    assert same(s.get(3), personal_state(model, 1)) and same(s.get(8), personal_state(model, 2))
-    assert not s.spilled and not (tmp_path / "spill").exists()
-    s.put(3, b)  # a later round replaces the client's state
-    assert same(s.get(3), personal_state(model, 2))
-    assert s.memory_bytes == 2 * state_bytes(model)
+    a = train_as(s, model, 3, 1, seed=1)
+    assert same(s.get(3), s.initial)  # staged, not yet committed
+    s.commit()
+    assert same(s.get(3), a) and list(s.state_dict()) == [3]
+    b = train_as(s, model, 3, 2, seed=2)
+    s.discard()  # round 2 abandoned: the client keeps round 1's regions
+    assert same(s.get(3), a) and s.state_dict()[3][0] == 1
+    train_as(s, model, 3, 2, seed=2)
+    s.commit()
+    assert same(s.get(3), b) and s.state_dict()[3][0] == 2
+    files = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert files == ["client_000003_r000001.pt", "client_000003_r000002.pt"]
 
 
-def test_beyond_the_limit_the_least_recently_used_are_spilled(model, tmp_path):
-    s = states(model, tmp_path, 2.5)  # room for two clients
-    for c in range(4):
-        s.put(c, personal_state(model, 10 + c))
-    assert s.memory_bytes <= s.limit
-    assert set(s.memory) == {2, 3} and s.spilled == {0, 1}
-    files = sorted(p.name for p in (tmp_path / "spill").iterdir())
-    assert len(files) == 2
-    for c in range(4):
-        assert same(s.get(c), personal_state(model, 10 + c)), c  # identical after the trip
-    # a read makes a client recent: 3 read before 2, so putting 0 back spills 3 (not 2,
-    # the one put first)
-    s.get(3)
-    s.get(2)
-    s.put(0, personal_state(model, 20))
-    assert set(s.memory) == {2, 0} and s.spilled == {1, 3}
-    assert same(s.get(0), personal_state(model, 20))
-    assert same(s.get(3), personal_state(model, 13))
+def test_the_cache_is_bounded_and_states_come_back_from_their_files(model, tmp_path, restore_model):
+    s = states(model, tmp_path, 2.5)  # room for two clients' states
+    made = {c: train_as(s, model, c, 1, seed=10 + c) for c in range(5)}
+    s.commit()
+    assert s.cache_bytes <= s.limit and len(s.cache) == 2
+    assert {c for c, _ in s.cache} == {3, 4}  # the most recent
+    for c in range(5):  # evicted ones are read back from their files, identical
+        assert same(s.get(c), made[c])
+    assert s.cache_bytes <= s.limit
+    s.get(1)
+    s.get(0)  # 0 is now the most recent, then 1
+    assert [c for c, _ in s.cache] == [1, 0]
 
 
-def test_zero_limit_spills_everything(model, tmp_path):
+def test_zero_limit_keeps_nothing_in_memory(model, tmp_path, restore_model):
     s = states(model, tmp_path, 0)
-    s.put(5, personal_state(model, 5))
-    assert not s.memory and s.spilled == {5}
-    assert same(s.get(5), personal_state(model, 5))
+    a = train_as(s, model, 5, 1, seed=5)
+    s.commit()
+    assert not s.cache and s.cache_bytes == 0
+    assert same(s.get(5), a)
 
 
-def test_state_dict_round_trip_with_spilling(model, tmp_path):
-    s = states(model, tmp_path / "a", 1.5)  # room for one client
-    for c in (4, 1, 7):
-        s.put(c, personal_state(model, 30 + c))
-    assert s.spilled  # some of them live in files
-    saved = s.state_dict()
-    assert sorted(saved) == [1, 4, 7]
-    for c in (1, 4, 7):
-        assert same(saved[c], personal_state(model, 30 + c))
-
-    t = states(model, tmp_path / "b", 1.5)
+def test_index_round_trip_and_a_corrupt_file_is_refused(model, tmp_path, restore_model):
+    s = states(model, tmp_path, 0.5)
+    made = {c: train_as(s, model, c, 4, seed=30 + c) for c in (1, 7)}
+    s.commit()
+    saved = torch.load(_saved(s.state_dict(), tmp_path), weights_only=True)  # as a checkpoint
+    t = states(model, tmp_path, 0.5)
     t.load_state_dict(saved)
-    assert t.memory_bytes <= t.limit and len(t.spilled) == 2
-    for c in (1, 4, 7):
-        assert same(t.get(c), personal_state(model, 30 + c))
-    assert sorted(t.state_dict()) == [1, 4, 7]
-    assert same(t.get(99), s.get(99))  # an unknown client: still the initial regions
-
-    # a checkpoint written to disk (torch.save) and read back loads the same
-    torch.save(saved, tmp_path / "ck.pt")
-    u = states(model, tmp_path / "c", 1.5)
-    u.load_state_dict(torch.load(tmp_path / "ck.pt", weights_only=True))
-    for c in (1, 4, 7):
-        assert same(u.get(c), personal_state(model, 30 + c))
+    assert t.state_dict() == s.state_dict()
+    assert same(t.get(7), made[7]) and same(t.get(1), made[1])
+    path = t.path(1, 4)
+    path.write_bytes(path.read_bytes()[:-10])  # truncated
+    t.load_state_dict(saved)  # empty the cache
+    with pytest.raises(CheckpointError, match="client 1's personal regions after round 4"):
+        t.get(1)
+    path.unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        t.get(1)
 
 
-def test_load_state_dict_replaces_what_was_there(model, tmp_path):
-    s = states(model, tmp_path, 1.5)
-    for c in (0, 1, 2):
-        s.put(c, personal_state(model, c))
-    s.load_state_dict({5: personal_state(model, 55)})
-    assert sorted(s.state_dict()) == [5]
-    assert same(s.get(0), s.initial)  # dropped: back to the initial regions
+def _saved(index: dict, tmp_path):
+    path = tmp_path / "index.pt"
+    torch.save(index, path)
+    return path
 
 
-def test_load_into_writes_the_personal_regions_only(model, tmp_path):
-    s = states(model, tmp_path, 0.5)  # every state goes through a file
+def test_collect_keeps_what_an_index_refers_to(model, tmp_path, restore_model):
+    s = states(model, tmp_path, 10)
+    for r in (1, 2, 3):
+        train_as(s, model, 0, r, seed=r)
+        s.commit()
+    checkpoint_2 = {0: [2, "x"]}  # a checkpoint still on disk refers to round 2's state
+    train_as(s, model, 0, 4, seed=4)  # pending: kept too
+    assert s.collect([checkpoint_2]) == 1  # round 1's file only
+    names = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert names == [f"client_000000_r00000{r}.pt" for r in (2, 3, 4)]
+    s.discard()
+    assert s.collect([]) == 2  # round 2 (no checkpoint), round 4 (abandoned)
+    assert [p.name for p in (tmp_path / "state").iterdir()] == ["client_000000_r000003.pt"]
+
+
+def test_load_into_writes_the_personal_regions_only(model, tmp_path, restore_model):
+    s = states(model, tmp_path, 0.5)
     keep = {r: region_tensor(model, r).detach().clone() for r in REGIONS}
-    try:
-        s.put(2, personal_state(model, 42))
-        s.load_into(2, model)
-        for r in PERSONAL:
-            assert torch.equal(region_tensor(model, r), personal_state(model, 42)[r])
-        assert torch.equal(region_tensor(model, "decoder"), keep["decoder"])
-        # the parameters see it (the flat tensor is their storage)
-        enc = [p.detach().reshape(-1) for n, p in model.named_parameters() if n[:8] == "encoder."]
-        assert torch.equal(
-            torch.cat(enc).sort().values, region_tensor(model, "encoder").sort().values
-        )
-        s.load_into(77, model)  # a client that never trained: the initial regions
-        for r in PERSONAL:
-            assert torch.equal(region_tensor(model, r), keep[r])
-        # copy_of copies: changing the model afterwards does not change the copy
-        copy = s.copy_of(model)
-        with torch.no_grad():
-            region_tensor(model, "encoder").add_(1.0)
-        assert torch.equal(copy["encoder"], keep["encoder"])
-    finally:
-        with torch.no_grad():
-            for r in REGIONS:
-                region_tensor(model, r).copy_(keep[r])
+    a = train_as(s, model, 2, 1, seed=42)
+    s.commit()
+    s.load_into(-1, model)
+    for r in PERSONAL:
+        assert torch.equal(region_tensor(model, r), keep[r])
+    s.load_into(2, model)
+    for r in PERSONAL:
+        assert torch.equal(region_tensor(model, r), a[r])
+    assert torch.equal(region_tensor(model, "decoder"), keep["decoder"])
+    # the parameters see it (the flat tensor is their storage)
+    enc = [p.detach().reshape(-1) for n, p in model.named_parameters() if n[:8] == "encoder."]
+    assert torch.equal(torch.cat(enc).sort().values, region_tensor(model, "encoder").sort().values)
+    copy = s.copy_of(model)  # a copy: changing the model afterwards does not change it
+    with torch.no_grad():
+        region_tensor(model, "encoder").add_(1.0)
+    assert torch.equal(copy["encoder"], a["encoder"])
 
 
 # --- eval_clients ------------------------------------------------------------------------

@@ -54,11 +54,18 @@ def load(run: Path, index: int) -> dict:
     return {f.name: torch.load(f, weights_only=False) for f in sorted(d.glob("*.pt"))}
 
 
-def client_regions(files: dict) -> dict:
-    """client id -> its personal regions, from every rank's file (several clients per rank)."""
+def client_regions(run: Path, files: dict) -> dict:
+    """client id -> its personal regions: every rank's checkpoint file indexes its
+    clients' state files (state/rank_NNN/client_CCCCCC_rRRRRRR.pt, sha256 checked)."""
     out = {}
-    for obj in files.values():
-        out.update(obj.get("client_states") or {})
+    for name, obj in files.items():
+        if not name.startswith("client_"):
+            continue
+        folder = RunFolder(run).client_state_dir(int(name[7:10]))
+        for c, (v, sha) in (obj.get("client_states") or {}).items():
+            path = folder / f"client_{c:06d}_r{v:06d}.pt"
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
+            out[c] = torch.load(path, weights_only=True)
     return out
 
 
@@ -92,7 +99,7 @@ def test_placement_does_not_change_the_result(method, tmp_path):
         torch.testing.assert_close(fa[k], fb[k], rtol=1e-5, atol=1e-6)
     before = load(runs[3], 2)["federator.pt"]["model"]  # checkpoint.keep=2: rounds 2, 3
     assert any(not torch.equal(fa[k], before[k]) for k in fa)  # round 3 did train
-    pa, pb = client_regions(a), client_regions(b)
+    pa, pb = client_regions(runs[3], a), client_regions(runs[5], b)
     if method in ("udec", "ulatdec"):
         assert pa.keys() == pb.keys() and len(pa) >= 3  # the clients that trained
         for c in pa:
@@ -103,9 +110,10 @@ def test_placement_does_not_change_the_result(method, tmp_path):
 
 
 def test_several_clients_per_rank_resume_bit_exactly(tmp_path):
-    """UDEC, 8 clients on 2 ranks, half of them per round, personal regions spilled to
-    the run folder beyond a tiny fed.client_state_mb: stopping after round 1 and
-    resuming gives the same checkpoint as the uninterrupted run."""
+    """UDEC, 8 clients on 2 ranks, half of them per round, personal regions in the run
+    folder's state files with a cache smaller than one client's state
+    (fed.client_state_mb): stopping after round 1 and resuming gives the same checkpoint
+    as the uninterrupted run; only files a checkpoint refers to are kept."""
     opts = [
         "--fed.method=udec",
         "--fed.clients=8",
@@ -118,12 +126,18 @@ def test_several_clients_per_rank_resume_bit_exactly(tmp_path):
     second = train(3, part, *opts, "--fed.rounds=2")
     assert second.returncode == 0, second.stdout + second.stderr
     assert "continuing after round 1" in second.stdout
-    assert list((part / "state").glob("rank_*/client_*.pt"))  # spilled beyond the bound
+    files = {p.name for p in (part / "state").glob("rank_*/client_*_r*.pt")}
+    referenced = set()
+    for index in (load(part, 1), load(part, 2)):
+        for obj in index.values():
+            for c, (v, _) in (obj.get("client_states") or {}).items():
+                referenced.add(f"client_{c:06d}_r{v:06d}.pt")
+    assert files and files == referenced  # nothing else kept
     a, b = load(full, 2), load(part, 2)
     assert a.keys() == b.keys()
     for name in a:
         assert tensor_digest(a[name]) == tensor_digest(b[name]), name
-    ca, cb = client_regions(a), client_regions(b)
+    ca, cb = client_regions(full, a), client_regions(part, b)
     assert ca.keys() == cb.keys() and ca
     for c in ca:
         assert all(torch.equal(ca[c][r], cb[c][r]) for r in ca[c])
