@@ -9,7 +9,8 @@ round the fixed cost is round_s (the kind=round row) minus the slowest client ra
 pure training time: the sum of train_s over that rank's clients (kind=client rows; a
 client's rank from clients.csv). Reported: the medians over rounds 2..R (round 1 carries
 one-time warm-up) of the fixed cost, of round_s and of ckpt_s (the checkpoint's share:
-UDEC's rewrites every personal state held so far), the ratio to the smallest N, the
+with several clients per rank a checkpoint holds only the index of the personal-state
+files, which each round writes for the clients it trained), the ratio to the smallest N, the
 distinct clients trained (UDEC: those holding personal state), a client rank's peak
 RSS and the set-up time (the job's wall time, launch to exit, minus the sum of round_s:
 start-up, data split, placement, the final summary). Trials alternate over N and method, so that
@@ -25,7 +26,7 @@ training of that round, so it includes the checkpoints of the rounds before), th
 personal state per client (fp32 bytes of the personal regions), how many clients hold
 one at the end (every client that trained), and the same N = max job with a tiny
 fed.client_state_mb (--spill-mb), with a checkpoint every round and with one at the end
-only (checkpoint.every=0), to show what spilling bounds.
+only (checkpoint.every=0), to show that the cache bound holds.
 
     OMP_NUM_THREADS=1 python bench/clients.py             # full: (a) and (b)
     OMP_NUM_THREADS=1 python bench/clients.py --quick     # smoke: N = 10, 100, 2 rounds

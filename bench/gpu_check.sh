@@ -17,7 +17,9 @@
 #    the paper config no round samples: speed.py measures training after sampling);
 # 4. host<->device copies of one aggregation per method, counted with torch.profiler
 #    (bench/comm.py --count-copies, 3 ranks on the GPU, fed.backend mpi), after 3.;
-# 5. if time is left: the same 6-rank round under CUDA MPS (nvidia-cuda-mps-control).
+# 5. virtual clients: M clients' local steps one after another against batched with
+#    torch.func's vmap (bench/batched_clients.py, M = 1, 2, 4, 8);
+# 6. if time is left: the same 6-rank round under CUDA MPS (nvidia-cuda-mps-control).
 #
 # Each part has its own time limit (GPU_CHECK_BUDGET seconds in all, default 720) and
 # writes its log to OUT; OUT/summary.md collects the tables. PYTHON (python3) and
@@ -119,6 +121,8 @@ if [ "$MPI_OK" = 0 ]; then
     || { [[ "$BEST" == *compile=true* ]] && part round_eager 200 rounds eager . 2; }
   part copies 90 "$MPIRUN" $MPI_FLAGS -n 3 "$PY" bench/comm.py --quick --count-copies --device "$DEV" \
     --rounds 1 --out-dir "$OUT"
+  part batched 120 "$PY" bench/batched_clients.py --device "$DEV" --out-dir "$OUT" \
+    $([ "${GPU_CHECK_DRY:-0}" = 1 ] && echo --clients 1,2 --steps 1 --repeats 1 --batch 4)
   if command -v nvidia-cuda-mps-control >/dev/null && [ "$(left)" -gt 150 ]; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
@@ -131,7 +135,7 @@ fi
 
 {
   echo "# GPU check $(date -u +%F) ($(( $(date +%s) - START )) s)"
-  for f in env speed_base speed copies round_base round_new round_eager round_mps; do
+  for f in env speed_base speed copies batched round_base round_new round_eager round_mps; do
     [ -f "$OUT/$f.log" ] || continue
     echo; echo "## $f"; echo '```'
     if [ "$f" = env ]; then head -c 4000 "$OUT/$f.log"; else
