@@ -193,5 +193,7 @@ def score_text(scores: dict | None) -> str:
         if name in scores:
             parts.append(f"{name} {scores[name]:.2f}")
         elif f"{name}_mean" in scores:
-            parts.append(f"{name} {scores[name + '_mean']:.2f}+-{scores[name + '_std']:.2f}")
+            n = scores.get("scored_clients")
+            over = f" over {n} clients" if n else ""
+            parts.append(f"{name} {scores[name + '_mean']:.2f}+-{scores[name + '_std']:.2f}{over}")
     return "".join(f" | {p}" for p in parts)
