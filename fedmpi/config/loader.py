@@ -218,6 +218,12 @@ def _check_privacy(cfg: Config, source: str) -> None:
             f"--fed.sampling=poisson: the accountant amplifies Poisson sampling only, and "
             f"would overstate the privacy of fixed-size draws"
         )
+    if f.participation < 1 and cfg.privacy.mode == "distributed":
+        raise ConfigError(
+            f"{source}: 'privacy.mode' distributed with client sampling: a round where few "
+            f"ranks (or none) report would carry less noise than the accountant assumes; "
+            f"use --privacy.mode=central (without fed.secure) or --fed.participation=1"
+        )
     if f.participation < 1 and f.method == "usplit":
         raise ConfigError(
             f"{source}: 'privacy.dp' with client sampling supports full, udec and ulatdec: "

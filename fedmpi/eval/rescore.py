@@ -73,6 +73,13 @@ def _models(run: RunFolder, index: int, cfg: Config) -> tuple[str, bool, list[tu
         )
     method = "centralized" if centralized else cfg.fed.method
     personal = not centralized and bool(personal_regions(method))
+    ranks = sum(label != "global" for label, _ in files)
+    if personal and len(run.read_placement()) > ranks:
+        raise ConfigError(
+            f"{run} ran {len(run.read_placement())} clients on {ranks} ranks: their "
+            f"personal models live in the run's state/ files, which re-scoring does not read "
+            f"yet; the run's own eval.csv scores them (eval.clients)"
+        )
     if personal:
         files = [f for f in files if f[0] != "global"]
         if not files:

@@ -52,7 +52,7 @@ import time
 import torch
 
 from fedmpi.fl.ledger import Ledger
-from fedmpi.fl.methods import make_plan
+from fedmpi.fl.methods import make_plan, shared_regions
 from fedmpi.fl.population import Population
 from fedmpi.fl.strategy import (
     AggregationStrategy,
@@ -79,9 +79,19 @@ def check_secure_plans(cfg, population: Population) -> None:
     from fedmpi.config import ConfigError
     from fedmpi.fl.secure import SecureAggError, check_reporters
 
-    if not cfg.fed.secure or not population.everyone:
+    if not cfg.fed.secure:
         return
     n = population.num_clients
+    if population.slots < cfg.fed.secure_min_reporters:
+        raise ConfigError(
+            f"secure aggregation masks between client ranks (each the trust domain of its "
+            f"clients), and this job has {population.slots}: every region would have one "
+            f"reporter and never be averaged; launch with at least "
+            f"{cfg.fed.secure_min_reporters} client ranks (mpirun -n "
+            f"{cfg.fed.secure_min_reporters + 1}) or set --fed.secure=false"
+        )
+    if not population.everyone:
+        return
     for r in range(1, cfg.fed.rounds + 1):
         plan = make_plan(cfg.fed.method, r, n, cfg.run.seed)
         for region in REGIONS:
@@ -157,6 +167,8 @@ class Aggregator(RegionBuffers):
         self.strategy = (
             strategy if strategy is not None else make_strategy(world, cfg, self.population)
         )
+        # the regions the method shares (a round releases those its clients report)
+        self.shared = shared_regions(cfg.fed.method) if cfg is not None else REGIONS
 
     @property
     def secure(self):
@@ -203,6 +215,8 @@ class Aggregator(RegionBuffers):
             region: RegionRound(region, round_index, slots, slot_sizes)
             for region, (slots, slot_sizes) in self.reporting(plan, sizes).items()
         }
+        for region in self.strategy.released_every_round(self.shared):
+            jobs.setdefault(region, RegionRound(region, round_index, [], []))
         slot = None if self.world.is_federator else self.world.client
         mine = [job for job in jobs.values() if slot in job.uploaders]
         stats = self.strategy.begin_round(self, round_index, slot, mine, start)
@@ -232,12 +246,15 @@ class Aggregator(RegionBuffers):
             return None
         world, theta = self.world, self.flat[region]
         ups, downs = job.uploaders, list(range(world.num_clients))
-        up_group = world.group(ups)
+        up_group = world.group(ups) if ups else None  # none: the federator alone (DP noise)
         down_group = up_group if downs == ups else world.group(downs)
         t0 = time.perf_counter()
         float_average = False
         with torch.no_grad():
-            if up_group.is_member:
+            if up_group is None:
+                if world.is_federator:
+                    float_average = self._release_unreported(job)
+            elif up_group.is_member:
                 float_average = self._reduce(up_group, job)
             if down_group.is_member:
                 world.bcast(down_group, theta)
@@ -245,7 +262,7 @@ class Aggregator(RegionBuffers):
             total = theta.sum(dtype=torch.float32) if float_average else None
         if timings is not None:
             timings[region] = timings.get(region, 0.0) + time.perf_counter() - t0
-        for g in {id(g): g for g in (up_group, down_group)}.values():
+        for g in {id(g): g for g in (up_group, down_group) if g is not None}.values():
             world.release(g)
         return total
 
@@ -265,6 +282,15 @@ class Aggregator(RegionBuffers):
         for _ in job.uploaders:
             self.ledger.record(job.round_index, -1, job.region, "up", n, _nbytes(dst))
         return strategy.finish(self, job, dst)
+
+    def _release_unreported(self, job: RegionRound) -> bool:
+        """The federator, for a region released although nobody reported it this round
+        (DP with sampling: every round's release carries the noise): the strategy's
+        receive and finish with no Reduce."""
+        if self.strategy.needs_before:
+            self.save_before(job.region)
+        dst, _ = self.strategy.receive(self, job)
+        return self.strategy.finish(self, job, dst)
 
     def reporting(self, plan, sizes) -> dict[str, tuple[list[int], list[float]]]:
         """Per region reported this round: (the client ranks' slots that upload it, in

@@ -128,11 +128,13 @@ def analytical_rows(
     upload_value_bytes: int = FLOAT_BYTES,
     population=None,
     key: int | None = None,
+    released=(),
 ) -> list[dict]:
     """The comm.csv rows (one per transfer) a run with these settings must produce.
     `population` (`fedmpi.fl.population.Population`, default: one client per rank, all
     in every round) and its sampling `key` (default: the seed): which clients take part
-    in each round and which rank carries their uploads."""
+    in each round and which rank carries their uploads; `released`: regions broadcast
+    every round, reported or not (DP with sampling)."""
     if population is None:
         population = Population.place([1] * num_clients, num_clients)
     key = seed if key is None else key
@@ -145,7 +147,7 @@ def analytical_rows(
     for r in range(1, rounds + 1):
         sampled = population.sample(r, key)
         plan = make_plan(method, r, population.num_clients, seed, sampled)
-        for k, (ups, downs) in enumerate(population.wire(plan)):
+        for k, (ups, downs) in enumerate(population.wire(plan, released)):
             for region in REGIONS:
                 if region in ups:
                     nbytes = upload_bytes(sizes[region], upload_value_bytes)
@@ -197,10 +199,11 @@ def comparison(
     upload_value_bytes: int = FLOAT_BYTES,
     population=None,
     key: int | None = None,
+    released=(),
 ) -> dict:
     """This method's totals against FULL's for the same clients and rounds (FULL plain:
     the reduction is in parameters, so the upload width does not change it)."""
-    args = (population, key)
+    args = (population, key, released)
     ours = summarize(
         analytical_rows(method, num_clients, rounds, sizes, seed, upload_value_bytes, *args),
         rounds,
@@ -260,11 +263,13 @@ def run_summary(
     extra: dict | None = None,
     population=None,
     key: int | None = None,
+    released=(),
 ) -> dict:
     """A run's comm.csv `rows` (typed) summarized and checked against the analytical table
     (comm_summary.json). `upload_value_bytes`: 8 for fed.secure runs; `extra`: more keys;
-    `population`, `key`: the clients and their sampling (`analytical_rows`)."""
-    args = (upload_value_bytes, population, key)
+    `population`, `key`, `released`: the clients, their sampling and the regions released
+    every round (`analytical_rows`)."""
+    args = (upload_value_bytes, population, key, released)
     expected = analytical_rows(method, num_clients, rounds, sizes, seed, *args)
     measured = summarize(rows, rounds)
     out = comparison(method, num_clients, rounds, sizes, seed, *args)

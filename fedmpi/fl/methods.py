@@ -90,6 +90,11 @@ def make_plan(
     return Plan(round_index, tuple(ups), tuple(downs))
 
 
+def shared_regions(method: str) -> tuple[str, ...]:
+    """Regions that some client may upload (USPLIT: all of them, by turns)."""
+    return REGIONS if method in ("full", "usplit") else tuple(SHARED[method])
+
+
 def personal_regions(method: str) -> tuple[str, ...]:
     """Regions that never leave a client (evaluated per client)."""
     if method in ("full", "usplit"):

@@ -123,12 +123,13 @@ class Population:
                 sizes[c] = self.sizes[c]
         return sizes
 
-    def wire(self, plan) -> list[tuple[frozenset, frozenset]]:
+    def wire(self, plan, released=()) -> list[tuple[frozenset, frozenset]]:
         """Per client rank: (the regions it uploads, those it receives) in the round of
         `plan`. A rank uploads a region when one of its clients reports it (their mean, as
         one buffer); every rank receives every region that someone reported (it holds the
-        global model for its clients' next rounds)."""
-        reported = frozenset(r for ups in plan.uploads for r in ups)
+        global model for its clients' next rounds), and the `released` ones (released
+        every round: DP with sampling)."""
+        reported = frozenset(r for ups in plan.uploads for r in ups) | frozenset(released)
         ups = [set() for _ in range(self.slots)]
         for c, regions in enumerate(plan.uploads):
             ups[self.hosts[c]].update(regions)

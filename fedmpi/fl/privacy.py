@@ -346,14 +346,26 @@ class DifferentialPrivacy(Wrapper):
             write_back(own[:-1], host)
         return dst, own
 
+    def released_every_round(self, shared):
+        """With sampling, every round releases every shared region with its noise, also
+        when nobody reported it: the accountant's mechanism is a noised sum each round."""
+        return tuple(shared) if self.denominator is not None else ()
+
     def finish(self, bufs, job, total):
         out = self.inner.finish(bufs, job, total)
-        if self.denominator is not None and job.reported:
-            # before + (average - before) * m / (q N): the fixed-denominator estimator
-            theta, before = bufs.flat[job.region], bufs.before(job.region)
-            with torch.no_grad():
+        if self.denominator is None:
+            return out
+        theta, before = bufs.flat[job.region], bufs.before(job.region)
+        with torch.no_grad():
+            if job.reported:
+                # before + (average - before) * m / (q N): the fixed-denominator estimator
                 theta.sub_(before).mul_(sum(job.sizes) / self.denominator).add_(before)
-        return out
+            else:  # nobody reported: before + N(0, (z C)^2) / (q N)
+                host = host_view(theta)
+                std = noise_std(self.noise_multiplier, self.clip, "central", 1)
+                add_noise(host, std / self.denominator, self.rng)
+                write_back(theta, host)
+        return True  # float arithmetic on the weights: check it for overflow
 
     def epsilon(self, rounds: int) -> float:
         """The (epsilon, delta) guarantee after `rounds` rounds (sample rate q)."""

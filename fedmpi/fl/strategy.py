@@ -163,6 +163,11 @@ class AggregationStrategy(ABC):
         """The FedAvg sizes this strategy averages with, from every client's n_k."""
         return sizes
 
+    def released_every_round(self, shared) -> tuple:
+        """The regions of `shared` released in every round, reported or not (DP with
+        client sampling: each release carries the noise); default: none."""
+        return self.inner.released_every_round(shared) if self.inner is not None else ()
+
     def prepare_client(self, bufs: RegionBuffers, regions: list, start) -> dict:
         """A client rank, once per client it trained this round, before that client's
         model joins the rank's mean: `bufs.flat` holds the client's weights, `regions`
@@ -305,4 +310,4 @@ class ServerOptimized(Wrapper):
         if job.reported:
             with torch.no_grad():
                 self.optimizer.step(job.region, bufs.before(job.region), bufs.flat[job.region])
-        return out
+        return out or job.reported  # the step is float arithmetic: check it for overflow

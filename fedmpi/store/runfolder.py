@@ -140,11 +140,12 @@ class RunFolder:
         checkpoint files hold the index of the current ones)."""
         return self.path / "state" / f"rank_{rank:03d}"
 
-    def sampling_key(self) -> int:
+    def sampling_key(self, create: bool = True) -> int:
         """The secret key of the rounds' client samples under privacy.dp: drawn from the
-        operating system's entropy on first use, kept in `sampling.key` (readable by its
-        owner only) so that a resumed run samples the same clients. Whoever reads it can
-        tell who was sampled, which voids the amplification by sampling (docs/privacy.md)."""
+        operating system's entropy on first use (`create`), kept in `sampling.key`
+        (readable by its owner only) so that a resumed run samples the same clients.
+        Whoever reads it can tell who was sampled, which voids the amplification by
+        sampling (docs/privacy.md). A resume (create=False) never makes a new one."""
         p = self.path / self.SAMPLING_KEY
         if p.is_file():
             text = p.read_text().strip()
@@ -153,10 +154,20 @@ class RunFolder:
             raise DiskError(
                 0, f"{p} does not hold a key (digits); restore it from a backup, or start a new run"
             )
+        if not create:
+            raise DiskError(
+                0,
+                f"{p} is missing: the run's client samples cannot be drawn again without it; "
+                f"restore it from a backup, or start a new run",
+            )
         key = secrets.randbits(63)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"{key}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)  # complete or absent, never empty
         return key
 
     # -- checkpoints --------------------------------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from fedmpi.data import client_sizes, load_client_data, load_clients_data
-from fedmpi.errors import CheckpointError, ConfigError
+from fedmpi.errors import CheckpointError, ConfigError, DataError, DiskError
 from fedmpi.fl.methods import personal_regions
 from fedmpi.fl.population import Population
 from fedmpi.model.regions import all_finite, region_tensor
@@ -72,13 +72,19 @@ def check_clients(cfg, K: int, personal: bool) -> int:
     return N
 
 
-def sampling_key(cfg, world, population, run_dir) -> int:
-    """The key of the rounds' client samples: the run seed, or with privacy.dp the run
-    folder's secret key (the amplification by sampling assumes nobody outside can tell
-    who was sampled; a collective)."""
+def sampling_key(cfg, world, population, run_dir, resumed: bool) -> tuple[int | None, str]:
+    """(key, error) of the rounds' client samples: the run seed, or with privacy.dp the
+    run folder's secret key (the amplification by sampling assumes nobody outside can
+    tell who was sampled; a collective). A resumed run reads the key it started with."""
     if not (cfg.privacy.dp and not population.everyone):
-        return cfg.run.seed
-    return world.bcast_obj(run_dir.sampling_key() if world.is_federator else None)
+        return cfg.run.seed, ""
+    key, error = None, ""
+    if world.is_federator:
+        try:
+            key = run_dir.sampling_key(create=not resumed)
+        except DiskError as e:
+            error = str(e)
+    return world.bcast_obj((key, error))
 
 
 class ClientStates:
@@ -106,6 +112,7 @@ class ClientStates:
         self.cache: OrderedDict[tuple[int, int], dict] = OrderedDict()
         self.cache_bytes = 0
         self.initial: dict | None = None
+        self.checkpoint_indexes: dict[str, dict] = {}  # checkpoint folder -> its index
 
     def set_initial(self, model) -> None:
         self.initial = self.copy_of(model)
@@ -248,10 +255,9 @@ class ClientPool:
         Returns the rank's stats: summed steps, trained clients, non-finite clients,
         per-client statistics."""
         mine = [c for c in sampled if c in self.data]
-        job, model = self.job, self.job.model
+        model = self.job.model
         out = {"steps": 0, "trained": 0, "nonfinite": [], "per_client": [], "images": 0}
         weights: dict[str, float] = {}
-        start = job.round_start.weights
         for c in mine:
             if not self.single:
                 self._begin_client(c)
@@ -266,12 +272,10 @@ class ClientPool:
                 stats["client"] = c + 1
                 out["per_client"].append(stats)
                 continue
-            extra = job.aggregator.strategy.prepare_client(
-                job.aggregator, sorted(plan.uploads[c]), start
-            )
-            stats.update(extra, client=c + 1, n=self.size(c))
+            stats.update(client=c + 1, n=self.size(c))
             out["per_client"].append(stats)
             if not self.single:
+                stats.update(self._prepare(plan, c))
                 self._accumulate(c, plan.uploads[c], weights)
                 if self.states is not None:
                     self.states.stage(c, r, model)
@@ -281,6 +285,18 @@ class ClientPool:
         for stats in out["per_client"]:
             stats["rank_max_rss_mb"] = out["max_rss_mb"]
         return out
+
+    def _prepare(self, plan, c: int) -> dict:
+        """The strategy's client step on c's trained model (DP: clip its update)."""
+        agg = self.job.aggregator
+        start = self.job.round_start.weights
+        return agg.strategy.prepare_client(agg, sorted(plan.uploads[c]), start)
+
+    def prepare_single(self, plan, stats: dict) -> None:
+        """One client per rank: its client step, after the round's local scoring (which
+        scores the model as trained), before the exchange."""
+        if self.single and stats.get("per_client") and not stats.get("nonfinite"):
+            stats["per_client"][0].update(self._prepare(plan, self.clients[0]))
 
     def _begin_client(self, c: int) -> None:
         """The round's global weights, c's personal regions, c's data, a fresh Adam."""
@@ -292,6 +308,7 @@ class ClientPool:
             self.states.load_into(c, job.model)
         trainer = job.trainer
         trainer.use_images(self.data[c])
+        trainer.load_scaler_state(job.round_start.scaler_state)  # fp16: the round's scale
         if trainer.schedule is not None or job.cfg.train.lr_schedule != "constant":
             steps = trainer.steps_for(job.cfg.fed.local_epochs, job.cfg.fed.local_steps)
             trainer.schedule = schedule_for(job.cfg.train, job.schedule.rounds * steps)
@@ -354,6 +371,12 @@ def make_pool(job, K: int) -> ClientPool:
     else:  # placed by the sizes the split declares (the same on every rank)
         mine = Population.place(client_sizes(cfg, N), K).clients_of(world.client)
         data = load_clients_data(cfg, mine, N)
+    empty = [c + 1 for c, images in data.items() if len(images) == 0]
+    if empty:
+        raise DataError(
+            f"client(s) {', '.join(map(str, empty[:10]))} have no training images; raise "
+            f"split.min_size or use fewer clients (fed.clients)"
+        )
     personal = personal_regions(job.method)
     state_dir = job.run_dir.client_state_dir(world.rank)
     return ClientPool(job, mine, data, personal, state_dir, single=N == K)

@@ -116,7 +116,10 @@ class Job:
                 )
                 if self.trainer is not None:  # fed.prox_mu: the FedProx strategy's term
                     self.trainer.prox_mu = self.aggregator.strategy.prox_mu
-                self.sampling_key = sampling_key(cfg, world, self.population, self.run_dir)
+                resumed = done is not None
+                key, error = sampling_key(cfg, world, self.population, self.run_dir, resumed)
+                report_errors(self, error if world.is_federator else None)
+                self.sampling_key = key
             self.round_start = self._round_start()
             self.metrics = self.run_dir.metrics_writer() if world.is_federator else None
             self.evaluator = None
@@ -161,6 +164,12 @@ class Job:
             self.population = Population.place(
                 [held[c] for c in range(len(held))], world.num_clients, f.participation, f.sampling
             )
+            error = None
+            try:  # fed.secure: every region of every round needs enough reporting ranks
+                check_secure_plans(self.cfg, self.population)
+            except ConfigError as e:
+                error = str(e)
+            report_errors(self, error if world.is_federator else None)
         return done
 
     def _build(self) -> None:
@@ -169,9 +178,7 @@ class Job:
         K = world.num_clients
         self.pool = None
         if not self.solo:
-            N = check_clients(cfg, K, self.personal)
-            if N == K:  # with sampling or N > K the rounds' reporters are checked as they come
-                check_secure_plans(cfg, Population.place([1] * N, K))
+            check_clients(cfg, K, self.personal)
         channels, size = model_shape(cfg)
         torch.manual_seed(derive_seed(cfg.run.seed, 0xC0FFEE))
         self.model = build_unet(cfg.model, channels, size).to(self.device)
@@ -239,7 +246,12 @@ class Job:
             # client model holds after the set-up's restore, or after the broadcast below)
             self.pool.states.set_initial(self.model)
         if done is not None:
-            state.restore_job_state(self, done)
+            error = None
+            try:  # a client rank's state index, the federator's server-optimizer moments
+                state.restore_job_state(self, done)
+            except (CheckpointError, ValueError) as e:
+                error = str(e)
+            report_errors(self, error)
             self.preempt.note = (
                 f"the last complete checkpoint is {unit} {done}; resume with --resume {run}"
             )
@@ -288,6 +300,8 @@ class Job:
             self._abandon(r)
         nonfinite = nonfinite_clients(self, r, plan, flags, stats)
         sizes = [int(self.n_k)] if self.solo else self.population.round_sizes(sampled, nonfinite)
+        if world.is_federator and cfg.fed.secure and not nonfinite:
+            records.warn_withheld(self, r, plan, sizes)
 
         evaluate = self.evaluator is not None and (
             (cfg.eval.every and r % cfg.eval.every == 0) or r == self.schedule.rounds
@@ -297,6 +311,8 @@ class Job:
         if local_scoring:  # each client's own model, before the aggregation
             scores, t_eval = self._evaluate(r)
         t0 = time.perf_counter()
+        if self.pool is not None:
+            self.pool.prepare_single(plan, stats)  # DP: the one client's clipping
         exchanged = self._exchange(r, plan, sizes)
         stats.update(exchanged)
         if self.pool is not None and self.pool.single and stats.get("per_client"):

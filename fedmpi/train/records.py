@@ -128,6 +128,7 @@ def finish(job) -> dict:
             extra,
             job.population,
             job.sampling_key,
+            job.aggregator.strategy.released_every_round(job.aggregator.shared),
         )
         job.run_dir.write_summary(summary)
         moved = summary["measured"]["moved"]
@@ -169,6 +170,17 @@ def headline(job) -> str:
         f"fedmpi: {job.method.upper()} | {who} | R={s.rounds} rounds | "
         f"{job.world.describe()} | device {job.device} | run {job.run_dir}" + privacy_text(cfg)
     )
+
+
+def warn_withheld(job, r: int, plan, sizes) -> None:
+    """fed.secure with sampling: the regions too few ranks reported in round `r`."""
+    held = job.aggregator.withheld(plan, sizes)
+    if held:
+        job.log(
+            f"warning: round {r}: region(s) {', '.join(held)} reported by fewer than "
+            f"fed.secure_min_reporters={job.cfg.fed.secure_min_reporters} ranks: not "
+            f"averaged this round (their sum would show one rank's upload)"
+        )
 
 
 def privacy_text(cfg: Config) -> str:

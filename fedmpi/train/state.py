@@ -183,14 +183,20 @@ def collect_client_states(job) -> None:
     pool = getattr(job, "pool", None)
     if pool is None or pool.states is None:
         return
-    kept = []
-    name = file_name(job.world)
-    for d in sorted((job.run_dir.path / "checkpoints").glob("round_*")):
-        try:
-            kept.append(load_checkpoint(d / name).get("client_states") or {})
-        except CheckpointError:  # being pruned, or never finished: refers to nothing kept
-            continue
-    pool.states.collect(kept)
+    name, seen = file_name(job.world), pool.states.checkpoint_indexes
+    try:
+        dirs = {d.name: d for d in (job.run_dir.path / "checkpoints").glob("round_*")}
+        for gone in set(seen) - set(dirs):
+            del seen[gone]
+        for key, d in dirs.items():
+            if key not in seen:  # a checkpoint's file never changes: read it once
+                try:
+                    seen[key] = load_checkpoint(d / name).get("client_states") or {}
+                except CheckpointError:  # being pruned, or never finished: keeps nothing
+                    continue
+        pool.states.collect(list(seen.values()))
+    except OSError as e:  # a clean-up that failed leaves files behind, nothing worse
+        job.log(f"warning: rank {job.world.rank}: could not remove old client states: {e}")
 
 
 def restore_job_state(job, index: int) -> None:
