@@ -40,6 +40,26 @@ def test_dp_with_sampling_and_usplit_is_refused():
     load_config(None, {"fed.participation": 0.5, "fed.sampling": "poisson", "fed.method": "usplit"})
 
 
+def test_distributed_dp_with_sampling_is_refused():
+    secure = {**DP, "fed.secure": True, "privacy.mode": "distributed"}
+    text = refused({**secure, "fed.participation": 0.5, "fed.sampling": "poisson"})
+    assert "distributed" in text and "--privacy.mode=central" in text
+    load_config(None, secure)  # every client in every round: fine
+    load_config(None, {**DP, "fed.participation": 0.5, "fed.sampling": "poisson"})  # central
+
+
+def test_secure_needs_enough_client_ranks():
+    from fedmpi.fl.aggregate import check_secure_plans
+    from fedmpi.fl.population import Population
+
+    cfg = load_config(None, {"fed.secure": True})
+    with pytest.raises(ConfigError, match="mpirun -n 3"):  # one rank: nothing to hide in
+        check_secure_plans(cfg, Population.place([5] * 8, 1, participation=0.5))
+    check_secure_plans(cfg, Population.place([5] * 8, 2, participation=0.5))
+    opt_out = load_config(None, {"fed.secure": True, "fed.secure_min_reporters": 1})
+    check_secure_plans(opt_out, Population.place([5] * 8, 1, participation=0.5))
+
+
 @pytest.mark.parametrize(
     "key, value, fix",
     [

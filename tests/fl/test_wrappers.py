@@ -358,3 +358,25 @@ def test_make_strategy_is_plain_without_options():
     assert type(only_prox) is FedProx and type(only_prox.inner) is PlainFedAvg
     only_opt = make_strategy(None, load_config(None, {"fed.server_opt": "fedyogi"}))
     assert type(only_opt) is ServerOptimized and type(only_opt.inner) is PlainFedAvg
+
+
+def test_a_round_nobody_reported_still_releases_the_noise():
+    """DP with sampling: a shared region that no sampled client reported is released
+    anyway, as start + N(0, (z C)^2) / D (the accountant counts a noised sum every round),
+    without any Reduce; the driver is told to check the result for overflow."""
+    D, C, z = 10.0, 1.0, 1.5
+    dp = DifferentialPrivacy(
+        PlainFedAvg(), C, z, "central", rng=np.random.default_rng(5), denominator=D
+    )
+    assert dp.released_every_round(("decoder",)) == ("decoder",)
+    assert DifferentialPrivacy(PlainFedAvg(), C, z).released_every_round(("decoder",)) == ()
+    start = {r: np.full(n, 0.5, np.float32) for r, n in SIZES.items()}
+    fed = buffers(start)
+    for region in SIZES:
+        job = RegionRound(region, 1, [], [])
+        fed.save_before(region)
+        dst, _ = dp.receive(fed, job)
+        assert dp.finish(fed, job, dst) is True
+    noise = np.concatenate([weights(fed)[r] - 0.5 for r in SIZES])
+    want = z * C / D
+    assert abs(noise.std() / want - 1) < 4 / math.sqrt(2 * noise.size), noise.std()
