@@ -48,10 +48,12 @@ def check_clients(cfg, K: int, personal: bool) -> int:
     """fed.clients (default K) against the ranks and the other settings; returns N."""
     N = cfg.fed.clients or K
     if cfg.split.num_clients is not None and cfg.split.num_clients != N:
+        n = cfg.split.num_clients
         raise ConfigError(
-            f"split.num_clients is {cfg.split.num_clients} but the job has {N} clients "
-            f"(fed.clients, default: one per client rank, {K} here); set "
-            f"--fed.clients={cfg.split.num_clients} or --split.num_clients={N}"
+            f"split.num_clients is {n} but the job has {N} clients (fed.clients, default: "
+            f"one per client rank, {K} here); launch with mpirun -n {n + 1} (one client per "
+            f"rank), set --fed.clients={n} ({n} clients on these {K} ranks) or "
+            f"--split.num_clients={N}"
         )
     if N < K:
         raise ConfigError(
