@@ -23,6 +23,12 @@ MODES = {
         "fed.secure": True,
     },
     "secure + central DP": {"privacy.dp": True, "privacy.mode": "central", "fed.secure": True},
+    "several clients per rank": {"fed.clients": 8},
+    "central DP with client sampling": {
+        "privacy.dp": True,
+        "fed.participation": 0.1,
+        "fed.sampling": "poisson",
+    },
 }
 
 
@@ -63,3 +69,12 @@ def test_distributed_dp_without_secure_is_refused_as_the_table_says():
     assert "without `fed.secure`" in threat_table()["distributed DP (requires secure)"]["refused"]
     with pytest.raises(ConfigError, match="fed.secure"):
         load_config(TINY, {"privacy.dp": True, "privacy.mode": "distributed"})
+
+
+def test_dp_with_sampling_refuses_what_the_table_says():
+    refused = threat_table()["central DP with client sampling"]["refused"]
+    assert "fixed-size sampling" in refused and "USPLIT" in refused
+    base = MODES["central DP with client sampling"]
+    for change in ({"fed.sampling": "fixed"}, {"fed.method": "usplit"}):
+        with pytest.raises(ConfigError):
+            load_config(TINY, {**base, **change})

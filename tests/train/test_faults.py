@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -331,9 +332,23 @@ def test_sigterm_stops_with_a_resumable_checkpoint(tmp_path, target):
         assert "preempted (SIGTERM)" in out and "checkpoint of round" in out
     else:
         assert proc.returncode != 0
+        # mpirun may exit before its killed ranks are reaped: the folder's lock is theirs
+        # until they are gone (the next job must not start while one of them lives)
+        _wait_until_gone(run / "LOCK", timeout=30)
     resumed = train(3, run, *opts)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"continuing after round {done}" in resumed.stdout
+
+
+def _wait_until_gone(lock: Path, timeout: float) -> None:
+    """Wait until the process holding `lock` (if any) has exited."""
+    try:
+        pid = int(json.loads(lock.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.1)
 
 
 def test_stalled_rank_times_out(tmp_path):
