@@ -82,23 +82,23 @@ def test_default_clients_reproduce_the_stored_run(method, tmp_path):
 
 @pytest.mark.parametrize("method", ["full", "usplit", "udec", "ulatdec"])
 def test_placement_does_not_change_the_result(method, tmp_path):
-    """6 clients, 3 sampled per round, on 2 client ranks and on 4: the same global model
+    """6 clients, 3 sampled per round, 2 rounds, on 2 client ranks and on 4: the same global model
     and the same personal regions, to float32 rounding (a rank averages its clients
     first, so the sums are added in another order)."""
     opts = [f"--fed.method={method}", "--fed.clients=6", "--fed.participation=0.5"]
     runs = {}
     for n in (3, 5):
         runs[n] = tmp_path / f"n{n}"
-        res = train(n, runs[n], *opts, "--fed.rounds=3")
+        res = train(n, runs[n], *opts)
         assert res.returncode == 0, res.stdout + res.stderr
         assert "N=6 clients on" in res.stdout
-    a, b = load(runs[3], 3), load(runs[5], 3)
+    a, b = load(runs[3], 2), load(runs[5], 2)
     fa, fb = a["federator.pt"]["model"], b["federator.pt"]["model"]
     assert fa.keys() == fb.keys()
     for k in fa:
         torch.testing.assert_close(fa[k], fb[k], rtol=1e-5, atol=1e-6)
-    before = load(runs[3], 2)["federator.pt"]["model"]  # checkpoint.keep=2: rounds 2, 3
-    assert any(not torch.equal(fa[k], before[k]) for k in fa)  # round 3 did train
+    before = load(runs[3], 1)["federator.pt"]["model"]
+    assert any(not torch.equal(fa[k], before[k]) for k in fa)  # round 2 did train
     pa, pb = client_regions(runs[3], a), client_regions(runs[5], b)
     if method in ("udec", "ulatdec"):
         assert pa.keys() == pb.keys() and len(pa) >= 3  # the clients that trained
@@ -179,11 +179,10 @@ def test_dp_with_poisson_sampling(tmp_path):
 def test_server_optimizer_and_fedprox_resume_bit_exactly(tmp_path):
     """FedAdam on the averages and FedProx's term, 6 clients on 2 ranks: the server
     optimizer's moments are the federator's checkpoint state, so stopping after round 1
-    and resuming gives the uninterrupted run's models; FedAdam moves the model another
-    way than FedAvg does."""
+    and resuming gives the uninterrupted run's models."""
     opts = ["--fed.clients=6", "--fed.server_opt=fedadam", "--fed.server_lr=0.01"]
     opts.append("--fed.prox_mu=0.1")
-    full, part, plain = tmp_path / "full", tmp_path / "part", tmp_path / "plain"
+    full, part = tmp_path / "full", tmp_path / "part"
     assert train(3, full, *opts).returncode == 0
     assert train(3, part, *opts, "--fed.rounds=1").returncode == 0
     res = train(3, part, *opts, "--fed.rounds=2")
@@ -193,5 +192,4 @@ def test_server_optimizer_and_fedprox_resume_bit_exactly(tmp_path):
     moments = a["server_opt"]["regions"]
     assert set(moments) == set(REGIONS)
     assert all(torch.equal(moments[r]["v"], b["server_opt"]["regions"][r]["v"]) for r in REGIONS)
-    assert train(3, plain, "--fed.clients=6").returncode == 0
-    assert tensor_digest(load(plain, 2)["federator.pt"]) != tensor_digest(a)
+    assert all(moments[r]["v"].abs().sum() > 0 for r in REGIONS)  # FedAdam stepped
