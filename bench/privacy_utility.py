@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import _common as C
 
 from fedmpi.fl.privacy import epsilon
 from fedmpi.store.runfolder import RunFolder
@@ -50,11 +51,8 @@ def run_job(runs: Path, name: str, rounds: int, samples: int, extra: list[str]) 
     run = runs / name
     if run.exists():
         shutil.rmtree(run)
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1")
-    env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
-    mpirun = Path(sys.executable).parent / "mpirun"
-    cmd = [str(mpirun if mpirun.exists() else "mpirun"), "-n", "3", "--oversubscribe"]
-    cmd += ["--bind-to", "none", sys.executable, "-m", "fedmpi.train"]
+    env = dict(C.launch_env(), OMP_NUM_THREADS="1")
+    cmd = C.launch_prefix(C.DEFAULT_LAUNCHER, 3) + [sys.executable, "-m", "fedmpi.train"]
     cmd += ["--config", "configs/quickstart.yaml", "--run-dir", str(run)]
     cmd += [f"--fed.clients={N}", f"--fed.participation={Q}", "--fed.sampling=poisson"]
     cmd += [f"--fed.rounds={rounds}", "--fed.local_epochs=1", "--fed.local_steps=null"]
