@@ -170,6 +170,15 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def save_result(out_dir, name: str, text: str) -> Path:
+    """Write a benchmark's result text to OUT_DIR/NAME (the folder made if needed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(text + "\n")
+    return path
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], align: str = "") -> str:
     """A markdown table (fedmpi.store.tables.format_table); align: one char per column,
     'l' or 'r' (default r, first l)."""

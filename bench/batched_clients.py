@@ -221,9 +221,7 @@ def main(argv=None) -> int:
     )
     text = "\n".join([title, "", *lines, "", table])
     print("\n" + text)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "batched_clients.md").write_text(text + "\n")
+    C.save_result(args.out_dir, "batched_clients.md", text)
     return 0
 
 

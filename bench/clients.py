@@ -258,9 +258,7 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     text = "\n\n".join(sections)
     print(f"\n{text}\n\n(bench/clients.py took {time.perf_counter() - t0:.0f} s)")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "clients.md").write_text(text + "\n")
+    C.save_result(args.out_dir, "clients.md", text)
     return 0
 
 

@@ -128,9 +128,7 @@ def main(argv=None) -> int:
         rows,
     )
     print("\n" + table)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fixed_cost.md").write_text(table + "\n")
+    C.save_result(args.out_dir, "fixed_cost.md", table)
     return 0
 
 
