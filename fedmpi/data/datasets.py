@@ -322,16 +322,18 @@ def client_sizes(cfg: Config, num_clients: int) -> list[int]:
     return [len(p) for p in compute_split(cfg, labels, num_clients)]
 
 
-def load_clients_data(cfg: Config, clients, num_clients: int) -> dict[int, np.ndarray]:
-    """The training images of each of `clients` (0-based, out of num_clients): the
-    training set is read and split once for all of them."""
+def load_clients_data(cfg: Config, num_clients: int, choose) -> dict[int, np.ndarray]:
+    """The training images of the clients `choose(sizes)` picks (0-based, out of
+    num_clients) from every client's declared size: the training set is read and split
+    once, for the sizes and the images alike (shards: the file's 'sizes' record, each
+    loaded client checked against it)."""
     if not cfg.data.shards:
         images, labels = load_arrays(cfg.data, "train")
         parts = compute_split(cfg, labels, num_clients)
-        return {c: images[parts[c]] for c in clients}
+        return {c: images[parts[c]] for c in choose([len(p) for p in parts])}
     declared = client_sizes(cfg, num_clients)
     out = {}
-    for c in clients:
+    for c in choose(declared):
         out[c] = load_client_data(cfg, c, num_clients)[0]
         if len(out[c]) != declared[c]:
             raise DataError(

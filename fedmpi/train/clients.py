@@ -34,7 +34,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from fedmpi.data import client_sizes, load_client_data, load_clients_data
+from fedmpi.data import load_client_data, load_clients_data
 from fedmpi.errors import CheckpointError, ConfigError, DataError, DiskError
 from fedmpi.fl.methods import personal_regions
 from fedmpi.fl.population import Population
@@ -371,8 +371,10 @@ def make_pool(job, K: int) -> ClientPool:
         mine = [world.client]
         data = {world.client: load_client_data(cfg, world.client, K)[0]}
     else:  # placed by the sizes the split declares (the same on every rank)
-        mine = Population.place(client_sizes(cfg, N), K).clients_of(world.client)
-        data = load_clients_data(cfg, mine, N)
+        data = load_clients_data(
+            cfg, N, lambda sizes: Population.place(sizes, K).clients_of(world.client)
+        )
+        mine = sorted(data)
     empty = [c + 1 for c, images in data.items() if len(images) == 0]
     if empty:
         raise DataError(
