@@ -48,8 +48,11 @@ def mpi_env() -> dict:
     return env
 
 
-def mpirun(n: int, args: list[str], timeout: float = 240, cwd=ROOT) -> subprocess.CompletedProcess:
-    """`mpirun -n n python <args>`; fails the test (never hangs) past `timeout` seconds."""
+def mpirun(
+    n: int, args: list[str], timeout: float = 240, cwd=ROOT, mpirun_args=()
+) -> subprocess.CompletedProcess:
+    """`mpirun -n n [mpirun_args] python <args>`; fails the test (never hangs) past
+    `timeout` seconds."""
     cmd = [
         mpirun_path(),
         "-n",
@@ -57,6 +60,7 @@ def mpirun(n: int, args: list[str], timeout: float = 240, cwd=ROOT) -> subproces
         "--oversubscribe",
         "--bind-to",
         "none",
+        *mpirun_args,
         sys.executable,
         *args,
     ]

@@ -172,6 +172,7 @@ def _validate(cfg: Config, source: str) -> None:
             f"'diffusion.timesteps' ({d.timesteps})"
         )
     _check_privacy(cfg, source)
+    _check_compression(cfg, source)
     if cfg.train.compile_mode != "default" and not cfg.train.compile:
         raise ConfigError(
             f"{source}: 'train.compile_mode' is {cfg.train.compile_mode!r} but "
@@ -200,6 +201,28 @@ def _validate(cfg: Config, source: str) -> None:
             f"{source}: 'eval.classifier_weights' points to {cfg.eval.classifier_weights}, which "
             f"is not a file. Give the file printed by `python -m fedmpi.extractors "
             f"train-classifier`, or leave it unset to train the classifier on the test split."
+        )
+
+
+def _check_compression(cfg: Config, source: str) -> None:
+    """fed.compress changes the upload's arithmetic: secure aggregation's masks need a
+    modular integer sum (int8 has one; bf16 and top-k do not), and DP's guarantee rests
+    on the clipped update's norm, which compression and error feedback change."""
+    f = cfg.fed
+    if f.compress == "none":
+        return
+    if f.secure and f.compress != "int8":
+        raise ConfigError(
+            f"{source}: 'fed.compress' {f.compress} with 'fed.secure': pairwise masks "
+            f"cancel only in a modular integer sum, and {f.compress} uploads are summed "
+            f"in float by the federator; use --fed.compress=int8 (a uint8 sum that the "
+            f"masks fit) or --fed.secure=false"
+        )
+    if cfg.privacy.dp:
+        raise ConfigError(
+            f"{source}: 'fed.compress' {f.compress} with 'privacy.dp': the noise is "
+            f"calibrated to the clipped update's norm, which compression (and error "
+            f"feedback's residual) would change; set --fed.compress=none with DP"
         )
 
 

@@ -146,6 +146,13 @@ class FedCfg:
     server_beta1: float = 0.9  # fedadam, fedyogi
     server_beta2: float = 0.99
     server_tau: float = 1.0e-3  # adaptivity (epsilon) of fedadam, fedyogi
+    # Compressed uploads (fedmpi.fl.compress): each client sends its update (weights
+    # minus the round's start) as bf16, int8 (one shared scale per region) or its top-k
+    # entries (topk_fraction of them); error feedback carries what was not sent into
+    # the next round's update. Downloads stay float32.
+    compress: str = "none"  # none | bf16 | int8 | topk
+    topk_fraction: float = 0.01
+    error_feedback: bool = True
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,7 @@ CHOICES = {
     "fed.on_nonfinite": ("abort", "skip"),
     "fed.sampling": ("fixed", "poisson"),
     "fed.server_opt": ("none", "fedavgm", "fedadam", "fedyogi"),
+    "fed.compress": ("none", "bf16", "int8", "topk"),
     "train.lr_schedule": ("constant", "cosine"),
     "eval.sampler": ("ddim", "ddpm"),
     "eval.extractor": ("classifier", "inception", "none"),
@@ -324,6 +332,7 @@ RANGES = {
     "fed.server_beta1": Range(0, 1, hi_open=True),
     "fed.server_beta2": Range(0, 1, hi_open=True),
     "fed.server_tau": POSITIVE,
+    "fed.topk_fraction": Range(0, 1, lo_open=True),
     "privacy.clip": POSITIVE,
     "privacy.noise_multiplier": POSITIVE,  # 0 would give epsilon = infinity
     "privacy.delta": UNIT_OPEN,

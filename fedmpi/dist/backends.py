@@ -45,6 +45,12 @@ def cuda_aware_mpi() -> bool:
     return False
 
 
+def _add_mod_256(inbuf, inoutbuf, datatype) -> None:
+    """MPI user op: inout := inout + in, elementwise modulo 2^8 (uint8)."""
+    acc = np.frombuffer(inoutbuf, dtype=np.uint8)
+    np.add(acc, np.frombuffer(inbuf, dtype=np.uint8), out=acc)
+
+
 class MPIBackend:
     """Collectives of mpi4py on torch tensors. CPU tensors are passed as numpy views of
     their memory (no copy). CUDA tensors are passed as they are (through
@@ -149,6 +155,41 @@ class MPIBackend:
         else:
             group.handle.Reduce(buf, None, op=self.MPI.SUM, root=0)
 
+    _add_u8 = None  # the MPI op of reduce_sum_u8, created on first use
+
+    def reduce_sum_u8(self, group: Group, arr: np.ndarray) -> None:
+        # A user-defined op, not MPI_SUM: Open MPI 5's AVX op component adds 8- and 16-bit
+        # integers with saturation (vectors of 32+ values), which would break the wrap
+        # modulo 2^8 that masked uploads need. numpy's uint8 add wraps by definition.
+        if MPIBackend._add_u8 is None:
+            MPIBackend._add_u8 = self.MPI.Op.Create(_add_mod_256, commute=True)
+        buf = [arr, self.MPI.UINT8_T]
+        if self.world.rank == 0:
+            group.handle.Reduce(self.MPI.IN_PLACE, buf, op=self._add_u8, root=0)
+        else:
+            group.handle.Reduce(buf, None, op=self._add_u8, root=0)
+
+    def agree_max(self, group: Group, arr: np.ndarray) -> None:
+        buf = [arr, self.MPI.FLOAT]
+        if self.world.rank == 0:
+            group.handle.Reduce(self.MPI.IN_PLACE, buf, op=self.MPI.MAX, root=0)
+        else:
+            group.handle.Reduce(buf, None, op=self.MPI.MAX, root=0)
+        group.handle.Bcast(buf, root=0)
+
+    GATHER_TAG = 7301
+
+    def gather_bytes(self, group: Group, send: np.ndarray, recv) -> None:
+        comm = group.handle
+        if self.world.rank != 0:
+            comm.Send([send, self.MPI.BYTE], dest=0, tag=self.GATHER_TAG)
+            return
+        reqs = [
+            comm.Irecv([recv[i], self.MPI.BYTE], source=i + 1, tag=self.GATHER_TAG)
+            for i in range(comm.Get_size() - 1)
+        ]
+        self.MPI.Request.Waitall(reqs)
+
     def close(self) -> None:
         while self.cache:
             self._free(self.cache.popitem()[1])
@@ -249,6 +290,41 @@ class TorchBackend:
         self.dist.reduce(dev, dst=0, op=self.dist.ReduceOp.SUM, group=group.handle)
         if self.world.rank == 0:
             t.copy_(dev)
+
+    def _host_op(self, arr: np.ndarray, op) -> None:
+        """Run `op(tensor)` on a host array, through the device for NCCL; the result
+        copied back in place."""
+        t = self.torch.from_numpy(arr)
+        if self.device.type == "cpu":
+            op(t)
+            return
+        dev = t.to(self.device)
+        op(dev)
+        t.copy_(dev)
+
+    def reduce_sum_u8(self, group: Group, arr: np.ndarray) -> None:
+        dist = self.dist
+        self._host_op(arr, lambda t: dist.reduce(t, 0, dist.ReduceOp.SUM, group=group.handle))
+
+    def agree_max(self, group: Group, arr: np.ndarray) -> None:
+        dist = self.dist
+
+        def op(t):
+            dist.reduce(t, dst=0, op=dist.ReduceOp.MAX, group=group.handle)
+            dist.broadcast(t, src=0, group=group.handle)
+
+        self._host_op(arr, op)
+
+    def gather_bytes(self, group: Group, send: np.ndarray, recv) -> None:
+        torch, dist = self.torch, self.dist
+        if self.world.rank != 0:
+            self._host_op(send, lambda t: dist.gather(t, None, dst=0, group=group.handle))
+            return
+        mine = torch.zeros(recv.shape[1], dtype=torch.uint8, device=self.device)
+        rows = [mine] + [torch.empty_like(mine) for _ in range(recv.shape[0])]
+        dist.gather(mine, rows, dst=0, group=group.handle)
+        for i, row in enumerate(rows[1:]):
+            recv[i] = row.cpu().numpy()
 
     def close(self) -> None:
         if self.dist.is_initialized():

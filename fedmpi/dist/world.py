@@ -139,6 +139,30 @@ class World:
             raise ValueError(f"reduce_sum_u64 needs a contiguous uint64 array, got {arr.dtype}")
         self.backend.reduce_sum_u64(group, arr)
 
+    def reduce_sum_u8(self, group: Group, arr: np.ndarray) -> None:
+        """As `reduce_sum_u64` on a contiguous uint8 array: the sum modulo 2^8, one byte
+        per value on the wire (int8-compressed uploads, fedmpi.fl.compress)."""
+        if arr.dtype != np.uint8 or not arr.flags.c_contiguous:
+            raise ValueError(f"reduce_sum_u8 needs a contiguous uint8 array, got {arr.dtype}")
+        self.backend.reduce_sum_u8(group, arr)
+
+    def agree_max(self, group: Group, arr: np.ndarray) -> None:
+        """In place on a small contiguous float32 array: every member's `arr` becomes the
+        elementwise MAX over the group (a Reduce to the root and its Bcast: each member
+        sends and receives its values once, so the bytes are countable)."""
+        if arr.dtype != np.float32 or not arr.flags.c_contiguous:
+            raise ValueError(f"agree_max needs a contiguous float32 array, got {arr.dtype}")
+        self.backend.agree_max(group, arr)
+
+    def gather_bytes(self, group: Group, send: np.ndarray, recv: np.ndarray | None) -> None:
+        """A linear Gather of equal-sized byte buffers to the root: each member's `send`
+        (uint8, the root's ignored) lands in row i of the root's `recv` (uint8, shape
+        (members - 1, send.size)) for the i-th member after the root, in rank order.
+        Point-to-point from each member to the root, so every byte crosses once."""
+        if send.dtype != np.uint8 or not send.flags.c_contiguous:
+            raise ValueError(f"gather_bytes needs a contiguous uint8 array, got {send.dtype}")
+        self.backend.gather_bytes(group, send, recv)
+
     # control plane ------------------------------------------------------------------
     def _wait(self, req, phase: str | None) -> None:
         """Complete a non-blocking collective by polling with sleeps: ranks that finish

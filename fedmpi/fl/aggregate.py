@@ -43,6 +43,14 @@ the options change the upload, never the plan or the broadcast:
   client replaces the regions it uploads by start + clip(theta - start) (+ its
   distributed noise share), with uniform weight 1; in central mode the federator adds
   the noise to its own zero contribution to the sum.
+- `fed.compress`: `compress.CompressedFedAvg` instead of either: each client sends its
+  update (weights minus the round's start, plus its error-feedback residual) in bf16 or
+  top-k (a linear Gather, summed in float32 by the federator in rank order) or int8 (a
+  MAX agreement of one scale, then one uint8 SUM Reduce, with fed.secure's masks modulo
+  2^8 when secure); the federator adds the decoded average update to the region's
+  previous weights and broadcasts float32 as usual.
+- `fed.prox_mu`, `fed.server_opt`: `strategy.FedProx`, `strategy.ServerOptimized` around
+  the rest (the clients' objective; the federator's step on the average).
 """
 
 from __future__ import annotations
@@ -51,7 +59,8 @@ import time
 
 import torch
 
-from fedmpi.fl.ledger import Ledger
+from fedmpi.fl.compress import CompressedFedAvg, scale_bytes
+from fedmpi.fl.ledger import Ledger, UploadFormat
 from fedmpi.fl.methods import make_plan, shared_regions
 from fedmpi.fl.population import Population
 from fedmpi.fl.strategy import (
@@ -77,8 +86,15 @@ def check_secure_plans(cfg, population: Population) -> None:
     rounds are drawn at run time: a region short of reporters in a round is withheld
     then (`Aggregator.reporting`) and the round line says so."""
     from fedmpi.config import ConfigError
+    from fedmpi.fl.compress import INT8_MAX
     from fedmpi.fl.secure import SecureAggError, check_reporters
 
+    if cfg.fed.compress == "int8" and population.slots > INT8_MAX:
+        raise ConfigError(
+            f"fed.compress=int8 sums one signed byte per value over the reporting ranks, "
+            f"and {population.slots} client ranks could overflow it (at most {INT8_MAX}); "
+            f"use fewer ranks with more clients each (fed.clients) or --fed.compress=bf16"
+        )
     if not cfg.fed.secure:
         return
     n = population.num_clients
@@ -117,6 +133,12 @@ def make_strategy(world, cfg=None, population: Population | None = None) -> Aggr
         from fedmpi.fl.secure import SecureFedAvg
 
         strategy = SecureFedAvg.agree(world, cfg.fed)
+    if cfg.fed.compress != "none":
+        f = cfg.fed
+        secure = strategy if f.secure else None
+        strategy = CompressedFedAvg(
+            f.compress, f.error_feedback, f.topk_fraction, cfg.run.seed, secure
+        )
     if cfg.privacy.dp:
         from fedmpi.fl.privacy import DifferentialPrivacy
 
@@ -169,6 +191,12 @@ class Aggregator(RegionBuffers):
         )
         # the regions the method shares (a round releases those its clients report)
         self.shared = shared_regions(cfg.fed.method) if cfg is not None else REGIONS
+        compressed = self.strategy.find(CompressedFedAvg)
+        self._format = UploadFormat(
+            compressed.scheme if compressed is not None else "none",
+            self.secure is not None,
+            compressed.topk_fraction if compressed is not None else 0.01,
+        )
 
     @property
     def secure(self):
@@ -179,9 +207,9 @@ class Aggregator(RegionBuffers):
         return self.strategy.find(SecureFedAvg)
 
     @property
-    def upload_value_bytes(self) -> int:
-        """Bytes per uploaded value: 8 (uint64 fixed point) when secure, else 4."""
-        return self.strategy.value_bytes
+    def upload_format(self) -> UploadFormat:
+        """How this job's uploads are encoded (`fedmpi.fl.ledger.UploadFormat`)."""
+        return self._format
 
     def initial_broadcast(self) -> None:
         """The federator's full model to every client (round 0 of the ledger)."""
@@ -258,7 +286,7 @@ class Aggregator(RegionBuffers):
                 float_average = self._reduce(up_group, job)
             if down_group.is_member:
                 world.bcast(down_group, theta)
-                self._record_down(round_index, region, theta, downs)
+                self._record_down(round_index, region, theta, downs, ups)
             total = theta.sum(dtype=torch.float32) if float_average else None
         if timings is not None:
             timings[region] = timings.get(region, 0.0) + time.perf_counter() - t0
@@ -272,15 +300,17 @@ class Aggregator(RegionBuffers):
         world, strategy, n = self.world, self.strategy, self.sizes[job.region]
         if not world.is_federator:
             buf = strategy.upload(self, job, world.client)
-            self.ledger.record(job.round_index, world.client, job.region, "up", n, _nbytes(buf))
-            strategy.reduce(world, group, buf)
+            sent = strategy.reduce(world, group, buf)
+            nbytes = sent if sent is not None else _nbytes(buf)
+            self.ledger.record(job.round_index, world.client, job.region, "up", n, nbytes)
             return False
         if strategy.needs_before:
             self.save_before(job.region)
         dst, own = strategy.receive(self, job)
-        strategy.reduce(world, group, dst, own)
+        sent = strategy.reduce(world, group, dst, own)  # bytes per uploader, or None
         for _ in job.uploaders:
-            self.ledger.record(job.round_index, -1, job.region, "up", n, _nbytes(dst))
+            nbytes = sent if sent is not None else _nbytes(dst)
+            self.ledger.record(job.round_index, -1, job.region, "up", n, nbytes)
         return strategy.finish(self, job, dst)
 
     def _release_unreported(self, job: RegionRound) -> bool:
@@ -332,10 +362,18 @@ class Aggregator(RegionBuffers):
         """The (epsilon, privacy.delta) guarantee after `rounds` rounds (None without DP)."""
         return self.strategy.epsilon(rounds)
 
-    def _record_down(self, round_index: int, region: str, t: torch.Tensor, receivers) -> None:
-        nbytes = t.numel() * t.element_size()
+    def _record_down(
+        self, round_index: int, region: str, t: torch.Tensor, receivers, reporters=()
+    ) -> None:
+        """The broadcast's rows; a reporter's also counts what its upload received back
+        (int8's agreed scale: `UploadFormat.down`)."""
+        n, extra = t.numel(), scale_bytes(self._format.compress)
+        nbytes = n * t.element_size()
         if self.world.is_federator:
-            for _ in receivers:
-                self.ledger.record(round_index, -1, region, "down", t.numel(), nbytes)
+            for k in receivers:
+                self.ledger.record(
+                    round_index, -1, region, "down", n, nbytes + extra * (k in reporters)
+                )
         else:
-            self.ledger.record(round_index, self.world.client, region, "down", t.numel(), nbytes)
+            k = self.world.client
+            self.ledger.record(round_index, k, region, "down", n, nbytes + extra * (k in reporters))

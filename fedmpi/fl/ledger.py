@@ -5,8 +5,10 @@ Counting rule (the payload, independent of how the MPI library routes it):
 - round r = 1..R: each client uploads the regions its plan reports, as one float32
   buffer per region with its weight w_k appended (4 * (P + 1) bytes), and receives the
   regions its plan gives back (4 * P bytes). With `fed.secure` an upload is a uint64
-  fixed-point buffer with n_k appended, 8 * (P + 1) bytes (`upload_value_bytes=8`;
-  downloads stay float32).
+  fixed-point buffer with n_k appended, 8 * (P + 1) bytes; with `fed.compress` the
+  encoded update (`fedmpi.fl.compress.payload_bytes`: bf16 2 P, int8 P + 4 for the
+  values and the region's scale, top-k 8 k). `UploadFormat` is that rule. Downloads
+  stay float32 (an int8 reporter also receives the agreed scale: 4 more bytes).
 
 The paper counts the initial model plus R uploads and R - 1 downloads: its last
 download would start a round R + 1 that never runs. fedmpi does perform that final
@@ -41,8 +43,51 @@ FEDERATOR = 0  # the federator's rank, named in src / dst
 SECURE_VALUE_BYTES = 8  # fed.secure: uint64 fixed point per uploaded value
 
 
-def upload_bytes(params: int, value_bytes: int = FLOAT_BYTES) -> int:
-    return value_bytes * (params + 1)
+@dataclass(frozen=True)
+class UploadFormat:
+    """How a client's upload of one region is encoded, so what it costs on the wire:
+    plain float32 FedAvg, secure fixed point, or a compressed update (fed.compress)."""
+
+    compress: str = "none"  # none | bf16 | int8 | topk
+    secure: bool = False
+    topk_fraction: float = 0.01
+
+    @classmethod
+    def of(cls, fed_cfg) -> UploadFormat:
+        return cls(fed_cfg.compress, bool(fed_cfg.secure), float(fed_cfg.topk_fraction))
+
+    @classmethod
+    def coerce(cls, fmt) -> UploadFormat:
+        """A format, or the bytes per uploaded value of an uncompressed one (4 or 8)."""
+        if isinstance(fmt, UploadFormat):
+            return fmt
+        return cls(secure=int(fmt) == SECURE_VALUE_BYTES)
+
+    @property
+    def value_bytes(self) -> int:
+        """Bytes per uploaded value of an uncompressed upload (0: compressed)."""
+        if self.compress != "none":
+            return 0
+        return SECURE_VALUE_BYTES if self.secure else FLOAT_BYTES
+
+    def up(self, params: int) -> int:
+        """Bytes a client hands to MPI to upload a region of `params` values."""
+        if self.compress == "none":
+            return self.value_bytes * (params + 1)
+        from fedmpi.fl.compress import payload_bytes
+
+        return payload_bytes(self.compress, params, self.topk_fraction)
+
+    def down(self, params: int, reported: bool) -> int:
+        """Bytes a client receives for a region (`reported`: it also uploaded it)."""
+        from fedmpi.fl.compress import scale_bytes
+
+        return download_bytes(params) + (scale_bytes(self.compress) if reported else 0)
+
+
+def upload_bytes(params: int, fmt=FLOAT_BYTES) -> int:
+    """Bytes of one upload of `params` values (`fmt`: an UploadFormat or value bytes)."""
+    return UploadFormat.coerce(fmt).up(params)
 
 
 def download_bytes(params: int) -> int:
@@ -107,15 +152,16 @@ class Ledger:
         return [transfer(r[0], *r[2:]) for r in self.rows]
 
 
-def deployment_bytes(plan, sizes: dict[str, int], upload_value_bytes: int = FLOAT_BYTES) -> dict:
+def deployment_bytes(plan, sizes: dict[str, int], upload_format=FLOAT_BYTES) -> dict:
     """What the round's participating clients would send and receive in a deployment
     where every client is its own process (the paper's per-client counts), whatever
     ranks host them: metrics.jsonl's `client_up_bytes` / `client_down_bytes` per round,
     beside `bytes`, what went over the wire between the ranks."""
+    fmt = UploadFormat.coerce(upload_format)
     up = down = 0
     for ups, downs in zip(plan.uploads, plan.downloads):
-        up += sum(upload_bytes(sizes[r], upload_value_bytes) for r in ups)
-        down += sum(download_bytes(sizes[r]) for r in downs)
+        up += sum(fmt.up(sizes[r]) for r in ups)
+        down += sum(fmt.down(sizes[r], r in ups) for r in downs)
     return {"client_up_bytes": up, "client_down_bytes": down}
 
 
@@ -125,7 +171,7 @@ def analytical_rows(
     rounds: int,
     sizes: dict[str, int],
     seed: int,
-    upload_value_bytes: int = FLOAT_BYTES,
+    upload_format=FLOAT_BYTES,
     population=None,
     key: int | None = None,
     released=(),
@@ -134,7 +180,9 @@ def analytical_rows(
     `population` (`fedmpi.fl.population.Population`, default: one client per rank, all
     in every round) and its sampling `key` (default: the seed): which clients take part
     in each round and which rank carries their uploads; `released`: regions broadcast
-    every round, reported or not (DP with sampling)."""
+    every round, reported or not (DP with sampling). `upload_format`: an UploadFormat
+    (or 4 / 8 bytes per value, plain / secure)."""
+    fmt = UploadFormat.coerce(upload_format)
     if population is None:
         population = Population.place([1] * num_clients, num_clients)
     key = seed if key is None else key
@@ -150,11 +198,11 @@ def analytical_rows(
         for k, (ups, downs) in enumerate(population.wire(plan, released)):
             for region in REGIONS:
                 if region in ups:
-                    nbytes = upload_bytes(sizes[region], upload_value_bytes)
+                    nbytes = fmt.up(sizes[region])
                     rows.append(transfer(r, k + 1, region, "up", sizes[region], nbytes))
             for region in REGIONS:
                 if region in downs:
-                    nbytes = download_bytes(sizes[region])
+                    nbytes = fmt.down(sizes[region], region in ups)
                     rows.append(transfer(r, k + 1, region, "down", sizes[region], nbytes))
     return rows
 
@@ -196,7 +244,7 @@ def comparison(
     rounds: int,
     sizes: dict,
     seed: int,
-    upload_value_bytes: int = FLOAT_BYTES,
+    upload_format=FLOAT_BYTES,
     population=None,
     key: int | None = None,
     released=(),
@@ -205,7 +253,7 @@ def comparison(
     the reduction is in parameters, so the upload width does not change it)."""
     args = (population, key, released)
     ours = summarize(
-        analytical_rows(method, num_clients, rounds, sizes, seed, upload_value_bytes, *args),
+        analytical_rows(method, num_clients, rounds, sizes, seed, upload_format, *args),
         rounds,
     )
     full = summarize(analytical_rows("full", num_clients, rounds, sizes, seed, 4, *args), rounds)
@@ -259,21 +307,23 @@ def run_summary(
     rounds: int,
     sizes: dict,
     seed: int,
-    upload_value_bytes: int = FLOAT_BYTES,
+    upload_format=FLOAT_BYTES,
     extra: dict | None = None,
     population=None,
     key: int | None = None,
     released=(),
 ) -> dict:
     """A run's comm.csv `rows` (typed) summarized and checked against the analytical table
-    (comm_summary.json). `upload_value_bytes`: 8 for fed.secure runs; `extra`: more keys;
+    (comm_summary.json). `upload_format`: the run's UploadFormat; `extra`: more keys;
     `population`, `key`, `released`: the clients, their sampling and the regions released
     every round (`analytical_rows`)."""
-    args = (upload_value_bytes, population, key, released)
+    fmt = UploadFormat.coerce(upload_format)
+    args = (fmt, population, key, released)
     expected = analytical_rows(method, num_clients, rounds, sizes, seed, *args)
     measured = summarize(rows, rounds)
     out = comparison(method, num_clients, rounds, sizes, seed, *args)
-    out["upload_value_bytes"] = upload_value_bytes
+    out["upload_value_bytes"] = fmt.value_bytes
+    out["compress"] = fmt.compress
     out.update(extra or {})
     out["measured"] = {
         "moved": measured["moved"],

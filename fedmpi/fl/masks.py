@@ -132,15 +132,17 @@ def mask_inplace(
     region: str,
     scratch: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Add (me < peer) or subtract (me > peer) each pair's mask, modulo 2^64, in place.
-
+    """Add (me < peer) or subtract (me > peer) each pair's mask, modulo 2^64 for a uint64
+    buffer (fixed point) or 2^8 for a uint8 one (int8-compressed uploads), in place.
     `peers`: the other reporters of this region in this round (own id skipped), as the
     plan gives them, or `mask_peers(...)` of them; subsets differ per region, so every
-    reporter must derive its peers from the same set. The masks are `mask_stream`'s,
-    drawn chunk by chunk (`scratch`: optional uint64 buffer, reused across calls).
+    reporter must derive its peers from the same set. The masks are the pair's AES-CTR
+    keystream read as buf's dtype (`mask_stream`'s for uint64), drawn chunk by chunk
+    (`scratch`: optional uint64 buffer, reused across calls).
     """
-    if buf.dtype != np.uint64 or not buf.flags.c_contiguous:
-        raise ValueError(f"mask_inplace needs a contiguous uint64 buffer, got {buf.dtype}")
+    if buf.dtype not in (np.uint64, np.uint8) or not buf.flags.c_contiguous:
+        raise ValueError(f"mask_inplace needs a contiguous uint64 or uint8 buffer, got {buf.dtype}")
+    width = buf.dtype.itemsize
     flat = buf.reshape(-1)
     pairs = []
     for peer in sorted({int(p) for p in peers} - {me}):
@@ -149,19 +151,20 @@ def mask_inplace(
                 f"client {me} has no pair secret with client {peer}; run the key "
                 "exchange (derive_secrets) over all clients before round 1"
             )
-        # uint64 arithmetic wraps modulo 2^64
+        # unsigned arithmetic wraps modulo 2^(8 * width)
         pairs.append(
             (_mask_cipher(secrets[peer], round_index, region), np.add if me < peer else np.subtract)
         )
     if scratch is None or scratch.size < CHUNK + 2:
         scratch = np.empty(CHUNK + 2, np.uint64)
     out_bytes = memoryview(scratch).cast("B")  # CTR's update_into wants 15 spare bytes
-    zeros = _Zeros.get(8 * CHUNK)
+    stream = scratch.view(buf.dtype)
+    zeros = _Zeros.get(width * CHUNK)
     for i in range(0, flat.size, CHUNK):
         part = flat[i : i + CHUNK]
-        mask = scratch[: part.size]
+        mask = stream[: part.size]
         for enc, op in pairs:
-            enc.update_into(zeros[: 8 * part.size], out_bytes)
+            enc.update_into(zeros[: width * part.size], out_bytes)
             op(part, mask, out=part)
     return buf
 

@@ -220,7 +220,8 @@ class Job:
     def _round_start(self) -> RoundStart | None:
         """A trainer's weights at the round's start: the regions it never gets back from
         the federator (its personal ones; the baseline all of them); all of them with DP
-        (the update is clipped against them), secure aggregation (a left-out client's
+        (the update is clipped against them), compression (the update is sent), secure
+        aggregation (a left-out client's
         upload is encoded from them) or fed.on_nonfinite=skip (a left-out client is
         evaluated and trains on from them)."""
         if self.trainer is None:
@@ -228,6 +229,7 @@ class Job:
         cfg = self.cfg
         multi = self.pool is not None and not self.pool.single  # each client from the start
         every = self.solo or multi or cfg.privacy.dp or cfg.fed.secure
+        every = every or cfg.fed.compress != "none"  # the update is theta - start
         every = every or cfg.fed.on_nonfinite == "skip"
         kept = REGIONS if every else personal_regions(self.method)
         frozen = cfg.fed.freeze_unshared and not self.solo  # a new Adam every round then

@@ -55,7 +55,7 @@ def record(job, r: int, stats: dict, scores, nonfinite: list[int], times: dict, 
         bytes=round_bytes,
         images_per_s=[s.get("images_per_s") for s in rows],
         participants=sum(1 for u in plan.uploads if u),
-        **deployment_bytes(plan, region_sizes(job.model), job.aggregator.upload_value_bytes),
+        **deployment_bytes(plan, region_sizes(job.model), job.aggregator.upload_format),
     )
     row.update(scores or {})
     epsilon = job.aggregator.epsilon(r)  # privacy.dp: the guarantee after round r
@@ -124,7 +124,7 @@ def finish(job) -> dict:
             R,
             region_sizes(job.model),
             cfg.run.seed,
-            job.aggregator.upload_value_bytes,
+            job.aggregator.upload_format,
             extra,
             job.population,
             job.sampling_key,

@@ -158,14 +158,27 @@ def rank_state(cfg: Config, world, index: int, model, trainer, ema, steps: int) 
 
 def add_job_state(obj: dict, job) -> dict:
     """What a rank keeps beyond its model: a client rank's clients' personal regions
-    (several clients per rank), the federator's server-optimizer moments."""
+    (several clients per rank) and error-feedback residuals (fed.compress), the
+    federator's server-optimizer moments."""
     pool = getattr(job, "pool", None)
     if pool is not None and pool.states is not None:
         obj["client_states"] = pool.states.state_dict()
     opt = server_optimizer(job)
     if opt is not None and job.world.is_federator:
         obj["server_opt"] = opt.state_dict()
+    feedback = error_feedback(job)
+    if feedback is not None and not job.world.is_federator:
+        obj["error_feedback"] = feedback.state_dict()
     return obj
+
+
+def error_feedback(job):
+    """The job's compressed strategy when it keeps error-feedback residuals, else None."""
+    from fedmpi.fl.compress import CompressedFedAvg
+
+    agg = getattr(job, "aggregator", None)
+    compressed = agg.strategy.find(CompressedFedAvg) if agg is not None else None
+    return compressed if compressed is not None and compressed.feedback is not None else None
 
 
 def server_optimizer(job):
@@ -205,12 +218,17 @@ def restore_job_state(job, index: int) -> None:
     pool = getattr(job, "pool", None)
     opt = server_optimizer(job)
     wants_clients = pool is not None and pool.states is not None
-    if not (wants_clients or (opt is not None and world.is_federator)):
+    feedback = error_feedback(job) if not world.is_federator else None
+    if not (wants_clients or feedback is not None or (opt is not None and world.is_federator)):
         return
     path = job.run_dir.checkpoint_dir(index) / file_name(world)
     ckpt = load_checkpoint(path, torch.device("cpu"))
     if wants_clients:
         pool.states.load_state_dict(ckpt.get("client_states") or {})
+    if feedback is not None:
+        if "error_feedback" not in ckpt:
+            raise CheckpointError(f"{path} holds no error-feedback residuals (fed.compress)")
+        feedback.load_state_dict(ckpt["error_feedback"])
     if opt is not None and world.is_federator:
         if ckpt.get("server_opt") is None:
             raise CheckpointError(f"{path} holds no server-optimizer state (fed.server_opt)")
