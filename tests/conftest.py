@@ -39,6 +39,7 @@ FILE_SECONDS = {
     "test_train.py": 180,
     "test_secure_mpi.py": 150,
     "test_compress_mpi.py": 120,
+    "test_wan.py": 45,
     "test_faults.py": 145,
     "test_slurm_job.py": 120,
     "test_precision.py": 110,
