@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     import argparse
 
     from fedmpi.config import ConfigError, load_config
-    from fedmpi.fl.ledger import FLOAT_BYTES, SECURE_VALUE_BYTES, comparison
+    from fedmpi.fl.ledger import UploadFormat, comparison
     from fedmpi.fl.methods import METHODS
     from fedmpi.model.summary import model_region_sizes
 
@@ -53,6 +53,13 @@ def main(argv=None) -> int:
         help="uploads as fed.secure sends them: uint64 fixed point, 8 bytes per "
         "value instead of 4 (also implied by fed.secure: true in the config)",
     )
+    p.add_argument(
+        "--compress",
+        choices=("none", "bf16", "int8", "topk"),
+        default=None,
+        help="uploads compressed as fed.compress sends them (default: the config's; "
+        "top-k keeps fed.topk_fraction of the values)",
+    )
     args, rest = p.parse_known_args(argv)
     try:
         cfg = load_config(args.config, rest)
@@ -61,17 +68,24 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rounds = args.rounds or cfg.fed.rounds
-    secure = args.secure or cfg.fed.secure
-    value_bytes = SECURE_VALUE_BYTES if secure else FLOAT_BYTES
+    fmt = UploadFormat.of(cfg.fed)
+    fmt = UploadFormat(args.compress or fmt.compress, args.secure or fmt.secure, fmt.topk_fraction)
     results = [
-        comparison(m, args.clients, rounds, sizes, cfg.run.seed, value_bytes)
+        comparison(m, args.clients, rounds, sizes, cfg.run.seed, fmt)
         for m in args.methods.split(",")
     ]
-    print(
-        f"parameters exchanged, K={args.clients}, R={rounds}, rule={args.rule}"
-        + (", secure: uploads uint64 (8 bytes/value), downloads fp32" if secure else "")
-    )
-    print(comm_table(results, args.rule, "secure" if secure else "fp32"))
+    unit = {"none": "fp32", "topk": f"top-{fmt.topk_fraction:g}"}.get(fmt.compress, fmt.compress)
+    unit += " secure" if fmt.secure else ""
+    notes = {
+        "fp32 secure": ", secure: uploads uint64 (8 bytes/value), downloads fp32",
+        "bf16": ", uploads bf16 (2 bytes/value), downloads fp32",
+        "int8": ", uploads int8 (1 byte/value + a 4-byte scale each way), downloads fp32",
+    }
+    note = notes.get(unit.replace("int8 secure", "int8"), "")
+    if fmt.compress == "topk":
+        note = f", uploads the top {fmt.topk_fraction:.1%} values (8 bytes each), downloads fp32"
+    print(f"parameters exchanged, K={args.clients}, R={rounds}, rule={args.rule}{note}")
+    print(comm_table(results, args.rule, unit))
     return 0
 
 

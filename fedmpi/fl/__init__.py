@@ -9,6 +9,8 @@
 - `secure.py`: secure aggregation (`SecureFedAvg`, the client's `SecureAggregator`, the
   set-up check), built on `fixedpoint.py` (uint64 fixed-point encoding, overflow,
   decoding) and `masks.py` (X25519 key agreement, AES-CTR pairwise mask streams).
+- `compress.py`: compressed uploads (`CompressedFedAvg`: bf16, int8, top-k updates with
+  error feedback; int8 also under secure aggregation's masks).
 - `privacy.py`: differential privacy (clipping, noise, the accountant) and its strategy
   (`DifferentialPrivacy`, a wrapper around plain or secure FedAvg).
 - `ledger.py`: the byte ledger (every transfer, and the analytical table it must match).

@@ -29,6 +29,8 @@ MODES = {
         "fed.participation": 0.1,
         "fed.sampling": "poisson",
     },
+    "compressed uploads": {"fed.compress": "bf16"},
+    "int8 with secure aggregation": {"fed.compress": "int8", "fed.secure": True},
 }
 
 
@@ -78,3 +80,15 @@ def test_dp_with_sampling_refuses_what_the_table_says():
     for change in ({"fed.sampling": "fixed"}, {"fed.method": "usplit"}):
         with pytest.raises(ConfigError):
             load_config(TINY, {**base, **change})
+
+
+def test_compression_refuses_what_the_table_says():
+    refused = threat_table()["compressed uploads"]["refused"]
+    assert "privacy.dp" in refused and "with `fed.secure`" in refused
+    for scheme in ("bf16", "topk"):
+        with pytest.raises(ConfigError, match="fed.secure"):
+            load_config(TINY, {"fed.compress": scheme, "fed.secure": True})
+    for scheme in ("bf16", "int8", "topk"):
+        with pytest.raises(ConfigError, match="privacy.dp"):
+            load_config(TINY, {"fed.compress": scheme, "privacy.dp": True})
+    assert "more than 127 client ranks" in threat_table()["int8 with secure aggregation"]["refused"]
