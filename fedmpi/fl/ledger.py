@@ -324,6 +324,9 @@ def run_summary(
     out = comparison(method, num_clients, rounds, sizes, seed, *args)
     out["upload_value_bytes"] = fmt.value_bytes
     out["compress"] = fmt.compress
+    if fmt.compress != "none":  # what the same run would move with float32 uploads
+        plain = analytical_rows(method, num_clients, rounds, sizes, seed, FLOAT_BYTES, *args[1:])
+        out["float32_bytes"] = summarize(plain, rounds)["moved"]["bytes"]
     out.update(extra or {})
     out["measured"] = {
         "moved": measured["moved"],

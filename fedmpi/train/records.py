@@ -132,9 +132,12 @@ def finish(job) -> dict:
         )
         job.run_dir.write_summary(summary)
         moved = summary["measured"]["moved"]
+        saved = ""
+        if "float32_bytes" in summary:  # fed.compress
+            saved = f", {summary['float32_bytes'] / moved['bytes']:.2f}x fewer bytes than float32"
         job.log(
             f"done: moved {moved['params']:,} parameters ({moved['bytes'] / 1e6:.1f} MB), "
-            f"{100 * summary['moved']['reduction_vs_full']:.1f}% less than FULL would; "
+            f"{100 * summary['moved']['reduction_vs_full']:.1f}% less than FULL would{saved}; "
             f"ledger matches the analytical table: {summary['matches_analytical']}"
         )
     if job.world.is_federator:
@@ -168,8 +171,20 @@ def headline(job) -> str:
         who = f"N={pop.num_clients} clients on {pop.slots} ranks ({each}{adam})"
     return (
         f"fedmpi: {job.method.upper()} | {who} | R={s.rounds} rounds | "
-        f"{job.world.describe()} | device {job.device} | run {job.run_dir}" + privacy_text(cfg)
+        f"{job.world.describe()} | device {job.device} | run {job.run_dir}"
+        + upload_text(cfg)
+        + privacy_text(cfg)
     )
+
+
+def upload_text(cfg) -> str:
+    """How uploads are encoded, when not plain float32 FedAvg (the start line)."""
+    f, parts = cfg.fed, []
+    if f.compress != "none":
+        what = f"top {f.topk_fraction:.2%} of values" if f.compress == "topk" else f.compress
+        ef = ", error feedback" if f.error_feedback else ""
+        parts.append(f"uploads {what} of the update{ef}")
+    return "".join(f" | {p}" for p in parts)
 
 
 def warn_withheld(job, r: int, plan, sizes) -> None:
@@ -186,7 +201,9 @@ def warn_withheld(job, r: int, plan, sizes) -> None:
 def privacy_text(cfg: Config) -> str:
     """The secure aggregation / DP settings for the start line ('' when both are off)."""
     parts = []
-    if cfg.fed.secure:
+    if cfg.fed.secure and cfg.fed.compress == "int8":
+        parts.append("secure aggregation (int8 masked modulo 2^8)")
+    elif cfg.fed.secure:
         parts.append(f"secure aggregation (uint64, 2^-{cfg.fed.secure_frac_bits})")
     if cfg.privacy.dp:
         p = cfg.privacy
