@@ -168,6 +168,9 @@ class EvalCfg:
     classifier_weights: str | None = None  # fd_classifier file; None: train on the test split
     cache_dir: str | None = None  # None: ~/.cache/fedmpi
     grid: int = 64  # images in each PNG sample grid (0: none)
+    # [-1, 1] images -> extractor input, real and generated alike: exact maps (x + 1) / 2;
+    # reference writes PNGs as the reference's save_image does (below 0 clamped to black)
+    preprocess: str = "exact"
     # UDEC / ULATDEC: score each client's model right after its local training, before
     # the round's aggregation (local: its own decoder, as the reference scores), or after
     # it (aggregated: personal encoder + the averaged shared regions)
@@ -250,6 +253,7 @@ CHOICES = {
     "eval.sampler": ("ddim", "ddpm"),
     "eval.extractor": ("classifier", "inception", "none"),
     "eval.personal": ("aggregated", "local"),
+    "eval.preprocess": ("exact", "reference"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
     "privacy.mode": ("central", "distributed"),

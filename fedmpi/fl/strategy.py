@@ -192,8 +192,10 @@ class AggregationStrategy(ABC):
         """The federator's (dst, own): the buffer the sum lands in, its own summand."""
 
     @abstractmethod
-    def reduce(self, world, group, buf, own=None) -> None:
-        """The collective: the root's `buf` becomes the group's sum."""
+    def reduce(self, world, group, buf, own=None) -> int | None:
+        """The collective: the root's `buf` becomes the group's sum. Returns the bytes one
+        uploader handed to MPI when they differ from `buf`'s size (compressed uploads),
+        else None."""
 
     @abstractmethod
     def finish(self, bufs: RegionBuffers, job: RegionRound, total) -> bool:
@@ -268,7 +270,7 @@ class Wrapper(AggregationStrategy):
         return self.inner.receive(bufs, job)
 
     def reduce(self, world, group, buf, own=None):
-        self.inner.reduce(world, group, buf, own)
+        return self.inner.reduce(world, group, buf, own)
 
     def finish(self, bufs, job, total):
         return self.inner.finish(bufs, job, total)

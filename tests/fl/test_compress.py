@@ -142,3 +142,15 @@ def test_comm_table_prints_the_compressed_bytes(capsys):
     assert "uploads int8" in out
     # paper rule: the initial model (fp32) + R uploads + R - 1 downloads; int8 shrinks the uploads
     assert 1.3 < mb["none"] / mb["int8"] < 2.0
+
+
+def test_wrappers_pass_the_compressed_byte_count_on():
+    from fedmpi.fl.strategy import FedProx, ServerOptimized
+
+    class Counted(compress.CompressedFedAvg):
+        def reduce(self, world, group, buf, own=None):
+            return 1234
+
+    chain = ServerOptimized(FedProx(Counted("int8"), 0.1), optimizer=None)
+    assert chain.reduce(None, None, None) == 1234
+    assert chain.find(compress.CompressedFedAvg).scheme == "int8"
