@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from fedmpi.config import ConfigError
 from fedmpi.data import DataError
-from fedmpi.eval.fid import batched, file_digest, to_unit_quantized
+from fedmpi.eval.fid import batched, file_digest, to_unit, to_unit_quantized
 
 # Everything that changes the trained classifier; its hash is part of the cache key.
 # Version 2 trains on the test split; version 1 trained on the training set, which the
@@ -96,13 +96,15 @@ class ClassifierExtractor:
         accuracy: float,
         device="cpu",
         batch_size: int = 500,
+        preprocess: str = "exact",
     ):
         """`key` names the weights (cache file stem or file digest); reference statistics
-        are cached under it. `accuracy` is measured on images the net never trained on."""
+        are cached under it. `accuracy` is measured on images the net never trained on.
+        `preprocess` (eval.preprocess) maps the images whose features are scored."""
         self.net = net.eval().to(device)
         self.dataset, self.key, self.accuracy = dataset, key, accuracy
         self.dim = net.penultimate.out_features
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.preprocess = device, batch_size, preprocess
 
     def payload(self) -> dict:
         """What another rank needs to rebuild this extractor (sent over MPI)."""
@@ -113,17 +115,26 @@ class ClassifierExtractor:
             "state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
             "key": self.key,
             "accuracy": self.accuracy,
+            "preprocess": self.preprocess,
         }
 
-    def _prep(self, x):
-        return to_unit_quantized(x) * 2 - 1  # the classifier saw uint8 data in [-1, 1]
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return batched(lambda b: self.net.features(self._prep(b)), x, self.batch_size, self.device)
+        """Features of x preprocessed as eval.preprocess says (the net's input is [-1, 1])."""
+        return batched(
+            lambda b: self.net.features(to_unit(b, self.preprocess) * 2 - 1),
+            x,
+            self.batch_size,
+            self.device,
+        )
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted classes, always of the exact 8-bit images the classifier trained on:
+        class coverage is fedmpi's own measure, not part of the reference's FID."""
         return batched(
-            lambda b: self.net(self._prep(b)).argmax(1), x, self.batch_size, self.device
+            lambda b: self.net(to_unit_quantized(b) * 2 - 1).argmax(1),
+            x,
+            self.batch_size,
+            self.device,
         ).long()
 
 

@@ -12,7 +12,8 @@ Owns which network turns images into features, and where its weights come from:
   numbers from other feature spaces.
 `build_extractor` picks one from the config, `extractor_from_payload` rebuilds it on
 another rank, `reference_stats` caches the real test set's statistics.
-Every extractor takes images as float tensors in [-1, 1], shaped (N, C, H, W), and
+Every extractor takes images as float tensors in [-1, 1], shaped (N, C, H, W), maps them
+to [0, 1] as `eval.preprocess` says (fid.to_unit; real and generated alike), and
 returns CPU float32 features (N, dim). The statistics math lives in fid.py.
 
     python -m fedmpi.extractors train-classifier --config CONFIG [--section.key=value ...]
@@ -39,7 +40,7 @@ from fedmpi.eval.classifier import (  # noqa: F401
     load_classifier_weights,
     load_or_train_classifier,
 )
-from fedmpi.eval.fid import FeatureStats, batched, file_digest, to_unit_quantized
+from fedmpi.eval.fid import FeatureStats, batched, file_digest, to_unit
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
@@ -119,8 +120,10 @@ class InceptionExtractor:
         batch_size: int = 50,
         state_dict: dict | None = None,
         key: str | None = None,
+        preprocess: str = "exact",
     ):
-        """Load from a local weights file, or from a state dict another rank read."""
+        """Load from a local weights file, or from a state dict another rank read.
+        `preprocess` (eval.preprocess) turns [-1, 1] images into the network's input."""
         from pytorch_fid import inception as pfi
 
         net = build_fid_inception_net()
@@ -136,16 +139,21 @@ class InceptionExtractor:
                 [pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True
             )
         self.model.eval().to(device)
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.preprocess = device, batch_size, preprocess
         # The weights' content, not their name: a wrong file must not reuse cached stats.
         self.key = key or f"inception-{file_digest(weights_path)}"
 
     def payload(self) -> dict:
         """What another rank needs to rebuild this extractor (sent over MPI)."""
-        return {"kind": "inception", "state_dict": self._state, "key": self.key}
+        return {
+            "kind": "inception",
+            "state_dict": self._state,
+            "key": self.key,
+            "preprocess": self.preprocess,
+        }
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = to_unit_quantized(x)  # InceptionV3 expects [0, 1]
+        x = to_unit(x, self.preprocess)  # InceptionV3 expects [0, 1]
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)  # as pytorch-fid's RGB conversion of grey PNGs
         return self.model(x)[0].flatten(1)
@@ -165,19 +173,23 @@ def build_extractor(
     test_data_fn() -> (test_images, test_labels), float in [-1, 1] / int64: the whole
     test split, the only data the classifier may learn from; called only for the
     classifier without eval.classifier_weights. Inception weights are checked before
-    anything else is done.
+    anything else is done. The extractor preprocesses images as eval.preprocess says.
     """
     kind = eval_cfg.extractor
+    preprocess = getattr(eval_cfg, "preprocess", "exact")
     if kind == "none":
         return None
     if kind == "inception":
-        return InceptionExtractor(check_inception_weights(eval_cfg), device)
+        return InceptionExtractor(check_inception_weights(eval_cfg), device, preprocess=preprocess)
     if kind == "classifier":
         if eval_cfg.classifier_weights:
-            return load_classifier_weights(eval_cfg.classifier_weights, dataset_name, device)
-        return load_or_train_classifier(
-            dataset_name, *test_data_fn(), default_cache_dir(eval_cfg), device, log
-        )
+            ext = load_classifier_weights(eval_cfg.classifier_weights, dataset_name, device)
+        else:
+            ext = load_or_train_classifier(
+                dataset_name, *test_data_fn(), default_cache_dir(eval_cfg), device, log
+            )
+        ext.preprocess = preprocess  # how images are scored; the trained net is the same
+        return ext
     raise ValueError(f"unknown eval.extractor {kind!r}")
 
 
@@ -185,11 +197,22 @@ def extractor_from_payload(payload: dict, device="cpu"):
     """Rebuild an extractor from `payload()` of the rank that loaded or trained it."""
     if payload["kind"] == "inception":
         return InceptionExtractor(
-            None, device, state_dict=payload["state_dict"], key=payload["key"]
+            None,
+            device,
+            state_dict=payload["state_dict"],
+            key=payload["key"],
+            preprocess=payload["preprocess"],
         )
     net = SmallCNN(**payload["net_args"])
     net.load_state_dict(payload["state_dict"])
-    return ClassifierExtractor(net, payload["dataset"], payload["key"], payload["accuracy"], device)
+    return ClassifierExtractor(
+        net,
+        payload["dataset"],
+        payload["key"],
+        payload["accuracy"],
+        device,
+        preprocess=payload["preprocess"],
+    )
 
 
 def compute_stats(extractor, images: torch.Tensor, batch_size: int = 1000) -> FeatureStats:
@@ -200,13 +223,21 @@ def compute_stats(extractor, images: torch.Tensor, batch_size: int = 1000) -> Fe
     return stats
 
 
+def reference_stats_path(extractor, cache_dir, dataset_key: str, n: int) -> Path:
+    """The cache file of the real statistics: keyed by the data, the extractor's weights,
+    the image count and the preprocessing (exact keeps the name it had before
+    eval.preprocess existed, so earlier caches stay valid; reference adds '-reference')."""
+    preprocess = getattr(extractor, "preprocess", "exact")
+    tag = "" if preprocess == "exact" else f"-{preprocess}"
+    return Path(cache_dir).expanduser() / f"ref-{dataset_key}-{extractor.key}{tag}-n{n}.npz"
+
+
 def reference_stats(
     extractor, test_images: torch.Tensor, cache_dir, dataset_key: str
 ) -> FeatureStats:
-    """Stats of the real test set, computed once and cached in cache_dir."""
-    path = (
-        Path(cache_dir).expanduser() / f"ref-{dataset_key}-{extractor.key}-n{len(test_images)}.npz"
-    )
+    """Stats of the real test set, computed once and cached in cache_dir (per
+    preprocessing: the real images go through the same one as the generated)."""
+    path = reference_stats_path(extractor, cache_dir, dataset_key, len(test_images))
     if path.is_file():
         return FeatureStats.load(path)
     stats = compute_stats(extractor, test_images)

@@ -6,7 +6,8 @@ can be accumulated batch by batch and reduced across ranks as ONE flat buffer
 (`to_array` / `from_array`) without ever gathering features (as NVlabs/edm does).
 `frechet_distance` follows pytorch-fid's `calculate_frechet_distance`, so Inception
 scores match pytorch-fid's. Also the small helpers every extractor shares (8-bit
-quantization of images, batched feature calls, a weights file's digest). Which network
+quantization of images as `eval.preprocess` says, batched feature calls, a weights
+file's digest). Which network
 produces the features lives in extractors.py and classifier.py.
 """
 
@@ -30,6 +31,36 @@ def to_unit_quantized(x: torch.Tensor) -> torch.Tensor:
     same way before scoring: a score must not depend on sub-8-bit noise.
     """
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 255
+
+
+def to_unit_reference(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] as the reference's PNG files hold it: torchvision's `save_image`
+    applied to the [-1, 1] tensor, the PNG read back and divided by 255.
+
+    save_image takes its input as [0, 1] (make_grid without normalize does not rescale)
+    and computes uint8(clamp(x * 255 + 0.5, 0, 255)): everything below 0, the darker half
+    of the [-1, 1] range, becomes black. floor() equals the uint8 cast's truncation on
+    [0, 255] and keeps the tensor float on any device.
+    """
+    return x.float().mul(255).add(0.5).clamp(0, 255).floor() / 255
+
+
+PREPROCESS = {"exact": to_unit_quantized, "reference": to_unit_reference}
+
+
+def to_unit(x: torch.Tensor, preprocess: str = "exact") -> torch.Tensor:
+    """Images in [-1, 1] -> the [0, 1] input of a feature extractor (`eval.preprocess`).
+
+    exact: (x + 1) / 2 on 256 levels (to_unit_quantized); reference: the reference's PNG
+    round trip (to_unit_reference). Real and generated images go through the same one.
+    """
+    try:
+        fn = PREPROCESS[preprocess]
+    except KeyError:
+        raise ValueError(
+            f"unknown eval.preprocess {preprocess!r}; choose from {', '.join(PREPROCESS)}"
+        ) from None
+    return fn(x)
 
 
 def batched(
