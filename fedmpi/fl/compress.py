@@ -164,7 +164,6 @@ class CompressedFedAvg(AggregationStrategy):
         self.min_reporters = secure.min_reporters if secure is not None else 0
         self._updates: dict[str, np.ndarray | None] = {}
         self._job = None
-        self._scale = 0.0
 
     @property
     def needs_before(self) -> bool:
@@ -172,10 +171,13 @@ class CompressedFedAvg(AggregationStrategy):
 
     # --- a client -------------------------------------------------------------------
     def begin_round(self, bufs, round_index, client, uploads, start):
-        """A client rank's update p (+ its residual) of every region it uploads."""
+        """A client rank's update p (+ its residual) of every region it uploads. Returns
+        the L2 norms of its update and of the residual it carries into this round (over
+        all those regions: metrics.jsonl's client rows)."""
         self._updates = {}
         if client is None:
             return {}
+        norms = {"update_norm": 0.0, "ef_residual_norm": 0.0}
         if start is None:
             raise RuntimeError("fed.compress needs the rank's weights at the round's start")
         for job in uploads:
@@ -184,10 +186,13 @@ class CompressedFedAvg(AggregationStrategy):
                 continue
             p = host_view(bufs.flat[job.region]) - host_view(start[job.region])
             p = p.astype(np.float32, copy=False).reshape(-1)
+            norms["update_norm"] += float(np.dot(p, p))
             if self.feedback is not None:
+                e = self.feedback.residual.get(job.region)
+                norms["ef_residual_norm"] += float(np.dot(e, e)) if e is not None else 0.0
                 self.feedback.add_to(job.region, p)
             self._updates[job.region] = p
-        return {}
+        return {k: v**0.5 for k, v in norms.items()}
 
     def upload(self, bufs, job, client):
         """The rank's update of the region (None: left out, it sends zeros); `reduce`
