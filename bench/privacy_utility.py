@@ -47,7 +47,9 @@ def noise_for(target: float, rounds: int) -> float:
     return hi
 
 
-def run_job(runs: Path, name: str, rounds: int, samples: int, extra: list[str]) -> Path:
+def run_job(
+    runs: Path, name: str, rounds: int, samples: int, extra: list[str], local_steps=None
+) -> Path:
     run = runs / name
     if run.exists():
         shutil.rmtree(run)
@@ -55,7 +57,8 @@ def run_job(runs: Path, name: str, rounds: int, samples: int, extra: list[str]) 
     cmd = C.launch_prefix(C.DEFAULT_LAUNCHER, 3) + [sys.executable, "-m", "fedmpi.train"]
     cmd += ["--config", "configs/quickstart.yaml", "--run-dir", str(run)]
     cmd += [f"--fed.clients={N}", f"--fed.participation={Q}", "--fed.sampling=poisson"]
-    cmd += [f"--fed.rounds={rounds}", "--fed.local_epochs=1", "--fed.local_steps=null"]
+    steps = "null" if local_steps is None else local_steps
+    cmd += [f"--fed.rounds={rounds}", "--fed.local_epochs=1", f"--fed.local_steps={steps}"]
     cmd += ["--fed.reset_optimizer=true", "--train.warmup_steps=0", "--eval.every=0"]
     cmd += [f"--eval.num_samples={samples}", "--checkpoint.every=0", "--run.progress_every=0"]
     cmd += extra
@@ -90,6 +93,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument(
+        "--local-steps",
+        type=int,
+        default=None,
+        help="each sampled client's local steps (default: one epoch of its 60 images, 2 steps)",
+    )
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "privacy_utility")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "privacy_utility")
@@ -111,7 +120,7 @@ def main() -> None:
         t0 = time.perf_counter()
         run = RunFolder(args.runs / name)
         if not (args.score_only and run.checkpoint_dir(args.rounds).is_dir()):
-            run = RunFolder(run_job(args.runs, name, args.rounds, samples, extra))
+            run = RunFolder(run_job(args.runs, name, args.rounds, samples, extra, args.local_steps))
         minutes = (time.perf_counter() - t0) / 60
         rounds = [r for r in run.read_metrics() if r.get("kind") == "round"]
         last = rounds[-1]
@@ -125,6 +134,7 @@ def main() -> None:
                 "z": "-" if z is None else f"{z:.3f}",
                 "epsilon": "inf" if z is None else f"{last['epsilon']:.2f}",
                 "rounds": args.rounds,
+                "local steps": args.local_steps or 2,
                 "clients/round": f"{sum(r['participants'] for r in rounds) / len(rounds):.1f}",
                 "loss": f"{last['loss']:.4f}",
                 "fd_classifier (EMA)": f"{last.get('fd_classifier', float('nan')):.1f}",
