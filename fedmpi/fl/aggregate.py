@@ -46,7 +46,7 @@ the options change the upload, never the plan or the broadcast:
 - `fed.compress`: `compress.CompressedFedAvg` instead of either: each client sends its
   update (weights minus the round's start, plus its error-feedback residual) in bf16 or
   top-k (a linear Gather, summed in float32 by the federator in rank order) or int8 (a
-  MAX agreement of one scale, then one uint8 SUM Reduce, with fed.secure's masks modulo
+  MAX agreement of its scales (one per 1,024 values), then one uint8 SUM Reduce, with fed.secure's masks modulo
   2^8 when secure); the federator adds the decoded average update to the region's
   previous weights and broadcasts float32 as usual.
 - `fed.prox_mu`, `fed.server_opt`: `strategy.FedProx`, `strategy.ServerOptimized` around
@@ -366,8 +366,9 @@ class Aggregator(RegionBuffers):
         self, round_index: int, region: str, t: torch.Tensor, receivers, reporters=()
     ) -> None:
         """The broadcast's rows; a reporter's also counts what its upload received back
-        (int8's agreed scale: `UploadFormat.down`)."""
-        n, extra = t.numel(), scale_bytes(self._format.compress)
+        (int8's agreed scales: `UploadFormat.down`)."""
+        n = t.numel()
+        extra = scale_bytes(self._format.compress, n)
         nbytes = n * t.element_size()
         if self.world.is_federator:
             for k in receivers:

@@ -7,21 +7,24 @@ after local training minus the round's global weights), plus, with error feedbac
 earlier rounds did not send: p = theta - start + e, then e := p - decompress(compress(p)).
 The federator rebuilds the round's average as before + sum_k w_k * decompress(c_k), with
 the FedAvg weights w_k known on every rank (`RegionRound.weights`). Downloads stay
-float32 (the global weights; an int8 reporter also receives the region's scale).
+float32 (the global weights; an int8 reporter also receives the region's scales).
 
 Scheme, payload (P values in the region, k = ceil(fed.topk_fraction * P)), collective:
 
 - bf16: p rounded to bfloat16, 2 P bytes. A linear Gather to the federator (MPI has no
   bfloat16 type, and a Reduce in 16 bits would round every partial sum); the federator
   widens each upload to float32 and adds them in rank order (deterministic).
-- int8: one scale per region and round agreed first, s = max_k max |w_k p_k| / L with
-  L = floor(127 / m) for m reporting ranks (a MAX Reduce of one float and its Bcast:
-  `World.agree_max`); each client sends q_k = stochastic_round(w_k p_k / s) in [-L, L]
-  as one byte per value, and one uint8 SUM Reduce (modulo 2^8) yields sum_k q_k exactly,
-  which fits in [-127, 127] by the choice of L. P + 4 bytes up. Rounding is unbiased
-  (QSGD-style) and its randomness is drawn from the run seed, round, region and rank, so
-  resume is bit-exact. The sum is modular, so pairwise masks modulo 2^8 cancel in it:
-  int8 is the scheme that works with fed.secure (`fedmpi.fl.masks.mask_inplace`).
+- int8: a scale per block of INT8_BLOCK = 1,024 values agreed first, s_b = max_k max
+  |w_k p_k| / L over the block, with L = floor(127 / m) for m reporting ranks (a MAX
+  Reduce of the block maxima and its Bcast: `World.agree_max`); each client sends
+  q_k = round(w_k p_k / s) in [-L, L] as one byte per value, and one uint8 SUM Reduce
+  (modulo 2^8) yields sum_k q_k exactly, which fits in [-127, 127] by the choice of L.
+  P + 4 ceil(P / 1024) bytes up (and the agreed scales down). With error feedback the
+  rounding is to nearest (the residual carries its error); without, it is stochastic
+  (unbiased, QSGD-style), its randomness drawn from the run seed, round, region and
+  rank, so resume is bit-exact either way. The sum is modular, so pairwise masks modulo
+  2^8 cancel in it: int8 is the scheme that works with fed.secure
+  (`fedmpi.fl.masks.mask_inplace`).
 - topk: the k entries of largest |p|, as int32 indices and float32 values, 8 k bytes. A
   linear Gather (every client picks different indices: no sum on the wire is possible);
   the federator scatter-adds w_k * value in rank order.
@@ -43,7 +46,7 @@ from fedmpi.model.regions import REGIONS
 
 SCHEMES = ("none", "bf16", "int8", "topk")
 INT8_MAX = 127
-SCALE_BYTES = 4  # the int8 scale: one float32 per region each way
+INT8_BLOCK = 1024  # values per int8 scale (one float32 scale per block, each way)
 
 
 def topk_count(params: int, fraction: float) -> int:
@@ -57,20 +60,26 @@ def int8_levels(reporters: int) -> int:
     return INT8_MAX // max(1, reporters)
 
 
+def int8_blocks(params: int) -> int:
+    """How many int8 scales a region of `params` values has (one per INT8_BLOCK)."""
+    return -(-params // INT8_BLOCK)
+
+
 def payload_bytes(scheme: str, params: int, topk_fraction: float = 0.01) -> int:
     """Bytes a client hands to MPI to upload a region of `params` values."""
     if scheme == "bf16":
         return 2 * params
     if scheme == "int8":
-        return params + SCALE_BYTES
+        return params + scale_bytes(scheme, params)
     if scheme == "topk":
         return 8 * topk_count(params, topk_fraction)
     raise ValueError(f"no compressed payload for fed.compress={scheme!r}")
 
 
-def scale_bytes(scheme: str) -> int:
-    """Bytes a reporter receives beside the region's weights (int8: the agreed scale)."""
-    return SCALE_BYTES if scheme == "int8" else 0
+def scale_bytes(scheme: str, params: int) -> int:
+    """Bytes of a region's agreed scales (int8: one float32 per block; else none): a
+    reporter sends its block maxima and receives the agreed ones."""
+    return 4 * int8_blocks(params) if scheme == "int8" else 0
 
 
 # --- the codecs (pure, host memory) ----------------------------------------------------
@@ -100,13 +109,25 @@ def decode_topk(payload: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def quantize_int8(v: np.ndarray, scale: float, levels: int, rng: np.random.Generator):
-    """Stochastic rounding of v / scale to integers in [-levels, levels] (unbiased:
-    E[q] * scale = v), as int8."""
-    if scale <= 0:
-        return np.zeros(v.size, np.int8)
-    x = v / np.float32(scale)
-    q = np.floor(x + rng.random(v.size, dtype=np.float32))
+def block_max(v: np.ndarray) -> np.ndarray:
+    """max |v| over each INT8_BLOCK values (the last block may be shorter), float32."""
+    padded = np.zeros(int8_blocks(v.size) * INT8_BLOCK, np.float32)
+    padded[: v.size] = np.abs(v)
+    return padded.reshape(-1, INT8_BLOCK).max(axis=1)
+
+
+def per_value(scales: np.ndarray, size: int) -> np.ndarray:
+    """Each value's block scale."""
+    return np.repeat(scales.astype(np.float32), INT8_BLOCK)[:size]
+
+
+def quantize_int8(v: np.ndarray, scale, levels: int, rng: np.random.Generator | None):
+    """v / scale rounded to integers in [-levels, levels], as int8. `scale`: one per
+    value (0: that value sends 0). `rng`: stochastic rounding (unbiased, E[q] * scale =
+    v), else round to nearest (with error feedback, which carries the rounding error)."""
+    scale = np.broadcast_to(np.asarray(scale, np.float32), v.shape)
+    x = np.divide(v, scale, out=np.zeros(v.size, np.float32), where=scale > 0)
+    q = np.floor(x + rng.random(v.size, dtype=np.float32)) if rng is not None else np.rint(x)
     return np.clip(q, -levels, levels).astype(np.int8)
 
 
@@ -238,28 +259,32 @@ class CompressedFedAvg(AggregationStrategy):
         return decode_bf16(payload) if self.scheme == "bf16" else decode_topk(payload, size)
 
     def _reduce_int8(self, world, group, job, slot, size, buf) -> int:
-        """The scale agreement (MAX of max |w_k p_k|), then one uint8 SUM Reduce of the
-        (masked) stochastically rounded values."""
+        """The scales' agreement (per block of values, the MAX of max |w_k p_k| over the
+        reporters), then one uint8 SUM Reduce of the (masked) rounded values."""
         levels = int8_levels(sum(n > 0 for n in job.sizes))
-        amax = np.zeros(1, np.float32)
+        amax = np.zeros(int8_blocks(size), np.float32)
         w = 0.0
         if slot is not None:
             w = job.weights[job.uploaders.index(slot)]
             if buf is not None:
-                amax[0] = np.float32(w) * np.abs(buf).max(initial=0.0)
+                v = np.float32(w) * buf
+                amax = block_max(v)
         world.agree_max(group, amax)
-        scale = float(amax[0]) / levels
-        if slot is None:  # the federator: the sum of the q_k, times the scale
+        scale = per_value(amax / np.float32(levels), size)
+        if slot is None:  # the federator: the sum of the q_k, times the scales
             total = np.zeros(size, np.uint8)
             world.reduce_sum_u8(group, total)
-            buf += total.view(np.int8).astype(np.float32) * np.float32(scale)
+            buf += total.view(np.int8).astype(np.float32) * scale
             return payload_bytes("int8", size)
         q = np.zeros(size, np.int8)
         if buf is not None:
-            rng = rounding_rng(self.seed, job.round_index, job.region, slot)
-            q = quantize_int8(np.float32(w) * buf, scale, levels, rng)
+            # error feedback carries the rounding error: round to nearest; else unbiased
+            rng = None
+            if self.feedback is None:
+                rng = rounding_rng(self.seed, job.round_index, job.region, slot)
+            q = quantize_int8(v, scale, levels, rng)
         if buf is not None and self.feedback is not None:
-            sent = q.astype(np.float32) * np.float32(scale / w)
+            sent = q.astype(np.float32) * scale / np.float32(w)
             self.feedback.keep(job.region, buf, sent)
         words = q.view(np.uint8)  # two's complement: the modular sum is sum q mod 2^8
         if self.secure is not None:  # masked in place (q is spent)

@@ -6,9 +6,9 @@ Counting rule (the payload, independent of how the MPI library routes it):
   buffer per region with its weight w_k appended (4 * (P + 1) bytes), and receives the
   regions its plan gives back (4 * P bytes). With `fed.secure` an upload is a uint64
   fixed-point buffer with n_k appended, 8 * (P + 1) bytes; with `fed.compress` the
-  encoded update (`fedmpi.fl.compress.payload_bytes`: bf16 2 P, int8 P + 4 for the
-  values and the region's scale, top-k 8 k). `UploadFormat` is that rule. Downloads
-  stay float32 (an int8 reporter also receives the agreed scale: 4 more bytes).
+  encoded update (`fedmpi.fl.compress.payload_bytes`: bf16 2 P, int8 P + 4 per 1,024
+  values for the block scales, top-k 8 k). `UploadFormat` is that rule. Downloads stay
+  float32 (an int8 reporter also receives the agreed scales: 4 bytes per 1,024 values).
 
 The paper counts the initial model plus R uploads and R - 1 downloads: its last
 download would start a round R + 1 that never runs. fedmpi does perform that final
@@ -82,7 +82,7 @@ class UploadFormat:
         """Bytes a client receives for a region (`reported`: it also uploaded it)."""
         from fedmpi.fl.compress import scale_bytes
 
-        return download_bytes(params) + (scale_bytes(self.compress) if reported else 0)
+        return download_bytes(params) + (scale_bytes(self.compress, params) if reported else 0)
 
 
 def upload_bytes(params: int, fmt=FLOAT_BYTES) -> int:

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.mpi
     "backend,scheme,secure,method",
     [
         ("mpi", "int8", "plain", "full"),
+        ("mpi", "int8", "plain noef", "udec"),
         ("mpi", "int8", "secure", "usplit"),
         ("torch", "int8", "secure", "udec"),
         ("mpi", "bf16", "plain", "udec"),
@@ -37,7 +38,8 @@ pytestmark = pytest.mark.mpi
     ],
 )
 def test_aggregate_is_the_average_of_the_decompressed_uploads(backend, scheme, secure, method):
-    args = ["tests/mpi_scripts/compress_check.py", backend, scheme, secure, method, "3"]
+    secure, *flags = secure.split()
+    args = ["tests/mpi_scripts/compress_check.py", backend, scheme, secure, method, "3", *flags]
     res = mpirun(5, args, timeout=240)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"COMPRESS OK {scheme} {method} secure={secure == 'secure'} rounds=3" in res.stdout

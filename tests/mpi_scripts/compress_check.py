@@ -2,7 +2,7 @@
 decompress-then-average of what the clients actually sent.
 
 usage: mpirun -n W python tests/mpi_scripts/compress_check.py BACKEND SCHEME SECURE METHOD
-       ROUNDS [wire]
+       ROUNDS [wire] [noef]
 
 Each round every client moves its weights by random noise, then one real
 `Aggregator.exchange` runs with `CompressedFedAvg` (built by `make_strategy` from a
@@ -13,7 +13,7 @@ and top-k within float32 accumulation (rtol 1e-6). Each client also checks its
 error-feedback residual (e = p - decode(payload), and next round's p = update + e).
 Prints "COMPRESS OK ..." on rank 0; exits non-zero on a mismatch.
 
-With `wire`: no checks and no extra messages (pml monitoring counts the run's bytes);
+With `noef`: fed.error_feedback=false (int8 rounds stochastically). With `wire`: no checks and no extra messages (pml monitoring counts the run's bytes);
 rank 0 prints "LEDGER BYTES <n>", the bytes the ledger says the exchanges moved.
 """
 
@@ -32,7 +32,8 @@ from fedmpi.model.regions import REGIONS
 from fedmpi.model.unet import UNet
 
 backend, scheme, secure, method, rounds = sys.argv[1:6]
-wire = len(sys.argv) > 6 and sys.argv[6] == "wire"
+flags = set(sys.argv[6:])  # wire: bytes only; noef: fed.error_feedback=false
+wire = "wire" in flags
 secure, rounds = secure == "secure", int(rounds)
 world = World(backend)
 world.start_backend(torch.device("cpu"))
@@ -45,6 +46,7 @@ cfg = load_config(
         f"--fed.secure={str(secure).lower()}",
         "--fed.topk_fraction=0.05",
         "--run.seed=5",
+        f"--fed.error_feedback={str('noef' not in flags).lower()}",
     ],
 )
 torch.manual_seed(0)  # the same initial model everywhere
@@ -68,7 +70,7 @@ if not wire:
 
     def capture_q(v, scale, levels, rng):
         q = real_q(v, scale, levels, rng)
-        sent[strategy._job[0].region] = (v.copy(), q.copy(), scale)
+        sent[strategy._job[0].region] = (v.copy(), q.copy(), np.array(scale, np.float32))
         return q
 
     compress.quantize_int8 = capture_q
@@ -107,7 +109,7 @@ for r in range(1, rounds + 1):
                 v, q, scale = got
                 if not np.allclose(v, np.float32(w) * p, rtol=1e-6, atol=1e-9):
                     fail(f"rank {world.rank} {reg}: int8 input is not w (update + e)", 3)
-                decoded = q.astype(np.float32) * np.float32(scale / w)
+                decoded = q.astype(np.float32) * scale / np.float32(w)
             else:
                 if not np.allclose(got[0], p, rtol=1e-6, atol=1e-9):
                     fail(f"rank {world.rank} {reg}: the update sent is not update + e", 3)
@@ -134,10 +136,11 @@ for r in range(1, rounds + 1):
         b = before[reg].numpy()
         if scheme == "int8":
             total = sum(everything[s + 1][reg][1].astype(np.int64) for s in slots)
-            scales = {everything[s + 1][reg][2] for s in slots}
-            if len(scales) != 1 or np.abs(total).max() > 127:
-                fail(f"{reg}: scales {scales}, |sum q| max {np.abs(total).max()}", 5)
-            want = b + total.astype(np.float32) * np.float32(scales.pop())
+            scales = [everything[s + 1][reg][2] for s in slots]
+            same = all(np.array_equal(x, scales[0]) for x in scales)
+            if not same or np.abs(total).max() > 127:
+                fail(f"{reg}: scales agree {same}, |sum q| max {np.abs(total).max()}", 5)
+            want = b + total.astype(np.float32) * scales[0]
             ok = np.array_equal(after[reg], want)
 
         else:
