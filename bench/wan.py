@@ -96,27 +96,31 @@ def job_check(net: _netns.Network, args, run_dir: Path) -> dict:
     return {"agg_s": [r["agg_s"] for r in rounds], "train_s": [r["train_s"] for r in rounds]}
 
 
-def quality(path: Path, runs: Path) -> dict:
-    """{(method, scheme): (train_s per round, fd after R rounds, R)} from the quality grid."""
+def quality(path: Path, runs: Path) -> tuple[dict, float | None]:
+    """From the quality grid: {(method, scheme): (None, fd after R rounds, R)} and the
+    quickest run's mean local training seconds per round (every run trains the same
+    model, data and steps; the quickest is the least disturbed by other work)."""
     if not path.is_file():
-        return {}
-    out = {}
+        return {}, None
+    out, train = {}, []
     for r in json.loads(path.read_text()):
         run = RunFolder(runs / f"{r['method']}_{r['scheme'].replace('+', '_')}")
         rows = (
             [m for m in run.read_metrics() if m.get("kind") == "round"] if run.path.is_dir() else []
         )
         if rows:
-            train_s = sum(m["train_s"] for m in rows) / len(rows)
-            out[(r["method"], r["scheme"])] = (train_s, r["fd_classifier"], len(rows))
-    return out
+            train.append(sum(m["train_s"] for m in rows) / len(rows))
+            out[(r["method"], r["scheme"])] = (None, r["fd_classifier"], len(rows))
+    return out, (min(train) if train else None)
 
 
 def report(results: dict, wire: dict, job: dict | None, q: dict, args) -> str:
     lines = [
         f"Network: 1 federator + 2 clients, each client link shaped both ways with tbf; no "
         f"added latency (no netem). Exchange timings: median of {args.rounds} rounds after "
-        f"a warm-up round, slowest rank.",
+        f"a warm-up round, slowest rank. Local training is the same work for every "
+        f"combination (same model, data and steps): {args.train_s:.1f} s per round "
+        f"({args.train_source}).",
         "",
     ]
     base_fd = q.get(("full", "none"), (None, None, None))[1]
@@ -142,8 +146,7 @@ def report(results: dict, wire: dict, job: dict | None, q: dict, args) -> str:
     rows, pays, wire_notes = [], {}, []
     for mbit, res in results.items():
         base = next(r for r in res if r["method"] == "full" and r["scheme"] == "none")
-        train_base = q.get(("full", "none"), (0.0,))[0]
-        base_round = train_base + base["comm_s"]
+        base_round = args.train_s + base["comm_s"]
         ledger_total = sum(r["bytes_per_round"] for r in res) * (args.rounds + 1)
         wire_notes.append(
             f"{mbit} Mbit/s: the veths carried {sum(wire[mbit].values()) / 1e6:.1f} MB for "
@@ -153,8 +156,9 @@ def report(results: dict, wire: dict, job: dict | None, q: dict, args) -> str:
         )
         for r in res:
             key = (r["method"], r["scheme"])
-            train_s, fd, R = q.get(key, (None, None, None))
-            round_s = (train_s or 0.0) + r["comm_s"]
+            _, fd, R = q.get(key, (None, None, None))
+            train_s = args.train_s
+            round_s = train_s + r["comm_s"]
             speed = base_round / round_s
             reach = "-"
             if target and fd is not None:
@@ -168,7 +172,7 @@ def report(results: dict, wire: dict, job: dict | None, q: dict, args) -> str:
                     r["scheme"],
                     f"{r['bytes_per_round'] / 1e6:.2f}",
                     f"{r['comm_s']:.2f}",
-                    f"{train_s:.1f}" if train_s is not None else "-",
+                    f"{train_s:.1f}",
                     f"{round_s:.1f}",
                     f"{speed:.2f}x",
                     f"{fd:.1f}" if fd is not None else "-",
@@ -235,20 +239,48 @@ def main() -> None:
     ap.add_argument("--quality-runs", type=Path, default=ROOT / "runs" / "compress_quality")
     ap.add_argument("--target-slack", type=float, default=0.10)
     ap.add_argument("--no-job", action="store_true", help="skip the real training job")
+    ap.add_argument(
+        "--train-s",
+        type=float,
+        default=None,
+        help="local training seconds per round (default: the quickest of the quality runs; "
+        "e.g. a GPU's figure, to see where the bytes pay there)",
+    )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the report from --out/wan.json (no network, no root needed)",
+    )
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
-    _netns.require_root()
-    combos = REDUCED if args.reduced else [(m, s) for m in METHODS for s in SCHEMES]
+    q, train = quality(args.quality, args.quality_runs)
+    args.train_s, args.train_source = args.train_s, "given"
+    if args.train_s is None:
+        args.train_s = train or 0.0
+        args.train_source = (
+            "the quickest quality run's mean" if train else "no quality runs found: 0 assumed"
+        )
     rates = C.int_list(args.mbit)
     args.job_mbit = sorted(rates)[len(rates) // 2]
+    if args.report_only:
+        saved = json.loads((args.out / "wan.json").read_text())
+        results = {int(k): v for k, v in saved["results"].items()}
+        wire = {int(k): {int(r): b for r, b in v.items()} for k, v in saved["wire_bytes"].items()}
+        args.job_mbit, args.rounds = saved.get("job_mbit", args.job_mbit), saved.get("rounds", 2)
+        text = report(results, wire, saved["job"], q, args)
+        print(text)
+        C.save_result(args.out, "wan.md", text)
+        return
+    _netns.require_root()
+    combos = REDUCED if args.reduced else [(m, s) for m in METHODS for s in SCHEMES]
     t0 = time.perf_counter()
     try:
         results, wire, job = run_all(combos, rates, args)
     except (RuntimeError, _netns.NetnsError, subprocess.TimeoutExpired) as e:
         left = _netns.leftovers()
         sys.exit(f"[wan] {e}\n[wan] network removed: {left or 'nothing left'}")
-    text = report(results, wire, job, quality(args.quality, args.quality_runs), args)
+    text = report(results, wire, job, q, args)
     minutes = (time.perf_counter() - t0) / 60
     text += f"\n\nWhole benchmark: {minutes:.1f} min; no namespace, link or process left (checked)."
     print(text)
@@ -257,6 +289,8 @@ def main() -> None:
         "results": {str(k): v for k, v in results.items()},
         "wire_bytes": {str(k): v for k, v in wire.items()},
         "job": job,
+        "job_mbit": args.job_mbit,
+        "rounds": args.rounds,
     }
     (args.out / "wan.json").write_text(json.dumps(result, indent=1) + "\n")
 
