@@ -100,8 +100,9 @@ def plot(results: list[dict], path: Path) -> None:
     for scheme, m in markers.items():
         ax.scatter([], [], color="gray", marker=m, label=scheme)
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("bytes moved in the run (MB, log scale)")
-    ax.set_ylabel("final fd_classifier (lower is better)")
+    ax.set_ylabel("final fd_classifier (lower is better, log scale)")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
