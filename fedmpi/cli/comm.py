@@ -75,9 +75,10 @@ def main(argv=None) -> int:
         for m in args.methods.split(",")
     ]
     unit = {"none": "fp32", "topk": f"top-{fmt.topk_fraction:g}"}.get(fmt.compress, fmt.compress)
-    unit += " secure" if fmt.secure else ""
+    if fmt.secure:
+        unit = "secure" if fmt.compress == "none" else f"{unit} secure"
     notes = {
-        "fp32 secure": ", secure: uploads uint64 (8 bytes/value), downloads fp32",
+        "secure": ", secure: uploads uint64 (8 bytes/value), downloads fp32",
         "bf16": ", uploads bf16 (2 bytes/value), downloads fp32",
         "int8": ", uploads int8 (1 byte/value + a 4-byte scale each way), downloads fp32",
     }
