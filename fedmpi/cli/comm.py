@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     notes = {
         "secure": ", secure: uploads uint64 (8 bytes/value), downloads fp32",
         "bf16": ", uploads bf16 (2 bytes/value), downloads fp32",
-        "int8": ", uploads int8 (1 byte/value + a 4-byte scale each way), downloads fp32",
+        "int8": ", uploads int8 (1 byte/value + a 4-byte scale per 1,024 values each way), downloads fp32",
     }
     note = notes.get(unit.replace("int8 secure", "int8"), "")
     if fmt.compress == "topk":
