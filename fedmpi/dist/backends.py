@@ -147,13 +147,16 @@ class MPIBackend:
         if host is not None and self.world.rank != 0:
             t.copy_(host)
 
+    def _reduce_to_root(self, group: Group, buf, op) -> None:
+        """Reduce `buf` ([array, MPI type]) into the root's own `buf` (in place there)."""
+        if self.world.rank == 0:
+            group.handle.Reduce(self.MPI.IN_PLACE, buf, op=op, root=0)
+        else:
+            group.handle.Reduce(buf, None, op=op, root=0)
+
     def reduce_sum_u64(self, group: Group, arr: np.ndarray) -> None:
         # UINT64_T named explicitly: unsigned SUM wraps modulo 2^64 by the C standard
-        buf = [arr, self.MPI.UINT64_T]
-        if self.world.rank == 0:
-            group.handle.Reduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM, root=0)
-        else:
-            group.handle.Reduce(buf, None, op=self.MPI.SUM, root=0)
+        self._reduce_to_root(group, [arr, self.MPI.UINT64_T], self.MPI.SUM)
 
     _add_u8 = None  # the MPI op of reduce_sum_u8, created on first use
 
@@ -163,18 +166,11 @@ class MPIBackend:
         # modulo 2^8 that masked uploads need. numpy's uint8 add wraps by definition.
         if MPIBackend._add_u8 is None:
             MPIBackend._add_u8 = self.MPI.Op.Create(_add_mod_256, commute=True)
-        buf = [arr, self.MPI.UINT8_T]
-        if self.world.rank == 0:
-            group.handle.Reduce(self.MPI.IN_PLACE, buf, op=self._add_u8, root=0)
-        else:
-            group.handle.Reduce(buf, None, op=self._add_u8, root=0)
+        self._reduce_to_root(group, [arr, self.MPI.UINT8_T], self._add_u8)
 
     def agree_max(self, group: Group, arr: np.ndarray) -> None:
         buf = [arr, self.MPI.FLOAT]
-        if self.world.rank == 0:
-            group.handle.Reduce(self.MPI.IN_PLACE, buf, op=self.MPI.MAX, root=0)
-        else:
-            group.handle.Reduce(buf, None, op=self.MPI.MAX, root=0)
+        self._reduce_to_root(group, buf, self.MPI.MAX)
         group.handle.Bcast(buf, root=0)
 
     GATHER_TAG = 7301
