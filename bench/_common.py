@@ -17,6 +17,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -150,6 +151,20 @@ def run_ranks(
         sys.stdout.write(proc.stdout)
         sys.stdout.flush()
     return proc
+
+
+def train_quickstart(run: Path, overrides: Sequence[str]) -> float:
+    """A federated quickstart job (configs/quickstart.yaml, 1 federator + 2 clients) into
+    run folder `run` with `overrides`; exits with the job's output tails if it fails.
+    Returns its seconds."""
+    env = dict(launch_env(), OMP_NUM_THREADS="1")
+    cmd = launch_prefix(DEFAULT_LAUNCHER, 3) + [sys.executable, "-m", "fedmpi.train"]
+    cmd += ["--config", "configs/quickstart.yaml", "--run-dir", str(run), *overrides]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"{run.name} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return time.perf_counter() - t0
 
 
 def int_list(text: str) -> list[int]:

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,18 +47,10 @@ def run_job(run: Path, method: str, scheme: str, args) -> float:
         return 0.0
     if run.exists():
         shutil.rmtree(run)
-    env = dict(C.launch_env(), OMP_NUM_THREADS="1")
-    cmd = C.launch_prefix(C.DEFAULT_LAUNCHER, 3) + [sys.executable, "-m", "fedmpi.train"]
-    cmd += ["--config", "configs/quickstart.yaml", "--run-dir", str(run)]
-    cmd += [f"--fed.method={method}", f"--fed.rounds={args.rounds}", "--eval.every=0"]
-    cmd += [f"--eval.num_samples={args.samples}", "--checkpoint.every=0"]
-    cmd += [f"--fed.topk_fraction={args.topk_fraction}", "--run.progress_every=0"]
-    cmd += SCHEMES[scheme]
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.exit(f"{run.name} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    minutes = (time.perf_counter() - t0) / 60
+    overrides = [f"--fed.method={method}", f"--fed.rounds={args.rounds}", "--eval.every=0"]
+    overrides += [f"--eval.num_samples={args.samples}", "--checkpoint.every=0"]
+    overrides += [f"--fed.topk_fraction={args.topk_fraction}", "--run.progress_every=0"]
+    minutes = C.train_quickstart(run, overrides + SCHEMES[scheme]) / 60
     print(f"{run.name}: {minutes:.1f} min", flush=True)
     return minutes
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,20 +52,13 @@ def run_job(
     run = runs / name
     if run.exists():
         shutil.rmtree(run)
-    env = dict(C.launch_env(), OMP_NUM_THREADS="1")
-    cmd = C.launch_prefix(C.DEFAULT_LAUNCHER, 3) + [sys.executable, "-m", "fedmpi.train"]
-    cmd += ["--config", "configs/quickstart.yaml", "--run-dir", str(run)]
-    cmd += [f"--fed.clients={N}", f"--fed.participation={Q}", "--fed.sampling=poisson"]
+    overrides = [f"--fed.clients={N}", f"--fed.participation={Q}", "--fed.sampling=poisson"]
     steps = "null" if local_steps is None else local_steps
-    cmd += [f"--fed.rounds={rounds}", "--fed.local_epochs=1", f"--fed.local_steps={steps}"]
-    cmd += ["--fed.reset_optimizer=true", "--train.warmup_steps=0", "--eval.every=0"]
-    cmd += [f"--eval.num_samples={samples}", "--checkpoint.every=0", "--run.progress_every=0"]
-    cmd += extra
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.exit(f"{name} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    overrides += [f"--fed.rounds={rounds}", "--fed.local_epochs=1", f"--fed.local_steps={steps}"]
+    overrides += ["--fed.reset_optimizer=true", "--train.warmup_steps=0", "--eval.every=0"]
+    overrides += [f"--eval.num_samples={samples}", "--checkpoint.every=0"]
+    overrides += ["--run.progress_every=0", *extra]
+    print(f"{name}: {C.train_quickstart(run, overrides):.0f} s", flush=True)
     return run
 
 

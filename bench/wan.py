@@ -56,42 +56,41 @@ JOB = ("full", "int8+EF")  # the real training job's combination
 PAYS = 0.95  # a round at most 95% of FULL uncompressed's: the saved bytes pay
 
 
-def measure(net: _netns.Network, combos, args) -> tuple[list[dict], dict]:
-    """Exchange timings of every combination on this network; veth bytes per rank."""
+def run_inside(net: _netns.Network, argv: list[str], what: str, timeout: float) -> None:
+    """`python ARGV` as an MPI job with every rank in its namespace; RuntimeError naming
+    `what` with the output's tails if it fails."""
     cmd, env = net.launch()
     env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run(
+        cmd + [sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    if res.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+
+
+def measure(net: _netns.Network, combos, args) -> tuple[list[dict], dict]:
+    """Exchange timings of every combination on this network; veth bytes per rank."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        script = [sys.executable, str(ROOT / "bench" / "_wan_exchange.py")]
+        script = [str(ROOT / "bench" / "_wan_exchange.py")]
         script += ["--config", args.config, "--rounds", str(args.rounds), "--out", str(out)]
         script += ["--combos", ",".join(f"{m}:{s}" for m, s in combos)]
         script += ["--topk-fraction", str(args.topk_fraction)]
         before = net.wire_bytes()
-        res = subprocess.run(
-            cmd + script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout
-        )
+        run_inside(net, script, "exchange launch", args.timeout)
         after = net.wire_bytes()
-        if res.returncode != 0:
-            raise RuntimeError(
-                f"exchange launch failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-            )
         wire = {r: after[r]["tx"] - before[r]["tx"] for r in after}
         return json.loads(out.read_text()), wire
 
 
 def job_check(net: _netns.Network, args, run_dir: Path) -> dict:
     """One real training job inside the namespaces: FULL, int8 + error feedback."""
-    cmd, env = net.launch()
-    env["PYTHONPATH"] = str(ROOT)
-    train = [sys.executable, "-m", "fedmpi.train", "--config", args.config]
+    train = ["-m", "fedmpi.train", "--config", args.config]
     train += ["--run-dir", str(run_dir), "--fed.rounds=2", "--fed.local_steps=5"]
     train += ["--fed.compress=int8", "--eval.extractor=none", "--eval.every=0"]
     train += ["--eval.grid=0", "--checkpoint.every=0", "--run.progress_every=0"]
-    res = subprocess.run(
-        cmd + train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout
-    )
-    if res.returncode != 0:
-        raise RuntimeError(f"training job failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    run_inside(net, train, "training job", args.timeout)
     rounds = [r for r in RunFolder(run_dir).read_metrics() if r.get("kind") == "round"]
     return {"agg_s": [r["agg_s"] for r in rounds], "train_s": [r["train_s"] for r in rounds]}
 
