@@ -211,7 +211,10 @@ if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
       echo "fedmpi: no new checkpoint since this start (${checkpoint_at_start:-none});" \
            "not requeueing -- is --time long enough for one round?" >&2
     # The controller ends this run of the job and puts it back in the queue (same id).
-    elif scontrol requeue "$SLURM_JOB_ID"; then
+    # Ending it signals this script and its children (scontrol among them) at once: ignore
+    # TERM/USR1 from here on (the launcher has exited; nothing is left to forward), or the
+    # signal would kill scontrol before its answer and a done requeue read as failed.
+    elif trap '' TERM USR1 && scontrol requeue "$SLURM_JOB_ID"; then
       echo "fedmpi: job $SLURM_JOB_ID requeued"
     else
       echo "fedmpi: scontrol requeue failed; resubmit with RUN_NAME=$RUN_NAME" >&2
