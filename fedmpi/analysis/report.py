@@ -38,6 +38,7 @@ _NOT_A_SETTING = {
     "run.name",
     "run.out_dir",
     "run.seed",
+    "run.repeat",
     "run.device",
     "split.seed",
     "split.kind",
@@ -134,7 +135,8 @@ class RunResult:
     progress: Progress
     metric: str | None  # fid | fd_classifier | None (eval.extractor none)
     scores: list = field(default_factory=list)  # final round: one (global) or one per client
-    params: dict | None = None  # comm_summary.json: moved / paper parameters
+    curve: dict = field(default_factory=dict)  # round (epoch) -> mean score of that round
+    params: dict | None = None  # comm_summary.json: moved / paper parameters and bytes
     note: str = ""  # why a finished run has no score
 
     @property
@@ -177,13 +179,15 @@ def _read_summary(run: RunFolder) -> dict:
         raise ReportError(f"{run / run.SUMMARY}: not JSON ({e})") from None
 
 
-def _final_scores(run: RunFolder, res: RunResult) -> list[float]:
-    """The scores of the last round (epoch) in eval.csv: the global model's, or each
-    client's for personal models (the last row of each, for a round written twice)."""
-    done = str(res.progress.done)
-    final = [r for r in run.last_eval() if str(r.get("round")) == done]
-    final = [r for r in final if (r.get("client") != "global") == res.personal]
-    return [float(r[res.metric]) for r in final if r.get(res.metric) not in (None, "")]
+def _scores_by_round(run: RunFolder, res: RunResult) -> dict[int, list[float]]:
+    """eval.csv's scores per round (epoch): the global model's, or each client's for
+    personal models (the last row of each, for a round written twice)."""
+    out: dict[int, list[float]] = {}
+    for r in run.last_eval():
+        if (r.get("client") != "global") != res.personal or r.get(res.metric) in (None, ""):
+            continue
+        out.setdefault(int(r["round"]), []).append(float(r[res.metric]))
+    return out
 
 
 def read_run(run_dir: Path) -> RunResult:
@@ -212,6 +216,8 @@ def read_run(run_dir: Path) -> RunResult:
         res.params = {
             "moved": summary["measured"]["moved"]["params"],
             "paper": summary["measured"]["paper"]["params"],
+            "paper_bytes": summary["measured"]["paper"]["bytes"],
+            "rounds": summary.get("rounds", cfg.fed.rounds),
             "reduction_vs_full": summary["paper"]["reduction_vs_full"],
         }
     if not progress.finished:
@@ -219,7 +225,9 @@ def read_run(run_dir: Path) -> RunResult:
     if res.metric is None:
         res.note = "no score (eval.extractor: none)"
         return res
-    res.scores = _final_scores(run, res)
+    by_round = _scores_by_round(run, res)
+    res.curve = {i: float(sum(v) / len(v)) for i, v in sorted(by_round.items())}
+    res.scores = by_round.get(progress.done, [])
     if not res.scores:
         res.note = (
             f"no score ({res.metric} missing for {progress.unit[:-1]} {progress.done} in eval.csv)"
@@ -228,7 +236,8 @@ def read_run(run_dir: Path) -> RunResult:
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Run folders named directly, or the run folders one level inside a sweep folder."""
+    """Run folders named directly, or the run folders one level inside a sweep folder;
+    a folder two sweeps share (fedmpi.analysis.sweep links it) counts once."""
     found: list[Path] = []
     for p in map(Path, paths):
         if RunFolder(p).is_run():
@@ -243,7 +252,13 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
             found.extend(inner)
         else:
             raise ReportError(f"{p}: no such folder")
-    return found
+    seen: set = set()
+    unique = []
+    for p in found:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
 
 
 # ---------------------------------------------------------------- grouping
@@ -286,6 +301,9 @@ class Table:
                 k[1],
             ),
         )
+
+    def cell_runs_any(self, split, method) -> bool:
+        return any((r.split, r.column) == (split, method) for r in self.runs)
 
     def cell_runs(self, clients, split, method) -> list[RunResult]:
         return [r for r in self.runs if (r.clients, r.split, r.column) == (clients, split, method)]

@@ -11,6 +11,8 @@ format and the command line are `python -m fedmpi.sweep --help` (fedmpi.cli.swee
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,8 @@ from fedmpi.config import Config, ConfigError, load_config
 from fedmpi.store.runfolder import RunFolder
 from fedmpi.store.tables import format_table
 
-SPEC_KEYS = ("name", "base", "out", "overrides", "grid")
+SPEC_KEYS = ("name", "base", "out", "overrides", "grid", "repeats")
+SEED_MODES = ("fixed", "per_repeat")
 CLIENTS = "clients"  # spec shorthand for split.num_clients
 # How grid values appear in run names: a prefix, or the bare value.
 PREFIX = {
@@ -31,6 +34,7 @@ PREFIX = {
     "fed.local_steps": "steps",
     "fed.rounds": "R",
     "run.seed": "s",
+    "run.repeat": "r",
     "split.seed": "splitseed",
     "train.batch_size": "B",
     "train.epochs": "epochs",
@@ -127,6 +131,59 @@ def _dotted(mapping, what: str, spec: Path) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class Repeats:
+    """The spec's `repeats`: how many runs of each grid point (a count, or one per K) and
+    how their seeds differ. fixed: every repeat trains from the same run.seed (the
+    reference re-seeds torch identically; repeats differ by the evaluation's sampling
+    noise, drawn from run.repeat, and on GPUs by nondeterministic kernels); per_repeat:
+    repeat i trains from run.seed + i."""
+
+    count: int | dict
+    seed_mode: str = "per_repeat"
+
+    def of(self, clients) -> int:
+        if isinstance(self.count, int):
+            return self.count
+        return self.count.get(clients, 0)
+
+
+def _repeats(data, grid: dict, overrides: dict, spec: Path) -> Repeats | None:
+    if data is None:
+        return None
+    example = "repeats: 3, or repeats: {count: {2: 5, 5: 5, 10: 3}, seed_mode: fixed}"
+    if isinstance(data, int) and not isinstance(data, bool):
+        data = {"count": data}
+    if not isinstance(data, dict) or set(data) - {"count", "seed_mode"} or "count" not in data:
+        raise SweepError(f"{spec}: 'repeats' must be {example}; got {data!r}")
+    count, mode = data["count"], data.get("seed_mode", "per_repeat")
+    counts = count.values() if isinstance(count, dict) else [count]
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
+        raise SweepError(
+            f"{spec}: repeats count must be a whole number >= 1 or a mapping K -> count "
+            f"({example}); got {count!r}"
+        )
+    if mode not in SEED_MODES:
+        raise SweepError(
+            f"{spec}: repeats seed_mode must be one of {', '.join(SEED_MODES)}; got {mode!r}"
+        )
+    for key in ("run.seed", "run.repeat"):
+        if key in grid:
+            raise SweepError(
+                f"{spec}: 'repeats' sets {key} itself; remove {key} from the grid "
+                f"(keep run.seed in 'overrides' as the first repeat's seed)"
+            )
+    if isinstance(count, dict):
+        ks = grid.get("split.num_clients") or [overrides.get("split.num_clients")]
+        missing = [k for k in ks if k not in count]
+        if missing:
+            raise SweepError(
+                f"{spec}: repeats count has no entry for K = {missing[0]} "
+                f"(give one per K of the grid: {ks})"
+            )
+    return Repeats(count, mode)
+
+
 def _resolve_base(spec: Path, base) -> Path:
     if not isinstance(base, str) or not base:
         raise SweepError(
@@ -186,15 +243,18 @@ def load_sweep(
             )
         overrides[key] = value
 
+    repeats = _repeats(data.get("repeats"), grid, overrides, spec)
+
     runs, errors = [], []
     try:
         base_cfg = load_config(base, overrides)
     except ConfigError as e:
         raise SweepError(f"{spec}: {_config_message(e)}") from None
     sweep_dir = Path(out or data.get("out") or Path(base_cfg.run.out_dir) / name)
-    for combo in itertools.product(*grid.values()):
-        values = dict(zip(grid, combo))
-        rname = run_name(values) if values else name
+    for values in _points(grid, repeats, base_cfg):
+        # with repeats the name carries the repeat (r0, r1, ...), not the seed it implies
+        named = {k: v for k, v in values.items() if not (repeats and k == "run.seed")}
+        rname = run_name(named) if named else name
         try:
             cfg = load_config(base, {**overrides, **values, "run.name": rname})
             if cfg.split.num_clients is None:
@@ -227,9 +287,68 @@ def load_sweep(
     return Sweep(spec, name, sweep_dir, runs)
 
 
+def _points(grid: dict, repeats: Repeats | None, base_cfg: Config):
+    """Every run's grid values: the grid's product, then with `repeats` each point that
+    many times (run.repeat = i; run.seed = base seed + i with seed_mode per_repeat)."""
+    for combo in itertools.product(*grid.values()):
+        values = dict(zip(grid, combo))
+        if repeats is None:
+            yield values
+            continue
+        clients = values.get("split.num_clients", base_cfg.split.num_clients)
+        for i in range(repeats.of(clients)):
+            seed = base_cfg.run.seed + (i if repeats.seed_mode == "per_repeat" else 0)
+            yield {**values, "run.repeat": i, "run.seed": seed}
+
+
+def _same_experiment(cfg: Config) -> str:
+    """A run's content address: its resolved config, less the name (which only labels it)."""
+    d = cfg.to_dict()
+    d["run"] = {k: v for k, v in d["run"].items() if k != "name"}
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _neighbours(sweep: Sweep) -> dict:
+    """Run folders of the other sweeps beside this one (out's parent folder), by content
+    address: a run already written there is this sweep's run too."""
+    found = {}
+    if not sweep.out.parent.is_dir():
+        return found
+    for other in sorted(sweep.out.parent.iterdir()):
+        if other.resolve() == sweep.out.resolve() or not other.is_dir():
+            continue
+        for d in sorted(other.iterdir()):
+            folder = RunFolder(d)
+            if d.is_symlink() or not folder.is_run():
+                continue
+            try:
+                found.setdefault(_same_experiment(folder.read_config()), d)
+            except ConfigError:
+                continue
+    return found
+
+
+def shared_with(run: Run) -> Path | None:
+    """The other sweep's folder this run shares (trained once for both), if any."""
+    return run.dir.resolve() if run.dir.is_symlink() else None
+
+
 def write_configs(sweep: Sweep) -> None:
     """Write every run's config.yaml. A folder that already has results must hold the
-    same config (else the sweep stops before writing anything)."""
+    same config (else the sweep stops before writing anything). A run whose config
+    (but for its name) is already a run folder of another sweep beside this one -- the
+    main table's K = 5, E = 5, IID FULL run and the K x E grid's -- becomes a link to
+    that folder: trained once, reported by both (its lock keeps two launches apart)."""
+    neighbours = None
+    for run in sweep.runs:
+        if run.dir.exists() or run.dir.is_symlink():
+            continue
+        if neighbours is None:
+            neighbours = _neighbours(sweep)
+        same = neighbours.get(_same_experiment(run.cfg))
+        if same is not None:
+            run.dir.parent.mkdir(parents=True, exist_ok=True)
+            run.dir.symlink_to(os.path.relpath(same, run.dir.parent), target_is_directory=True)
     for run in sweep.runs:
         folder = run.folder
         if not (folder.is_run() and folder.has_results()):
@@ -242,6 +361,7 @@ def write_configs(sweep: Sweep) -> None:
                 f"cannot be read ({e}); move the folder away or use --out"
             ) from None
         new = run.cfg.to_dict()
+        old["run"]["name"] = new["run"]["name"]  # a shared folder keeps its first name
         if old != new:
             diff = [
                 f"{s}.{k}: {old[s][k]!r} -> {new[s][k]!r}"
@@ -256,6 +376,8 @@ def write_configs(sweep: Sweep) -> None:
             )
     for run in sweep.runs:
         run.dir.mkdir(parents=True, exist_ok=True)
+        if run.dir.is_symlink():
+            continue
         if not run.folder.is_run() or not run.folder.has_results():
             run.folder.write_config(run.cfg)
 
@@ -299,6 +421,8 @@ def dry_run_text(sweep: Sweep) -> str:
         run, cfg = e["run"], e["run"].cfg
         p = progress(run)
         status = "new" if p is None or (p.done == 0 and not p.finished) else p.text()
+        if shared_with(run):
+            status += f"; shared with {shared_with(run).parent.name}/{shared_with(run).name}"
         local = f"{cfg.fed.local_steps} steps" if cfg.fed.local_steps else str(cfg.fed.local_epochs)
         rows.append(
             [

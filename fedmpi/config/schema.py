@@ -18,6 +18,10 @@ class RunCfg:
     name: str = "run"
     out_dir: str = "runs"  # run folders are created under this
     seed: int = 2023
+    # Which repeat of an experiment this run is (a sweep's `repeats`). Training draws
+    # only from run.seed; the evaluation's sampling noise also from the repeat, so that
+    # repeats with one fixed seed differ as the reference's (unseeded sampler) do.
+    repeat: int = 0
     device: str = "auto"  # auto | cpu | cuda
     # seconds between a client's progress reports to the federator, which shows the
     # round's live progress (0: no live progress); results do not depend on it
@@ -290,6 +294,7 @@ UNIT_OPEN = Range(0, 1, lo_open=True, hi_open=True)
 # elements of model.dim_mults) -> its allowed range. Checked by _validate.
 RANGES = {
     "run.seed": Range(0, 2**63 - 1),  # numpy SeedSequence needs >= 0; HDF5 attr int64
+    "run.repeat": Range(0, 10_000),
     "run.progress_every": NON_NEGATIVE,  # 0: off
     "data.train_subset": POSITIVE,
     "data.test_subset": POSITIVE,

@@ -236,8 +236,10 @@ class Evaluator:
         """The sampling noise of a rank (of client k's personal model: k + 1, its rank when
         every client has its own): the same after every round (and epoch), so the grids
         of successive rounds show the same samples getting better, and the scores of
-        successive rounds differ by the model only."""
-        return derive_seed(self.cfg.run.seed, rank, 77)
+        successive rounds differ by the model only. Repeat r > 0 of a run draws other
+        noise (run.repeat: the reference's sampler is unseeded)."""
+        run = self.cfg.run
+        return derive_seed(run.seed, rank, 77, *((run.repeat,) if run.repeat else ()))
 
     def score_model(self, model, index: int, rank: int = 0) -> dict:
         """Scores of eval.num_samples samples of `model`, in this process alone, written

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -112,7 +113,7 @@ def test_run_names_are_deterministic_and_filesystem_safe():
 
 def test_paper_specs(tmp_path):
     main = sweep.load_sweep(PAPER_SWEEPS / "main_table.yaml", out=tmp_path)
-    assert len(main.runs) == 4 * 3 * 3 * 3
+    assert len(main.runs) == 4 * 3 * (5 + 5 + 3)  # the reference's repeats: 5, 5, 3 by K
     c = main.runs[0].cfg
     assert (c.fed.rounds, c.fed.local_epochs, c.train.batch_size, c.split.seed) == (
         15,
@@ -126,16 +127,31 @@ def test_paper_specs(tmp_path):
         for s in ("iid", "label_skew", "quantity_skew")
         for k in (2, 5, 10)
     }
-    assert {r.cfg.run.seed for r in main.runs} == {2023, 2024, 2025}
+    # seed_mode fixed: every repeat trains from the same seed, as the reference does
+    assert {r.cfg.run.seed for r in main.runs} == {2023}
+    repeats = {k: {r.cfg.run.repeat for r in main.runs if r.clients == k} for k in (2, 5, 10)}
+    assert repeats == {2: set(range(5)), 5: set(range(5)), 10: set(range(3))}
+    assert main.runs[0].name == "K2-iid-full-r0"
+    # the paper-exact evaluation: FID of 1,000 DDPM samples, the reference's PNG clamp,
+    # the first 1,000 test images, personal models right after local training
+    e = c.eval
+    assert (e.extractor, e.preprocess, e.sampler, e.num_samples, e.personal) == (
+        "inception",
+        "reference",
+        "ddpm",
+        1000,
+        "local",
+    )
+    assert c.data.test_subset == 1000
     ke = sweep.load_sweep(PAPER_SWEEPS / "k_by_e.yaml", out=tmp_path)
-    assert {(r.clients, r.cfg.fed.local_epochs) for r in ke.runs} == {
-        (k, e) for k in (2, 5, 10) for e in (1, 2, 3, 5, 8)
-    }
+    assert sorted((r.clients, r.cfg.fed.local_epochs, r.cfg.run.repeat) for r in ke.runs) == [
+        (k, e, i) for k in (2, 5, 10) for e in (1, 2, 3, 5, 8) for i in range(5)
+    ]
     assert {(r.cfg.fed.method, r.cfg.split.kind, r.cfg.fed.rounds) for r in ke.runs} == {
         ("full", "iid", 15)
     }
     cen = sweep.load_sweep(PAPER_SWEEPS / "centralized.yaml", out=tmp_path)
-    assert [(r.world, r.centralized, r.cfg.train.epochs) for r in cen.runs] == [(1, True, 15)] * 3
+    assert [(r.world, r.centralized, r.cfg.train.epochs) for r in cen.runs] == [(1, True, 15)] * 5
 
 
 @pytest.mark.parametrize(
@@ -208,28 +224,28 @@ def test_dry_run_lists_world_sizes_and_analytical_bytes(capsys):
     rows = {
         line.split()[0]: line.split()
         for line in out.splitlines()
-        if line.startswith("K") and "-s20" in line
+        if line.startswith("K") and re.match(r"K\d+-\w+-\w+-r\d ", line)
     }
-    assert len(rows) == 108
+    assert len(rows) == 156
     cfg = load_config(ROOT / "configs/paper/fmnist_full.yaml")
     sizes = model_region_sizes(cfg)
     for name, method, k in (
-        ("K10-iid-full-s2023", "full", 10),
-        ("K5-label_skew-usplit-s2024", "usplit", 5),
-        ("K2-quantity_skew-udec-s2025", "udec", 2),
+        ("K10-iid-full-r0", "full", 10),
+        ("K5-label_skew-usplit-r1", "usplit", 5),
+        ("K2-quantity_skew-udec-r4", "udec", 2),
     ):
-        moved = comparison(method, k, 15, sizes, int(name[-4:]))["moved"]
+        moved = comparison(method, k, 15, sizes, 2023)["moved"]
         run, w, m, kk, split, r, e, params, mb, status = rows[name]
         assert (int(w), m, int(kk), int(r), int(e), status) == (k + 1, method, k, 15, 5, "new")
         assert int(params.replace(",", "")) == moved["params"]
         assert float(mb.replace(",", "")) == pytest.approx(moved["bytes"] / 1e6, abs=0.06)
     assert (
-        rows["K10-iid-full-s2023"][7] == "928,857,650"
+        rows["K10-iid-full-r0"][7] == "928,857,650"
     )  # README / python -m fedmpi.comm --rule moved
     assert sweep_cli.main([str(PAPER_SWEEPS / "centralized.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert re.search(
-        r"^K1-s2023\s+1\s+centralized\s+1\s+-\s+15 ep\s+-\s+0\s+0\.0\s+new$", out, re.M
+        r"^K1-r0\s+1\s+centralized\s+1\s+-\s+15 ep\s+-\s+0\s+0\.0\s+new$", out, re.M
     ), out
 
 
@@ -360,8 +376,8 @@ def test_paper_values_only_for_fid_at_the_paper_setting(tmp_path):
     main = sweep.load_sweep(PAPER_SWEEPS / "main_table.yaml", out=tmp_path).runs
     ke = sweep.load_sweep(PAPER_SWEEPS / "k_by_e.yaml", out=tmp_path).runs
 
-    def table(run, extractor):
-        cfg = run.cfg.replace({"eval.extractor": extractor})
+    def table(run, extractor, **changes):
+        cfg = run.cfg.replace({"eval.extractor": extractor, **changes})
         res = report.RunResult(
             tmp_path,
             cfg,
@@ -372,16 +388,107 @@ def test_paper_values_only_for_fid_at_the_paper_setting(tmp_path):
         )
         return report.Table(report.setting(res), [res])
 
-    udec = next(r for r in main if r.name == "K5-quantity_skew-udec-s2023")
+    udec = next(r for r in main if r.name == "K5-quantity_skew-udec-r0")
     assert paper.paper_value(table(udec, "inception"), 5, "quantity_skew", "udec") == (
         139.0,
         135.0,
     )
     assert paper.paper_value(table(udec, "classifier"), 5, "quantity_skew", "udec") is None
-    e2 = next(r for r in ke if r.name == "K10-E2-s2023")
+    e2 = next(r for r in ke if r.name == "K10-E2-r0")
     assert paper.paper_value(table(e2, "inception"), 10, "iid", "full") == (110.9, None)
     tiny = sweep.load_sweep(TINY_SPEC, out=tmp_path).runs[0]
     assert paper.paper_value(table(tiny, "inception"), 2, "iid", "full") is None
+    # every item of the paper's setting is checked, and the one that differs is named
+    for key, value, named in (
+        ("eval.sampler", "ddim", "sampler (1,000-step DDPM): eval.sampler = ddim (paper: ddpm)"),
+        ("eval.num_samples", 500, "eval.num_samples = 500 (paper: 1000)"),
+        ("eval.personal", "aggregated", "eval.personal = aggregated (paper: local)"),
+        ("data.test_subset", None, "data.test_subset = null (paper: 1000)"),
+        ("eval.preprocess", "exact", "eval.preprocess = exact (paper: reference)"),
+        ("diffusion.loss", "mse", "diffusion.loss = mse (paper: huber)"),
+        ("train.lr", 2e-4, "train.lr = 0.0002 (paper: 0.0001)"),
+    ):
+        t = table(udec, "inception", **{key: value})
+        assert paper.paper_value(t, 5, "quantity_skew", "udec") is None, key
+        assert paper.paper_differences(t, "udec") == [named] or named in "; ".join(
+            paper.paper_differences(t, "udec")
+        ), key
+    # the scoring point of personal models does not concern a global model's cell
+    full = next(r for r in main if r.name == "K5-quantity_skew-full-r0")
+    t = table(full, "inception", **{"eval.personal": "aggregated"})
+    assert paper.paper_value(t, 5, "quantity_skew", "full") == (22.8, 4.6)
+
+
+def test_repeats_counts_by_k_and_seed_modes(tmp_path):
+    spec = write_spec(
+        tmp_path / "rep.yaml",
+        overrides={"run.seed": 11},
+        grid={"clients": [2, 3], "fed.method": ["full"]},
+        repeats={"count": {2: 3, 3: 1}, "seed_mode": "per_repeat"},
+    )
+    sw = sweep.load_sweep(spec, out=tmp_path / "out")
+    assert [(r.name, r.cfg.run.seed, r.cfg.run.repeat) for r in sw.runs] == [
+        ("K2-full-r0", 11, 0),
+        ("K2-full-r1", 12, 1),
+        ("K2-full-r2", 13, 2),
+        ("K3-full-r0", 11, 0),
+    ]
+    spec = write_spec(
+        tmp_path / "fix.yaml", grid={"clients": [2]}, repeats={"count": 2, "seed_mode": "fixed"}
+    )
+    fixed = sweep.load_sweep(spec, out=tmp_path / "out2").runs
+    assert [(r.cfg.run.seed, r.cfg.run.repeat) for r in fixed] == [(7, 0), (7, 1)]
+    for bad, match in (
+        ({"count": 0}, "whole number >= 1"),
+        ({"count": 2, "seed_mode": "random"}, "seed_mode must be one of fixed, per_repeat"),
+        ({"count": {5: 2}}, "no entry for K = 2"),
+        ("three", "'repeats' must be"),
+    ):
+        with pytest.raises(sweep.SweepError, match=match):
+            sweep.load_sweep(write_spec(tmp_path / "bad.yaml", grid={"clients": [2]}, repeats=bad))
+    with pytest.raises(sweep.SweepError, match="remove run.seed from the grid"):
+        sweep.load_sweep(
+            write_spec(tmp_path / "b2.yaml", grid={"clients": [2], "run.seed": [1]}, repeats=2)
+        )
+
+
+def test_repeats_with_one_seed_sample_different_noise():
+    """seed_mode fixed: repeat i trains as repeat 0 (the same run.seed) and draws its
+    evaluation's sampling noise from the repeat, as the reference's unseeded sampler."""
+    from fedmpi.eval.evaluate import Evaluator
+
+    cfg = load_config(ROOT / "tests/configs/tiny.yaml")
+    seeds = [
+        Evaluator._seed(SimpleNamespace(cfg=cfg.replace({"run.repeat": i})), 1) for i in range(3)
+    ]
+    assert len(set(seeds)) == 3
+    assert seeds[0] == Evaluator._seed(SimpleNamespace(cfg=cfg), 1)  # repeat 0: as before
+
+
+def test_runs_two_sweeps_share_are_linked_and_reported_once(tmp_path):
+    """A run whose resolved config (but for its name) is already a run of a sweep beside
+    this one is that run: a link, trained once, counted once by the report."""
+    a = write_spec(
+        tmp_path / "a.yaml", grid={"clients": [2], "fed.method": ["full", "udec"]}, repeats=1
+    )
+    b = write_spec(
+        tmp_path / "b.yaml",
+        overrides={"fed.method": "full"},
+        grid={"clients": [2], "fed.local_steps": [2, 3]},
+        repeats=1,
+    )
+    sa = sweep.load_sweep(a, out=tmp_path / "runs" / "a")
+    sweep.write_configs(sa)
+    sb = sweep.load_sweep(b, out=tmp_path / "runs" / "b")
+    sweep.write_configs(sb)
+    shared, own = sb.runs  # local_steps 2 is tiny.yaml's own value: the same experiment
+    assert shared.dir.is_symlink() and shared.dir.resolve() == (tmp_path / "runs/a/K2-full-r0")
+    assert not own.dir.is_symlink() and (own.dir / "config.yaml").is_file()
+    assert sweep.shared_with(shared) == tmp_path / "runs/a/K2-full-r0"
+    assert "shared with a/K2-full-r0" in sweep.dry_run_text(sb)
+    sweep.write_configs(sweep.load_sweep(b, out=tmp_path / "runs" / "b"))  # again: unchanged
+    found = report.find_runs([tmp_path / "runs/a", tmp_path / "runs/b"])
+    assert len(found) == 3 and len({p.resolve() for p in found}) == 3
 
 
 # ---------------------------------------------------------------- end to end

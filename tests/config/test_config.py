@@ -15,8 +15,10 @@ import yaml
 from fedmpi.config import CHOICES, RANGES, Config, ConfigError, load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + sorted(
-    (ROOT / "configs/paper").glob("*.yaml")
+SHIPPED = (
+    sorted((ROOT / "configs").glob("*.yaml"))
+    + sorted((ROOT / "configs/paper").glob("*.yaml"))
+    + sorted((ROOT / "configs/reproduce").glob("*.yaml"))
 )
 PAPER = sorted((ROOT / "configs/paper").glob("*.yaml"))
 
