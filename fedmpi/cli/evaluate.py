@@ -67,10 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m fedmpi.evaluate",
         description="Re-score a finished run's checkpoints in one process (no mpirun): the "
         "global model (FULL, USPLIT, centralized) or every client's personal "
-        "model (UDEC, ULATDEC, with mean +- sample std). Writes "
-        "RUN_DIR/rescore_<extractor>_round_<N>.csv; eval.csv is left alone.",
+        "model (UDEC, ULATDEC, with mean +- sample std) at the run's eval.personal "
+        "(local: right after the client's local training; aggregated: after the "
+        "averaging). Writes RUN_DIR/rescore_<extractor>[_reference][_local]_round_<N>.csv; "
+        "eval.csv is left alone.",
         epilog="Extra --section.key=value arguments override the run's config "
-        "(e.g. --eval.batch_size=100 --run.device=cpu --eval.inception_weights=PATH).",
+        "(e.g. --eval.personal=aggregated --eval.batch_size=100 --run.device=cpu "
+        "--eval.inception_weights=PATH).",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder with checkpoints/")
     p.add_argument(

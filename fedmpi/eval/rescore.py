@@ -3,9 +3,12 @@
 Owns `rescore`: the checkpoint of one round (epoch) is read through RunFolder, each of its
 models is scored by `Evaluator.score_model` with the seeds training used (so a re-score
 with the run's own eval settings reproduces its eval.csv rows), the scores are printed
-as a table and written to RUN_DIR/rescore_<extractor>_round_<N>.csv; eval.csv is left
-alone. Global models (FULL, USPLIT, centralized): the federator's (or model.pt's)
-model. Personal models (UDEC, ULATDEC): every client_NNN.pt, then mean and sample std.
+as a table and written to RUN_DIR/rescore_<extractor>[_reference][_local]_round_<N>.csv
+(eval.preprocess=reference, eval.personal=local); eval.csv is left alone. Global models
+(FULL, USPLIT, centralized): the federator's (or model.pt's) model. Personal models (UDEC,
+ULATDEC): every client_NNN.pt at the scoring point eval.personal names (local: the client's
+model right after its local training; aggregated: its personal regions with the averaged
+shared ones), then mean and sample std.
 """
 
 from __future__ import annotations
@@ -94,14 +97,24 @@ def _models(run: RunFolder, index: int, cfg: Config) -> tuple[str, bool, list[tu
     return method, personal, files
 
 
-def _load(model, path: Path, personal: bool, device) -> None:
+def _load(model, path: Path, personal: bool, device, local: bool = False) -> None:
     """Load a checkpoint's weights into `model` (the EMA weights when training kept them).
     Tensors and primitives only: never runs code. A client file holds its personal
-    regions; the shared ones are the federator's."""
+    regions; the shared ones are the federator's average (eval.personal=aggregated) or,
+    with `local` (eval.personal=local), the client's own from right after its local
+    training, before the averaging (its `local_model` entries)."""
     from fedmpi.store.checkpoint import client_state, load_checkpoint
 
     if personal:
         state, ckpt = client_state(path.parent, path.name, device)
+        if local:
+            if ckpt.get("local_model") is None:
+                raise ConfigError(
+                    f"{path} holds no model from before the round's averaging (the run "
+                    f"was trained with eval.personal=aggregated, or by an older fedmpi): "
+                    f"re-score the averaged model with --eval.personal=aggregated"
+                )
+            state.update(ckpt["local_model"])
     else:
         ckpt = load_checkpoint(path, device)
         state = ckpt["model"]
@@ -160,12 +173,15 @@ def rescore(run_dir: Path, index: int | None, cfg: Config, device=None, log=prin
         f"checkpoint of {'epoch' if method == 'centralized' else 'round'} {index}, "
         f"{len(files)} model{'s' if len(files) > 1 else ''} x {e.num_samples} samples "
         f"({e.sampler}{f' {e.ddim_steps} steps' if e.sampler == 'ddim' else ''}), "
-        f"extractor {e.extractor}, device {device}"
+        f"extractor {e.extractor} ({e.preprocess} preprocessing), "
+        + (f"personal models {e.personal}, " if personal else "")
+        + f"device {device}"
     )
     evaluator = None
     rows = []
+    local = personal and e.personal == "local"
     for client, path in files:
-        _load(model, path, personal, device)
+        _load(model, path, personal, device, local)
         if evaluator is None:  # after the first checkpoint loaded: no extractor work for nothing
             evaluator = Evaluator(cfg, None, run_dir, device)
         t0 = time.perf_counter()
@@ -195,7 +211,9 @@ def rescore(run_dir: Path, index: int | None, cfg: Config, device=None, log=prin
             f"{k}: {summary[k + '_mean']:.3f} +- {summary[k + '_std']:.3f} "
             f"(mean +- sample std over {len(rows)} clients)"
         )
-    csv_path = run.write_rescore(out_rows, e.extractor, index)
+    # what was scored, in the file's name: rescore_classifier[_reference][_local]_round_N
+    tag = e.extractor + ("_reference" if e.preprocess == "reference" else "")
+    csv_path = run.write_rescore(out_rows, tag + ("_local" if local else ""), index)
     log(f"wrote {csv_path}")
     return {
         "round": index,

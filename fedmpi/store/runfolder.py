@@ -282,9 +282,10 @@ class RunFolder:
         last = {(r.get("round"), r.get("client")): r for r in self.read_eval()}
         return list(last.values())
 
-    def write_rescore(self, rows: list[dict], extractor: str, index: int) -> Path:
-        """rescore_<extractor>_round_<index>.csv (fedmpi.evaluate's scores); returns its path."""
-        path = self.path / f"rescore_{extractor}_round_{index}.csv"
+    def write_rescore(self, rows: list[dict], tag: str, index: int) -> Path:
+        """rescore_<tag>_round_<index>.csv (fedmpi.evaluate's scores; the tag names the
+        extractor and the scoring settings); returns its path."""
+        path = self.path / f"rescore_{tag}_round_{index}.csv"
         write_csv(path, rows)
         return path
 

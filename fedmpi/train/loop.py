@@ -61,7 +61,7 @@ from fedmpi.train.clients import check_clients, eval_clients, make_pool, samplin
 from fedmpi.train.nonfinite import nonfinite_clients
 from fedmpi.train.progress import LocalProgress
 from fedmpi.train.schedule import Schedule
-from fedmpi.train.state import RoundStart
+from fedmpi.train.state import RoundStart, shared_entries
 from fedmpi.train.stop import (
     NonFiniteError,
     Preempted,
@@ -193,6 +193,12 @@ class Job:
         if cfg.train.ema_decay > 0 and not (own_ema and not world.trains):
             self.ema = EMA(self.model, cfg.train.ema_decay)
         self.trainer, self.n_k = None, 0.0
+        # eval.personal=local: each client rank keeps its shared regions as they were right
+        # after local training, before the averaging, for its checkpoint (state.add_job_state)
+        self.keeps_local_model = (
+            world.trains and not self.solo and self.personal and cfg.eval.personal == "local"
+        )
+        self.local_model = None
         if world.trains:
             if self.solo:
                 images, _ = load_arrays(cfg.data, "train")
@@ -312,6 +318,8 @@ class Job:
         scores, t_eval = None, 0.0
         if local_scoring:  # each client's own model, before the aggregation
             scores, t_eval = self._evaluate(r)
+        if self.keeps_local_model:  # the scoring point fedmpi.evaluate re-scores
+            self.local_model = (r, shared_entries(self.model, self.method))
         t0 = time.perf_counter()
         if self.pool is not None:
             self.pool.prepare_single(plan, stats)  # DP: the one client's clipping

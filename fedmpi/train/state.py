@@ -118,6 +118,12 @@ def own_entries(model: torch.nn.Module, method: str) -> dict:
     return out
 
 
+def shared_entries(model: torch.nn.Module, method: str) -> dict:
+    """Copies of the state-dict entries a client shares (all but `own_entries`)."""
+    own = own_entries(model, method)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in own}
+
+
 def rank_state(cfg: Config, world, index: int, model, trainer, ema, steps: int) -> dict:
     """This rank's checkpoint contents after round (epoch) `index`."""
     if world.size == 1:
@@ -158,8 +164,12 @@ def rank_state(cfg: Config, world, index: int, model, trainer, ema, steps: int) 
 
 def add_job_state(obj: dict, job) -> dict:
     """What a rank keeps beyond its model: a client rank's clients' personal regions
-    (several clients per rank) and error-feedback residuals (fed.compress), the
-    federator's server-optimizer moments."""
+    (several clients per rank), its shared regions before the round's averaging
+    (`local_model`, eval.personal=local: the model fedmpi.evaluate re-scores), and
+    error-feedback residuals (fed.compress); the federator's server-optimizer moments."""
+    local = getattr(job, "local_model", None)
+    if local is not None and local[0] == obj.get("round"):
+        obj["local_model"] = local[1]
     pool = getattr(job, "pool", None)
     if pool is not None and pool.states is not None:
         obj["client_states"] = pool.states.state_dict()

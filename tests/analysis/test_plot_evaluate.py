@@ -31,6 +31,7 @@ def udec_run(tmp_path_factory):
         "--eval.extractor=classifier",
         "--eval.num_samples=16",
         "--eval.every=1",
+        "--eval.personal=local",  # the reference's scoring point (eval.csv scores it)
     )
     assert res.returncode == 0, res.stdout + res.stderr
     return run_dir
@@ -137,7 +138,7 @@ def test_evaluate_rescores_personal_models(udec_run):
     ], res.stdout
     assert "+-" in res.stdout
 
-    path = udec_run / "rescore_classifier_round_2.csv"
+    path = udec_run / "rescore_classifier_local_round_2.csv"
     assert str(path) in res.stdout
     with path.open() as f:
         rows = list(csv.DictReader(f))
@@ -152,6 +153,47 @@ def test_evaluate_rescores_personal_models(udec_run):
             r["client"]: float(r["fd_classifier"]) for r in csv.DictReader(f) if r["round"] == "2"
         }
     assert scores == pytest.approx([at_train["1"], at_train["2"]], rel=1e-3)
+
+
+def _rescored(run, *args) -> dict:
+    res = cli("fedmpi.evaluate", run, "--num-samples", 16, *args)
+    assert res.returncode == 0, res.stdout + res.stderr
+    path = next(line.split()[-1] for line in res.stdout.splitlines() if line.startswith("wrote"))
+    with open(path) as f:
+        return {r["client"]: float(r["fd_classifier"]) for r in csv.DictReader(f)}
+
+
+def test_evaluate_honours_personal_scoring_point(udec_run):
+    """eval.personal=local re-scores each client's model from right after its local
+    training (what eval.csv scored during training); aggregated the same client's
+    personal regions with the averaged shared ones: another model, other scores."""
+    local = _rescored(udec_run)  # the run's own setting: local
+    aggregated = _rescored(udec_run, "--eval.personal=aggregated")
+    assert (udec_run / "rescore_classifier_round_2.csv").is_file()
+    for client in ("1", "2"):  # other weights, same sampling noise: never the same score
+        assert local[client] != pytest.approx(aggregated[client], rel=1e-6), (local, aggregated)
+    with (udec_run / "eval.csv").open() as f:
+        at_train = {
+            r["client"]: float(r["fd_classifier"]) for r in csv.DictReader(f) if r["round"] == "2"
+        }
+    assert local["1"] == pytest.approx(at_train["1"], rel=1e-3)
+    assert aggregated["1"] != pytest.approx(at_train["1"], rel=1e-6)
+
+
+def test_evaluate_local_needs_the_pre_averaging_model(udec_run, tmp_path):
+    """A client file without the pre-averaging model (a run trained with
+    eval.personal=aggregated) is refused for local scoring, naming the fix."""
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(udec_run, run)
+    ckpt = run / "checkpoints" / "round_000002" / "client_001.pt"
+    obj = torch.load(ckpt, weights_only=True)
+    del obj["local_model"]
+    torch.save(obj, ckpt)
+    res = cli("fedmpi.evaluate", run, "--num-samples", 16)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "--eval.personal=aggregated" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_evaluate_bad_round_and_folder(udec_run, tmp_path, capsys):
