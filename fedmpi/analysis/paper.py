@@ -84,28 +84,77 @@ PAPER_CENTRALIZED = (42.5, 1.1)  # K = 1, 15 epochs
 PAPER_PARAMS_K10_R15 = {"full": 898.9e6, "usplit": 674.2e6, "udec": 237.7e6, "ulatdec": 527.5e6}
 
 
+# What a run must have for its score to stand beside the paper's (PAPER.md; the reference's
+# code): key -> (the paper's value, what it is). A personal model is scored right after
+# the client's local training (eval.personal local); a global one after the averaging.
+PAPER_SETTING = {
+    "data.dataset": ("fashion_mnist", "dataset"),
+    "data.train_subset": (None, "training set (all 60,000 images)"),
+    "data.test_subset": (1000, "reference set (the first 1,000 test images)"),
+    "model.dim": (28, "UNet width"),
+    "model.dim_mults": ([1, 2, 4], "UNet levels"),
+    "diffusion.timesteps": (1000, "diffusion steps"),
+    "diffusion.loss": ("huber", "loss"),
+    "diffusion.weighting": ("none", "loss weighting"),
+    "train.lr": (1e-4, "learning rate"),
+    "train.batch_size": (128, "batch size"),
+    "train.ema_decay": (0.0, "EMA of the weights (none)"),
+    "eval.extractor": ("inception", "features (Inception: FID)"),
+    "eval.preprocess": ("reference", "image preprocessing (PNG clamp)"),
+    "eval.sampler": ("ddpm", "sampler (1,000-step DDPM)"),
+    "eval.num_samples": (1000, "sample count"),
+}
+PAPER_FED = {"fed.rounds": (15, "rounds"), "fed.local_steps": (None, "local epochs, not steps")}
+PAPER_PERSONAL = {"eval.personal": ("local", "scoring point of personal models")}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9)
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return a is not None and b is not None and list(a) == list(b)
+    return a == b
+
+
+def paper_differences(table: Table, method: str | None = None) -> list[str]:
+    """The settings of `table` (and, for a personal `method`, its scoring point) that
+    are not the paper's, as 'what: key = value (paper: value)'; [] when all match."""
+    s = table.setting
+    want = dict(PAPER_SETTING)
+    if any(not r.centralized for r in table.runs):
+        want.update(PAPER_FED)
+    if method in ("udec", "ulatdec"):
+        want.update(PAPER_PERSONAL)
+    out = []
+    for key, (paper, what) in want.items():
+        if key in s and not _same(s[key], paper):
+            out.append(f"{what}: {key} = {_text(s[key])} (paper: {_text(paper)})")
+    return out
+
+
+def _text(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(map(str, v)) + "]"
+    return "null" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def paper_setting(s: dict) -> bool:
-    """Whether a table's setting is the paper's (Fashion-MNIST, its UNet, B=128, T=1000)."""
-    return (
-        s["data.dataset"] == "fashion_mnist"
-        and not s.get("data.train_subset")
-        and s["model.dim"] == 28
-        and list(s["model.dim_mults"]) == [1, 2, 4]
-        and s["train.batch_size"] == 128
-        and s["diffusion.timesteps"] == 1000
+    """Whether a setting is the paper's model and data (for the parameter counts)."""
+    return all(
+        _same(s.get(k), PAPER_SETTING[k][0])
+        for k in ("data.dataset", "model.dim", "model.dim_mults", "diffusion.timesteps")
     )
 
 
 def paper_value(table: Table, clients, split: str, method: str) -> tuple | None:
-    """(mean, std or None) the paper published for this cell, if the setting is the paper's."""
-    s = table.setting
-    if table.metric != "fid" or not paper_setting(s):
+    """(mean, std or None) the paper published for this cell, if the table's setting is
+    the paper's on every item of PAPER_SETTING (see paper_differences)."""
+    if paper_differences(table, method):
         return None
+    s = table.setting
     if split == "centralized":
         runs = list(table.cell_runs(clients, split, method))
         return PAPER_CENTRALIZED if runs and runs[0].cfg.train.epochs == 15 else None
-    if s.get("fed.rounds") != 15 or s.get("fed.local_steps"):
-        return None
     e = s.get("fed.local_epochs")
     if e == 5 and (clients, split) in PAPER_MAIN:
         return PAPER_MAIN[(clients, split)].get(method)
@@ -143,6 +192,17 @@ class Cell:
     def std(self) -> float | None:  # sample std (ddof 1), as the reference reports
         return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else None
 
+    @property
+    def ci95(self) -> tuple[float, float] | None:
+        """95% confidence interval of the mean (Student's t, n - 1 degrees of freedom)."""
+        n = len(self.values)
+        if n < 2:
+            return None
+        from scipy import stats
+
+        half = float(stats.t.ppf(0.975, n - 1)) * self.std / math.sqrt(n)
+        return self.mean - half, self.mean + half
+
     def incomplete(self) -> list[RunResult]:
         return [r for r in self.runs if not r.progress.finished]
 
@@ -159,7 +219,9 @@ class Cell:
             if any(r.personal for r in scored):
                 n += f", n={len(self.values)}"
             sd = f" ± {fmt_value(self.std)}" if self.std is not None else ""
-            parts.append(f"{fmt_value(self.mean)}{sd} ({n})")
+            ci = self.ci95
+            ci = f" [{fmt_value(ci[0])}, {fmt_value(ci[1])}]" if ci else ""
+            parts.append(f"{fmt_value(self.mean)}{sd}{ci} ({n})")
         if paper:
             parts.append(
                 f"paper {fmt_value(paper[0])}" + (f" ± {fmt_value(paper[1])}" if paper[1] else "")
@@ -173,3 +235,15 @@ class Cell:
         for note in sorted({r.note for r in self.unscored()}):
             parts.append(note)
         return "; ".join(parts)
+
+
+def welch(a: Cell, b: Cell) -> tuple[float, float] | None:
+    """Welch's t-test (unequal variances) of two cells' values: (t, two-sided p), or None
+    with fewer than two values on a side or no spread at all."""
+    x, y = a.values, b.values
+    if len(x) < 2 or len(y) < 2 or (np.std(x) == 0 and np.std(y) == 0):
+        return None
+    from scipy import stats
+
+    res = stats.ttest_ind(x, y, equal_var=False)
+    return float(res.statistic), float(res.pvalue)

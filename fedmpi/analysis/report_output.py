@@ -1,19 +1,27 @@
-"""The files of a report: report.md, table.csv, runs.csv and score_vs_params.png.
+"""The files of a report: report.md, table.csv, table.tex, runs.csv and the PNGs.
 
 `write_report(runs, out, sources)` writes to `out`:
 
 - report.md            one table per setting in the paper's layout (rows K x split,
-                       columns the methods, cells from `paper.Cell`, the paper's value
-                       beside a cell where the setting is the paper's), the parameters
-                       exchanged per method, then every run with its status;
-- table.csv            the same tables as numbers (one row per K x split, columns per method);
+                       columns the methods, cells from `paper.Cell`: mean ± std [95% CI]
+                       (n); the paper's value beside a cell only where the settings are the
+                       paper's on every item of paper.PAPER_SETTING, else the settings that
+                       differ), Welch's t-test between the methods per row, the
+                       communication table (parameters, MB, % less than FULL, in all and
+                       per client per round), the K x E matrix (tables that differ only in
+                       E), then every run with its status;
+- table.csv            the tables as numbers (one row per K x split, columns per method);
+- table.tex            the same tables as LaTeX;
 - runs.csv             one row per run;
+- curves_tableN.png    per-round scores per cell (mean and ±1 std over runs per method);
 - score_vs_params.png  final score against the parameters the run exchanged, one point per
                        run (one PNG per metric when the runs were scored differently).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +31,10 @@ from fedmpi.analysis.paper import (
     Cell,
     fmt_value,
     millions,
+    paper_differences,
     paper_setting,
     paper_value,
+    welch,
 )
 from fedmpi.analysis.plot import METRIC_LABEL, _plt, _save
 from fedmpi.analysis.report import (
@@ -83,27 +93,122 @@ def _params_rows(table: Table) -> list[tuple]:
     return sorted(out.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1]))
 
 
-def _params_markdown(table: Table) -> str:
+def _comm_markdown(table: Table) -> str:
+    """The communication table: per K, R and method, what all clients exchanged over the
+    run by the paper's rule (parameters, MB as float32, % less than FULL) and the same
+    per client per round; the paper's count beside K = 10, R = 15 at its model."""
     rows = _params_rows(table)
     if not rows:
         return "No run of this table has finished a federated job yet (no comm_summary.json)."
-    methods = [m for m in table.methods() if any(m in by for _, by in rows)]
     body = []
     for (k, rounds), by in rows:
-        row = [str(k), str(rounds)]
-        for m in methods:
-            runs = by.get(m, [])
-            if not runs:
-                row.append("")
-                continue
-            paper = float(np.mean([r.params["paper"] for r in runs]))
+        for m in [m for m in table.methods() if m in by]:
+            runs = by[m]
+            params = float(np.mean([r.params["paper"] for r in runs]))
+            mb = float(np.mean([r.params["paper_bytes"] for r in runs])) / 1e6
             red = float(np.mean([r.params["reduction_vs_full"] for r in runs]))
-            text = millions(paper) + (f" ({-100 * red:+.1f}%)" if m != "full" else "")
+            paper = ""
             if (k, rounds) == (10, 15) and paper_setting(table.setting):
-                text += f"; paper {millions(PAPER_PARAMS_K10_R15[m])}"
-            row.append(text)
-        body.append(row)
-    return format_table(["K", "R"] + [m.upper() for m in methods], body, markdown=True)
+                paper = millions(PAPER_PARAMS_K10_R15[m])
+            per = max(1, (k or 1) * (rounds or 1))
+            body.append(
+                [
+                    str(k),
+                    str(rounds),
+                    m.upper(),
+                    millions(params),
+                    f"{mb:,.1f}",
+                    "-" if m == "full" else f"{-100 * red:+.1f}%",
+                    millions(params / per),
+                    f"{mb / per:,.2f}",
+                    paper,
+                ]
+            )
+    head = ["K", "R", "method", "parameters", "MB", "vs FULL", "per client-round", "MB", "paper"]
+    return format_table(head, body, markdown=True, align="rrlrrrrrr")
+
+
+def _welch_markdown(table: Table) -> str:
+    """Per row, Welch's t-test between every two methods: the two-sided p (* below 0.05)."""
+    methods = table.methods()
+    pairs = [(a, b) for i, a in enumerate(methods) for b in methods[i + 1 :]]
+    body = []
+    for clients, split in table.rows():
+        if split == "centralized" or not pairs:
+            continue
+        row = [str(clients), SPLIT_LABEL.get(split, split)]
+        for a, b in pairs:
+            res = welch(
+                Cell(table.cell_runs(clients, split, a)), Cell(table.cell_runs(clients, split, b))
+            )
+            row.append("n/a" if res is None else f"{res[1]:.3g}" + ("*" if res[1] < 0.05 else ""))
+        if any(c != "n/a" for c in row[2:]):
+            body.append(row)
+    if not body:
+        return ""
+    head = ["K", "split"] + [f"{a.upper()} vs {b.upper()}" for a, b in pairs]
+    return format_table(head, body, markdown=True, align="rl" + "r" * len(pairs))
+
+
+def _ranks_markdown(table: Table) -> str:
+    """Per row that the paper's main table has: the methods ordered by this table's mean
+    score and by the paper's FID (best first), and Kendall's tau between the two orders
+    (1: the same order, -1: reversed). An ordering, so it compares any metric."""
+    from scipy import stats
+
+    from fedmpi.analysis.paper import PAPER_MAIN
+
+    body = []
+    for clients, split in table.rows():
+        paper = PAPER_MAIN.get((clients, split))
+        if not paper:
+            continue
+        ours = {m: Cell(table.cell_runs(clients, split, m)).mean for m in table.methods()}
+        ours = {m: v for m, v in ours.items() if v is not None and m in paper}
+        if len(ours) < 2:
+            continue
+        ms = sorted(ours, key=ours.get)
+        theirs = sorted(ms, key=lambda m: paper[m][0])
+        tau = stats.kendalltau([ours[m] for m in ms], [paper[m][0] for m in ms]).statistic
+        body.append(
+            [
+                str(clients),
+                SPLIT_LABEL.get(split, split),
+                " < ".join(m.upper() for m in ms),
+                " < ".join(m.upper() for m in theirs),
+                f"{tau:+.2f}",
+                "yes" if ms[0] == theirs[0] else "no",
+            ]
+        )
+    if not body:
+        return ""
+    head = ["K", "split", "this table (best first)", "paper", "Kendall tau", "same best"]
+    return format_table(head, body, markdown=True, align="rlllrl")
+
+
+def _paper_line(table: Table) -> str:
+    """Whether the paper's values stand beside the cells, and if not, which settings differ."""
+    if table.metric != "fid":
+        return ""
+    common = paper_differences(table)
+    personal = [
+        d
+        for m in ("udec", "ulatdec")
+        if m in table.methods()
+        for d in paper_differences(table, m)
+        if d not in common
+    ]
+    if not common and not personal:
+        return (
+            "Paper values: beside every cell (the settings are the paper's on every item checked)."
+        )
+    if common:
+        return (
+            "Paper values not shown; settings that differ from the paper's: "
+            + "; ".join(common)
+            + "."
+        )
+    return "Paper values not shown for UDEC / ULATDEC: " + "; ".join(dict.fromkeys(personal)) + "."
 
 
 def _runs_rows(runs: list[RunResult]) -> list[dict]:
@@ -118,6 +223,7 @@ def _runs_rows(runs: list[RunResult]) -> list[dict]:
                 "K": r.clients,
                 "split": r.split,
                 "seed": r.cfg.run.seed,
+                "repeat": r.cfg.run.repeat,
                 "split_seed": r.cfg.split.seed,
                 "status": r.status,
                 "done": r.progress.done,
@@ -167,17 +273,84 @@ def _table_csv_rows(tables: list[Table]) -> list[dict]:
 
 INTRO = (
     "Cells: the score of each run's final round (lower is better), mean ± sample "
-    "standard deviation over runs (seeds); for UDEC and ULATDEC, whose clients keep "
-    "personal models, over every client of every run, pooled as the reference does "
-    "(n = runs × clients). Parameters exchanged count the paper's rule (initial model "
-    "+ R uploads + R - 1 downloads), from each run's comm_summary.json."
+    "standard deviation [95% confidence interval of the mean, Student's t] over runs "
+    "(repeats); for UDEC and ULATDEC, whose clients keep personal models, over every "
+    "client of every run, pooled as the reference does (n = runs × clients). Parameters "
+    "exchanged count the paper's rule (initial model + R uploads + R - 1 downloads), "
+    "from each run's comm_summary.json."
 )
 
 
-def _tables_markdown(tables: list[Table]) -> list[str]:
-    """One section per table: its setting, metric note, cells and parameters exchanged."""
+@dataclass
+class KByE:
+    """The K x E study: FULL, IID runs of tables whose settings differ only in the local
+    epochs, as one matrix (rows K, columns E). `tables`: E -> the table of that E."""
+
+    tables: dict
+    covered: list  # tables with no run outside the matrix (not printed on their own)
+
+    def cell(self, clients, e) -> Cell:
+        t = self.tables.get(e)
+        return Cell(t.cell_runs(clients, "iid", "full") if t else [])
+
+    def rows(self) -> list:
+        return sorted(
+            {r.clients for t in self.tables.values() for r in t.runs if r.column == "full"}
+        )
+
+    def paper(self, clients, e):
+        return paper_value(self.tables[e], clients, "iid", "full")
+
+
+def k_by_e(tables: list[Table]) -> list[KByE]:
+    """One matrix per group of tables that differ only in fed.local_epochs (2+ values)."""
+    groups: dict = {}
+    for t in tables:
+        e = t.setting.get("fed.local_epochs")
+        if e is None or t.setting.get("fed.local_steps"):
+            continue
+        key = json.dumps(
+            {k: v for k, v in t.setting.items() if k != "fed.local_epochs"}, default=str
+        )
+        groups.setdefault(key, {})[e] = t
+    out = []
+    for by_e in groups.values():
+        has = {e: t for e, t in sorted(by_e.items()) if t.cell_runs_any("iid", "full")}
+        if len(has) < 2:
+            continue
+        covered = [
+            t
+            for t in has.values()
+            if all(r.centralized or (r.column, r.split) == ("full", "iid") for r in t.runs)
+        ]
+        out.append(KByE(has, covered))
+    return out
+
+
+def _k_by_e_markdown(m: KByE) -> str:
+    es = list(m.tables)
+    body = []
+    for k in m.rows():
+        row = [str(k)]
+        for e in es:
+            cell = m.cell(k, e)
+            row.append(cell.text(m.paper(k, e)) if cell.runs else "")
+        body.append(row)
+    return format_table(
+        ["K"] + [f"E={e}" for e in es], body, markdown=True, align="r" + "l" * len(es)
+    )
+
+
+def _tables_markdown(tables: list[Table], matrices: list[KByE], curves: dict) -> list[str]:
+    """One section per table (its setting, metric note, paper values, cells, the pairwise
+    tests, the communication table, the curves), then the K x E matrices."""
     lines = []
+    covered = {id(t) for m in matrices for t in m.covered}
     for i, t in enumerate(tables, 1):
+        if id(t) in covered:
+            continue
+        paper = _paper_line(t)
+        welch_md = _welch_markdown(t)
         lines += [
             f"## Table {i}" + (f": {t.title}" if t.title else ""),
             "",
@@ -185,11 +358,45 @@ def _tables_markdown(tables: list[Table]) -> list[str]:
             "",
             METRIC_NOTE[t.metric],
             "",
-            _table_markdown(t),
+        ]
+        lines += [paper, ""] if paper else []
+        lines += [_table_markdown(t), ""]
+        if welch_md:
+            lines += [
+                f"Do two methods differ (table {i})? Welch's t-test per row on the values "
+                "pooled in each cell, two-sided p (* p < 0.05; n/a: fewer than two values):",
+                "",
+                welch_md,
+                "",
+            ]
+        ranks = _ranks_markdown(t)
+        if ranks:
+            lines += [
+                f"Method order against the paper's (table {i}; the paper's Inception FID "
+                "at K x split, whatever this table's metric and setting):",
+                "",
+                ranks,
+                "",
+            ]
+        lines += [
+            f"Communication (table {i}), the paper's rule (initial model + R uploads + R - 1 "
+            "downloads, float32), all clients over the run and per client per round:",
             "",
-            f"Parameters exchanged (table {i}):",
+            _comm_markdown(t),
             "",
-            _params_markdown(t),
+        ]
+        if id(t) in curves:
+            lines += [f"![per-round scores, table {i}]({curves[id(t)].name})", ""]
+    for j, m in enumerate(matrices, 1):
+        first = next(iter(m.tables.values()))
+        lines += [
+            f"## K x E{f' {j}' if len(matrices) > 1 else ''}: FULL, IID",
+            "",
+            f"Setting: {describe(first)} (E varies).",
+            "",
+            METRIC_NOTE[first.metric],
+            "",
+            _k_by_e_markdown(m),
             "",
         ]
     return lines
@@ -225,7 +432,13 @@ def write_report(runs: list[RunResult], out: Path, sources: list[str]) -> dict:
         INTRO,
         "",
     ]
-    lines += _tables_markdown(tables)
+    matrices = k_by_e(tables)
+    covered = {id(t) for m in matrices for t in m.covered}
+    curves = {}
+    for i, t in enumerate(tables, 1):
+        if id(t) not in covered and any(len(r.curve) > 1 for r in t.runs):
+            curves[id(t)] = plot_curves(t, out / f"curves_table{i}.png")
+    lines += _tables_markdown(tables, matrices, curves)
     pngs = []
     for metric in dict.fromkeys(r.metric for r in runs if r.scored):
         name = "score_vs_params.png" if len(pngs) == 0 else f"score_vs_params_{metric}.png"
@@ -239,12 +452,118 @@ def write_report(runs: list[RunResult], out: Path, sources: list[str]) -> dict:
     md.write_text("\n".join(lines))
     write_csv(out / "table.csv", _table_csv_rows(tables))
     write_csv(out / "runs.csv", _runs_rows(runs))
+    (out / "table.tex").write_text(_latex(tables, matrices, covered))
     return {
         "markdown": md,
         "table_csv": out / "table.csv",
         "runs_csv": out / "runs.csv",
-        "png": pngs,
+        "latex": out / "table.tex",
+        "png": pngs + list(curves.values()),
     }
+
+
+# ---------------------------------------------------------------- LaTeX
+
+_TEX_SPECIAL = {"_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$"}
+
+
+def _tex(text: str) -> str:
+    return "".join(_TEX_SPECIAL.get(c, c) for c in str(text))
+
+
+def _tex_cell(cell: Cell, paper) -> str:
+    if cell.mean is None:
+        return "--"
+    text = f"${fmt_value(cell.mean)}"
+    text += rf" \pm {fmt_value(cell.std)}$" if cell.std is not None else "$"
+    if paper:
+        text += f" ({fmt_value(paper[0])})"
+    return text
+
+
+def _tabular(head: list[str], rows: list[list[str]], caption: str) -> str:
+    cols = "r" * len(head)
+    return "\n".join(
+        [
+            r"\begin{table}[t]",
+            r"\centering",
+            rf"\caption{{{_tex(caption)}}}",
+            rf"\begin{{tabular}}{{{cols}}}",
+            r"\hline",
+            " & ".join(head) + r" \\",
+            r"\hline",
+            *[" & ".join(r) + r" \\" for r in rows],
+            r"\hline",
+            r"\end{tabular}",
+            r"\end{table}",
+            "",
+        ]
+    )
+
+
+def _latex(tables: list[Table], matrices: list[KByE], covered: set) -> str:
+    """The tables as LaTeX (tabular, mean +- std, the paper's value in
+    parentheses where it applies)."""
+    parts = [
+        "% fedmpi report: mean \\pm sample std over runs (clients pooled for personal models)",
+        "",
+    ]
+    for i, t in enumerate(tables, 1):
+        if id(t) in covered:
+            continue
+        methods = t.methods()
+        rows = [
+            [str(k), _tex(SPLIT_LABEL.get(sp, sp))]
+            + [_tex_cell(Cell(t.cell_runs(k, sp, m)), paper_value(t, k, sp, m)) for m in methods]
+            for k, sp in t.rows()
+        ]
+        caption = f"Table {i}: {t.metric or 'no score'}; {describe(t)}"
+        parts.append(_tabular(["K", "split"] + [m.upper() for m in methods], rows, caption))
+    for m in matrices:
+        es = list(m.tables)
+        rows = [[str(k)] + [_tex_cell(m.cell(k, e), m.paper(k, e)) for e in es] for k in m.rows()]
+        first = next(iter(m.tables.values()))
+        caption = f"K x E, FULL, IID: {first.metric}; {describe(first)}"
+        parts.append(_tabular(["K"] + [f"E={e}" for e in es], rows, caption))
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- per-round curves
+
+
+def plot_curves(table: Table, path: Path) -> Path:
+    """One panel per row of the table (K x split): each method's score after every scored
+    round, the mean over its runs with a band of +-1 std over runs (a centralized run's
+    epochs on the same axis)."""
+    plt = _plt()
+    rows = table.rows()
+    cols = min(3, len(rows))
+    nrows = (len(rows) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, (clients, split) in zip(axes.flat, rows):
+        for i, m in enumerate(METHODS):
+            runs = [r for r in table.cell_runs(clients, split, m) if len(r.curve) > 1]
+            if not runs:
+                continue
+            xs = sorted(set.intersection(*(set(r.curve) for r in runs)))
+            ys = np.array([[r.curve[x] for x in xs] for r in runs])
+            mean = ys.mean(axis=0)
+            label = "centralized" if split == "centralized" else m.upper()
+            ax.plot(xs, mean, marker="o", ms=3, color=cmap(i), label=f"{label} ({len(runs)})")
+            if len(runs) > 1:
+                sd = ys.std(axis=0, ddof=1)
+                ax.fill_between(xs, mean - sd, mean + sd, color=cmap(i), alpha=0.15)
+        ax.set_title(f"K={clients}, {SPLIT_LABEL.get(split, split)}", fontsize="medium")
+        ax.set_xlabel("epoch" if split == "centralized" else "round")
+        ax.set_ylabel(f"{table.metric} (lower is better)", fontsize="small")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="x-small")
+    for ax in list(axes.flat)[len(rows) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------- the plot
