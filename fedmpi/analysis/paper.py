@@ -163,6 +163,14 @@ def paper_value(table: Table, clients, split: str, method: str) -> tuple | None:
     return None
 
 
+def paper_k_by_e(table: Table, clients, e) -> tuple | None:
+    """The paper's K x E value (FULL, IID; its own runs, not the main table's) for a
+    table of local epochs `e` whose settings are the paper's."""
+    if paper_differences(table, "full") or e not in PAPER_K_BY_E.get(clients, {}):
+        return None
+    return PAPER_K_BY_E[clients][e], None
+
+
 # ---------------------------------------------------------------- cells
 
 

@@ -32,6 +32,7 @@ from fedmpi.analysis.paper import (
     fmt_value,
     millions,
     paper_differences,
+    paper_k_by_e,
     paper_setting,
     paper_value,
     welch,
@@ -299,7 +300,7 @@ class KByE:
         )
 
     def paper(self, clients, e):
-        return paper_value(self.tables[e], clients, "iid", "full")
+        return paper_k_by_e(self.tables[e], clients, e)
 
 
 def k_by_e(tables: list[Table]) -> list[KByE]:
