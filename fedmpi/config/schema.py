@@ -30,7 +30,7 @@ class RunCfg:
 
 @dataclass(frozen=True)
 class DataCfg:
-    dataset: str = "fashion_mnist"  # fashion_mnist | mnist | cifar10
+    dataset: str = "fashion_mnist"  # fashion_mnist | mnist | cifar10 | celeba (64 x 64)
     root: str | None = None  # None: auto-detect (Debian package, ./data, torchvision layout)
     download: bool = True  # allow torchvision's downloader when files are missing
     shards: str | None = None  # HDF5 file written by `python -m fedmpi.data split`
@@ -67,7 +67,7 @@ class DiffusionCfg:
     schedule: str = "linear"  # linear | cosine
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    loss: str = "huber"  # huber (reference code) | mse (DDPM default)
+    loss: str = "huber"  # huber (reference code) | mse (DDPM default) | l1
     # Per-timestep loss weight (recipe for short runs, none in configs/paper): min_snr is
     # Min-SNR-gamma (Hang et al. 2023), min(SNR_t, gamma) / SNR_t for epsilon prediction:
     # the easy low-noise steps count less, so the coarse structure is learnt sooner.
@@ -78,6 +78,9 @@ class DiffusionCfg:
 @dataclass(frozen=True)
 class TrainCfg:
     lr: float = 1e-4
+    # the clients' (and the baseline's) optimizer: adam (the paper) | sgd (with momentum)
+    optimizer: str = "adam"
+    momentum: float = 0.9  # sgd only
     batch_size: int = 128
     epochs: int = 15  # centralized baseline epochs
     max_steps: int | None = None  # centralized: stop after this many optimizer steps
@@ -241,11 +244,11 @@ class Config:
 
 CHOICES = {
     "run.device": ("auto", "cpu", "cuda"),
-    "data.dataset": ("fashion_mnist", "mnist", "cifar10"),
+    "data.dataset": ("fashion_mnist", "mnist", "cifar10", "celeba"),
     "split.kind": ("iid", "label_skew", "quantity_skew", "shards"),
     "split.rng": ("default", "numpy_legacy"),
     "diffusion.schedule": ("linear", "cosine"),
-    "diffusion.loss": ("huber", "mse"),
+    "diffusion.loss": ("huber", "mse", "l1"),
     "diffusion.weighting": ("none", "min_snr"),
     "fed.method": ("full", "usplit", "udec", "ulatdec"),
     "fed.backend": ("mpi", "torch"),
@@ -259,6 +262,7 @@ CHOICES = {
     "eval.personal": ("aggregated", "local"),
     "eval.preprocess": ("exact", "reference"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.optimizer": ("adam", "sgd"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
     "privacy.mode": ("central", "distributed"),
 }
@@ -316,6 +320,7 @@ RANGES = {
     "diffusion.beta_end": UNIT_OPEN,
     "diffusion.snr_gamma": POSITIVE,
     "train.lr": POSITIVE,
+    "train.momentum": Range(0, 1, hi_open=True),
     "train.batch_size": Range(1, 65536),  # a larger batch is a typo, not a recipe
     "train.epochs": NON_NEGATIVE,
     "train.max_steps": POSITIVE,

@@ -3,7 +3,8 @@
 Owns where data comes from. Images are uint8 numpy arrays shaped (N, C, H, W) with
 int64 labels; `to_float` turns them into a float tensor in [-1, 1] for the model.
 Fashion-MNIST and MNIST are read straight from IDX files (flat or torchvision's
-`<root>/FashionMNIST/raw/` layout); CIFAR-10 goes through torchvision. A client gets
+`<root>/FashionMNIST/raw/` layout); CIFAR-10 goes through torchvision; CelebA (celeba.py)
+from torchvision's layout or an image folder, center-cropped to 64 x 64. A client gets
 its part either from an HDF5 shards file (`data.shards`, shards.py: one group per
 client, and a client reads only its own group) or by recomputing the deterministic
 split. The `split` CLI that writes shards files is fedmpi.cli.data.
@@ -18,12 +19,18 @@ from pathlib import Path
 import numpy as np
 
 from fedmpi.config import Config, DataCfg
+from fedmpi.data import celeba
 from fedmpi.data.partition import split_indices
 from fedmpi.data.shards import ShardSpec, read_shard, read_test, shards_info
 from fedmpi.errors import DataError
 
 # dataset -> (channels, image_size, num_classes)
-INFO = {"fashion_mnist": (1, 28, 10), "mnist": (1, 28, 10), "cifar10": (3, 32, 10)}
+INFO = {
+    "fashion_mnist": (1, 28, 10),
+    "mnist": (1, 28, 10),
+    "cifar10": (3, 32, 10),
+    "celeba": (3, 64, 1),  # unlabelled (one class): IID / quantity-skew splits, FID
+}
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -76,6 +83,8 @@ def _data_dir(root: Path, dataset: str, splits=("train", "test")) -> Path | None
     if dataset == "cifar10":
         first = {"train": "data_batch_1", "test": "test_batch"}
         return root if all((root / CIFAR_DIR / first[s]).is_file() for s in splits) else None
+    if dataset == "celeba":
+        return root if all(celeba.has_split(root, s) for s in splits) else None
     names = [n for s in splits for n in IDX_FILES[s]]
     for folder in (root, root / TORCHVISION_DIR[dataset] / "raw"):
         if all(_find_file(folder, n) for n in names):
@@ -86,6 +95,8 @@ def _data_dir(root: Path, dataset: str, splits=("train", "test")) -> Path | None
 def _expected(dataset: str) -> str:
     if dataset == "cifar10":
         return f"{CIFAR_DIR}/ (torchvision CIFAR10 layout)"
+    if dataset == "celeba":
+        return celeba.EXPECTED
     names = IDX_FILES["train"] + IDX_FILES["test"]
     return (
         ", ".join(n + ".gz" for n in names)
@@ -127,6 +138,9 @@ def _download(dataset: str, root: Path) -> None:
     """torchvision's downloader; writes the torchvision layout under root."""
     import torchvision.datasets as tvd
 
+    if dataset == "celeba":
+        tvd.CelebA(str(root), split="all", target_type=[], download=True)
+        return
     cls = {"fashion_mnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "cifar10": tvd.CIFAR10}[dataset]
     for train in (True, False):
         cls(str(root), train=train, download=True)
@@ -242,6 +256,8 @@ def load_arrays(data_cfg: DataCfg, split: str) -> tuple[np.ndarray, np.ndarray]:
     folder = _data_dir(root, data_cfg.dataset, (split,))
     if data_cfg.dataset == "cifar10":
         images, labels = _load_cifar(folder, split)
+    elif data_cfg.dataset == "celeba":
+        images, labels = celeba.load(folder, split)
     else:
         images, labels = _load_idx(folder, split)
     subset = data_cfg.train_subset if split == "train" else data_cfg.test_subset

@@ -33,6 +33,10 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> n
     )
 
 
+# the reference's loss_type choices (The Annotated Diffusion Model's p_losses)
+LOSSES = {"huber": F.smooth_l1_loss, "mse": F.mse_loss, "l1": F.l1_loss}
+
+
 class Diffusion:
     """Schedule, forward process, loss and samplers (no learnable state)."""
 
@@ -52,8 +56,8 @@ class Diffusion:
             betas = cosine_betas(timesteps)
         else:
             raise ValueError(f"unknown schedule '{schedule}' (linear | cosine)")
-        if loss not in ("huber", "mse"):
-            raise ValueError(f"unknown loss '{loss}' (huber | mse)")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss '{loss}' ({' | '.join(LOSSES)})")
         if weighting not in ("none", "min_snr"):
             raise ValueError(f"unknown loss weighting '{weighting}' (none | min_snr)")
         self.T = timesteps
@@ -119,13 +123,13 @@ class Diffusion:
     def loss(
         self, model, x0: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Epsilon-prediction loss at t ~ U{0..T-1} (Huber or MSE), each image's loss
+        """Epsilon-prediction loss at t ~ U{0..T-1} (Huber, MSE or L1), each image's loss
         weighted by `loss_weight[t]` when `weighting` is min_snr."""
         b = x0.shape[0]
         t = torch.randint(0, self.T, (b,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         pred = model(self.q_sample(x0, t, noise), t)
-        fn = F.smooth_l1_loss if self.loss_type == "huber" else F.mse_loss
+        fn = LOSSES[self.loss_type]
         if self.weighting == "none":
             return fn(pred, noise)
         per_image = fn(pred.float(), noise, reduction="none").mean(dim=tuple(range(1, x0.dim())))

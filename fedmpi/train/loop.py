@@ -217,6 +217,7 @@ class Job:
                 prox_mu=cfg.fed.prox_mu,
             )
             self.trainer.speed_from(cfg.train)
+            self.trainer.optimizer_from(cfg.train)
             self.trainer.new_optimizer()  # first Adam imports torch._dynamo: not in round 1
             self.n_k = float(len(images))
         self.schedule = Schedule.of(cfg, world, self.trainer)

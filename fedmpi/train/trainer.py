@@ -68,6 +68,7 @@ class LocalTrainer:
         self.diffusion = diffusion
         self.batch_size = batch_size
         self.lr = lr
+        self.optimizer_kind, self.momentum = "adam", 0.0  # optimizer_from(train config)
         self.schedule = schedule if schedule is not None and schedule.active else None
         self.ema = ema.to(device) if ema is not None else None
         self.grad_clip = float(grad_clip)
@@ -100,8 +101,17 @@ class LocalTrainer:
         # The fused kernel: one pass over all parameters (3.6 ms per step for the
         # quickstart UNet on one CPU core against 14-20 ms for the per-tensor loop).
         fused = self.device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.Adam(params, lr=self.lr, fused=fused or None)
+        if self.optimizer_kind == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=self.lr, fused=fused or None)
         return self.optimizer
+
+    def optimizer_from(self, train_cfg) -> None:
+        """train.optimizer (adam | sgd) and train.momentum, for the next new_optimizer()."""
+        if train_cfg.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"unknown optimizer '{train_cfg.optimizer}' (adam | sgd)")
+        self.optimizer_kind, self.momentum = train_cfg.optimizer, train_cfg.momentum
 
     def set_speed(
         self,

@@ -270,7 +270,7 @@ class Recorder(nn.Module):
         return torch.full_like(x, self.value)
 
 
-@pytest.mark.parametrize("kind", ["huber", "mse"])
+@pytest.mark.parametrize("kind", ["huber", "mse", "l1"])
 def test_loss_selection(kind):
     d = Diffusion(1000, loss=kind)
     x0 = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -284,6 +284,8 @@ def test_loss_selection(kind):
     diff = (0.7 - noise).double()
     if kind == "mse":
         expect = (diff**2).mean()
+    elif kind == "l1":
+        expect = diff.abs().mean()
     else:
         a = diff.abs()
         expect = torch.where(a < 1, 0.5 * a**2, a - 0.5).mean()

@@ -60,6 +60,35 @@ def test_centralized_loss_decreases_and_writes_run_folder(tmp_path):
     assert png.stat().st_size > 500
 
 
+def test_sgd_with_momentum_and_l1_loss_train(tmp_path):
+    """train.optimizer=sgd (the reference's other optimizer choice) with momentum, and the
+    L1 loss: the job trains with them (the loss falls) and checkpoints SGD's momentum."""
+    cfg = tiny_cfg(
+        tmp_path,
+        **{
+            "train.epochs": 3,
+            "train.optimizer": "sgd",
+            "train.momentum": 0.9,
+            "train.lr": 0.05,
+            "diffusion.loss": "l1",
+        },
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    run_job(cfg, None, run, log=quiet)
+    steps = [
+        json.loads(l)
+        for l in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(l)["kind"] == "step"
+    ]
+    assert steps[-1]["loss"] < 0.8 * steps[0]["loss"], (steps[0], steps[-1])
+    opt = torch.load(RunFolder(run).checkpoint_dir(3) / "model.pt", weights_only=True)["optimizer"]
+    assert opt["param_groups"][0]["momentum"] == 0.9 and "exp_avg" not in opt["state"][0]
+    assert "momentum_buffer" in opt["state"][0]
+    with pytest.raises(Exception, match="'train.optimizer' is 'adamw'"):
+        tiny_cfg(tmp_path, **{"train.optimizer": "adamw"})
+
+
 def test_centralized_preempted_then_resumed_matches_uninterrupted(tmp_path):
     """SIGUSR1 (what slurm/run.sh forwards at the time limit) during epoch 2 of a run
     that checkpoints every 2 epochs: epoch 2 is abandoned, epoch 1 is checkpointed from the
