@@ -152,8 +152,7 @@ def _repeats(data, grid: dict, overrides: dict, spec: Path) -> Repeats | None:
     if data is None:
         return None
     example = "repeats: 3, or repeats: {count: {2: 5, 5: 5, 10: 3}, seed_mode: fixed}"
-    if isinstance(data, int) and not isinstance(data, bool):
-        data = {"count": data}
+    data = {"count": data} if isinstance(data, int) and not isinstance(data, bool) else data
     if not isinstance(data, dict) or set(data) - {"count", "seed_mode"} or "count" not in data:
         raise SweepError(f"{spec}: 'repeats' must be {example}; got {data!r}")
     count, mode = data["count"], data.get("seed_mode", "per_repeat")
@@ -339,12 +338,9 @@ def write_configs(sweep: Sweep) -> None:
     (but for its name) is already a run folder of another sweep beside this one -- the
     main table's K = 5, E = 5, IID FULL run and the K x E grid's -- becomes a link to
     that folder: trained once, reported by both (its lock keeps two launches apart)."""
-    neighbours = None
-    for run in sweep.runs:
-        if run.dir.exists() or run.dir.is_symlink():
-            continue
-        if neighbours is None:
-            neighbours = _neighbours(sweep)
+    new = [r for r in sweep.runs if not (r.dir.exists() or r.dir.is_symlink())]
+    neighbours = _neighbours(sweep) if new else {}
+    for run in new:
         same = neighbours.get(_same_experiment(run.cfg))
         if same is not None:
             run.dir.parent.mkdir(parents=True, exist_ok=True)

@@ -193,12 +193,9 @@ class Job:
         if cfg.train.ema_decay > 0 and not (own_ema and not world.trains):
             self.ema = EMA(self.model, cfg.train.ema_decay)
         self.trainer, self.n_k = None, 0.0
-        # eval.personal=local: each client rank keeps its shared regions as they were right
-        # after local training, before the averaging, for its checkpoint (state.add_job_state)
-        self.keeps_local_model = (
-            world.trains and not self.solo and self.personal and cfg.eval.personal == "local"
-        )
-        self.local_model = None
+        # eval.personal=local: a client keeps its shared regions from before the averaging
+        local = world.trains and not self.solo and self.personal
+        self.keeps_local_model, self.local_model = local and cfg.eval.personal == "local", None
         if world.trains:
             if self.solo:
                 images, _ = load_arrays(cfg.data, "train")
