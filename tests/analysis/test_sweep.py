@@ -749,3 +749,33 @@ def test_tiny_sweep_on_local_slurm(tmp_path):
     assert res.returncode == 0, res.stderr
     assert (out / "report/score_vs_params.png").is_file()
     assert "| 2 | IID |" in (out / "report/report.md").read_text()
+
+
+def test_reproduce_presets(tmp_path):
+    """The reduced presets: the CPU one (main table, K x E sharing its E = 1 runs, the
+    baseline) and the GPU one (the paper's model, K = 5 label skew, 3 rounds)."""
+    specs = ROOT / "configs/reproduce/sweeps"
+    main = sweep.load_sweep(specs / "cpu_main.yaml", out=tmp_path / "r" / "main")
+    assert len(main.runs) == 2 * 2 * 4 * 2
+    assert {(r.clients, r.cfg.split.kind, r.cfg.run.repeat) for r in main.runs} == {
+        (k, s, i) for k in (2, 5) for s in ("iid", "label_skew") for i in (0, 1)
+    }
+    assert {r.cfg.run.seed for r in main.runs} == {2023, 2024}  # per_repeat on a CPU
+    sweep.write_configs(main)
+    ke = sweep.load_sweep(specs / "cpu_k_by_e.yaml", out=tmp_path / "r" / "k_by_e")
+    sweep.write_configs(ke)
+    linked = sorted(r.name for r in ke.runs if sweep.shared_with(r))
+    assert linked == ["K2-E1-r0", "K2-E1-r1", "K5-E1-r0", "K5-E1-r1"]
+    cen = sweep.load_sweep(specs / "cpu_centralized.yaml", out=tmp_path / "r" / "c")
+    assert [r.world for r in cen.runs] == [1, 1]
+    assert cen.runs[0].cfg.train.epochs == main.runs[0].cfg.fed.rounds  # same passes (E = 1)
+    gpu = sweep.load_sweep(specs / "gpu_main.yaml", out=tmp_path / "g").runs
+    c = gpu[0].cfg
+    assert [r.cfg.fed.method for r in gpu] == ["full", "usplit", "udec", "ulatdec"]
+    assert (c.model.dim, c.split.kind, c.split.rng, c.fed.rounds, c.eval.ddim_steps) == (
+        28,
+        "label_skew",
+        "numpy_legacy",
+        3,
+        100,
+    )
