@@ -46,6 +46,20 @@ from fedmpi.config import ConfigError, parse_overrides
 from fedmpi.errors import EXIT_USER_ERROR
 
 
+def _check_weights(sweep) -> None:
+    """Inception FID needs a weights file fedmpi never downloads: missing, the sweep stops
+    before writing or launching anything, saying which file to fetch and where to put it
+    (or how to score with fd_classifier instead)."""
+    from fedmpi.eval.extractors import MissingWeightsError, check_inception_weights
+
+    for run in sweep.runs:
+        if run.cfg.eval.extractor == "inception":
+            try:
+                check_inception_weights(run.cfg.eval)
+            except MissingWeightsError as e:
+                raise SweepError(f"run '{run.name}' scores Inception FID: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m fedmpi.sweep",
@@ -85,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.dry_run:
                 print("nothing launched: add --launcher local or --launcher slurm")
             return 0
+        _check_weights(sweep)
         write_configs(sweep)
         if args.launcher == "local":
             mpirun = args.mpirun or default_mpirun()

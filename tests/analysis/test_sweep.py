@@ -779,3 +779,21 @@ def test_reproduce_presets(tmp_path):
         3,
         100,
     )
+
+
+def test_paper_sweep_without_inception_weights_stops_before_anything(tmp_path):
+    env = dict(mpi_env(), TORCH_HOME=str(tmp_path / "torch"))  # an empty hub cache
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, "-m", "fedmpi.sweep", str(PAPER_SWEEPS / "centralized.yaml")]
+        + ["--launcher", "local", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "pt_inception-2015-12-05-6726825d.pth" in res.stderr and "curl -L" in res.stderr
+    assert "--eval.extractor=classifier" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists()  # nothing written, nothing launched
