@@ -559,13 +559,18 @@ def test_report_tables_csv_and_png(tiny_sweep):
     }
     assert all(len(v) == 2 for v in udec.values())  # one row per client
     iid_udec = udec["K2-iid-udec-s7"]
+    from scipy import stats
+
+    lo, hi = stats.t.interval(0.95, 1, loc=np.mean(iid_udec), scale=stats.sem(iid_udec))
     row = (
         f"| 2 | IID | {full['K2-iid-full-s7']:.1f} (1 run) | {np.mean(iid_udec):.1f} ± "
-        f"{np.std(iid_udec, ddof=1):.1f} (1 run, n=2) |"
+        f"{np.std(iid_udec, ddof=1):.1f} [{lo:.1f}, {hi:.1f}] (1 run, n=2) |"
     )
     assert row in md, md
     assert "| K | split | FULL | UDEC |" in md and "| 2 | label skew |" in md
-    assert "| 2 | 2 | 0.533M | 0.231M (-56.8%) |" in md  # parameters, paper rule
+    # communication, the paper's rule: in all and per client per round (K = 2, R = 2)
+    assert "| 2 | 2 | FULL | 0.533M | 2.1 | - | 0.133M | 0.53 |" in md, md
+    assert "| 2 | 2 | UDEC | 0.231M | 0.9 | -56.8% | 0.0576M | 0.23 |" in md, md
     assert "![fd_classifier vs parameters exchanged](score_vs_params.png)" in md
     with (rep / "table.csv").open() as f:
         table = list(csv.DictReader(f))

@@ -303,7 +303,7 @@ def test_bad_schedule_or_loss():
     with pytest.raises(ValueError):
         Diffusion(10, schedule="quadratic")
     with pytest.raises(ValueError):
-        Diffusion(10, loss="l1")
+        Diffusion(10, loss="l2")
 
 
 def test_min_snr_weighting():
