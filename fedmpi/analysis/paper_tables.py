@@ -167,7 +167,12 @@ class KByE:
 
     def rows(self) -> list:
         return sorted(
-            {r.clients for t in self.tables.values() for r in t.runs if r.column == "full"}
+            {
+                r.clients
+                for t in self.tables.values()
+                for r in t.runs
+                if r.method == "full" and r.split == "iid"
+            }
         )
 
     def paper(self, clients, e):

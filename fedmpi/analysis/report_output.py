@@ -304,6 +304,7 @@ def plot_curves(table: Table, path: Path) -> Path:
                 ax.fill_between(xs, mean - sd, mean + sd, color=cmap(i), alpha=0.15)
         ax.set_title(f"K={clients}, {SPLIT_LABEL.get(split, split)}", fontsize="medium")
         ax.set_xlabel("epoch" if split == "centralized" else "round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(f"{table.metric} (lower is better)", fontsize="small")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -36,8 +36,9 @@ def fake_run(path: Path, scores: list[list[float]], **overrides) -> Path:
     path.mkdir(parents=True)
     run.write_config(cfg)
     rounds = len(scores)
+    kind = "epoch" if cfg.split.num_clients == 1 else "round"  # K = 1: the baseline
     (path / "metrics.jsonl").write_text(
-        "".join(json.dumps({"kind": "round", "round": r}) + "\n" for r in range(1, rounds + 1))
+        "".join(json.dumps({"kind": kind, kind: r}) + "\n" for r in range(1, rounds + 1))
     )
     personal = cfg.fed.method in ("udec", "ulatdec")
     metric = "fid" if cfg.eval.extractor == "inception" else "fd_classifier"
@@ -48,6 +49,9 @@ def fake_run(path: Path, scores: list[list[float]], **overrides) -> Path:
     ]
     write_csv(path / "eval.csv", rows)
     k, full = cfg.split.num_clients, 1_000_000
+    if k == 1:
+        run.mark_complete(rounds, keep=0)
+        return path
     share = {"full": 1.0, "usplit": 0.75, "udec": 0.25, "ulatdec": 0.6}[cfg.fed.method]
     paper = int(full * (1 + k * rounds * share + k * (rounds - 1) * share))
     run.write_summary(
@@ -144,10 +148,13 @@ def test_k_by_e_matrix_from_tables_that_differ_in_e(tmp_path, paper_rounds):
                     [[100.0 / e + k + i]] * rounds,
                     **{"split.num_clients": k, "fed.local_epochs": e, "run.repeat": i, **at},
                 )
-    md = write_report([read_run(p) for p in find_runs([sweep])], tmp_path / "rep", ["x"])[
-        "markdown"
-    ].read_text()
+    # the centralized baseline joins the tables, but is no row of the K x E matrix
+    fake_run(sweep / "central", [[50.0]], **{"split.num_clients": 1, "train.epochs": 1, **at})
+    runs = [read_run(p) for p in find_runs([sweep])]
+    assert [r.method for r in runs if r.scored].count("centralized") == 1
+    md = write_report(runs, tmp_path / "rep", ["x"])["markdown"].read_text()
     assert "## K x E: FULL, IID" in md and "| K | E=1 | E=5 |" in md
+    assert "| 1 |" not in md.split("## K x E")[1].split("## Runs")[0]
     assert "## Table" not in md  # every run is in the matrix: no single-E tables
     # K = 5, E = 1: 105, 106 -> 105.5 ± 0.707; beside it the paper's K x E value (its own
     # study: at E = 5 that is 39.0 for K = 5, not the main table's 39.4), only at R = 15
@@ -157,7 +164,7 @@ def test_k_by_e_matrix_from_tables_that_differ_in_e(tmp_path, paper_rounds):
     else:
         assert "; paper " not in md
     rows = list(csv.DictReader((tmp_path / "rep" / "table.csv").open()))
-    assert len(rows) == 4  # the tables stay in table.csv, one row per K per E
+    assert len(rows) == 6  # the tables stay in table.csv: K = 1, 2, 5 per E
 
 
 @pytest.mark.parametrize("method", ["udec"])
