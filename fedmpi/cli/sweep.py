@@ -16,11 +16,16 @@ A spec (configs/paper/sweeps/*.yaml)::
       clients: [2, 5, 10]         # K (sets split.num_clients); K = 1: the centralized baseline
       split.kind: [iid, label_skew, quantity_skew]
       fed.method: [full, usplit, udec, ulatdec]
-      run.seed: [2023, 2024, 2025]
+    repeats:                      # runs per grid point (or run.seed: [...] in the grid)
+      count: {2: 5, 5: 5, 10: 3}  # a number, or one per K
+      seed_mode: fixed            # fixed: one run.seed, repeats differ by sampling noise
+                                  # (run.repeat); per_repeat: run.seed + i
 
 Run folders are SWEEP_DIR/<run name>, the name joining the grid values in grid order
-(`K2-iid-full-s2023`; `E5` for fed.local_epochs, `lr_0.0002` for other keys): the same
-spec always gives the same names. Every run's config is resolved and validated before
+and the repeat (`K2-iid-full-r0`; `E5` for fed.local_epochs, `s2023` for run.seed,
+`lr_0.0002` for other keys): the same spec always gives the same names. A run whose
+config (but for its name) is already a run of a sweep beside this one (same parent
+folder) is linked to that folder, not trained again. Every run's config is resolved and validated before
 anything is written or launched (a bad key or value stops the sweep, naming the run);
 then each folder gets its config.yaml, and a run is always started as
 `python -m fedmpi.train --run-dir RUN_DIR`, which resumes a folder that has checkpoints.
