@@ -217,7 +217,6 @@ def read_run(run_dir: Path) -> RunResult:
             "moved": summary["measured"]["moved"]["params"],
             "paper": summary["measured"]["paper"]["params"],
             "paper_bytes": summary["measured"]["paper"]["bytes"],
-            "rounds": summary.get("rounds", cfg.fed.rounds),
             "reduction_vs_full": summary["paper"]["reduction_vs_full"],
         }
     if not progress.finished:

@@ -155,11 +155,13 @@ INTRO = (
 )
 
 
-def _tables_markdown(tables: list[Table], matrices: list[KByE], curves: dict) -> list[str]:
-    """One section per table (its setting, metric note, paper values, cells, the pairwise
-    tests, the communication table, the curves), then the K x E matrices."""
+def _tables_markdown(
+    tables: list[Table], matrices: list[KByE], covered: set, curves: dict
+) -> list[str]:
+    """One section per table not `covered` by a K x E matrix (its setting, metric note,
+    paper values, cells, the pairwise tests, the communication table, the curves), then
+    the K x E matrices."""
     lines = []
-    covered = {id(t) for m in matrices for t in m.covered}
     for i, t in enumerate(tables, 1):
         if id(t) in covered:
             continue
@@ -252,7 +254,7 @@ def write_report(runs: list[RunResult], out: Path, sources: list[str]) -> dict:
     for i, t in enumerate(tables, 1):
         if id(t) not in covered and any(len(r.curve) > 1 for r in t.runs):
             curves[id(t)] = plot_curves(t, out / f"curves_table{i}.png")
-    lines += _tables_markdown(tables, matrices, curves)
+    lines += _tables_markdown(tables, matrices, covered, curves)
     pngs = []
     for metric in dict.fromkeys(r.metric for r in runs if r.scored):
         name = "score_vs_params.png" if len(pngs) == 0 else f"score_vs_params_{metric}.png"

@@ -193,8 +193,7 @@ class Job:
         if cfg.train.ema_decay > 0 and not (own_ema and not world.trains):
             self.ema = EMA(self.model, cfg.train.ema_decay)
         self.trainer, self.n_k = None, 0.0
-        # eval.personal=local: a client keeps its shared regions from before the averaging
-        local = world.trains and not self.solo and self.personal
+        local = world.trains and not self.solo and self.personal  # pre-averaging shared regions
         self.keeps_local_model, self.local_model = local and cfg.eval.personal == "local", None
         if world.trains:
             if self.solo:
@@ -309,14 +308,16 @@ class Job:
         if world.is_federator and cfg.fed.secure and not nonfinite:
             records.warn_withheld(self, r, plan, sizes)
 
+        last = r == self.schedule.rounds
         evaluate = self.evaluator is not None and (
-            (cfg.eval.every and r % cfg.eval.every == 0) or r == self.schedule.rounds
+            (cfg.eval.every and r % cfg.eval.every == 0) or last
         )
+        checkpoint_due = (cfg.checkpoint.every and r % cfg.checkpoint.every == 0) or last
         local_scoring = evaluate and self.personal and cfg.eval.personal == "local"
         scores, t_eval = None, 0.0
         if local_scoring:  # each client's own model, before the aggregation
             scores, t_eval = self._evaluate(r)
-        if self.keeps_local_model:  # the scoring point fedmpi.evaluate re-scores
+        if self.keeps_local_model and checkpoint_due:  # what fedmpi.evaluate re-scores
             self.local_model = (r, shared_entries(self.model, self.method))
         t0 = time.perf_counter()
         if self.pool is not None:
@@ -334,10 +335,9 @@ class Job:
             self.ema.update(self.model, steps=max(1, round(float(flags[:, 2].sum()) / trained)))
         if evaluate and not local_scoring:
             scores, t_eval = self._evaluate(r)
-
         t0 = time.perf_counter()
-        if (cfg.checkpoint.every and r % cfg.checkpoint.every == 0) or r == self.schedule.rounds:
-            self._checkpoint(r, final=r == self.schedule.rounds)
+        if checkpoint_due:
+            self._checkpoint(r, final=last)
         t_ckpt = time.perf_counter() - t0
         times = dict(wait_s=t_wait, agg_s=t_agg, eval_s=t_eval, ckpt_s=t_ckpt, t_round=t_round)
         records.record(self, r, stats, scores, nonfinite, times, plan)
