@@ -54,12 +54,12 @@ def write_spec(path: Path, **spec) -> Path:
     return path
 
 
-def cli(module: str, *args, timeout: float = 600) -> subprocess.CompletedProcess:
+def cli(module: str, *args, timeout: float = 600, env=None) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(
             [sys.executable, "-m", module, *map(str, args)],
             cwd=ROOT,
-            env=mpi_env(),
+            env=env or mpi_env(),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -789,15 +789,8 @@ def test_reproduce_presets(tmp_path):
 def test_paper_sweep_without_inception_weights_stops_before_anything(tmp_path):
     env = dict(mpi_env(), TORCH_HOME=str(tmp_path / "torch"))  # an empty hub cache
     out = tmp_path / "out"
-    res = subprocess.run(
-        [sys.executable, "-m", "fedmpi.sweep", str(PAPER_SWEEPS / "centralized.yaml")]
-        + ["--launcher", "local", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    spec = PAPER_SWEEPS / "centralized.yaml"
+    res = cli("fedmpi.sweep", spec, "--launcher", "local", "--out", out, timeout=120, env=env)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "pt_inception-2015-12-05-6726825d.pth" in res.stderr and "curl -L" in res.stderr
     assert "--eval.extractor=classifier" in res.stderr and "Traceback" not in res.stderr
