@@ -38,13 +38,9 @@ def _rescore_config(run_dir: Path, args, overrides: list[str]) -> Config:
             "eval.extractor is 'none': nothing to score; "
             "give --extractor classifier or --extractor inception"
         )
-    if cfg.eval.extractor == "inception":  # before any model, data or sampling
-        from fedmpi.eval.extractors import MissingWeightsError, check_inception_weights
+    from fedmpi.eval.extractors import require_weights
 
-        try:
-            check_inception_weights(cfg.eval)
-        except MissingWeightsError as e:
-            raise ConfigError(str(e)) from None
+    require_weights(cfg.eval)  # before any model, data or sampling
     # Relative data / cache folders name places seen from where the run was launched;
     # when they are not here, use the usual places (overridable on the command line).
     fix = {}

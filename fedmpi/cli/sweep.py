@@ -55,14 +55,13 @@ def _check_weights(sweep) -> None:
     """Inception FID needs a weights file fedmpi never downloads: missing, the sweep stops
     before writing or launching anything, saying which file to fetch and where to put it
     (or how to score with fd_classifier instead)."""
-    from fedmpi.eval.extractors import MissingWeightsError, check_inception_weights
+    from fedmpi.eval.extractors import MissingWeightsError, require_weights
 
     for run in sweep.runs:
-        if run.cfg.eval.extractor == "inception":
-            try:
-                check_inception_weights(run.cfg.eval)
-            except MissingWeightsError as e:
-                raise SweepError(f"run '{run.name}' scores Inception FID: {e}") from None
+        try:
+            require_weights(run.cfg.eval)
+        except MissingWeightsError as e:
+            raise SweepError(f"run '{run.name}' scores Inception FID: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

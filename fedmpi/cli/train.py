@@ -62,13 +62,9 @@ def parse_args(argv):
 
 def _check_eval(cfg: Config) -> None:
     """Missing Inception weights are a user error, reported before any work."""
-    if cfg.eval.extractor == "inception":
-        from fedmpi.eval.extractors import MissingWeightsError, check_inception_weights
+    from fedmpi.eval.extractors import require_weights
 
-        try:
-            check_inception_weights(cfg.eval)
-        except MissingWeightsError as e:
-            raise ConfigError(str(e)) from None
+    require_weights(cfg.eval)
 
 
 def _prepare(args, overrides, log) -> tuple[Config, RunFolder, bool, object]:

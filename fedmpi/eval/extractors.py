@@ -28,6 +28,8 @@ from unittest import mock
 import torch
 import torch.nn as nn
 
+from fedmpi.errors import ConfigError
+
 # The classifier's names stay importable from here (tests/dist/test_locality.py).
 from fedmpi.eval.classifier import (  # noqa: F401
     CLASSIFIER_SETTINGS,
@@ -48,8 +50,8 @@ INCEPTION_URL = (
 )
 
 
-class MissingWeightsError(ValueError):
-    """The Inception weights file is not on this machine."""
+class MissingWeightsError(ConfigError):
+    """The Inception weights file is not on this machine (a user error: exit 2)."""
 
 
 def default_cache_dir(eval_cfg=None) -> Path:
@@ -85,6 +87,13 @@ def check_inception_weights(eval_cfg) -> Path:
         f"Offline alternative: --eval.extractor=classifier (reports fd_classifier, a Frechet "
         f"distance in a small classifier's feature space, not comparable with FID)."
     )
+
+
+def require_weights(eval_cfg) -> None:
+    """Every entry point's check before any work (train, evaluate, sweep): a config that
+    scores Inception FID without the weights file raises MissingWeightsError."""
+    if eval_cfg.extractor == "inception":
+        check_inception_weights(eval_cfg)
 
 
 def build_fid_inception_net() -> nn.Module:
