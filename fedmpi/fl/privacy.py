@@ -99,16 +99,14 @@ def clip_update(delta: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
     return (delta * delta.dtype.type(factor)).astype(delta.dtype, copy=False), norm
 
 
-def privatize_update(
-    thetas, starts, clip: float, noise_stds, rng: np.random.Generator | None
-) -> tuple[float, float]:
-    """A client's DP upload, in place: theta <- start + clip(theta - start) + N(0, std^2).
+def clip_upload(thetas, starts, clip: float) -> tuple[float, float]:
+    """A client's DP upload, in place: theta <- start + clip(theta - start).
 
     `thetas`, `starts`: the float arrays of the regions the client uploads (its weights
     after local training, and the global weights it started the round from). The clip is
-    ONE L2 norm over all of them (the sensitivity of the client's whole upload);
-    `noise_stds`: per region, the distributed-DP share (0: none, central mode). Returns
-    (norm before clipping, norm after clipping), the second <= clip.
+    ONE L2 norm over all of them (the sensitivity of the client's whole upload). The
+    noise comes later, on the sum or as distributed shares (`DifferentialPrivacy`).
+    Returns (norm before clipping, norm after clipping), the second <= clip.
 
     The upload is start + clipped delta in the weights' dtype, so the delta the
     federator effectively receives differs from the clipped one by the float32 rounding
@@ -122,9 +120,7 @@ def privatize_update(
         for theta in thetas:
             theta *= theta.dtype.type(factor)
     clipped = l2_norm(thetas) if factor != 1.0 else norm
-    for theta, start, std in zip(thetas, starts, noise_stds):
-        if std > 0:
-            add_noise(theta, std, rng)
+    for theta, start in zip(thetas, starts):
         theta += start
     return norm, clipped
 
@@ -317,7 +313,7 @@ class DifferentialPrivacy(Wrapper):
             )
         thetas = [host_view(bufs.flat[r]) for r in regions]
         starts = [host_view(start[r]) for r in regions]
-        norm, clipped = privatize_update(thetas, starts, self.clip, [0.0] * len(regions), None)
+        norm, clipped = clip_upload(thetas, starts, self.clip)
         for r, host in zip(regions, thetas):
             write_back(bufs.flat[r], host)
         return {**stats, "dp_update_norm": norm, "dp_clipped_norm": clipped}

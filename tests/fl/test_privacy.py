@@ -222,7 +222,7 @@ def test_epsilon_is_reported_with_its_adjacency():
 # --- (d) a client's whole upload: one clip over all its regions ------------------------
 
 
-def test_privatize_update_clips_jointly_and_adds_the_share():
+def test_clip_upload_clips_jointly():
     rng = np.random.default_rng(3)
     starts = [rng.normal(0, 0.1, n).astype(np.float32) for n in (30_000, 20_000)]
     deltas = [rng.normal(0, 0.01, s.size).astype(np.float32) for s in starts]
@@ -231,17 +231,13 @@ def test_privatize_update_clips_jointly_and_adds_the_share():
     assert joint > clip and all(np.linalg.norm(d) < joint for d in deltas)
     thetas = [s + d for s, d in zip(starts, deltas)]
     exact = [t.astype(np.float64) - s for t, s in zip(thetas, starts)]
-    norm, clipped = privacy.privatize_update(thetas, starts, clip, [0.0, 0.0], None)
+    norm, clipped = privacy.clip_upload(thetas, starts, clip)
     assert norm == pytest.approx(joint, rel=1e-6) and clipped <= clip
     assert clipped == pytest.approx(clip, rel=1e-6)  # on the ball, the same factor everywhere
     for t, s, e in zip(thetas, starts, exact):
         np.testing.assert_allclose(t - s, e * clip / norm, atol=2e-8)
-    # a small update passes untouched; distributed shares: std per region as given
+    # a small update passes untouched
     small = [s + 1e-4 * np.sign(s) for s in starts]
     before = [t.copy() for t in small]
-    norm, clipped = privacy.privatize_update(small, starts, 100.0, [0.0, 0.0], None)
+    norm, clipped = privacy.clip_upload(small, starts, 100.0)
     assert norm == clipped and all(np.array_equal(a, b) for a, b in zip(small, before))
-    noisy = [s.copy() for s in starts]
-    privacy.privatize_update(noisy, starts, clip, [0.3, 0.0], np.random.default_rng(4))
-    lo, hi = chi2_std_interval((noisy[0] - starts[0]).astype(np.float64))
-    assert lo <= 0.3 <= hi and np.array_equal(noisy[1], starts[1])
