@@ -44,8 +44,8 @@ from fedmpi.store.checkpoint import atomic_save, load_checkpoint
 from fedmpi.train.trainer import schedule_for
 
 
-def check_clients(cfg, K: int, personal: bool) -> int:
-    """fed.clients (default K) against the ranks and the other settings; returns N."""
+def check_clients(cfg, K: int, personal: bool) -> None:
+    """fed.clients (default K) against the ranks and the other settings."""
     N = cfg.fed.clients or K
     if cfg.split.num_clients is not None and cfg.split.num_clients != N:
         n = cfg.split.num_clients
@@ -71,7 +71,6 @@ def check_clients(cfg, K: int, personal: bool) -> int:
             f"eval.personal=local scores one client's model per rank before the "
             f"aggregation; with {N} clients on {K} ranks use --eval.personal=aggregated"
         )
-    return N
 
 
 def sampling_key(cfg, world, population, run_dir, resumed: bool) -> tuple[int | None, str]:
