@@ -4,7 +4,7 @@
 # its E = 1 runs are the main table's, trained once) and the centralized baseline, two
 # repeats each, then the report.
 #   bash launch/reproduce_cpu.sh [REPORT_DIR]     (default runs/reproduce_cpu/report)
-# About 75 minutes on a 2-core VM. Finished runs are skipped, so a second call resumes where a
+# About 52 minutes on a 2-core VM. Finished runs are skipped, so a second call resumes where a
 # stopped one left off. The committed result is docs/reproduce/cpu/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
