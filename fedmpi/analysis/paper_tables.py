@@ -1,6 +1,6 @@
 """The paper's tables beyond the cells: the communication table, Welch's t-tests between
 methods, the method order against the paper's, whether the paper's values apply, the
-K x E matrix, and the LaTeX of every table. report_output.py puts them into report.md.
+K x E matrix, precision and recall beside the metric, and the LaTeX of every table. report_output.py puts them into report.md.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fedmpi.analysis.paper import (
     paper_value,
     welch,
 )
-from fedmpi.analysis.report import SPLIT_LABEL, Table, describe
+from fedmpi.analysis.report import MANIFOLD, SPLIT_LABEL, Table, describe
 from fedmpi.store.tables import format_table
 
 
@@ -92,6 +92,32 @@ def welch_markdown(table: Table) -> str:
         return ""
     head = ["K", "split"] + [f"{a.upper()} vs {b.upper()}" for a, b in pairs]
     return format_table(head, body, markdown=True, align="rl" + "r" * len(pairs))
+
+
+def manifold_values(runs, key: str) -> list[float]:
+    """The final `key` (precision / recall) values of finished runs, pooled as the cells
+    pool the metric (one per run, or one per client for personal models)."""
+    return [v for r in runs if r.scored for v in r.manifold.get(key, [])]
+
+
+def manifold_markdown(table: Table) -> str:
+    """Precision / recall per cell (mean ± std; '' when no run of the table has them)."""
+    if not any(r.manifold for r in table.runs):
+        return ""
+    methods = table.methods()
+    body = []
+    for clients, split in table.rows():
+        row = [str(clients if clients is not None else "?"), SPLIT_LABEL.get(split, split)]
+        for m in methods:
+            parts = []
+            for key in MANIFOLD:
+                v = manifold_values(table.cell_runs(clients, split, m), key)
+                sd = f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else ""
+                parts.append(f"{np.mean(v):.2f}{sd}" if v else "-")
+            row.append(" / ".join(parts) if any(p != "-" for p in parts) else "")
+        body.append(row)
+    head = ["K", "split"] + [m.upper() for m in methods]
+    return format_table(head, body, markdown=True, align="rl" + "l" * len(methods))
 
 
 def ranks_markdown(table: Table) -> str:

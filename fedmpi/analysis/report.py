@@ -23,6 +23,7 @@ from fedmpi.fl.methods import METHODS, personal_regions
 from fedmpi.store.runfolder import RunFolder
 
 METRIC_OF_EXTRACTOR = {"inception": "fid", "classifier": "fd_classifier"}
+MANIFOLD = ("precision", "recall")  # eval.precision_recall_k: shown beside the metric
 SPLIT_ORDER = ("centralized", "iid", "label_skew", "quantity_skew", "shards")
 SPLIT_LABEL = {
     "centralized": "centralized",
@@ -137,6 +138,7 @@ class RunResult:
     scores: list = field(default_factory=list)  # final round: one (global) or one per client
     curve: dict = field(default_factory=dict)  # round (epoch) -> mean score of that round
     params: dict | None = None  # comm_summary.json: moved / paper parameters and bytes
+    manifold: dict = field(default_factory=dict)  # precision / recall -> final values
     note: str = ""  # why a finished run has no score
 
     @property
@@ -179,14 +181,14 @@ def _read_summary(run: RunFolder) -> dict:
         raise ReportError(f"{run / run.SUMMARY}: not JSON ({e})") from None
 
 
-def _scores_by_round(run: RunFolder, res: RunResult) -> dict[int, list[float]]:
-    """eval.csv's scores per round (epoch): the global model's, or each client's for
-    personal models (the last row of each, for a round written twice)."""
+def _scores_by_round(run: RunFolder, res: RunResult, key: str) -> dict[int, list[float]]:
+    """eval.csv's values of `key` per round (epoch): the global model's, or each
+    client's for personal models (the last row of each, for a round written twice)."""
     out: dict[int, list[float]] = {}
     for r in run.last_eval():
-        if (r.get("client") != "global") != res.personal or r.get(res.metric) in (None, ""):
+        if (r.get("client") != "global") != res.personal or r.get(key) in (None, ""):
             continue
-        out.setdefault(int(r["round"]), []).append(float(r[res.metric]))
+        out.setdefault(int(r["round"]), []).append(float(r[key]))
     return out
 
 
@@ -224,9 +226,13 @@ def read_run(run_dir: Path) -> RunResult:
     if res.metric is None:
         res.note = "no score (eval.extractor: none)"
         return res
-    by_round = _scores_by_round(run, res)
+    by_round = _scores_by_round(run, res, res.metric)
     res.curve = {i: float(sum(v) / len(v)) for i, v in sorted(by_round.items())}
     res.scores = by_round.get(progress.done, [])
+    for key in MANIFOLD:
+        final = _scores_by_round(run, res, key).get(progress.done)
+        if final:
+            res.manifold[key] = final
     if not res.scores:
         res.note = (
             f"no score ({res.metric} missing for {progress.unit[:-1]} {progress.done} in eval.csv)"

@@ -35,12 +35,15 @@ from fedmpi.analysis.paper_tables import (
     k_by_e,
     k_by_e_markdown,
     latex,
+    manifold_markdown,
+    manifold_values,
     paper_line,
     ranks_markdown,
     welch_markdown,
 )
 from fedmpi.analysis.plot import METRIC_LABEL, _plt, _save
 from fedmpi.analysis.report import (
+    MANIFOLD,
     SPLIT_LABEL,
     SPLIT_ORDER,
     RunResult,
@@ -107,6 +110,10 @@ def _runs_rows(runs: list[RunResult]) -> list[dict]:
                 "score_mean": float(np.mean(vals)) if vals else None,
                 "score_std_over_clients": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
                 "scores": " ".join(f"{v:.6g}" for v in vals),
+                **{
+                    f"{k}_mean": float(np.mean(r.manifold[k])) if r.manifold.get(k) else None
+                    for k in MANIFOLD
+                },
                 "params_moved": r.params["moved"] if r.params else None,
                 "params_paper_rule": r.params["paper"] if r.params else None,
             }
@@ -141,6 +148,9 @@ def _table_csv_rows(tables: list[Table]) -> list[dict]:
                         f"{m}_params_paper_rule": float(np.mean(params)) if params else None,
                     }
                 )
+                for key in MANIFOLD:
+                    v = manifold_values(cell.runs, key)
+                    row[f"{m}_{key}_mean"] = float(np.mean(v)) if v else None
             out.append(row)
     return out
 
@@ -177,6 +187,18 @@ def _tables_markdown(
         ]
         lines += [paper, ""] if paper else []
         lines += [_table_markdown(t), ""]
+        manifold = manifold_markdown(t)
+        if manifold:
+            k = t.runs[0].cfg.eval.precision_recall_k
+            lines += [
+                f"Precision / recall (table {i}; Kynkäänniemi et al. 2019, k = {k}, on the "
+                "same features, higher is better: is a sample realistic / is the data "
+                "covered; a model that drops classes keeps its precision and loses recall), "
+                "mean ± std pooled as the cells above:",
+                "",
+                manifold,
+                "",
+            ]
         if welch_md:
             lines += [
                 f"Do two methods differ (table {i})? Welch's t-test per row on the values "

@@ -185,6 +185,9 @@ class EvalCfg:
     # UDEC / ULATDEC with many clients: score this many clients' personal models, a
     # deterministic sample (None: every client)
     clients: int | None = None
+    # precision and recall (Kynkaanniemi et al. 2019) on the extractor's features: k of
+    # the k-NN manifolds (the paper's 3; 0: not computed)
+    precision_recall_k: int = 3
 
 
 @dataclass(frozen=True)
@@ -357,6 +360,7 @@ RANGES = {
     "eval.batch_size": Range(1, 65536),
     "eval.grid": NON_NEGATIVE,
     "eval.clients": POSITIVE,
+    "eval.precision_recall_k": Range(0, 100),
     "checkpoint.every": NON_NEGATIVE,
     "checkpoint.keep": NON_NEGATIVE,  # 0: keep all (checkpoint.mark_complete)
 }

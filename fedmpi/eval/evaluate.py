@@ -8,6 +8,9 @@
   its own model and scores them against reference statistics the federator broadcast
   (clients receive statistics, never test images); the federator reports mean and
   sample standard deviation over clients plus the per-client table.
+- Precision and recall (`eval.precision_recall_k`, `manifold.py`): the generated
+  features go to the federator, which holds the real features and their k-NN radii and
+  scores every model (a personal model's too: clients never receive real features).
 
 The metric is named by the extractor: `fid` only for pytorch-fid's Inception features,
 `fd_classifier` for the offline classifier. Scores go to the run folder's eval.csv and
@@ -50,9 +53,16 @@ class Evaluator:
         self.extractor = None
         self._compiled = {}  # id(model) -> (model, compiled model) for train.compile
         self.ref_mu = self.ref_sigma = None
+        self.pr_k = cfg.eval.precision_recall_k if cfg.eval.extractor != "none" else 0
+        self.ref_feats = self.ref_radii = None  # the federator's, for precision / recall
         if cfg.eval.extractor == "none":
             return
-        from fedmpi.eval.extractors import build_extractor, default_cache_dir, reference_stats
+        from fedmpi.eval.extractors import (
+            build_extractor,
+            default_cache_dir,
+            reference_manifold,
+            reference_stats,
+        )
 
         def load_test_split():
             # The federator owns the test split only: the classifier learns from all of
@@ -71,12 +81,13 @@ class Evaluator:
                     cfg.eval, cfg.data.dataset, load_test_split, device
                 )
                 test_x, _ = load_test_data(cfg)
-                ref = reference_stats(
-                    self.extractor,
-                    to_float(test_x),
-                    default_cache_dir(cfg.eval),
-                    f"{cfg.data.dataset}-test{len(test_x)}",
-                )
+                key = f"{cfg.data.dataset}-test{len(test_x)}"
+                cache = default_cache_dir(cfg.eval)
+                ref = reference_stats(self.extractor, to_float(test_x), cache, key)
+                if self.pr_k:
+                    self.ref_feats, self.ref_radii = reference_manifold(
+                        self.extractor, to_float(test_x), cache, key, self.pr_k
+                    )
             self.ref_mu, self.ref_sigma = ref.mean(), ref.cov()
         if world is not None:
             world.wait_all()
@@ -128,23 +139,35 @@ class Evaluator:
         return self._compiled[id(model)][1]
 
     def _score_local(self, model, n: int, seed: int, keep: int):
-        """Stats, class histogram and the first `keep` images of n local samples."""
+        """Stats, class histogram, the first `keep` images and (for precision / recall)
+        the features of n local samples."""
         stats = FeatureStats(self.extractor.dim) if self.extractor else None
         hist = np.zeros(self.num_classes, dtype=np.float64)
-        kept = []
+        kept, feats = [], []
         with torch.no_grad():
             for x in self._generate(model, n, seed):
                 have = sum(len(k) for k in kept)
                 if have < keep:
                     kept.append(x[: keep - have].cpu())
                 if self.extractor is not None:
-                    stats.update(self.extractor.features(x))
+                    f = self.extractor.features(x)
+                    stats.update(f)
+                    if self.pr_k:
+                        feats.append(torch.as_tensor(f).float().cpu())
                     if hasattr(self.extractor, "predict"):
                         hist += np.bincount(
                             self.extractor.predict(x).cpu().numpy(), minlength=self.num_classes
                         )[: self.num_classes]
         images = torch.cat(kept) if kept else torch.zeros(0)
-        return stats, hist, images
+        return stats, hist, images, torch.cat(feats) if feats else None
+
+    def _manifold(self, feats) -> dict:
+        """Precision and recall of generated features against the real ones (federator)."""
+        from fedmpi.eval.manifold import precision_recall
+
+        if not self.pr_k or feats is None or len(feats) <= self.pr_k:
+            return {}
+        return precision_recall(self.ref_feats, feats, self.pr_k, self.ref_radii)
 
     def _scores(self, stats: FeatureStats, hist: np.ndarray) -> dict:
         out = {}
@@ -179,7 +202,7 @@ class Evaluator:
         e = self.cfg.eval
         n_local = _share(e.num_samples, self.size, self.rank)
         keep = _share(e.grid, self.size, self.rank)
-        stats, hist, images = self._score_local(model, n_local, self._seed(self.rank), keep)
+        stats, hist, images, feats = self._score_local(model, n_local, self._seed(self.rank), keep)
         if self.world is not None:
             self.world.wait_all()
             if stats is not None:
@@ -187,14 +210,17 @@ class Evaluator:
                 stats = FeatureStats.from_array(total, stats.dim) if self.rank == 0 else None
             hist = self.world.reduce_array(hist)
             grids = self.world.gather(images)
+            parts = self.world.gather(feats) if self.pr_k else None
             if self.rank != 0:
                 return None
             images = (
                 torch.cat([g for g in grids if len(g)]) if any(len(g) for g in grids) else images
             )
+            if parts is not None:
+                feats = torch.cat([p for p in parts if p is not None])
         if e.grid and len(images):
             self.folder.save_round_grid(images, index)
-        scores = self._scores(stats, hist)
+        scores = {**self._scores(stats, hist), **self._manifold(feats)}
         self.folder.append_eval(
             [dict(round=index, client="global", num_samples=e.num_samples, **scores)]
         )
@@ -207,15 +233,18 @@ class Evaluator:
             for client, apply in clients if clients is not None else [(self.rank - 1, None)]:
                 if apply is not None:
                     apply()
-                stats, hist, images = self._score_local(
+                stats, hist, images, feats = self._score_local(
                     model, e.num_samples, self._seed(client + 1), e.grid
                 )
-                mine.append((client, self._scores(stats, hist), images))
+                mine.append((client, self._scores(stats, hist), images, feats))
         self.world.wait_all()
         gathered = self.world.gather(mine)
         if self.rank != 0:
             return None
-        rows = sorted((r for part in gathered for r in part), key=lambda r: r[0])
+        rows = sorted(
+            ((c, {**s, **self._manifold(f)}, imgs) for part in gathered for c, s, imgs, f in part),
+            key=lambda r: r[0],
+        )
         for client, _, imgs in rows:
             if e.grid and len(imgs):
                 self.folder.save_round_grid(imgs, index, client + 1)
@@ -247,9 +276,11 @@ class Evaluator:
         `index` in training, so a personal model (rank = client number) or a centralized
         model re-scored with the run's own eval settings reproduces its eval.csv row."""
         was_training = model.training
-        stats, hist, _ = self._score_local(model, self.cfg.eval.num_samples, self._seed(rank), 0)
+        stats, hist, _, feats = self._score_local(
+            model, self.cfg.eval.num_samples, self._seed(rank), 0
+        )
         model.train(was_training)
-        return self._scores(stats, hist)
+        return {**self._scores(stats, hist), **self._manifold(feats)}
 
     def close(self) -> None:
         pass

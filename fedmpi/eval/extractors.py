@@ -21,10 +21,12 @@ returns CPU float32 features (N, dim). The statistics math lives in fid.py.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -43,6 +45,7 @@ from fedmpi.eval.classifier import (  # noqa: F401
     load_or_train_classifier,
 )
 from fedmpi.eval.fid import FeatureStats, batched, file_digest, to_unit
+from fedmpi.eval.manifold import knn_radii
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
@@ -253,3 +256,28 @@ def reference_stats(
     path.parent.mkdir(parents=True, exist_ok=True)
     stats.save(path)
     return stats
+
+
+def reference_manifold(
+    extractor, test_images: torch.Tensor, cache_dir, dataset_key: str, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, k-NN radii) of the real test set for precision and recall
+    (fedmpi.eval.manifold), computed once and cached beside its statistics."""
+    stats = reference_stats_path(extractor, cache_dir, dataset_key, len(test_images))
+    path = stats.with_name(f"{stats.stem}-knn{k}.npz")
+    if path.is_file():
+        with np.load(path) as z:
+            return torch.from_numpy(z["feats"]), torch.from_numpy(z["radii"])
+    feats = torch.cat(
+        [
+            extractor.features(test_images[i : i + 1000]).float().cpu()
+            for i in range(0, len(test_images), 1000)
+        ]
+    )
+    radii = knn_radii(feats, k)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, feats=feats.numpy(), radii=radii.numpy())
+    os.replace(tmp, path)
+    return feats, radii

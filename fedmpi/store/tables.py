@@ -107,15 +107,29 @@ def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> 
 
 def append_csv(path: Path, rows: list[dict], fields: Sequence[str] | None = None) -> None:
     """Append rows to a CSV file, writing the header (`fields`, else the first row's keys)
-    when the file is new. With `fields`, a new file gets its header even without rows and
-    keys outside `fields` are left out."""
+    when the file is new; without `fields`, a row with a key the header lacks widens the
+    header (the file is rewritten). With `fields`, a new file gets its header even
+    without rows and keys outside `fields` are left out."""
     if not rows and fields is None:
         return
     path = Path(path)
-    new = not path.exists()
+    new = not path.exists() or path.stat().st_size == 0
+    header = None
+    if not new and fields is None:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), None)
+        if header is not None and any(k not in header for r in rows for k in r):
+            # a new column (a resumed run that now scores more): the table is rewritten
+            # whole with the wider header, atomically
+            old = read_csv(path)
+            write_csv(
+                path, old + rows, list(dict.fromkeys([*header, *(k for r in rows for k in r)]))
+            )
+            return
     with path.open("a", newline="") as f:
         extra = "ignore" if fields else "raise"
-        w = csv.DictWriter(f, fieldnames=list(fields or rows[0]), extrasaction=extra)
+        # an existing file's own header orders the columns
+        w = csv.DictWriter(f, fieldnames=list(fields or header or rows[0]), extrasaction=extra)
         if new:
             w.writeheader()
         w.writerows(rows)

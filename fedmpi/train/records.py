@@ -218,7 +218,7 @@ def score_text(scores: dict | None) -> str:
     if not scores:
         return ""
     parts = []
-    for name in ("fid", "fd_classifier", "classes_present"):
+    for name in ("fid", "fd_classifier", "precision", "recall", "classes_present"):
         if name in scores:
             parts.append(f"{name} {scores[name]:.2f}")
         elif f"{name}_mean" in scores:

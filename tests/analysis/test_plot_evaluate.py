@@ -147,12 +147,17 @@ def test_evaluate_rescores_personal_models(udec_run):
     scores = [float(r["fd_classifier"]) for r in rows[:2]]
     assert float(rows[2]["fd_classifier"]) == pytest.approx(np.mean(scores))
     assert float(rows[3]["fd_classifier"]) == pytest.approx(np.std(scores, ddof=1))
-    # same checkpoint, settings and seeds as the training-time evaluation: same scores
+    # same checkpoint, settings and seeds as the training-time evaluation: same scores,
+    # precision and recall of each personal model too (the federator scores them)
     with (udec_run / "eval.csv").open() as f:
-        at_train = {
-            r["client"]: float(r["fd_classifier"]) for r in csv.DictReader(f) if r["round"] == "2"
-        }
-    assert scores == pytest.approx([at_train["1"], at_train["2"]], rel=1e-3)
+        at_train = {r["client"]: r for r in csv.DictReader(f) if r["round"] == "2"}
+    assert scores == pytest.approx(
+        [float(at_train[c]["fd_classifier"]) for c in ("1", "2")], rel=1e-3
+    )
+    for r in rows[:2]:
+        for key in ("precision", "recall"):
+            assert 0 <= float(r[key]) <= 1
+            assert float(r[key]) == pytest.approx(float(at_train[r["client"]][key]), abs=1 / 16)
 
 
 def _rescored(run, *args) -> dict:

@@ -28,9 +28,10 @@ PAPER = ROOT / "configs/paper/fmnist_full.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_run(path: Path, scores: list[list[float]], **overrides) -> Path:
+def fake_run(path: Path, scores: list[list[float]], extra=None, **overrides) -> Path:
     """A finished run of the paper's config (+ overrides): `scores[r - 1]` are round r's
-    scores (one for a global model, one per client for a personal one)."""
+    scores (one for a global model, one per client for a personal one); `extra`: other
+    eval.csv columns shaped as `scores` (precision, recall)."""
     cfg = load_config(PAPER, {**overrides, "run.name": path.name})
     run = RunFolder(path)
     path.mkdir(parents=True)
@@ -43,7 +44,12 @@ def fake_run(path: Path, scores: list[list[float]], **overrides) -> Path:
     personal = cfg.fed.method in ("udec", "ulatdec")
     metric = "fid" if cfg.eval.extractor == "inception" else "fd_classifier"
     rows = [
-        {"round": r, "client": (c + 1) if personal else "global", metric: v}
+        {
+            "round": r,
+            "client": (c + 1) if personal else "global",
+            metric: v,
+            **{key: table[r - 1][c] for key, table in (extra or {}).items()},
+        }
         for r, vals in enumerate(scores, 1)
         for c, v in enumerate(vals)
     ]
@@ -180,3 +186,44 @@ def test_personal_scoring_point_withholds_only_personal_paper_values(tmp_path, m
     assert "eval.personal = aggregated (paper: local)" in md
     assert "(1 run); paper 38.5 ± 1.8" in md  # FULL's cell keeps its paper value
     assert "n=2); paper" not in md
+
+
+def test_precision_recall_beside_the_cells(tmp_path):
+    """eval.csv's precision and recall of the final round, pooled per cell as the metric
+    is (per run, per client for personal models), in report.md, table.csv and runs.csv;
+    a table whose runs have none gets no such section."""
+    sweep = tmp_path / "main"
+    common = {"split.num_clients": 2, "split.kind": "iid", "fed.rounds": 2}
+    precision, recall = [0.8, 0.6], [0.5, 0.3]
+    for i in range(2):
+        fake_run(
+            sweep / f"full-r{i}",
+            [[90.0], [30.0 + i]],
+            {"precision": [[0.1], [precision[i]]], "recall": [[0.1], [recall[i]]]},
+            **{**common, "run.repeat": i},
+        )
+    fake_run(
+        sweep / "udec-r0",
+        [[99.0, 99.0], [50.0, 60.0]],
+        {"precision": [[0.1, 0.1], [0.9, 0.7]], "recall": [[0.1, 0.1], [0.2, 0.4]]},
+        **{**common, "fed.method": "udec"},
+    )
+    runs = [read_run(p) for p in find_runs([sweep])]
+    out = write_report(runs, tmp_path / "report", [str(sweep)])
+    md = out["markdown"].read_text()
+    assert "Precision / recall (table 1; Kynkäänniemi et al. 2019, k = 3" in md, md
+    full = f"0.70 ± {np.std(precision, ddof=1):.2f} / 0.40 ± {np.std(recall, ddof=1):.2f}"
+    udec = f"0.80 ± {np.std([0.9, 0.7], ddof=1):.2f} / 0.30 ± {np.std([0.2, 0.4], ddof=1):.2f}"
+    assert f"| 2 | IID | {full} | {udec} |" in md, md
+    with (tmp_path / "report" / "table.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["full_recall_mean"]) == pytest.approx(0.4)
+    assert float(row["udec_precision_mean"]) == pytest.approx(0.8)
+    with (tmp_path / "report" / "runs.csv").open() as f:
+        by_run = {r["run"]: r for r in csv.DictReader(f)}
+    assert float(by_run["full-r1"]["precision_mean"]) == pytest.approx(0.6)
+
+    bare = tmp_path / "bare"
+    fake_run(bare / "full-r0", [[90.0], [30.0]], **common)
+    md = write_report([read_run(bare / "full-r0")], tmp_path / "r2", [str(bare)])["markdown"]
+    assert "Precision / recall" not in md.read_text()

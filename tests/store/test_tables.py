@@ -58,6 +58,18 @@ def test_csv_round_trip_and_append(tmp_path):
     append_csv(log, [{"round": 2, "v": 0.25}])
     assert read_csv(log) == [{"round": "1", "v": "0.5"}, {"round": "2", "v": "0.25"}]
 
+    # a row in another key order lands in the file's own columns; a new key widens the
+    # header (a run resumed with a score its first rounds did not have)
+    append_csv(log, [{"v": 0.125, "round": 3}])
+    append_csv(log, [{"round": 4, "v": 0.1, "recall": 0.5}])
+    append_csv(log, [{"round": 5, "v": 0.05}])
+    assert log.read_text().splitlines()[0] == "round,v,recall"
+    assert read_csv(log)[2:] == [
+        {"round": "3", "v": "0.125", "recall": ""},
+        {"round": "4", "v": "0.1", "recall": "0.5"},
+        {"round": "5", "v": "0.05", "recall": ""},
+    ]
+
     fixed = tmp_path / "fixed.csv"
     append_csv(fixed, [], fields=["round", "bytes"])  # a header even without rows
     append_csv(fixed, [{"round": 3, "bytes": 40, "extra": "dropped"}], fields=["round", "bytes"])
