@@ -1,6 +1,7 @@
 """The paper's tables beyond the cells: the communication table, Welch's t-tests between
 methods, the method order against the paper's, whether the paper's values apply, the
-K x E matrix, precision and recall beside the metric, and the LaTeX of every table. report_output.py puts them into report.md.
+K x E matrix, precision and recall beside the metric, and the LaTeX of every table.
+report_output.py puts them into report.md.
 """
 
 from __future__ import annotations

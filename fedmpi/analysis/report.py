@@ -181,11 +181,11 @@ def _read_summary(run: RunFolder) -> dict:
         raise ReportError(f"{run / run.SUMMARY}: not JSON ({e})") from None
 
 
-def _scores_by_round(run: RunFolder, res: RunResult, key: str) -> dict[int, list[float]]:
-    """eval.csv's values of `key` per round (epoch): the global model's, or each
-    client's for personal models (the last row of each, for a round written twice)."""
+def _scores_by_round(rows: list[dict], res: RunResult, key: str) -> dict[int, list[float]]:
+    """eval.csv's (`rows`, RunFolder.last_eval) values of `key` per round (epoch): the
+    global model's, or each client's for personal models."""
     out: dict[int, list[float]] = {}
-    for r in run.last_eval():
+    for r in rows:
         if (r.get("client") != "global") != res.personal or r.get(key) in (None, ""):
             continue
         out.setdefault(int(r["round"]), []).append(float(r[key]))
@@ -226,11 +226,12 @@ def read_run(run_dir: Path) -> RunResult:
     if res.metric is None:
         res.note = "no score (eval.extractor: none)"
         return res
-    by_round = _scores_by_round(run, res, res.metric)
+    rows = run.last_eval()
+    by_round = _scores_by_round(rows, res, res.metric)
     res.curve = {i: float(sum(v) / len(v)) for i, v in sorted(by_round.items())}
     res.scores = by_round.get(progress.done, [])
     for key in MANIFOLD:
-        final = _scores_by_round(run, res, key).get(progress.done)
+        final = _scores_by_round(rows, res, key).get(progress.done)
         if final:
             res.manifold[key] = final
     if not res.scores:

@@ -81,12 +81,13 @@ class Evaluator:
                     cfg.eval, cfg.data.dataset, load_test_split, device
                 )
                 test_x, _ = load_test_data(cfg)
-                key = f"{cfg.data.dataset}-test{len(test_x)}"
+                real = to_float(test_x)
+                key = f"{cfg.data.dataset}-test{len(real)}"
                 cache = default_cache_dir(cfg.eval)
-                ref = reference_stats(self.extractor, to_float(test_x), cache, key)
+                ref = reference_stats(self.extractor, real, cache, key)
                 if self.pr_k:
                     self.ref_feats, self.ref_radii = reference_manifold(
-                        self.extractor, to_float(test_x), cache, key, self.pr_k
+                        self.extractor, real, cache, key, self.pr_k
                     )
             self.ref_mu, self.ref_sigma = ref.mean(), ref.cov()
         if world is not None:

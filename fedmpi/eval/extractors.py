@@ -21,7 +21,7 @@ returns CPU float32 features (N, dim). The statistics math lives in fid.py.
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
@@ -46,6 +46,7 @@ from fedmpi.eval.classifier import (  # noqa: F401
 )
 from fedmpi.eval.fid import FeatureStats, batched, file_digest, to_unit
 from fedmpi.eval.manifold import knn_radii
+from fedmpi.store.atomic import atomic_write
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
@@ -227,11 +228,17 @@ def extractor_from_payload(payload: dict, device="cpu"):
     )
 
 
+def feature_chunks(extractor, images: torch.Tensor, batch_size: int = 1000):
+    """The extractor's features of images, a chunk at a time."""
+    for i in range(0, len(images), batch_size):
+        yield extractor.features(images[i : i + batch_size])
+
+
 def compute_stats(extractor, images: torch.Tensor, batch_size: int = 1000) -> FeatureStats:
     """Feature statistics of images, a chunk at a time (never all features in memory)."""
     stats = FeatureStats(extractor.dim)
-    for i in range(0, len(images), batch_size):
-        stats.update(extractor.features(images[i : i + batch_size]))
+    for feats in feature_chunks(extractor, images, batch_size):
+        stats.update(feats)
     return stats
 
 
@@ -268,16 +275,9 @@ def reference_manifold(
     if path.is_file():
         with np.load(path) as z:
             return torch.from_numpy(z["feats"]), torch.from_numpy(z["radii"])
-    feats = torch.cat(
-        [
-            extractor.features(test_images[i : i + 1000]).float().cpu()
-            for i in range(0, len(test_images), 1000)
-        ]
-    )
+    feats = torch.cat([f.float().cpu() for f in feature_chunks(extractor, test_images)])
     radii = knn_radii(feats, k)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, feats=feats.numpy(), radii=radii.numpy())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, feats=feats.numpy(), radii=radii.numpy())
+    atomic_write(path, buf.getvalue())
     return feats, radii
