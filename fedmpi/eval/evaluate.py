@@ -60,8 +60,7 @@ class Evaluator:
         from fedmpi.eval.extractors import (
             build_extractor,
             default_cache_dir,
-            reference_manifold,
-            reference_stats,
+            reference_set,
         )
 
         def load_test_split():
@@ -84,11 +83,9 @@ class Evaluator:
                 real = to_float(test_x)
                 key = f"{cfg.data.dataset}-test{len(real)}"
                 cache = default_cache_dir(cfg.eval)
-                ref = reference_stats(self.extractor, real, cache, key)
-                if self.pr_k:
-                    self.ref_feats, self.ref_radii = reference_manifold(
-                        self.extractor, real, cache, key, self.pr_k
-                    )
+                ref, manifold = reference_set(self.extractor, real, cache, key, self.pr_k)
+                if manifold is not None:
+                    self.ref_feats, self.ref_radii = manifold
             self.ref_mu, self.ref_sigma = ref.mean(), ref.cov()
         if world is not None:
             world.wait_all()

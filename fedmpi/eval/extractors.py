@@ -11,7 +11,7 @@ Owns which network turns images into features, and where its weights come from:
   shared by every model scored, so scores compare runs with each other, not with
   numbers from other feature spaces.
 `build_extractor` picks one from the config, `extractor_from_payload` rebuilds it on
-another rank, `reference_stats` caches the real test set's statistics.
+another rank, `reference_set` caches the real test set's statistics (and features).
 Every extractor takes images as float tensors in [-1, 1], shaped (N, C, H, W), maps them
 to [0, 1] as `eval.preprocess` says (fid.to_unit; real and generated alike), and
 returns CPU float32 features (N, dim). The statistics math lives in fid.py.
@@ -251,33 +251,38 @@ def reference_stats_path(extractor, cache_dir, dataset_key: str, n: int) -> Path
     return Path(cache_dir).expanduser() / f"ref-{dataset_key}-{extractor.key}{tag}-n{n}.npz"
 
 
-def reference_stats(
-    extractor, test_images: torch.Tensor, cache_dir, dataset_key: str
-) -> FeatureStats:
-    """Stats of the real test set, computed once and cached in cache_dir (per
-    preprocessing: the real images go through the same one as the generated)."""
-    path = reference_stats_path(extractor, cache_dir, dataset_key, len(test_images))
-    if path.is_file():
-        return FeatureStats.load(path)
-    stats = compute_stats(extractor, test_images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stats.save(path)
-    return stats
-
-
-def reference_manifold(
-    extractor, test_images: torch.Tensor, cache_dir, dataset_key: str, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, k-NN radii) of the real test set for precision and recall
-    (fedmpi.eval.manifold), computed once and cached beside its statistics."""
-    stats = reference_stats_path(extractor, cache_dir, dataset_key, len(test_images))
-    path = stats.with_name(f"{stats.stem}-knn{k}.npz")
-    if path.is_file():
-        with np.load(path) as z:
-            return torch.from_numpy(z["feats"]), torch.from_numpy(z["radii"])
-    feats = torch.cat([f.float().cpu() for f in feature_chunks(extractor, test_images)])
-    radii = knn_radii(feats, k)
-    buf = io.BytesIO()
-    np.savez(buf, feats=feats.numpy(), radii=radii.numpy())
-    atomic_write(path, buf.getvalue())
-    return feats, radii
+def reference_set(
+    extractor, test_images: torch.Tensor, cache_dir, dataset_key: str, k: int = 0
+) -> tuple[FeatureStats, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The real test set's feature statistics and, for k > 0, its (features, k-NN radii)
+    for precision and recall (fedmpi.eval.manifold), each computed once and cached in
+    cache_dir (per preprocessing: the real images go through the same one as the
+    generated). A cold cache runs the extractor over the images once for both; with
+    k = 0 the features stream through the statistics and are never all in memory."""
+    stats_path = reference_stats_path(extractor, cache_dir, dataset_key, len(test_images))
+    knn_path = stats_path.with_name(f"{stats_path.stem}-knn{k}.npz")
+    stats = FeatureStats.load(stats_path) if stats_path.is_file() else None
+    manifold = None
+    if k and knn_path.is_file():
+        with np.load(knn_path) as z:
+            manifold = torch.from_numpy(z["feats"]), torch.from_numpy(z["radii"])
+    if stats is not None and (manifold is not None or not k):
+        return stats, manifold
+    stats_path.parent.mkdir(parents=True, exist_ok=True)
+    if not k:
+        stats = compute_stats(extractor, test_images)
+    else:
+        chunks = [f.float().cpu() for f in feature_chunks(extractor, test_images)]
+        if stats is None:
+            stats = FeatureStats(extractor.dim)
+            for feats in chunks:  # the same chunks compute_stats adds: the same sums
+                stats.update(feats)
+        if manifold is None:
+            feats = torch.cat(chunks)
+            manifold = feats, knn_radii(feats, k)
+            buf = io.BytesIO()
+            np.savez(buf, feats=manifold[0].numpy(), radii=manifold[1].numpy())
+            atomic_write(knn_path, buf.getvalue())
+    if not stats_path.is_file():
+        stats.save(stats_path)
+    return stats, manifold

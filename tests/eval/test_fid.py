@@ -19,7 +19,7 @@ from fedmpi.eval.extractors import (
     build_fid_inception_net,
     check_inception_weights,
     compute_stats,
-    reference_stats,
+    reference_set,
 )
 from fedmpi.eval.fid import (
     FeatureStats,
@@ -247,9 +247,9 @@ def test_classifier_frechet_separates_real_from_bad(classifier, fmnist):
 @needs_fmnist
 def test_reference_stats_cached(classifier, fmnist, tmp_path):
     x = fmnist[2][:500]
-    a = reference_stats(classifier, x, tmp_path, "fashion_mnist-test")
+    a = reference_set(classifier, x, tmp_path, "fashion_mnist-test")[0]
     files = list(tmp_path.glob("ref-fashion_mnist-test-classifier-*-n500.npz"))
     assert len(files) == 1 and a.n == 500
     with mock.patch.object(classifier, "features", side_effect=AssertionError("recomputed")):
-        b = reference_stats(classifier, x, tmp_path, "fashion_mnist-test")
+        b = reference_set(classifier, x, tmp_path, "fashion_mnist-test")[0]
     assert np.array_equal(a.to_array(), b.to_array())

@@ -13,8 +13,14 @@ from torchvision.utils import save_image
 from fedmpi.config import EvalCfg
 from fedmpi.config.schema import CHOICES
 from fedmpi.eval.classifier import ClassifierExtractor, SmallCNN
-from fedmpi.eval.extractors import extractor_from_payload, reference_stats, reference_stats_path
+from fedmpi.eval.extractors import (
+    compute_stats,
+    extractor_from_payload,
+    reference_set,
+    reference_stats_path,
+)
 from fedmpi.eval.fid import to_unit, to_unit_quantized
+from fedmpi.eval.manifold import knn_radii
 
 VALUES = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0])
 
@@ -71,7 +77,7 @@ def test_config_key():
 
 
 class Stub:
-    """The interface reference_stats needs: a key, a dim, features of [0, 1] images."""
+    """The interface reference_set needs: a key, a dim, features of [0, 1] images."""
 
     dim, key = 2, "stub"
 
@@ -92,11 +98,11 @@ def test_stats_cache_keyed_by_preprocess(tmp_path):
     assert p_ref.name == "ref-ds-test10-stub-reference-n10.npz"
 
     x = torch.rand(10, 1, 4, 4, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    a = reference_stats(exact, x, tmp_path, "ds-test10")
-    b = reference_stats(ref, x, tmp_path, "ds-test10")  # not the exact cache
+    a = reference_set(exact, x, tmp_path, "ds-test10")[0]
+    b = reference_set(ref, x, tmp_path, "ds-test10")[0]  # not the exact cache
     assert p_exact.is_file() and p_ref.is_file()
     assert not np.allclose(a.mean(), b.mean())
-    assert np.array_equal(reference_stats(ref, x, tmp_path, "ds-test10").mean(), b.mean())
+    assert np.array_equal(reference_set(ref, x, tmp_path, "ds-test10")[0].mean(), b.mean())
 
 
 def test_classifier_features_follow_preprocess_predictions_do_not():
@@ -120,3 +126,38 @@ def test_reference_on_real_uint8_levels():
     got = to_unit(to_float(u), "reference") * 255
     assert torch.equal(got, (2 * u.float() - 255).clamp(min=0))
     assert torch.equal(to_unit(to_float(u), "exact") * 255, u.float())  # exact is lossless
+
+
+class Counting(Stub):
+    """A Stub that counts the images it turned into features."""
+
+    def __init__(self):
+        super().__init__("exact")
+        self.seen = 0
+
+    def features(self, x):
+        self.seen += len(x)
+        return super().features(x)
+
+
+def test_cold_cache_extracts_the_reference_once(tmp_path):
+    """Statistics and precision / recall's features come from one pass over the real
+    images; a warm cache makes none, and a new k reuses the cached statistics."""
+    x = torch.rand(30, 1, 4, 4, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    ext = Counting()
+    stats, (feats, radii) = reference_set(ext, x, tmp_path, "ds-test30", k=3)
+    assert ext.seen == 30  # one pass, not one for the statistics and one for the features
+    assert np.array_equal(stats.to_array(), compute_stats(Stub("exact"), x).to_array())
+    assert torch.equal(feats, Stub("exact").features(x))
+    assert torch.equal(radii, knn_radii(feats, 3))
+
+    ext.seen = 0
+    again, (f2, r2) = reference_set(ext, x, tmp_path, "ds-test30", k=3)
+    assert ext.seen == 0 and torch.equal(f2, feats) and torch.equal(r2, radii)
+    assert np.array_equal(again.to_array(), stats.to_array())
+
+    ext.seen = 0
+    other, (_, r5) = reference_set(ext, x, tmp_path, "ds-test30", k=5)
+    assert ext.seen == 30 and torch.equal(r5, knn_radii(feats, 5))
+    assert np.array_equal(other.to_array(), stats.to_array())
+    assert reference_set(ext, x, tmp_path, "ds-test30")[1] is None  # k = 0: no features
