@@ -324,8 +324,8 @@ class Job:
             self.pool.prepare_single(plan, stats)  # DP: the one client's clipping
         exchanged = self._exchange(r, plan, sizes)
         stats.update(exchanged)
-        if self.pool is not None and self.pool.single and stats.get("per_client"):
-            stats["per_client"][0].update(exchanged)  # the one client's row shows them
+        if self.pool is not None:
+            records.upload_stats_to_rows(stats.get("per_client"), exchanged, self.pool.single)
         t_agg = time.perf_counter() - t0
         if self.pool is not None and self.pool.states is not None:
             self.pool.commit()  # the round's personal regions, now that it completed

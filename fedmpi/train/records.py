@@ -26,6 +26,19 @@ def gather(job, r: int, stats=None):
     return [s for s, _ in gathered], sum(row["bytes"] for row in mine)
 
 
+def upload_stats_to_rows(rows, exchanged: dict, single: bool) -> None:
+    """The rank's upload statistics (fed.compress's norms) into its clients' metrics rows:
+    the one client's row with one client per rank; with several, the rank uploads their
+    mean, so each of its clients' rows carries the rank's, as `rank_<name>`."""
+    if not rows or not exchanged:
+        return
+    if single:
+        rows[0].update(exchanged)
+        return
+    for row in rows:
+        row.update({f"rank_{k}": v for k, v in exchanged.items()})
+
+
 def record(job, r: int, stats: dict, scores, nonfinite: list[int], times: dict, plan) -> None:
     """The federator's metrics rows and one log line for round `r`."""
     per_client = stats.pop("per_client", [])
