@@ -61,6 +61,9 @@ def main(argv=None) -> int:
         "top-k keeps fed.topk_fraction of the values)",
     )
     args, rest = p.parse_known_args(argv)
+    # as config overrides, so the loader refuses what training refuses (bf16 + secure)
+    rest += ["--fed.secure=true"] if args.secure else []
+    rest += [f"--fed.compress={args.compress}"] if args.compress else []
     try:
         cfg = load_config(args.config, rest)
         sizes = model_region_sizes(cfg)
@@ -69,7 +72,6 @@ def main(argv=None) -> int:
         return 2
     rounds = args.rounds or cfg.fed.rounds
     fmt = UploadFormat.of(cfg.fed)
-    fmt = UploadFormat(args.compress or fmt.compress, args.secure or fmt.secure, fmt.topk_fraction)
     results = [
         comparison(m, args.clients, rounds, sizes, cfg.run.seed, fmt)
         for m in args.methods.split(",")

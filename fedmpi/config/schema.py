@@ -154,7 +154,7 @@ class FedCfg:
     server_beta2: float = 0.99
     server_tau: float = 1.0e-3  # adaptivity (epsilon) of fedadam, fedyogi
     # Compressed uploads (fedmpi.fl.compress): each client sends its update (weights
-    # minus the round's start) as bf16, int8 (one shared scale per region) or its top-k
+    # minus the round's start) as bf16, int8 (a shared scale per 1,024 values) or its top-k
     # entries (topk_fraction of them); error feedback carries what was not sent into
     # the next round's update. Downloads stay float32.
     compress: str = "none"  # none | bf16 | int8 | topk

@@ -159,6 +159,10 @@ def test_comm_table_prints_the_compressed_bytes(capsys):
     assert "uploads int8" in out
     # paper rule: the initial model (fp32) + R uploads + R - 1 downloads; int8 shrinks the uploads
     assert 1.3 < mb["none"] / mb["int8"] < 2.0
+    # what training refuses, the table refuses too
+    bad = ["--config", config, "--clients", "4", "--compress", "bf16", "--secure"]
+    assert comm.main(bad) == 2
+    assert "'fed.compress' bf16 with 'fed.secure'" in capsys.readouterr().err
 
 
 def test_wrappers_pass_the_compressed_byte_count_on():
