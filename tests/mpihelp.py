@@ -84,3 +84,20 @@ def train(
         ["-m", "fedmpi.train", "--config", config, "--run-dir", str(run_dir), *overrides],
         timeout=timeout,
     )
+
+
+def train_and_resume(n: int, tmp_path: Path, *overrides: str) -> tuple[Path, Path]:
+    """The same 2-round job twice: `full` uninterrupted, `part` stopped after round 1
+    and resumed to round 2 (which must say so). Every launch must succeed; returns
+    (full, part) for the caller to compare."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert_ok(train(n, full, *overrides))
+    assert_ok(train(n, part, *overrides, "--fed.rounds=1"))
+    resumed = train(n, part, *overrides, "--fed.rounds=2")
+    assert_ok(resumed)
+    assert "continuing after round 1" in resumed.stdout, resumed.stdout
+    return full, part
+
+
+def assert_ok(res: subprocess.CompletedProcess) -> None:
+    assert res.returncode == 0, res.stdout + res.stderr

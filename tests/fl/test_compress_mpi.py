@@ -17,7 +17,7 @@ import re
 
 import pytest
 import torch
-from mpihelp import mpirun, train
+from mpihelp import mpirun, train_and_resume
 
 from fedmpi.store.runfolder import RunFolder
 
@@ -90,12 +90,7 @@ def test_int8_error_feedback_resumes_bit_exactly(tmp_path):
     stopping after round 1 and resuming gives the uninterrupted run's models (the
     residuals are in the client checkpoints) and the ledger matches the analytical table."""
     opts = ["--fed.compress=int8", "--fed.error_feedback=true", "--fed.server_opt=fedavgm"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    res = train(4, full, *opts)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert train(4, part, *opts, "--fed.rounds=1").returncode == 0
-    res = train(4, part, *opts, "--fed.rounds=2")
-    assert res.returncode == 0, res.stdout + res.stderr
+    full, part = train_and_resume(4, tmp_path, *opts)
     for name in ("federator.pt", "client_001.pt", "client_003.pt"):
         a = torch.load(RunFolder(full).checkpoint_dir(2) / name, weights_only=False)
         b = torch.load(RunFolder(part).checkpoint_dir(2) / name, weights_only=False)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mpihelp import train
+from mpihelp import train, train_and_resume
 
 from fedmpi.fl.privacy import epsilon
 from fedmpi.model.regions import REGIONS
@@ -120,12 +120,7 @@ def test_several_clients_per_rank_resume_bit_exactly(tmp_path):
         "--fed.participation=0.5",
         "--fed.client_state_mb=0.05",
     ]
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert train(3, full, *opts).returncode == 0
-    assert train(3, part, *opts, "--fed.rounds=1").returncode == 0
-    second = train(3, part, *opts, "--fed.rounds=2")
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert "continuing after round 1" in second.stdout
+    full, part = train_and_resume(3, tmp_path, *opts)
     files = {p.name for p in (part / "state").glob("rank_*/client_*_r*.pt")}
     referenced = set()
     for index in (load(part, 1), load(part, 2)):
@@ -182,11 +177,7 @@ def test_server_optimizer_and_fedprox_resume_bit_exactly(tmp_path):
     and resuming gives the uninterrupted run's models."""
     opts = ["--fed.clients=6", "--fed.server_opt=fedadam", "--fed.server_lr=0.01"]
     opts.append("--fed.prox_mu=0.1")
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert train(3, full, *opts).returncode == 0
-    assert train(3, part, *opts, "--fed.rounds=1").returncode == 0
-    res = train(3, part, *opts, "--fed.rounds=2")
-    assert res.returncode == 0, res.stdout + res.stderr
+    full, part = train_and_resume(3, tmp_path, *opts)
     a, b = load(full, 2)["federator.pt"], load(part, 2)["federator.pt"]
     assert tensor_digest(a) == tensor_digest(b)
     moments = a["server_opt"]["regions"]
@@ -201,12 +192,7 @@ def test_int8_with_several_clients_per_rank_resumes_bit_exactly(tmp_path):
     same checkpoint (residuals included) as the uninterrupted run, and every trained
     client's metrics row carries its rank's upload norms."""
     opts = ["--fed.compress=int8", "--fed.clients=8", "--fed.participation=0.5"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    first = train(3, full, *opts)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert train(3, part, *opts, "--fed.rounds=1").returncode == 0
-    second = train(3, part, *opts, "--fed.rounds=2")
-    assert second.returncode == 0, second.stdout + second.stderr
+    full, part = train_and_resume(3, tmp_path, *opts)
     a, b = load(full, 2), load(part, 2)
     assert a.keys() == b.keys()
     for name in a:
