@@ -13,8 +13,8 @@ at all). Which extractor a run uses is decided in extractors.py.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import time
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from fedmpi.config import ConfigError
 from fedmpi.data import DataError
 from fedmpi.eval.fid import batched, file_digest, to_unit, to_unit_quantized
+from fedmpi.store.atomic import atomic_write
 
 # Everything that changes the trained classifier; its hash is part of the cache key.
 # Version 2 trains on the test split; version 1 trained on the training set, which the
@@ -307,10 +308,9 @@ def load_or_train_classifier(
         "num_heldout": len(test_images) - num_fit,
         "train_seconds": seconds,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees no file or a whole one
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write(path, buf.getvalue())  # a concurrent reader sees no file or a whole one
     log(
         f"classifier trained in {seconds:.0f}s on {num_fit} of the {len(test_images)} test "
         f"images, held-out accuracy {acc:.4f} on the other {len(test_images) - num_fit}; "

@@ -57,11 +57,7 @@ class Evaluator:
         self.ref_feats = self.ref_radii = None  # the federator's, for precision / recall
         if cfg.eval.extractor == "none":
             return
-        from fedmpi.eval.extractors import (
-            build_extractor,
-            default_cache_dir,
-            reference_set,
-        )
+        from fedmpi.eval.extractors import build_extractor, default_cache_dir, reference_set
 
         def load_test_split():
             # The federator owns the test split only: the classifier learns from all of

@@ -268,7 +268,6 @@ def reference_set(
             manifold = torch.from_numpy(z["feats"]), torch.from_numpy(z["radii"])
     if stats is not None and (manifold is not None or not k):
         return stats, manifold
-    stats_path.parent.mkdir(parents=True, exist_ok=True)
     if not k:
         stats = compute_stats(extractor, test_images)
     else:

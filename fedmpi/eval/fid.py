@@ -14,7 +14,7 @@ produces the features lives in extractors.py and classifier.py.
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import linalg
+
+from fedmpi.store.atomic import atomic_write
 
 
 def to_unit_quantized(x: torch.Tensor) -> torch.Tensor:
@@ -139,12 +141,10 @@ class FeatureStats:
         return (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
 
     def save(self, path: str | Path) -> None:
-        """Written to a temporary file, then renamed: readers never see half a file."""
-        path = Path(path)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-            np.savez(f, n=self.n, sum=self.sum, outer=self.outer)
-        os.replace(tmp, path)
+        """Written atomically (store.atomic_write): readers never see half a file."""
+        buf = io.BytesIO()  # a file object: np.savez would append ".npz" to a name
+        np.savez(buf, n=self.n, sum=self.sum, outer=self.outer)
+        atomic_write(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:

@@ -238,7 +238,8 @@ class Aggregator(RegionBuffers):
         mean of its clients' models that report it (`fedmpi.train.clients` leaves it in
         the rank's weights) with their summed size, so the wire carries one buffer per
         rank and region whatever N is. `start`: with privacy.dp or fed.compress, this
-        rank's weights at the start of the round, per region. Returns this rank's strategy statistics."""
+        rank's weights at the start of the round, per region. Returns this rank's
+        strategy statistics."""
         jobs = {
             region: RegionRound(region, round_index, slots, slot_sizes)
             for region, (slots, slot_sizes) in self.reporting(plan, sizes).items()
